@@ -1,0 +1,103 @@
+"""The ``unorm`` command.
+
+``unorm --version``; ``unorm info`` (which frameworks this environment can import, their
+versions, and which project environment it is); ``unorm selfcheck`` (the reference's
+self-check, :mod:`unorm.selfcheck`).
+
+Example:
+    $ unorm info
+    $ unorm selfcheck
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from . import __version__
+
+__all__ = ["FRAMEWORKS", "environment_name", "framework_status", "main"]
+
+#: Importable module of each framework, and the distribution that carries its version.
+FRAMEWORKS = {
+    "torch": ("torch", "torch"),
+    "keras": ("keras", "keras"),
+    "tensorflow": ("tensorflow", "tensorflow-cpu"),
+    "mxnet": ("mxnet", "mxnet"),
+}
+
+_PROBE = "import importlib, sys; m = importlib.import_module(sys.argv[1]); print(m.__version__)"
+
+
+def environment_name() -> str:
+    """The project environment this interpreter belongs to (``current``, ``legacy``), or
+    ``unmanaged`` when it is not one the project built (``tools/devenv.py``)."""
+    marker = Path(sys.prefix) / "unorm-env.json"
+    try:
+        return str(json.loads(marker.read_text())["name"])
+    except (OSError, ValueError, KeyError):
+        return "unmanaged"
+
+
+def framework_status(module: str, timeout: float = 120.0) -> tuple[bool, str]:
+    """Whether ``module`` imports in this environment, and its version or the error.
+
+    The import runs in a subprocess: a framework that crashes on import (MXNet beside
+    numpy 2) must not take the caller down, and ``unorm`` itself stays framework-free.
+    """
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _PROBE, module],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"import timed out after {timeout:.0f} s"
+    if done.returncode == 0:
+        return True, done.stdout.strip()
+    lines = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+    return False, lines[-1] if lines else f"exit status {done.returncode}"
+
+
+def _info() -> int:
+    import numpy
+
+    print(f"unorm {__version__}")
+    print(f"environment: {environment_name()} ({sys.prefix})")
+    print(f"python {sys.version.split()[0]}, numpy {numpy.__version__}")
+    for name, (module, _) in FRAMEWORKS.items():
+        ok, detail = framework_status(module)
+        print(f"  {name:<11} {'yes' if ok else 'no ':<4} {detail}")
+    return 0
+
+
+def _selfcheck() -> int:
+    from .selfcheck import main as selfcheck_main
+
+    return selfcheck_main()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``unorm`` command."""
+    parser = argparse.ArgumentParser(prog="unorm", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"unorm {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="frameworks importable here, their versions, the environment")
+    sub.add_parser("selfcheck", help="check the NumPy reference against independent arithmetic")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``unorm`` command; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    commands = {"info": _info, "selfcheck": _selfcheck}
+    return commands[args.command]()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

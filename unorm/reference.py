@@ -1,0 +1,553 @@
+"""The NumPy reference of unorm's specification (``SPEC.md``), its executable twin.
+
+Pure functions over NumPy arrays. Every computation runs in float64 and each result is
+cast at the end to the dtype the spec says (the input's, unless ``out_dtype`` is given),
+so the reference is the most accurate statement of what a backend should return. Works
+with numpy 1.23 and 2.x; imports no framework.
+
+Conventions: ``axis`` is the feature axis of ``x``; every other axis is reduced. Per-feature
+arrays (``gamma``, ``beta``, running statistics) have shape ``(C,)``.
+
+Example:
+    >>> import numpy as np
+    >>> from unorm import reference as ref
+    >>> x = np.arange(12.0).reshape(4, 3)
+    >>> y, stats = ref.batch_norm_train(x, axis=1)
+    >>> np.allclose(y.mean(axis=0), 0.0), stats.count
+    (True, 4)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping, Sequence
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import ArrayLike, DTypeLike, NDArray
+
+from .spec import AGC_GRAD_NORM_FLOOR, AGCSpec, BatchNormSpec, UnitAxes, normalize_axis
+
+__all__ = [
+    "BatchStats",
+    "RunningStats",
+    "agc_clip",
+    "agc_clip_all",
+    "batch_norm_backward",
+    "batch_norm_inference",
+    "batch_norm_inference_backward",
+    "batch_norm_step",
+    "batch_norm_train",
+    "batch_stats",
+    "check_input",
+    "init_running_stats",
+    "merge_stats",
+    "unit_norms",
+    "update_running_stats",
+]
+
+F64 = NDArray[np.float64]
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchStats:
+    """Per-feature statistics of a batch: ``count`` values, their ``mean`` and ``m2``.
+
+    ``m2`` is the sum of squared deviations from the mean (Welford's / Chan's M2), so
+    ``m2 / count`` is the biased and ``m2 / (count - 1)`` the unbiased variance. An empty
+    batch has ``count == 0``, ``mean == 0`` and ``m2 == 0``.
+    """
+
+    count: int
+    mean: F64
+    m2: F64
+
+    def var(self, unbiased: bool = False) -> F64:
+        """The variance: ``m2 / count`` or, with ``unbiased``, ``m2 / (count - 1)``."""
+        denominator = self.count - 1 if unbiased else self.count
+        if denominator <= 0:
+            raise ValueError(
+                f"variance of {self.count} value(s) per channel is undefined "
+                f"({'unbiased' if unbiased else 'biased'} estimator)"
+            )
+        return self.m2 / denominator
+
+
+class RunningStats(NamedTuple):
+    """Running statistics of a BatchNorm layer (float64 in the reference)."""
+
+    mean: F64
+    var: F64
+    num_batches_tracked: int
+
+
+def _f64(a: ArrayLike) -> F64:
+    return np.asarray(a, dtype=np.float64)
+
+
+def _reduce_axes(ndim: int, axis: int) -> tuple[int, ...]:
+    return tuple(i for i in range(ndim) if i != axis)
+
+
+def _broadcast(v: F64, ndim: int, axis: int) -> F64:
+    shape = [1] * ndim
+    shape[axis] = v.shape[0]
+    return v.reshape(shape)
+
+
+def check_input(x: ArrayLike, axis: int, num_features: int | None = None) -> tuple[np.ndarray, int]:
+    """Validate a BatchNorm input and return it with its normalised feature axis.
+
+    Raises ``ValueError`` naming the problem: rank below 2, a feature axis out of range,
+    a non-floating dtype, or a feature count other than ``num_features``.
+
+    Example:
+        >>> check_input(np.zeros((2, 3), np.float32), axis=-1)[1]
+        1
+    """
+    arr = np.asarray(x)
+    if arr.ndim < 2:
+        raise ValueError(
+            f"input must have rank >= 2 (a batch axis and a feature axis), got shape {arr.shape}"
+        )
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise ValueError(f"input must have a floating-point dtype, got {arr.dtype}")
+    ax = normalize_axis(axis, arr.ndim)
+    if num_features is not None and arr.shape[ax] != num_features:
+        raise ValueError(
+            f"input must have {num_features} features on axis {axis}, "
+            f"got shape {arr.shape} with {arr.shape[ax]}"
+        )
+    return arr, ax
+
+
+def batch_stats(x: ArrayLike, axis: int = 1) -> BatchStats:
+    """Per-feature count, mean and M2 of ``x`` (two-pass, float64).
+
+    Example:
+        >>> batch_stats(np.array([[1.0], [3.0]]), axis=1)
+        BatchStats(count=2, mean=array([2.]), m2=array([2.]))
+    """
+    arr, ax = check_input(x, axis)
+    data = arr.astype(np.float64)
+    axes = _reduce_axes(data.ndim, ax)
+    count = int(np.prod([data.shape[i] for i in axes]))
+    channels = data.shape[ax]
+    if count == 0:
+        return BatchStats(0, np.zeros(channels), np.zeros(channels))
+    # A non-finite input gives non-finite statistics; that is specified, not a warning.
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = data.mean(axis=axes)
+        m2 = ((data - _broadcast(mean, data.ndim, ax)) ** 2).sum(axis=axes)
+    return BatchStats(count, mean, m2)
+
+
+def merge_stats(parts: Iterable[BatchStats]) -> BatchStats:
+    """Merge per-replica statistics exactly (Chan et al. 1979, the k-way form).
+
+    ``N = sum n_k``, ``mean = sum n_k mean_k / N``,
+    ``M2 = sum M2_k + sum n_k (mean_k - mean)^2``. Empty replicas (``n_k == 0``)
+    contribute nothing. The result equals :func:`batch_stats` of the concatenated batch.
+
+    Example:
+        >>> a = batch_stats(np.array([[1.0], [2.0]]))
+        >>> b = batch_stats(np.array([[6.0]]))
+        >>> merged = merge_stats([a, b])
+        >>> merged.count, merged.mean, merged.m2
+        (3, array([3.]), array([14.]))
+    """
+    items = list(parts)
+    if not items:
+        raise ValueError("merge_stats needs at least one replica's statistics")
+    channels = {p.mean.shape for p in items}
+    if len(channels) != 1:
+        raise ValueError(f"replica statistics must share one shape, got {sorted(channels)}")
+    total = sum(p.count for p in items)
+    shape = items[0].mean.shape
+    if total == 0:
+        return BatchStats(0, np.zeros(shape), np.zeros(shape))
+    mean = sum((p.count * _f64(p.mean) for p in items), np.zeros(shape)) / total
+    m2 = sum(
+        (_f64(p.m2) + p.count * (_f64(p.mean) - mean) ** 2 for p in items if p.count),
+        np.zeros(shape),
+    )
+    return BatchStats(total, mean, m2)
+
+
+def _check_trainable_count(count: int, allow_single_value: bool) -> None:
+    if count == 0 or (count == 1 and not allow_single_value):
+        raise ValueError(
+            f"expected more than 1 value per channel to compute batch statistics (training, "
+            f"or track_running_stats=False), got {count} (batch size x spatial size); "
+            "use a larger batch or inference mode with running statistics"
+        )
+
+
+def _affine(xhat: F64, gamma: ArrayLike | None, beta: ArrayLike | None, ax: int) -> F64:
+    y = xhat
+    if gamma is not None:
+        y = y * _broadcast(_f64(gamma), xhat.ndim, ax)
+    if beta is not None:
+        y = y + _broadcast(_f64(beta), xhat.ndim, ax)
+    return y
+
+
+def _out(y: F64, dtype: DTypeLike) -> np.ndarray:
+    return y.astype(dtype)
+
+
+def batch_norm_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    stats: BatchStats | None = None,
+    allow_single_value: bool = False,
+    out_dtype: DTypeLike | None = None,
+) -> tuple[np.ndarray, BatchStats]:
+    """Training-mode BatchNorm: normalise with the batch's own (biased) statistics.
+
+    ``y = gamma * (x - mean) / sqrt(var_biased + eps) + beta`` per feature. ``gamma`` or
+    ``beta`` None means 1 or 0 (``scale``/``center`` off). ``stats`` replaces the batch's
+    statistics (cross-replica BN passes the merged ones). Returns ``y`` in ``out_dtype``
+    (default: ``x``'s dtype) and the statistics used.
+
+    Example:
+        >>> y, s = batch_norm_train(np.array([[0.0], [2.0]]), eps=0.0)
+        >>> y.ravel().tolist(), s.var().tolist()
+        ([-1.0, 1.0], [1.0])
+    """
+    arr, ax = check_input(x, axis)
+    used = batch_stats(arr, ax) if stats is None else stats
+    _check_trainable_count(used.count, allow_single_value)
+    data = arr.astype(np.float64)
+    inv_std = 1.0 / np.sqrt(used.var() + eps)
+    xhat = (data - _broadcast(_f64(used.mean), data.ndim, ax)) * _broadcast(inv_std, data.ndim, ax)
+    y = _affine(xhat, gamma, beta, ax)
+    return _out(y, arr.dtype if out_dtype is None else out_dtype), used
+
+
+def batch_norm_inference(
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    out_dtype: DTypeLike | None = None,
+) -> np.ndarray:
+    """Inference-mode BatchNorm with running statistics.
+
+    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+
+    Example:
+        >>> batch_norm_inference(np.array([[3.0]]), [1.0], [4.0], eps=0.0).tolist()
+        [[1.0]]
+    """
+    arr, ax = check_input(x, axis)
+    data = arr.astype(np.float64)
+    inv_std = 1.0 / np.sqrt(_f64(running_var) + eps)
+    xhat = (data - _broadcast(_f64(running_mean), data.ndim, ax)) * _broadcast(
+        inv_std, data.ndim, ax
+    )
+    y = _affine(xhat, gamma, beta, ax)
+    return _out(y, arr.dtype if out_dtype is None else out_dtype)
+
+
+class BatchNormGrads(NamedTuple):
+    """Gradients of BatchNorm: ``dx`` (input's shape), ``dgamma``, ``dbeta`` ((C,) or None)."""
+
+    dx: np.ndarray
+    dgamma: F64 | None
+    dbeta: F64 | None
+
+
+def batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    stats: BatchStats | None = None,
+    center: bool = True,
+    out_dtype: DTypeLike | None = None,
+) -> BatchNormGrads:
+    """Vector-Jacobian product of training-mode BatchNorm, through the batch statistics.
+
+    With ``xhat = (x - mean) * r``, ``r = 1 / sqrt(var + eps)`` and ``n`` values per
+    feature: ``dbeta = sum dy``, ``dgamma = sum dy * xhat`` and
+    ``dx = gamma * r * (dy - mean(dy) - xhat * mean(dy * xhat))``. ``gamma=None`` means
+    ``scale`` is off (``dgamma`` is None); ``center=False`` makes ``dbeta`` None. ``stats``
+    are the (merged) statistics the forward pass used; for cross-replica BN pass the
+    merged ones and sum ``sum dy`` / ``sum dy * xhat`` over replicas (:func:`batch_norm_backward`
+    on the concatenated batch gives the same numbers).
+
+    Example:
+        >>> g = batch_norm_backward(np.ones((2, 1)), np.array([[0.0], [2.0]]))
+        >>> g.dx.ravel().tolist(), g.dbeta.tolist()
+        ([0.0, 0.0], [2.0])
+    """
+    arr, ax = check_input(x, axis)
+    used = batch_stats(arr, ax) if stats is None else stats
+    _check_trainable_count(used.count, allow_single_value=True)
+    data = arr.astype(np.float64)
+    grad = _f64(dy)
+    if grad.shape != data.shape:
+        raise ValueError(f"dy must have the input's shape {data.shape}, got {grad.shape}")
+    axes = _reduce_axes(data.ndim, ax)
+    r = 1.0 / np.sqrt(used.var() + eps)
+    xhat = (data - _broadcast(_f64(used.mean), data.ndim, ax)) * _broadcast(r, data.ndim, ax)
+    sum_dy = grad.sum(axis=axes)
+    sum_dy_xhat = (grad * xhat).sum(axis=axes)
+    n = used.count
+    scale = r if gamma is None else r * _f64(gamma)
+    dx = _broadcast(scale, data.ndim, ax) * (
+        grad
+        - _broadcast(sum_dy / n, data.ndim, ax)
+        - xhat * _broadcast(sum_dy_xhat / n, data.ndim, ax)
+    )
+    return BatchNormGrads(
+        _out(dx, arr.dtype if out_dtype is None else out_dtype),
+        None if gamma is None else sum_dy_xhat,
+        sum_dy if center else None,
+    )
+
+
+def batch_norm_inference_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    center: bool = True,
+    out_dtype: DTypeLike | None = None,
+) -> BatchNormGrads:
+    """Vector-Jacobian product of inference-mode BatchNorm (running statistics are constants).
+
+    ``dx = dy * gamma / sqrt(running_var + eps)``, ``dgamma = sum dy * xhat``,
+    ``dbeta = sum dy``.
+
+    Example:
+        >>> g = batch_norm_inference_backward(np.ones((1, 1)), [[5.0]], [1.0], [4.0], eps=0.0)
+        >>> g.dx.tolist(), g.dgamma
+        ([[0.5]], None)
+    """
+    arr, ax = check_input(x, axis)
+    data = arr.astype(np.float64)
+    grad = _f64(dy)
+    axes = _reduce_axes(data.ndim, ax)
+    r = 1.0 / np.sqrt(_f64(running_var) + eps)
+    xhat = (data - _broadcast(_f64(running_mean), data.ndim, ax)) * _broadcast(r, data.ndim, ax)
+    scale = r if gamma is None else r * _f64(gamma)
+    dx = grad * _broadcast(scale, data.ndim, ax)
+    return BatchNormGrads(
+        _out(dx, arr.dtype if out_dtype is None else out_dtype),
+        None if gamma is None else (grad * xhat).sum(axis=axes),
+        grad.sum(axis=axes) if center else None,
+    )
+
+
+def init_running_stats(num_features: int) -> RunningStats:
+    """Initial running statistics: mean 0, variance 1, no batch tracked."""
+    return RunningStats(np.zeros(num_features), np.ones(num_features), 0)
+
+
+def update_running_stats(
+    running: RunningStats,
+    stats: BatchStats,
+    *,
+    momentum: float | None = 0.1,
+    unbiased: bool = True,
+    skip_nonfinite: bool = True,
+) -> RunningStats:
+    """One running-statistics update from a training batch's statistics.
+
+    ``f = momentum``, or ``1 / (num_batches_tracked + 1)`` when ``momentum`` is None (the
+    cumulative average); ``mean <- (1 - f) mean + f batch_mean`` and
+    ``var <- (1 - f) var + f batch_var``, where ``batch_var`` is ``m2 / (n - 1)``
+    (``unbiased``) or ``m2 / n``; ``num_batches_tracked`` grows by one. With
+    ``skip_nonfinite`` a batch whose mean or fed variance has a non-finite entry changes
+    nothing at all. With one value per channel the unbiased estimate is undefined and the
+    biased one (0) is fed instead (only reachable where ``allow_single_value`` is set).
+
+    Example:
+        >>> s = batch_stats(np.array([[0.0], [2.0]]))
+        >>> update_running_stats(init_running_stats(1), s, momentum=None).var.tolist()
+        [2.0]
+    """
+    unbiased_ok = unbiased and stats.count > 1
+    batch_var = stats.var(unbiased=unbiased_ok)
+    batch_mean = _f64(stats.mean)
+    if skip_nonfinite and not (np.all(np.isfinite(batch_mean)) and np.all(np.isfinite(batch_var))):
+        return running
+    tracked = running.num_batches_tracked + 1
+    f = 1.0 / tracked if momentum is None else float(momentum)
+    return RunningStats(
+        (1.0 - f) * _f64(running.mean) + f * batch_mean,
+        (1.0 - f) * _f64(running.var) + f * batch_var,
+        tracked,
+    )
+
+
+def batch_norm_step(
+    x: ArrayLike,
+    running: RunningStats | None,
+    spec: BatchNormSpec,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    training: bool,
+    backward_ran: bool = True,
+) -> tuple[np.ndarray, RunningStats | None]:
+    """One call of a BatchNorm layer configured by ``spec``: the output and new state.
+
+    Follows the spec's mode rules: in training, normalise with batch statistics and update
+    the running ones (unless ``track_running_stats`` is off; with ``update_on="backward"``
+    only when ``backward_ran``); in inference, normalise with running statistics, or with
+    batch statistics when ``track_running_stats`` is off.
+
+    Example:
+        >>> spec = BatchNormSpec()
+        >>> y, state = batch_norm_step(np.array([[0.0], [2.0]]), init_running_stats(1),
+        ...                            spec, training=True)
+        >>> state.mean.tolist(), state.var.tolist()
+        ([0.1], [1.1])
+    """
+    gamma = gamma if spec.scale else None
+    beta = beta if spec.center else None
+    if training or not spec.track_running_stats:
+        y, stats = batch_norm_train(
+            x,
+            gamma,
+            beta,
+            eps=spec.eps,
+            axis=spec.axis,
+            allow_single_value=spec.allow_single_value,
+        )
+        if not training or not spec.track_running_stats or running is None:
+            return y, running
+        if spec.update_on == "backward" and not backward_ran:
+            return y, running
+        return y, update_running_stats(
+            running,
+            stats,
+            momentum=spec.momentum,
+            unbiased=spec.unbiased,
+            skip_nonfinite=spec.skip_nonfinite,
+        )
+    if running is None:
+        raise ValueError("inference with track_running_stats=True needs running statistics")
+    y = batch_norm_inference(
+        x, running.mean, running.var, gamma, beta, eps=spec.eps, axis=spec.axis
+    )
+    return y, running
+
+
+def _unit_axes(ndim: int, unit_axes: UnitAxes) -> tuple[int, ...]:
+    if unit_axes is None or ndim <= 1:
+        return ()
+    axes = (unit_axes,) if isinstance(unit_axes, int) else tuple(unit_axes)
+    normalised = tuple(sorted({normalize_axis(a, ndim, "unit_axes") for a in axes}))
+    if len(normalised) != len(axes):
+        raise ValueError(f"unit_axes must name distinct axes, got {unit_axes!r}")
+    return normalised
+
+
+def unit_norms(w: ArrayLike, unit_axes: UnitAxes) -> F64:
+    """Frobenius norm of every output unit of ``w``, in float64, kept broadcastable.
+
+    The norm runs over every axis except ``unit_axes``; ``unit_axes=None`` or a tensor of
+    rank <= 1 is a single unit (the whole tensor's norm, shape ``(1,) * ndim``).
+
+    Example:
+        >>> unit_norms(np.array([[3.0, 4.0], [0.0, 1.0]]), 0).ravel().tolist()
+        [5.0, 1.0]
+    """
+    data = _f64(w)
+    keep = _unit_axes(data.ndim, unit_axes)
+    reduce = tuple(i for i in range(data.ndim) if i not in keep)
+    norms: F64 = np.sqrt((data * data).sum(axis=reduce, keepdims=True))
+    return norms
+
+
+def agc_clip(
+    grad: ArrayLike,
+    weight: ArrayLike,
+    unit_axes: UnitAxes,
+    *,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+) -> np.ndarray:
+    """Adaptive gradient clipping of one parameter (Brock et al. 2021, arXiv 2102.06171).
+
+    Per unit ``i``: ``max_i = clipping * max(||W_i||, eps)``; where ``||G_i|| > max_i``
+    (strictly) the unit is rescaled, ``G_i * max_i / max(||G_i||, 1e-6)``; otherwise it is
+    returned unchanged, bit for bit. A unit whose gradient norm is not finite is left as it
+    is, so a loss scaler still sees the inf/nan. Returns an array of ``grad``'s dtype.
+
+    Example:
+        >>> agc_clip(np.array([[3.0, 4.0]]), np.array([[100.0, 0.0]]), 0, clipping=0.01)
+        array([[0.6, 0.8]])
+    """
+    settings = AGCSpec(clipping=clipping, eps=eps)
+    g_in = np.asarray(grad)
+    if not np.issubdtype(g_in.dtype, np.floating):
+        raise ValueError(f"grad must have a floating-point dtype, got {g_in.dtype}")
+    w_in = np.asarray(weight)
+    if w_in.shape != g_in.shape:
+        raise ValueError(f"grad and weight must share a shape, got {g_in.shape} and {w_in.shape}")
+    g = g_in.astype(np.float64)
+    max_norm = settings.clipping * np.maximum(unit_norms(w_in, unit_axes), settings.eps)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite units are left alone
+        g_norm = unit_norms(g, unit_axes)
+        clip = np.isfinite(g_norm) & (g_norm > max_norm)
+        factor = max_norm / np.maximum(g_norm, AGC_GRAD_NORM_FLOOR)
+        clipped = np.where(clip, g * factor, g).astype(g_in.dtype)
+    # Units under the threshold come back bit for bit, whatever the float64 round trip did.
+    return np.where(np.broadcast_to(clip, g_in.shape), clipped, g_in)
+
+
+def agc_clip_all(
+    grads: Mapping[str, ArrayLike],
+    weights: Mapping[str, ArrayLike],
+    unit_axes: Mapping[str, UnitAxes],
+    *,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    exclude: Sequence[str] = (),
+) -> dict[str, np.ndarray]:
+    """AGC over named parameters: every gradient clipped by :func:`agc_clip` except the
+    names in ``exclude`` (the final classifier's weight and bias), returned unchanged.
+
+    A name missing from ``unit_axes`` is one unit if its rank is <= 1 and an error
+    otherwise: the output-unit axis of a matrix depends on its layer, not its shape.
+
+    Example:
+        >>> out = agc_clip_all({"w": np.ones((1, 1))}, {"w": np.zeros((1, 1))}, {"w": 0})
+        >>> out["w"].tolist()
+        [[1e-05]]
+    """
+    missing = [name for name in exclude if name not in grads]
+    if missing:
+        raise ValueError(f"exclude names parameters that do not exist: {missing}")
+    out: dict[str, np.ndarray] = {}
+    for name, g in grads.items():
+        if name in exclude:
+            out[name] = np.asarray(g)
+            continue
+        w = np.asarray(weights[name])
+        if name not in unit_axes and w.ndim > 1:
+            raise ValueError(
+                f"unit_axes has no entry for parameter {name!r} of shape {w.shape}: "
+                "say which axis indexes its output units"
+            )
+        out[name] = agc_clip(g, w, unit_axes.get(name), clipping=clipping, eps=eps)
+    return out

@@ -1,0 +1,350 @@
+"""Parameter types, defaults, presets and validation for unorm's operations.
+
+Everything here is plain Python: no NumPy, no framework. A backend builds one
+:class:`BatchNormSpec` or :class:`AGCSpec` from its constructor arguments and from then on
+reads every setting from it, so that a value means the same on every backend.
+
+The canonical ("unorm") convention is written out in ``SPEC.md``; this module is its
+parameter table. The presets ``torch``, ``keras`` and ``mxnet`` reproduce each
+framework's native BatchNorm semantics (``SPEC.md``, section *Presets*).
+
+Example:
+    >>> from unorm.spec import BatchNormSpec
+    >>> BatchNormSpec().momentum
+    0.1
+    >>> BatchNormSpec.from_preset("keras").eps
+    0.001
+    >>> BatchNormSpec.from_native("keras", momentum=0.9).momentum  # Keras weighs the old value
+    0.09999999999999998
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping
+from typing import Any, Literal
+
+__all__ = [
+    "AGC_GRAD_NORM_FLOOR",
+    "LAYER_KINDS",
+    "OUTPUT_UNIT_AXES",
+    "PRESETS",
+    "AGCSpec",
+    "BatchNormSpec",
+    "UnitAxes",
+    "normalize_axis",
+    "output_unit_axes",
+    "validate_preset",
+]
+
+PresetName = Literal["torch", "keras", "mxnet"]
+RunningVarEstimator = Literal["unbiased", "biased"]
+UpdateTime = Literal["forward", "backward"]
+
+#: The floor under a unit's gradient norm in AGC's rescale factor (``SPEC.md``, AGC).
+AGC_GRAD_NORM_FLOOR = 1e-6
+
+
+def _fail(name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _check_bool(name: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _fail(name, value, "True or False")
+    return value
+
+
+def _check_real(name: str, value: object, allowed: str) -> float:
+    # bool is an int subclass: True as an eps is a mistake, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(name, value, allowed)
+    number = float(value)
+    if not math.isfinite(number):
+        raise _fail(name, value, allowed)
+    return number
+
+
+def _check_choice(name: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        listed = ", ".join(repr(c) for c in choices)
+        raise _fail(name, value, f"one of {listed}")
+    return str(value)
+
+
+def normalize_axis(axis: object, ndim: int, name: str = "axis") -> int:
+    """Return ``axis`` as a non-negative index into a tensor of rank ``ndim``.
+
+    Negative values count from the end, as in NumPy. Raises ``ValueError`` naming
+    ``name`` when ``axis`` is not an integer in ``[-ndim, ndim)``.
+
+    Example:
+        >>> normalize_axis(-1, 4)
+        3
+    """
+    if isinstance(axis, bool) or not isinstance(axis, numbers.Integral):
+        raise _fail(name, axis, f"an integer in [{-ndim}, {ndim})")
+    index = int(axis)
+    if not -ndim <= index < ndim:
+        raise _fail(name, axis, f"an integer in [{-ndim}, {ndim}) for an input of rank {ndim}")
+    return index % ndim
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormSpec:
+    """Every setting of a BatchNorm layer, in unorm's canonical convention.
+
+    Attributes (defaults are the canonical convention, ``SPEC.md``):
+        eps: 1e-5. Added to the variance inside the square root. ``>= 0``.
+        momentum: 0.1. Weight of the *new* batch statistic in the running average
+            (``running = (1 - momentum) * running + momentum * batch``); ``None`` gives the
+            cumulative average over all batches seen. In ``[0, 1]``.
+        axis: 1. The feature (channel) axis; every other axis is reduced. Backends pass
+            their framework's default (channels-last ``-1`` for Keras).
+        center: True. Learn a per-feature offset ``beta``.
+        scale: True. Learn a per-feature scale ``gamma``.
+        track_running_stats: True. Keep running statistics and use them in inference;
+            when False, batch statistics are used in training and inference alike.
+        running_var: ``"unbiased"``. The running variance is fed ``n/(n-1)`` times the
+            batch variance (``"unbiased"``) or the batch variance itself (``"biased"``).
+        skip_nonfinite: True. A batch whose statistics are not all finite updates no
+            running statistic (and not ``num_batches_tracked``).
+        allow_single_value: False. Training on one value per feature is an error unless
+            True (the Keras and MXNet layers accept it silently).
+        update_on: ``"forward"``. When running statistics are updated: in the training
+            forward pass (canonical) or only when backward runs (MXNet's CPU kernel).
+        preset: None, or the name of the preset the spec was built from.
+
+    Example:
+        >>> BatchNormSpec(eps=1e-3, momentum=None).momentum is None
+        True
+    """
+
+    eps: float = 1e-5
+    momentum: float | None = 0.1
+    axis: int = 1
+    center: bool = True
+    scale: bool = True
+    track_running_stats: bool = True
+    running_var: RunningVarEstimator = "unbiased"
+    skip_nonfinite: bool = True
+    allow_single_value: bool = False
+    update_on: UpdateTime = "forward"
+    preset: PresetName | None = None
+
+    def __post_init__(self) -> None:
+        _check_real("eps", self.eps, "a finite number >= 0")
+        if self.eps < 0:
+            raise _fail("eps", self.eps, "a finite number >= 0")
+        if self.momentum is not None:
+            _check_real("momentum", self.momentum, "a number in [0, 1] or None")
+            if not 0.0 <= self.momentum <= 1.0:
+                raise _fail("momentum", self.momentum, "a number in [0, 1] or None")
+        if isinstance(self.axis, bool) or not isinstance(self.axis, numbers.Integral):
+            raise _fail("axis", self.axis, "an integer")
+        for flag in ("center", "scale", "track_running_stats", "skip_nonfinite"):
+            _check_bool(flag, getattr(self, flag))
+        _check_bool("allow_single_value", self.allow_single_value)
+        _check_choice("running_var", self.running_var, ("unbiased", "biased"))
+        _check_choice("update_on", self.update_on, ("forward", "backward"))
+        if self.preset is not None:
+            validate_preset(self.preset)
+
+    @property
+    def unbiased(self) -> bool:
+        """True when the running variance is fed the unbiased ``n/(n-1)`` estimate."""
+        return self.running_var == "unbiased"
+
+    def replace(self, **changes: Any) -> BatchNormSpec:
+        """Return a copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_preset(cls, preset: str | None, **overrides: Any) -> BatchNormSpec:
+        """Build the spec of a preset, then apply ``overrides`` in unorm's convention.
+
+        ``preset=None`` is the canonical convention. Overrides always use unorm's
+        meaning of each parameter (``momentum`` weighs the new batch statistic); to pass
+        a framework's own argument values use :meth:`from_native`.
+
+        Example:
+            >>> BatchNormSpec.from_preset("torch", eps=1e-3).running_var
+            'unbiased'
+        """
+        base = {} if preset is None else dict(PRESETS[validate_preset(preset)])
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def from_native(cls, framework: str, **native: Any) -> BatchNormSpec:
+        """Build the spec that reproduces a framework's own BatchNorm layer.
+
+        ``native`` takes the framework's own argument names and conventions:
+        PyTorch ``eps``, ``momentum`` (new-value weight or None), ``affine``,
+        ``track_running_stats``; Keras ``epsilon``, ``momentum`` (old-value weight),
+        ``center``, ``scale``, ``axis``; MXNet Gluon ``epsilon``, ``momentum``
+        (old-value weight), ``center``, ``scale``, ``axis``,
+        ``use_global_stats`` (not supported: raises).
+
+        Example:
+            >>> BatchNormSpec.from_native("mxnet", momentum=0.9, epsilon=1e-5).momentum
+            0.09999999999999998
+        """
+        name = validate_preset(framework)
+        out: dict[str, Any] = {}
+        args = dict(native)
+        if name == "torch":
+            if "eps" in args:
+                out["eps"] = args.pop("eps")
+            if "momentum" in args:
+                out["momentum"] = args.pop("momentum")
+            if "affine" in args:
+                affine = _check_bool("affine", args.pop("affine"))
+                out["center"] = out["scale"] = affine
+            if "track_running_stats" in args:
+                out["track_running_stats"] = args.pop("track_running_stats")
+        else:
+            if "epsilon" in args:
+                out["eps"] = args.pop("epsilon")
+            if "momentum" in args:
+                old_weight = _check_real("momentum", args.pop("momentum"), "a number in [0, 1]")
+                if not 0.0 <= old_weight <= 1.0:
+                    raise _fail("momentum", old_weight, f"a number in [0, 1] ({name} convention)")
+                out["momentum"] = 1.0 - old_weight
+            for key in ("center", "scale", "axis"):
+                if key in args:
+                    out[key] = args.pop(key)
+            # Keras layers are channels-last by default; presets themselves leave the axis
+            # to the backend, but a native Keras argument set means Keras's default.
+            out.setdefault("axis", -1 if name == "keras" else 1)
+            if args.pop("use_global_stats", False):
+                raise _fail("use_global_stats", True, "False (freeze the layer instead)")
+        if args:
+            unknown = ", ".join(sorted(args))
+            raise ValueError(f"from_native({name!r}) got unknown argument(s): {unknown}")
+        return cls.from_preset(name, **out)
+
+
+#: The native presets: each framework's own BatchNorm semantics, as unorm settings.
+#: Sources are cited in ``SPEC.md`` (section *Presets*).
+PRESETS: Mapping[str, Mapping[str, Any]] = {
+    "torch": {
+        "eps": 1e-5,
+        "momentum": 0.1,
+        "running_var": "unbiased",
+        "skip_nonfinite": False,
+        "allow_single_value": False,
+        "update_on": "forward",
+        "preset": "torch",
+    },
+    "keras": {
+        "eps": 1e-3,
+        "momentum": 1.0 - 0.99,
+        "running_var": "biased",
+        "skip_nonfinite": False,
+        "allow_single_value": True,
+        "update_on": "forward",
+        "preset": "keras",
+    },
+    "mxnet": {
+        "eps": 1e-5,
+        "momentum": 1.0 - 0.9,
+        "running_var": "biased",
+        "skip_nonfinite": False,
+        "allow_single_value": True,
+        "update_on": "backward",
+        "preset": "mxnet",
+    },
+}
+
+
+def validate_preset(preset: object) -> PresetName:
+    """Return ``preset`` if it names a preset; raise ``ValueError`` listing them if not."""
+    if not isinstance(preset, str) or preset not in PRESETS:
+        raise _fail("preset", preset, "one of 'keras', 'mxnet', 'torch' or None")
+    return preset  # type: ignore[return-value]
+
+
+@dataclasses.dataclass(frozen=True)
+class AGCSpec:
+    """Settings of Adaptive Gradient Clipping (Brock et al. 2021, arXiv 2102.06171).
+
+    Attributes:
+        clipping: 0.01. The largest allowed ratio of a unit's gradient norm to its
+            weight norm. ``> 0``.
+        eps: 1e-3. Floor under a unit's weight norm, so that zero-initialised weights
+            can still move. ``>= 0``.
+
+    Example:
+        >>> AGCSpec(clipping=0.02).eps
+        0.001
+    """
+
+    clipping: float = 0.01
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        _check_real("clipping", self.clipping, "a finite number > 0")
+        if self.clipping <= 0:
+            raise _fail("clipping", self.clipping, "a finite number > 0")
+        _check_real("eps", self.eps, "a finite number >= 0")
+        if self.eps < 0:
+            raise _fail("eps", self.eps, "a finite number >= 0")
+
+
+#: Axes that index a parameter's output units: one axis, several axes that together
+#: index the unit (Keras depthwise kernels), or None for "the whole tensor is one unit".
+UnitAxes = int | tuple[int, ...] | None
+
+#: The layer kinds whose weights AGC knows the layout of.
+LAYER_KINDS = ("dense", "conv", "conv_transpose", "depthwise_conv", "embedding")
+
+#: Output-unit axes of each layer kind's weight, per framework layout (``SPEC.md``, AGC).
+OUTPUT_UNIT_AXES: Mapping[str, Mapping[str, UnitAxes]] = {
+    # PyTorch: Linear (out, in); Conv (O, I/g, *k); ConvTranspose (I, O/g, *k);
+    # depthwise is Conv with groups=in, (O, 1, *k); Embedding (num, dim).
+    "torch": {
+        "dense": 0,
+        "conv": 0,
+        "conv_transpose": 1,
+        "depthwise_conv": 0,
+        "embedding": 0,
+    },
+    # MXNet Gluon: Dense (units, in); Conv (O, I/g, *k); Conv*DTranspose (I, O/g, *k).
+    "mxnet": {
+        "dense": 0,
+        "conv": 0,
+        "conv_transpose": 1,
+        "depthwise_conv": 0,
+        "embedding": 0,
+    },
+    # Keras: Dense (in, units); Conv (*k, I/g, O); Conv*DTranspose (*k, O, I);
+    # DepthwiseConv2D (*k, I, M) whose output channel i*M + m is indexed by (I, M).
+    "keras": {
+        "dense": -1,
+        "conv": -1,
+        "conv_transpose": -2,
+        "depthwise_conv": (-2, -1),
+        "embedding": 0,
+    },
+}
+
+
+def output_unit_axes(framework: str, layer_kind: str, ndim: int) -> UnitAxes:
+    """Return the output-unit axes of a ``layer_kind`` weight of rank ``ndim``.
+
+    Tensors of rank <= 1 (biases, gains) are one unit: the result is None.
+
+    Example:
+        >>> output_unit_axes("keras", "dense", 2)
+        -1
+        >>> output_unit_axes("torch", "dense", 1) is None
+        True
+    """
+    fw = validate_preset(framework)
+    kind = _check_choice("layer_kind", layer_kind, LAYER_KINDS)
+    if ndim <= 1:
+        return None
+    return OUTPUT_UNIT_AXES[fw][kind]
