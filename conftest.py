@@ -39,7 +39,14 @@ def runs_here(framework: str) -> bool:
 
 
 # Framework modules of the library: their doctests run where the framework's tests run.
-collect_ignore = [f"unorm/{fw}.py" for fw in FRAMEWORK_MODULES if not runs_here(fw)]
+collect_ignore = [
+    path
+    for fw in FRAMEWORK_MODULES
+    if not runs_here(fw)
+    for path in (f"unorm/{fw}.py", f"unorm/_{fw}")
+]
+# Helper scripts of a framework's tests (e.g. tests/torch_sync_worker.py) import it.
+collect_ignore_glob = [f"tests/{fw}_*.py" for fw in FRAMEWORK_MODULES if not runs_here(fw)]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -21,6 +21,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import enum
 import math
 import numbers
 from collections.abc import Mapping
@@ -31,9 +32,12 @@ __all__ = [
     "LAYER_KINDS",
     "OUTPUT_UNIT_AXES",
     "PRESETS",
+    "UNSET",
     "AGCSpec",
     "BatchNormSpec",
     "UnitAxes",
+    "Unset",
+    "given",
     "normalize_axis",
     "output_unit_axes",
     "validate_preset",
@@ -45,6 +49,31 @@ UpdateTime = Literal["forward", "backward"]
 
 #: The floor under a unit's gradient norm in AGC's rescale factor (``SPEC.md``, AGC).
 AGC_GRAD_NORM_FLOOR = 1e-6
+
+
+class Unset(enum.Enum):
+    """Type of :data:`UNSET`."""
+
+    UNSET = "UNSET"
+
+    def __repr__(self) -> str:
+        return "UNSET"
+
+
+#: Default of a backend constructor argument that was not given: the preset's (or the
+#: canonical) value applies. Needed because ``momentum=None`` is a real setting (the
+#: cumulative average), so None cannot mean "not given".
+UNSET = Unset.UNSET
+
+
+def given(**arguments: Any) -> dict[str, Any]:
+    """The ``arguments`` that were given, i.e. are not :data:`UNSET`.
+
+    Example:
+        >>> given(eps=1e-3, momentum=UNSET, axis=None)
+        {'eps': 0.001, 'axis': None}
+    """
+    return {name: value for name, value in arguments.items() if value is not UNSET}
 
 
 def _fail(name: str, value: object, allowed: str) -> ValueError:

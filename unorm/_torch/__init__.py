@@ -1,0 +1,1 @@
+"""PyTorch implementation of unorm (private; the public module is ``unorm.torch``)."""

@@ -1,0 +1,379 @@
+"""``unorm.torch.BatchNorm``: BatchNorm for PyTorch following ``SPEC.md``.
+
+The heavy work is PyTorch's own fused ``F.batch_norm`` kernel wherever its semantics equal
+the spec; only the differences (the non-finite guard, the biased running-variance option,
+the MXNet preset's update-on-backward) are done here, on per-channel tensors, never with
+an extra pass over the input and without host synchronisation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..spec import UNSET, BatchNormSpec, Unset, given, normalize_axis
+
+__all__ = ["BatchNorm"]
+
+_LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"}
+_HALF = (torch.float16, torch.bfloat16)
+
+
+class BatchNorm(nn.Module):
+    """Batch Normalisation with one meaning on every backend (``SPEC.md``, BatchNorm).
+
+    A drop-in for ``nn.BatchNorm1d/2d/3d``: the same state-dict keys (``weight``,
+    ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``), so native
+    checkpoints load and vice versa; channels-last memory format is kept.
+
+    Args:
+        num_features: C, the number of channels on the feature axis.
+        num_dims: the input rank this layer accepts, as in the textbook signature
+            ``BatchNorm(6, num_dims=4)`` (2 = (N, C), 4 = (N, C, H, W)). None (default)
+            accepts any rank >= 2.
+        eps: added to the variance inside the square root (default 1e-5).
+        momentum: weight of the *new* batch statistic in the running average (default
+            0.1, PyTorch's own convention); None gives the cumulative average.
+        affine: learn ``weight`` (gamma) and ``bias`` (beta). Default True.
+        track_running_stats: keep running statistics and use them in eval mode; when
+            False, batch statistics are used in both modes. Default True.
+        axis: the feature axis (default 1, channels-first).
+        preset: None (canonical), ``"torch"`` (exactly ``nn.BatchNorm*d``), ``"keras"``
+            or ``"mxnet"``: each framework's native semantics (``SPEC.md``, Presets).
+        running_var: ``"unbiased"`` (canonical, n/(n-1)) or ``"biased"`` estimate fed to
+            the running variance; default from the preset.
+        skip_nonfinite: skip the whole running-statistics update for a batch whose
+            statistics are not all finite; default True (False in the native presets).
+        allow_single_value: train on one value per channel instead of raising; default
+            False (True in the ``keras`` and ``mxnet`` presets).
+        device, dtype: where and in which dtype parameters and buffers live. A 16-bit
+            ``dtype`` keeps them in float32, as the spec asks for 16-bit inputs.
+
+    Example:
+        >>> bn = BatchNorm(6, num_dims=4)
+        >>> y = bn(torch.randn(8, 6, 5, 5))
+        >>> tuple(y.shape), int(bn.num_batches_tracked)
+        ((8, 6, 5, 5), 1)
+    """
+
+    _version = 2  # state-dict version of nn.BatchNorm*d: loads checkpoints of every age
+
+    weight: Tensor | None
+    bias: Tensor | None
+    running_mean: Tensor | None
+    running_var: Tensor | None
+    num_batches_tracked: Tensor | None
+
+    def __init__(
+        self,
+        num_features: int,
+        num_dims: int | None = None,
+        *,
+        eps: float | Unset = UNSET,
+        momentum: float | Unset | None = UNSET,
+        affine: bool = True,
+        track_running_stats: bool = True,
+        axis: int = 1,
+        preset: str | None = None,
+        running_var: str | Unset = UNSET,
+        skip_nonfinite: bool | Unset = UNSET,
+        allow_single_value: bool | Unset = UNSET,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if num_dims is not None and (
+            isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 2
+        ):
+            raise ValueError(f"num_dims must be an integer >= 2 or None, got {num_dims!r}")
+        self.spec = BatchNormSpec.from_preset(
+            preset,
+            center=affine,
+            scale=affine,
+            track_running_stats=track_running_stats,
+            axis=axis,
+            **given(
+                eps=eps,
+                momentum=momentum,
+                running_var=running_var,
+                skip_nonfinite=skip_nonfinite,
+                allow_single_value=allow_single_value,
+            ),
+        )
+        if num_dims is not None:
+            normalize_axis(axis, num_dims)
+        self.num_features = num_features
+        self.num_dims = num_dims
+        factory: dict[str, Any] = {
+            "device": device,
+            "dtype": torch.float32 if dtype in _HALF else dtype,
+        }
+        if affine:
+            self.weight = nn.Parameter(torch.empty(num_features, **factory))
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        if track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("running_var", torch.ones(num_features, **factory))
+            counter = torch.tensor(0, dtype=torch.long, device=device)
+            self.register_buffer("num_batches_tracked", counter)
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        self.reset_parameters()
+
+    # -- the settings, read through the spec so that they cannot drift apart ----------
+
+    @property
+    def eps(self) -> float:
+        """Added to the variance inside the square root."""
+        return self.spec.eps
+
+    @property
+    def momentum(self) -> float | None:
+        """Weight of the new batch statistic; None for the cumulative average."""
+        return self.spec.momentum
+
+    @property
+    def affine(self) -> bool:
+        """Whether the layer learns ``weight`` and ``bias``."""
+        return self.spec.scale
+
+    @property
+    def track_running_stats(self) -> bool:
+        """Whether running statistics are kept and used in eval mode."""
+        return self.spec.track_running_stats
+
+    @property
+    def axis(self) -> int:
+        """The feature axis."""
+        return self.spec.axis
+
+    def reset_running_stats(self) -> None:
+        """Running mean 0, running variance 1, no batch tracked."""
+        if self.running_mean is not None and self.running_var is not None:
+            self.running_mean.zero_()
+            self.running_var.fill_(1)
+            assert self.num_batches_tracked is not None
+            self.num_batches_tracked.zero_()
+
+    def reset_parameters(self) -> None:
+        """Reset the running statistics; ``weight`` to 1 and ``bias`` to 0."""
+        self.reset_running_stats()
+        if self.weight is not None and self.bias is not None:
+            nn.init.ones_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def extra_repr(self) -> str:
+        spec = self.spec
+        parts = [f"{self.num_features}"]
+        if self.num_dims is not None:
+            parts.append(f"num_dims={self.num_dims}")
+        parts += [f"eps={spec.eps}", f"momentum={spec.momentum}", f"affine={self.affine}"]
+        parts.append(f"track_running_stats={spec.track_running_stats}")
+        if spec.axis != 1:
+            parts.append(f"axis={spec.axis}")
+        parts.append(f"preset={spec.preset!r}")
+        return ", ".join(parts)
+
+    # -- input checks ------------------------------------------------------------------
+
+    def _check_input(self, x: Tensor) -> int:
+        """Validate ``x`` (before any state is touched) and return its feature axis."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"input must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise ValueError(
+                "input must have rank >= 2 (a batch axis and a feature axis), "
+                f"got shape {tuple(x.shape)}"
+            )
+        if self.num_dims is not None and x.dim() != self.num_dims:
+            layout = _LAYOUTS.get(self.num_dims, f"rank {self.num_dims}")
+            raise ValueError(
+                f"input must have rank {self.num_dims} {layout} for num_dims={self.num_dims}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        if not x.is_floating_point():
+            raise ValueError(f"input must have a floating-point dtype, got {x.dtype}")
+        ax = normalize_axis(self.spec.axis, x.dim())
+        if x.shape[ax] != self.num_features:
+            raise ValueError(
+                f"input must have {self.num_features} features on axis {self.spec.axis}, "
+                f"got shape {tuple(x.shape)} with {x.shape[ax]}"
+            )
+        return ax
+
+    def _check_count(self, x: Tensor) -> int:
+        count = x.numel() // self.num_features
+        if count == 0 or (count == 1 and not self.spec.allow_single_value):
+            raise ValueError(
+                "expected more than 1 value per channel to compute batch statistics "
+                f"(training, or track_running_stats=False), got {count} (batch size x "
+                f"spatial size) for input of shape {tuple(x.shape)}; use a larger batch or "
+                "eval mode with running statistics"
+            )
+        return count
+
+    # -- forward -----------------------------------------------------------------------
+
+    def forward(self, x: Tensor) -> Tensor:
+        ax = self._check_input(x)
+        # PyTorch's kernels want channels on axis 1; other axes go through a view.
+        x1 = x if ax == 1 else x.movedim(ax, 1)
+        updating = self.training and self.track_running_stats
+        if self.training or not self.track_running_stats:
+            count = self._check_count(x1)
+            if updating:
+                y = self._train_and_update(x1, count)
+            else:
+                y = self._normalise(x1, None, None, training=True, count=count)
+        else:
+            y = F.batch_norm(
+                x1, self.running_mean, self.running_var, self.weight, self.bias,
+                False, 0.0, self.spec.eps,
+            )  # fmt: skip
+        return y if ax == 1 else y.movedim(1, ax)
+
+    def _normalise(
+        self,
+        x: Tensor,
+        mean_out: Tensor | None,
+        var_out: Tensor | None,
+        *,
+        training: bool,
+        count: int,
+    ) -> Tensor:
+        """Normalise ``x`` (channels on axis 1) with batch statistics.
+
+        With ``mean_out``/``var_out`` (zeros) the batch mean and unbiased variance are
+        written into them by the fused kernel itself (momentum 1: ``0 * 0 + 1 * stat``).
+        One value per channel (where allowed) takes a plain-ops path, because PyTorch's
+        kernel refuses it; there ``var_out`` receives the biased variance, 0.
+        """
+        if count > 1 or not training:
+            return F.batch_norm(
+                x, mean_out, var_out, self.weight, self.bias, training, 1.0, self.spec.eps
+            )
+        dims = [d for d in range(x.dim()) if d != 1]
+        stat_dtype = torch.float32 if x.dtype in _HALF else x.dtype
+        xs = x.to(stat_dtype)
+        mean = xs.mean(dim=dims, keepdim=True)
+        xhat = (xs - mean) * torch.rsqrt(xs.var(dim=dims, correction=0, keepdim=True) + self.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if self.weight is not None and self.bias is not None:
+            xhat = xhat * self.weight.view(shape) + self.bias.view(shape)
+        if mean_out is not None and var_out is not None:
+            with torch.no_grad():
+                mean_out.copy_(mean.reshape(-1))
+                var_out.zero_()
+        return xhat.to(x.dtype)
+
+    def _train_and_update(self, x: Tensor, count: int) -> Tensor:
+        rm, rv, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        assert rm is not None and rv is not None and tracked is not None
+        spec = self.spec
+        if spec.unbiased and not spec.skip_nonfinite and spec.update_on == "forward" and count > 1:
+            # Exactly nn.BatchNorm*d (the "torch" preset): the fused kernel updates the buffers.
+            tracked.add_(1)
+            factor = 1.0 / float(tracked) if spec.momentum is None else spec.momentum
+            return F.batch_norm(x, rm, rv, self.weight, self.bias, True, factor, spec.eps)
+        if spec.unbiased and spec.update_on == "forward" and count > 1:
+            # Canonical: PyTorch's own update arithmetic on copies, kept only if finite.
+            factor = 1.0 / (float(tracked) + 1) if spec.momentum is None else spec.momentum
+            new_mean, new_var = rm.clone(), rv.clone()
+            y = F.batch_norm(x, new_mean, new_var, self.weight, self.bias, True, factor, spec.eps)
+            self._commit(new_mean, new_var)
+            return y
+        batch_mean, batch_var = torch.zeros_like(rm), torch.zeros_like(rv)
+        y = self._normalise(x, batch_mean, batch_var, training=True, count=count)
+        if count > 1 and not spec.unbiased:
+            batch_var = batch_var * ((count - 1) / count)  # the kernel wrote the unbiased one
+        return self._update_running(y, batch_mean, batch_var)
+
+    def _update_running(self, y: Tensor, batch_mean: Tensor, batch_var: Tensor) -> Tensor:
+        """Fold a batch's mean and fed variance into the running statistics, now or, for
+        the MXNet preset, when backward reaches ``y`` (MXNet's CPU kernel updates them in
+        backward, so a forward-only training call leaves them unchanged there)."""
+        if self.spec.update_on == "backward":
+            if y.requires_grad:
+                y.register_hook(self._update_in_backward(batch_mean, batch_var))  # type: ignore[no-untyped-call]
+            return y
+        self._blend(batch_mean, batch_var)
+        return y
+
+    def _update_in_backward(self, batch_mean: Tensor, batch_var: Tensor) -> Any:
+        def hook(grad: Tensor) -> Tensor:
+            self._blend(batch_mean, batch_var)
+            return grad
+
+        return hook
+
+    @torch.no_grad()
+    def _blend(self, batch_mean: Tensor, batch_var: Tensor) -> None:
+        """``running <- (1 - f) running + f batch`` (reference order), then commit."""
+        rm, rv, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        assert rm is not None and rv is not None and tracked is not None
+        if self.spec.momentum is None:
+            factor: Tensor | float = 1.0 / (tracked.to(rm.dtype) + 1)
+        else:
+            factor = self.spec.momentum
+        new_mean = (1 - factor) * rm + factor * batch_mean.to(rm.dtype)
+        new_var = (1 - factor) * rv + factor * batch_var.to(rv.dtype)
+        self._commit(new_mean, new_var)
+
+    @torch.no_grad()
+    def _commit(self, new_mean: Tensor, new_var: Tensor) -> None:
+        """Store new running statistics; with the guard, only if all are finite.
+
+        ``torch.where`` on a 0-d flag keeps this free of host synchronisation.
+        """
+        rm, rv, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        assert rm is not None and rv is not None and tracked is not None
+        if not self.spec.skip_nonfinite:
+            rm.copy_(new_mean)
+            rv.copy_(new_var)
+            tracked.add_(1)
+            return
+        ok = torch.isfinite(new_mean).all() & torch.isfinite(new_var).all()
+        rm.copy_(torch.where(ok, new_mean, rm))
+        rv.copy_(torch.where(ok, new_var, rv))
+        tracked.add_(ok.to(tracked.dtype))
+
+    # -- checkpoints -------------------------------------------------------------------
+
+    def _load_from_state_dict(
+        self,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        version = local_metadata.get("version")
+        key = prefix + "num_batches_tracked"
+        if (version is None or version < 2) and self.track_running_stats and key not in state_dict:
+            # Checkpoints of nn.BatchNorm*d before the counter existed (version < 2).
+            assert isinstance(state_dict, dict)
+            state_dict[key] = torch.tensor(0, dtype=torch.long)
+        # Check every entry before any is copied, so a mismatched checkpoint changes nothing.
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            entry = state_dict.get(prefix + name)
+            if entry is not None and tuple(entry.shape) != (self.num_features,):
+                raise ValueError(
+                    f"checkpoint entry {prefix + name!r} has shape {tuple(entry.shape)}, "
+                    f"expected ({self.num_features},) for num_features={self.num_features}"
+                )
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )

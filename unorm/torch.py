@@ -1,0 +1,38 @@
+"""unorm for PyTorch: BatchNorm, cross-replica BatchNorm and AGC following ``SPEC.md``.
+
+Imports PyTorch and nothing of the other frameworks.
+
+- :class:`BatchNorm`: drop-in for ``nn.BatchNorm1d/2d/3d`` (same state-dict keys), with
+  ``preset="torch"`` reproducing them exactly and the canonical convention by default.
+- :class:`SyncBatchNorm`: the same over ``torch.distributed``, merging per-rank
+  statistics exactly (uneven and empty ranks give the single-process result).
+- :func:`convert`: swap a model's native BatchNorm layers for unorm's.
+- :func:`adaptive_clip_grad_`, :class:`AGC`, :func:`final_classifier`: Adaptive Gradient
+  Clipping with output-unit axes taken from each parameter's layer.
+
+Example:
+    >>> import torch
+    >>> from unorm.torch import BatchNorm, AGC, final_classifier
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 6), BatchNorm(6, num_dims=2),
+    ...                           torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    >>> opt = AGC(torch.optim.SGD(net.parameters(), lr=0.1), net,
+    ...           exclude=final_classifier(net))
+    >>> net(torch.randn(8, 4)).pow(2).mean().backward()
+    >>> opt.step()
+"""
+
+from __future__ import annotations
+
+from ._torch.agc import AGC, adaptive_clip_grad_, final_classifier
+from ._torch.batchnorm import BatchNorm
+from ._torch.convert import convert
+from ._torch.sync import SyncBatchNorm
+
+__all__ = [
+    "AGC",
+    "BatchNorm",
+    "SyncBatchNorm",
+    "adaptive_clip_grad_",
+    "convert",
+    "final_classifier",
+]
