@@ -1,0 +1,201 @@
+"""Benchmark plug-in "torch": unorm.torch against PyTorch's own layers and a timm-style AGC.
+
+Run with ``python -m benchmarks.run torch`` in the current environment (on a GPU machine
+the inputs live on CUDA and each timed call synchronises).
+
+Benchmarks (full size; ``quick`` uses small inputs):
+
+- ``bn_train``: forward + backward of ``BatchNorm`` vs ``nn.BatchNorm2d`` in training mode
+  at (32, 64, 56, 56) and (256, 256, 14, 14) float32, channels-first and channels-last.
+  Target ratio 1.05.
+- ``bn_eval``: the same in eval mode (forward only). Target ratio 1.05.
+- ``agc``: ``adaptive_clip_grad_`` over the parameter shapes of a ResNet-50 and of an
+  NFNet-F0-like network, against a per-tensor loop written the way timm's
+  ``adaptive_clip_grad`` is (norm, clamp, divide, where, copy per tensor). Target: at
+  least 1.5x faster (ratio <= 0.67). Floor: parameters + 2x gradients (read the weights
+  and gradients, write the gradients) at the measured copy bandwidth.
+
+Example:
+    >>> sorted({b.name for b in benchmarks(quick=True)})
+    ['agc', 'bn_eval', 'bn_train']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from unorm.torch import BatchNorm, adaptive_clip_grad_
+
+from .harness import Benchmark
+
+__all__ = ["benchmarks", "gpu", "nfnet_f0_like", "resnet50_like", "timm_style_agc", "versions"]
+
+BACKEND = "torch"
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def versions() -> dict[str, str]:
+    """The versions of what these benchmarks run on."""
+    return {"torch": torch.__version__}
+
+
+def gpu() -> str | None:
+    """The GPU the benchmarks ran on, if any."""
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else None
+
+
+def _sync(_: object) -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _bn_pair(shape: tuple[int, ...], channels_last: bool, training: bool) -> list[Benchmark]:
+    x = torch.randn(shape, device=DEVICE)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    channels = shape[1]
+    ours = BatchNorm(channels, num_dims=4).to(DEVICE).train(training)
+    native = nn.BatchNorm2d(channels).to(DEVICE).train(training)
+    params = {
+        "shape": shape,
+        "dtype": "float32",
+        "format": "channels_last" if channels_last else "channels_first",
+        "device": DEVICE.type,
+    }
+    if training:
+        xg = x.detach().requires_grad_()
+        dy = torch.randn_like(x)
+
+        def step(layer: nn.Module) -> Callable[[], object]:
+            def run() -> object:
+                y = layer(xg)
+                y.backward(dy)
+                return y
+
+            return run
+
+        # forward: read x twice (statistics, then normalise), write y; backward: read x,
+        # dy twice (sums, then dx), write dx.
+        moved = 8 * x.numel() * x.element_size()
+        return [
+            Benchmark("bn_train", BACKEND, params, step(ours), step(native), _sync, moved, 1.05)
+        ]
+    with torch.no_grad():
+        moved = 2 * x.numel() * x.element_size()
+        return [
+            Benchmark(
+                "bn_eval",
+                BACKEND,
+                params,
+                lambda: ours(x),
+                lambda: native(x),
+                _sync,
+                moved,
+                1.05,
+            )
+        ]
+
+
+def _bottleneck_stage(blocks: int, inp: int, mid: int, out: int) -> list[nn.Module]:
+    layers: list[nn.Module] = []
+    for i in range(blocks):
+        cin = inp if i == 0 else out
+        layers += [nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)]
+        layers += [nn.Conv2d(mid, mid, 3, bias=False), nn.BatchNorm2d(mid)]
+        layers += [nn.Conv2d(mid, out, 1, bias=False), nn.BatchNorm2d(out)]
+        if i == 0:
+            layers += [nn.Conv2d(cin, out, 1, bias=False), nn.BatchNorm2d(out)]
+    return layers
+
+
+def resnet50_like() -> nn.ModuleList:
+    """The parameters of a ResNet-50 (25.6 M): the same layers and shapes, no forward."""
+    layers: list[nn.Module] = [nn.Conv2d(3, 64, 7, bias=False), nn.BatchNorm2d(64)]
+    inp = 64
+    for blocks, mid in zip((3, 4, 6, 3), (64, 128, 256, 512), strict=True):
+        layers += _bottleneck_stage(blocks, inp, mid, mid * 4)
+        inp = mid * 4
+    layers.append(nn.Linear(2048, 1000))
+    return nn.ModuleList(layers)
+
+
+def nfnet_f0_like() -> nn.ModuleList:
+    """Parameters shaped like an NFNet-F0 (depths 1-2-6-3, widths 256-512-1536-1536, group
+    width 128, bottleneck ratio 0.5, squeeze-excite, a 3072-wide final conv, 1000
+    classes; 60.5 M parameters), with one scalar skip gain per block. No forward."""
+    layers: list[nn.Module] = []
+    for cin, cout in ((3, 16), (16, 32), (32, 64), (64, 128)):
+        layers.append(nn.Conv2d(cin, cout, 3))
+    inp = 128
+    for depth, out in zip((1, 2, 6, 3), (256, 512, 1536, 1536), strict=True):
+        mid = out // 2
+        for i in range(depth):
+            cin = inp if i == 0 else out
+            if i == 0:
+                layers.append(nn.Conv2d(cin, out, 1))
+            layers += [nn.Conv2d(cin, mid, 1), nn.Conv2d(mid, mid, 3, groups=mid // 128)]
+            layers += [nn.Conv2d(mid, mid, 3, groups=mid // 128), nn.Conv2d(mid, out, 1)]
+            layers += [nn.Conv2d(out, out // 4, 1), nn.Conv2d(out // 4, out, 1)]  # SE
+            gain = nn.Module()
+            gain.register_parameter("skip_gain", nn.Parameter(torch.zeros(())))
+            layers.append(gain)
+        inp = out
+    layers += [nn.Conv2d(1536, 3072, 1), nn.Linear(3072, 1000)]
+    return nn.ModuleList(layers)
+
+
+def _unitwise_norm(t: torch.Tensor) -> torch.Tensor:
+    if t.dim() <= 1:
+        return t.norm(2.0, dim=None, keepdim=True)
+    return t.norm(2.0, dim=tuple(range(1, t.dim())), keepdim=True)
+
+
+def timm_style_agc(parameters: Iterable[torch.Tensor], clipping: float, eps: float) -> None:
+    """AGC as timm's per-tensor loop does it: rank-based unit rule, ~10 kernels per tensor."""
+    for p in parameters:
+        if p.grad is None:
+            continue
+        max_norm = _unitwise_norm(p.detach()).clamp_(min=eps).mul_(clipping)
+        grad_norm = _unitwise_norm(p.grad.detach())
+        clipped = p.grad.detach() * (max_norm / grad_norm.clamp(min=1e-6))
+        p.grad.detach().copy_(torch.where(grad_norm < max_norm, p.grad.detach(), clipped))
+
+
+def _agc(name: str, model: nn.Module) -> Benchmark:
+    model = model.to(DEVICE)
+    gen = torch.Generator(device=DEVICE).manual_seed(0)
+    params = list(model.parameters())
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen, device=DEVICE) * 1e-3
+
+    # Both sides run the same kernels whatever the values, so clipping the same (already
+    # clipped) gradients again and again times the full work without restoring them.
+    def ours() -> None:
+        adaptive_clip_grad_(model, 0.01, 1e-3)
+
+    def theirs() -> None:
+        timm_style_agc(params, 0.01, 1e-3)
+
+    count = sum(p.numel() for p in params)
+    moved = 3 * count * 4
+    info = {"model": name, "tensors": len(params), "parameters": count, "device": DEVICE.type}
+    return Benchmark("agc", BACKEND, info, ours, theirs, _sync, moved, 1 / 1.5)
+
+
+def benchmarks(quick: bool) -> list[Benchmark]:
+    """The torch benchmarks; small inputs when ``quick``."""
+    shapes = [(4, 8, 8, 8)] if quick else [(32, 64, 56, 56), (256, 256, 14, 14)]
+    out: list[Benchmark] = []
+    for training in (True, False):
+        for shape in shapes:
+            for channels_last in (False, True):
+                out += _bn_pair(shape, channels_last, training)
+    if quick:
+        small = nn.ModuleList([nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)])
+        out.append(_agc("small", small))
+    else:
+        out += [_agc("resnet50", resnet50_like()), _agc("nfnet_f0", nfnet_f0_like())]
+    return out
