@@ -120,20 +120,24 @@ def check(cmd: list[str | Path]) -> None:
         raise SystemExit(f"[dev] failed: {' '.join(str(c) for c in cmd)}")
 
 
+def built_fingerprint(env: Environment) -> str | None:
+    """The fingerprint ``env`` was built with, or None when it is missing or unreadable."""
+    try:
+        value = json.loads((env.path / MARKER).read_text()).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return value if isinstance(value, str) else None
+
+
 def ensure(env: Environment) -> None:
     """Build ``env`` unless a build with the same fingerprint is already there."""
     wanted = fingerprint(env)
+    built = built_fingerprint(env)
+    if built == wanted:
+        log(f"environment {env.name}: up to date ({env.path.relative_to(ROOT)})")
+        return
+    log(f"environment {env.name}: {'building' if built is None else 'pins changed, rebuilding'}")
     marker = env.path / MARKER
-    if marker.exists():
-        try:
-            if json.loads(marker.read_text()).get("fingerprint") == wanted:
-                log(f"environment {env.name}: up to date ({env.path.relative_to(ROOT)})")
-                return
-        except ValueError:
-            pass
-        log(f"environment {env.name}: pins changed, rebuilding")
-    else:
-        log(f"environment {env.name}: building")
     start = time.monotonic()
     if env.path.exists():
         shutil.rmtree(env.path)
