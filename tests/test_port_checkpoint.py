@@ -54,6 +54,7 @@ def test_round_trip_keeps_every_tensor_and_layer(tmp_path: Path) -> None:
     assert back.layers[2].attrs == {"flatten_from": [6, 2, 2]}
     for name, value in original.tensors.items():
         assert back.tensors[name].dtype == value.dtype, name
+        assert back.tensors[name].shape == value.shape, name
         np.testing.assert_array_equal(back.tensors[name], value)
 
 

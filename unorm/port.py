@@ -162,7 +162,7 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
     blobs: list[bytes] = []
     offset = 0
     for name in sorted(ckpt.tensors):
-        array = np.ascontiguousarray(ckpt.tensors[name])
+        array = np.array(ckpt.tensors[name], order="C")  # ascontiguousarray makes 0-d 1-d
         dtype = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
         code = _CODES.get(np.dtype(dtype))
         if code is None:
