@@ -1,0 +1,177 @@
+"""Benchmark plug-in "keras": unorm.keras against Keras's own layer and optimizer.
+
+Run with ``python -m benchmarks.run keras`` in the current environment (TensorFlow
+backend; every timed call is a ``tf.function`` and returns a value that is read back, so
+the work is finished before the clock stops).
+
+Benchmarks (full size; ``quick`` uses small inputs):
+
+- ``bn_train``: one training step (forward and backward of ``sum(y * dy)``) of
+  ``BatchNorm()`` (canonical settings: unbiased feed, non-finite guard) against
+  ``keras.layers.BatchNormalization()`` at (32, 56, 56, 64) and (256, 14, 14, 256)
+  float32, channels-last. Target ratio 1.05. Floor: 8 passes over the input size (the
+  forward reads x twice and writes y; the backward reads dy and x for its sums, reads them
+  again and writes dx).
+- ``bn_eval``: the same layers in inference mode (forward only). Target ratio 1.05.
+  Floor: read x, write y.
+- ``agc_step``: one update of ``AGC(SGD)`` against the same ``SGD`` without AGC, over the
+  variables of a ResNet-50 (``keras.applications.ResNet50(weights=None)``, 25.6 M
+  parameters, classifier excluded) with fixed random gradients. The ratio is the whole
+  step's; the floor counts what the step must move, AGC's clip (read weights and
+  gradients, write gradients) plus SGD's update (read weights and gradients, write
+  weights), so ``× floor`` shows how close the clipped step runs to memory speed.
+
+Example:
+    >>> sorted({b.name for b in benchmarks(quick=True)})
+    ['agc_step', 'bn_eval', 'bn_train']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from unorm.keras import AGC, BatchNorm, final_classifier
+
+from .harness import Benchmark
+
+__all__ = ["benchmarks", "versions"]
+
+BACKEND = "keras"
+BN_TARGET = 1.05
+
+
+def versions() -> dict[str, str]:
+    """The versions of what these benchmarks run on.
+
+    Example:
+        >>> versions()["keras"] == keras.__version__
+        True
+    """
+    return {"keras": keras.__version__, "tensorflow": tf.__version__}
+
+
+def _read_back(out: object) -> None:
+    """Finish the work: TensorFlow may still be running when a function returns."""
+    for t in tf.nest.flatten(out):
+        t.numpy()
+
+
+def _graph(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` as a ``tf.function`` (traced on its first call, the warm-up)."""
+    compiled: Callable[[], object] = tf.function(fn)
+    return compiled
+
+
+def _bn_step(layer: Any, x: Any, dy: Any, training: bool) -> Callable[[], object]:
+    if not training:
+        return _graph(lambda: layer(x, training=False))
+
+    def step() -> object:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * dy)
+        return tape.gradient(loss, [x, *layer.trainable_weights])
+
+    return _graph(step)
+
+
+def bn(shape: tuple[int, ...], training: bool) -> Benchmark:
+    """``BatchNorm()`` against ``keras.layers.BatchNormalization()`` on ``shape``.
+
+    Example:
+        >>> bn((2, 4, 4, 3), training=False).params
+        {'shape': (2, 4, 4, 3), 'dtype': 'float32', 'axis': -1}
+    """
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal(shape, dtype=np.float32))
+    dy = tf.constant(rng.standard_normal(shape, dtype=np.float32))
+    ours, native = BatchNorm(), keras.layers.BatchNormalization()
+    ours.build(shape)
+    native.build(shape)
+    nbytes = int(np.prod(shape)) * 4
+    return Benchmark(
+        name="bn_train" if training else "bn_eval",
+        backend=BACKEND,
+        params={"shape": shape, "dtype": "float32", "axis": -1},
+        unorm=_bn_step(ours, x, dy, training),
+        native=_bn_step(native, x, dy, training),
+        sync=_read_back,
+        bytes_moved=(8 if training else 2) * nbytes,
+        target_ratio=BN_TARGET,
+    )
+
+
+def _small_model() -> Any:
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((16, 16, 3)),
+            layers.Conv2D(16, 3),
+            layers.BatchNormalization(),
+            layers.DepthwiseConv2D(3),
+            layers.Conv2DTranspose(8, 3),
+            layers.GlobalAveragePooling2D(),
+            layers.Dense(10),
+        ]
+    )
+
+
+def agc_step(quick: bool) -> Benchmark:
+    """An ``AGC(SGD)`` update against a plain ``SGD`` update over a model's variables.
+
+    Example:
+        >>> agc_step(quick=True).params["variables"] > 5
+        True
+    """
+    if quick:
+        model, name = _small_model(), "small"
+    else:
+        model, name = keras.applications.ResNet50(weights=None), "resnet50"
+    variables = model.trainable_variables
+    rng = np.random.default_rng(1)
+    grads = [
+        tf.constant(1e-3 * rng.standard_normal(tuple(v.shape), dtype=np.float32)) for v in variables
+    ]
+    # A tiny learning rate: both sides update the same variables and drift alike.
+    clipped = AGC(keras.optimizers.SGD(1e-9), model, exclude=final_classifier(model))
+    plain = keras.optimizers.SGD(1e-9)
+    clipped.build(variables)
+    plain.build(variables)
+
+    def step(optimizer: Any) -> Callable[[], object]:
+        def run() -> object:
+            optimizer.apply(grads, variables)
+            return optimizer.iterations
+
+        return _graph(run)
+
+    params = sum(int(np.prod(v.shape)) for v in variables)
+    return Benchmark(
+        name="agc_step",
+        backend=BACKEND,
+        params={"model": name, "variables": len(variables), "parameters": params},
+        unorm=step(clipped),
+        native=step(plain),
+        sync=_read_back,
+        bytes_moved=6 * 4 * params,
+    )
+
+
+def benchmarks(quick: bool) -> list[Benchmark]:
+    """This plug-in's benchmarks: full size, or small inputs when ``quick``.
+
+    Example:
+        >>> benchmarks(quick=True)[0].params["shape"]
+        (4, 8, 8, 16)
+    """
+    shapes = [(4, 8, 8, 16)] if quick else [(32, 56, 56, 64), (256, 14, 14, 256)]
+    out = [bn(shape, training=True) for shape in shapes]
+    out += [bn(shape, training=False) for shape in shapes]
+    out.append(agc_step(quick))
+    return out

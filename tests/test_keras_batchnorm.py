@@ -1,0 +1,468 @@
+"""unorm.keras.BatchNorm against the NumPy reference and against Keras's own layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+
+from unorm import reference as ref
+from unorm.spec import BatchNormSpec
+
+pytestmark = pytest.mark.keras
+
+keras = pytest.importorskip("keras")
+tf = pytest.importorskip("tensorflow")
+
+from unorm.keras import BatchNorm  # noqa: E402
+
+# Per compute dtype: (atol, rtol) for outputs and input gradients. Outputs are O(1);
+# float32 differs from the float64 reference by rounding only, 16-bit outputs by a
+# couple of their own ulps (float16 ~1e-3, bfloat16 ~8e-3 relative).
+TOL = {"float32": (2e-5, 2e-5), "float16": (4e-3, 4e-3), "bfloat16": (3e-2, 3e-2)}
+STATE_TOL = (1e-6, 1e-5)  # moving statistics are float32 in every case
+
+
+def _batch(rng: np.random.Generator, shape: tuple[int, ...], axis: int) -> np.ndarray:
+    """Per-feature offsets and scales, so that features differ."""
+    channels = shape[axis]
+    loc = rng.uniform(-2.0, 2.0, channels)
+    scale = rng.uniform(0.5, 3.0, channels)
+    bshape = [1] * len(shape)
+    bshape[axis] = channels
+    x = rng.standard_normal(shape) * scale.reshape(bshape) + loc.reshape(bshape)
+    return x.astype(np.float32)
+
+
+def _train_call(layer: Any, x: Any, dy: np.ndarray) -> tuple[np.ndarray, list[Any]]:
+    """One training call; returns y and the gradients of sum(y * dy) w.r.t. x and the
+    layer's trainable weights."""
+    xt = tf.convert_to_tensor(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=True)
+        loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
+    grads = tape.gradient(loss, [xt, *layer.trainable_weights])
+    return y.numpy(), [None if g is None else g.numpy() for g in grads]
+
+
+def _set_affine(layer: Any, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    channels = layer.moving_mean.shape[0] if layer.moving_mean is not None else None
+    channels = channels or layer.gamma.shape[0]
+    gamma = rng.uniform(0.5, 1.5, channels).astype(np.float32)
+    beta = rng.uniform(-0.5, 0.5, channels).astype(np.float32)
+    if layer.gamma is not None:
+        layer.gamma.assign(gamma)
+    if layer.beta is not None:
+        layer.beta.assign(beta)
+    return gamma, beta
+
+
+def _check_against_reference(
+    spec: BatchNormSpec,
+    shape: tuple[int, ...],
+    *,
+    dtype: str = "float32",
+    seed: int = 0,
+    steps: int = 5,
+) -> None:
+    rng = np.random.default_rng(seed)
+    kwargs = {} if dtype == "float32" else {"dtype": f"mixed_{dtype}"}
+    settings = {
+        name: getattr(spec, name)
+        for name in (
+            "eps",
+            "momentum",
+            "center",
+            "scale",
+            "track_running_stats",
+            "running_var",
+            "skip_nonfinite",
+            "allow_single_value",
+        )
+    }
+    layer = BatchNorm(spec.axis, preset=spec.preset, **settings, **kwargs)
+    layer.build(shape)
+    gamma, beta = _set_affine(layer, rng)
+    channels = shape[spec.axis]
+    running = ref.init_running_stats(channels) if spec.track_running_stats else None
+    atol, rtol = TOL[dtype]
+    for _ in range(steps):
+        x32 = _batch(rng, shape, spec.axis)
+        x = x32 if dtype == "float32" else tf.cast(x32, dtype)
+        x_in = np.asarray(tf.cast(x, "float64")) if dtype == "bfloat16" else np.asarray(x)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        y, grads = _train_call(layer, x, dy)
+        y_ref, running = ref.batch_norm_step(x_in, running, spec, gamma, beta, training=True)
+        np.testing.assert_allclose(np.asarray(y, np.float64), y_ref, atol=atol, rtol=rtol)
+        back = ref.batch_norm_backward(
+            dy,
+            x_in,
+            gamma if spec.scale else None,
+            eps=spec.eps,
+            axis=spec.axis,
+            center=spec.center,
+        )
+        np.testing.assert_allclose(grads[0], back.dx, atol=10 * atol, rtol=10 * rtol)
+        expected = [g for g in (back.dgamma, back.dbeta) if g is not None]
+        for got, want in zip(grads[1:], expected, strict=True):
+            np.testing.assert_allclose(got, want, atol=100 * atol, rtol=10 * rtol)
+        if running is not None:
+            assert layer.moving_mean.dtype == "float32"
+            np.testing.assert_allclose(layer.moving_mean.numpy(), running.mean, *STATE_TOL[::-1])
+            np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, *STATE_TOL[::-1])
+    assert y.dtype == np.dtype(dtype) if dtype != "bfloat16" else str(y.dtype) == "bfloat16"
+    x32 = _batch(rng, shape, spec.axis)
+    x = x32 if dtype == "float32" else tf.cast(x32, dtype)
+    x_in = np.asarray(tf.cast(x, "float64")) if dtype == "bfloat16" else np.asarray(x)
+    y_inf = np.asarray(tf.cast(layer(x, training=False), "float64"))
+    y_ref, _ = ref.batch_norm_step(x_in, running, spec, gamma, beta, training=False)
+    np.testing.assert_allclose(y_inf, np.asarray(y_ref, np.float64), atol=atol, rtol=rtol)
+
+
+SHAPES = {2: (16, 3), 3: (4, 3, 5), 4: (4, 3, 5, 6), 5: (2, 3, 4, 3, 5)}
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("axis", [1, -1])
+@pytest.mark.parametrize("preset", [None, "torch", "keras"])
+def test_matches_reference_over_training_then_inference(rank: int, axis: int, preset: Any) -> None:
+    shape = list(SHAPES[rank])
+    shape[axis], shape[1] = shape[1], shape[axis]  # 3 features on the feature axis
+    spec = BatchNormSpec.from_preset(preset, axis=axis)
+    _check_against_reference(spec, tuple(shape), seed=rank)
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"momentum": None},
+        {"running_var": "biased", "momentum": 0.3},
+        {"center": False},
+        {"scale": False, "center": False},
+        {"track_running_stats": False},
+        {"eps": 0.5, "momentum": 1.0},
+        {"momentum": 0.0},
+    ],
+    ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()),
+)
+def test_settings_match_reference(changes: dict[str, Any]) -> None:
+    spec = BatchNormSpec(axis=-1).replace(**changes)
+    _check_against_reference(spec, (6, 4, 3), seed=7)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_mixed_precision_matches_reference(dtype: str, axis: int) -> None:
+    spec = BatchNormSpec(axis=axis)
+    _check_against_reference(spec, (8, 3, 4, 3), dtype=dtype, seed=3)
+
+
+def test_mixed_precision_keeps_float32_weights() -> None:
+    layer = BatchNorm(dtype="mixed_float16")
+    y = layer(np.ones((4, 3), np.float16), training=True)
+    assert keras.backend.standardize_dtype(y.dtype) == "float16"
+    assert {w.dtype for w in layer.weights} == {"float32"}
+
+
+def test_large_offset_statistics_are_accurate() -> None:
+    """Two-pass statistics: a mean of 1e4 does not cost the variance its digits."""
+    rng = np.random.default_rng(0)
+    x = (1e4 + rng.standard_normal((256, 4))).astype(np.float32)
+    layer = BatchNorm(momentum=1.0, running_var="biased")
+    layer(x, training=True)
+    expected = ref.batch_stats(x, axis=-1)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), expected.var(), rtol=1e-3)
+
+
+# -- preset="keras" is keras.layers.BatchNormalization --------------------------------
+
+
+@pytest.mark.parametrize("rank", [2, 3, 4, 5])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_keras_preset_is_bit_identical_to_keras(rank: int, axis: int) -> None:
+    rng = np.random.default_rng(rank)
+    shape = list(SHAPES[rank])
+    shape[axis], shape[1] = shape[1], shape[axis]
+    native = keras.layers.BatchNormalization(axis=axis)
+    ours = BatchNorm(axis, preset="keras")
+    native.build(tuple(shape))
+    ours.build(tuple(shape))
+    _set_affine(native, np.random.default_rng(9))
+    _set_affine(ours, np.random.default_rng(9))
+    for _ in range(5):
+        x = _batch(rng, tuple(shape), axis)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        y_native, g_native = _train_call(native, x, dy)
+        y_ours, g_ours = _train_call(ours, x, dy)
+        np.testing.assert_array_equal(y_ours, y_native)
+        for a, b in zip(g_ours, g_native, strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ours.moving_mean.numpy(), native.moving_mean.numpy())
+        np.testing.assert_array_equal(ours.moving_variance.numpy(), native.moving_variance.numpy())
+    x = _batch(rng, tuple(shape), axis)
+    np.testing.assert_array_equal(ours(x, training=False), native(x, training=False))
+
+
+def test_keras_preset_with_native_arguments_is_identical_under_mixed_float16() -> None:
+    rng = np.random.default_rng(1)
+    spec = BatchNormSpec.from_native("keras", momentum=0.9, epsilon=1e-2)
+    native = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-2, dtype="mixed_float16")
+    ours = BatchNorm(preset="keras", momentum=spec.momentum, eps=spec.eps, dtype="mixed_float16")
+    for _ in range(3):
+        x = tf.cast(_batch(rng, (8, 5, 4), -1), "float16")
+        np.testing.assert_array_equal(ours(x, training=True), native(x, training=True))
+    np.testing.assert_array_equal(ours.moving_mean.numpy(), native.moving_mean.numpy())
+    np.testing.assert_array_equal(ours.moving_variance.numpy(), native.moving_variance.numpy())
+    assert [w.name for w in ours.weights] == [w.name for w in native.weights]
+
+
+# -- running statistics: guard, once per call, modes --------------------------------------
+
+
+def test_nonfinite_batch_updates_nothing_with_the_guard() -> None:
+    layer = BatchNorm(momentum=None)
+    layer(np.random.default_rng(0).standard_normal((8, 3)).astype(np.float32), training=True)
+    before = [w.numpy().copy() for w in layer.non_trainable_weights]
+    x = np.ones((8, 3), np.float32)
+    x[2, 1] = np.nan
+    layer(x, training=True)
+    after = [w.numpy() for w in layer.non_trainable_weights]
+    for a, b in zip(after, before, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(layer.num_batches_tracked.numpy()) == 1
+
+
+def test_nonfinite_batch_poisons_without_the_guard() -> None:
+    layer = BatchNorm(preset="torch")
+    x = np.ones((8, 3), np.float32)
+    x[2, 1] = np.inf
+    layer(x, training=True)
+    assert np.isnan(layer.moving_variance.numpy()[1]) or np.isinf(layer.moving_variance.numpy()[1])
+    assert np.all(np.isfinite(layer.moving_mean.numpy()[[0, 2]]))
+
+
+def test_inference_changes_no_state_and_training_updates_once() -> None:
+    layer = BatchNorm(momentum=0.5)
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    layer(x)  # inference by default
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(3))
+    layer(x, training=True)
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.5 * x.mean(axis=0), rtol=1e-6)
+
+
+def test_single_value_per_channel_is_an_error_unless_allowed() -> None:
+    layer = BatchNorm()
+    layer(np.ones((4, 2), np.float32), training=True)
+    before = [w.numpy().copy() for w in layer.weights]
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(np.ones((1, 2), np.float32), training=True)
+    for a, b in zip(layer.weights, before, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+    layer(np.ones((1, 2), np.float32))  # inference with running statistics is fine
+    keras_like = BatchNorm(preset="keras")
+    y = keras_like(np.full((1, 2), 3.0, np.float32), training=True)
+    np.testing.assert_array_equal(y, np.zeros((1, 2)))
+
+
+def test_single_value_check_at_run_time_with_an_unknown_batch_size() -> None:
+    layer = BatchNorm()
+    layer.build((None, 2))
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 2], tf.float32)])
+    def step(x: Any) -> Any:
+        return layer(x, training=True)
+
+    step(tf.ones((3, 2)))
+    before = layer.moving_mean.numpy().copy()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="more than 1 value per channel"):
+        step(tf.ones((1, 2)))
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), before)
+
+
+def test_mxnet_preset_updates_in_backward_only() -> None:
+    layer = BatchNorm(preset="mxnet")
+    x = np.random.default_rng(0).standard_normal((6, 3)).astype(np.float32)
+    layer(x, training=True)  # forward only: MXNet's CPU kernel leaves the stats alone
+    np.testing.assert_array_equal(layer.moving_mean.numpy(), np.zeros(3))
+    _train_call(layer, x, np.ones((6, 3), np.float32))
+    spec = BatchNormSpec.from_preset("mxnet", axis=-1)
+    _, state = ref.batch_norm_step(
+        x, ref.init_running_stats(3), spec, np.ones(3), np.zeros(3), training=True
+    )
+    assert state is not None
+    np.testing.assert_allclose(layer.moving_mean.numpy(), state.mean, rtol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), state.var, rtol=1e-6)
+
+
+# -- bad input -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("inputs", "message"),
+    [
+        (np.ones((4, 3), np.float32), "inputs must have rank 3"),
+        (np.ones((4, 5, 2), np.float32), "inputs must have 3 features on axis -1"),
+        (np.ones((4, 5, 3), np.int32), "inputs must have a floating-point dtype, got int32"),
+    ],
+    ids=["rank", "features", "dtype"],
+)
+def test_bad_inputs_raise_and_change_nothing(inputs: np.ndarray, message: str) -> None:
+    layer = BatchNorm(momentum=None)
+    layer(np.random.default_rng(0).standard_normal((4, 5, 3)).astype(np.float32), training=True)
+    before = [w.numpy().copy() for w in layer.weights]
+    with pytest.raises(ValueError, match=message):
+        layer(inputs, training=True)
+    for a, b in zip(layer.weights, before, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"preset": "caffe"}, "preset"),
+        ({"momentum": 1.5}, "momentum"),
+        ({"eps": -1.0}, "eps"),
+        ({"running_var": "sample"}, "running_var"),
+        ({"center": 1}, "center"),
+        ({"synchronized": "yes"}, "synchronized"),
+    ],
+)
+def test_bad_settings_name_the_parameter(kwargs: dict[str, Any], name: str) -> None:
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        BatchNorm(**kwargs)
+
+
+def test_rank_one_input_is_an_error() -> None:
+    with pytest.raises(ValueError, match="inputs must have rank >= 2"):
+        BatchNorm()(np.ones(3, np.float32))
+
+
+def test_axis_out_of_range_is_an_error() -> None:
+    with pytest.raises(ValueError, match="axis must be an integer in"):
+        BatchNorm(axis=3)(np.ones((2, 3), np.float32))
+
+
+# -- trainable=False -------------------------------------------------------------------
+
+
+def test_frozen_layer_runs_in_inference_mode_like_keras() -> None:
+    rng = np.random.default_rng(0)
+    ours, native = BatchNorm(preset="keras"), keras.layers.BatchNormalization()
+    x = _batch(rng, (8, 3), -1)
+    ours(x, training=True)
+    native(x, training=True)
+    ours.trainable = False
+    native.trainable = False
+    state = [w.numpy().copy() for w in ours.weights]
+    x2 = _batch(rng, (8, 3), -1)
+    y = ours(x2, training=True)
+    np.testing.assert_array_equal(y, ours(x2, training=False))
+    np.testing.assert_array_equal(y, native(x2, training=True))
+    for a, b in zip(ours.weights, state, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+def test_frozen_layer_is_unchanged_by_fit() -> None:
+    layer = BatchNorm(momentum=0.5)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(3), layer])
+    layer.trainable = False
+    model.compile(optimizer=keras.optimizers.SGD(0.1), loss="mse")
+    state = [w.numpy().copy() for w in layer.weights]
+    rng = np.random.default_rng(0)
+    model.fit(_batch(rng, (16, 3), -1), np.zeros((16, 3)), batch_size=8, verbose=0)
+    for a, b in zip(layer.weights, state, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+# -- inside model.fit, with and without XLA ------------------------------------------
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("preset", [None, "mxnet"])
+def test_fit_updates_running_stats_as_the_reference(jit_compile: bool, preset: Any) -> None:
+    rng = np.random.default_rng(4)
+    layer = BatchNorm(preset=preset)
+    model = keras.Sequential([keras.Input((5, 3)), layer])
+    # learning rate 0: gamma and beta stay put, so the reference can follow the stats.
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=jit_compile)
+    x = _batch(rng, (20, 5, 3), -1)  # batches of 8, 8 and a last one of 4
+    model.fit(x, np.zeros_like(x), batch_size=8, shuffle=False, verbose=0)
+    spec = BatchNormSpec.from_preset(preset, axis=-1)
+    running = ref.init_running_stats(3)
+    for start in range(0, 20, 8):
+        _, running = ref.batch_norm_step(
+            x[start : start + 8], running, spec, np.ones(3), np.zeros(3), training=True
+        )
+    assert running is not None
+    np.testing.assert_allclose(layer.moving_mean.numpy(), running.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, rtol=1e-5, atol=1e-6)
+    y = model.predict(x, batch_size=20, verbose=0)
+    y_ref = ref.batch_norm_inference(x, running.mean, running.var, eps=spec.eps, axis=-1)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=2e-5)
+
+
+# -- configuration and saving ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{}, {"preset": "keras"}, {"momentum": None, "axis": 1}, {"preset": "mxnet", "eps": 0.1}],
+)
+def test_config_round_trip(kwargs: dict[str, Any]) -> None:
+    layer = BatchNorm(**kwargs)
+    clone = BatchNorm.from_config(layer.get_config())
+    assert clone.spec == layer.spec
+    assert keras.saving.deserialize_keras_object(
+        keras.saving.serialize_keras_object(layer)
+    ).spec == (layer.spec)
+
+
+def test_keras_file_round_trip_restores_running_stats(tmp_path: Any) -> None:
+    rng = np.random.default_rng(5)
+    model = keras.Sequential(
+        [keras.Input((4, 3)), BatchNorm(momentum=None, name="bn"), keras.layers.Dense(2)]
+    )
+    model.compile(optimizer="sgd", loss="mse")
+    x = _batch(rng, (24, 4, 3), -1)
+    model.fit(x, np.zeros((24, 4, 2)), batch_size=8, verbose=0)
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    bn, bn_loaded = model.get_layer("bn"), loaded.get_layer("bn")
+    assert isinstance(bn_loaded, BatchNorm)
+    assert bn_loaded.spec == bn.spec
+    assert int(bn_loaded.num_batches_tracked.numpy()) == 3
+    for a, b in zip(bn_loaded.weights, bn.weights, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_masked_positions_are_left_out_of_the_statistics() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((4, 5, 3)).astype(np.float32) + 2.0
+    mask = np.ones((4, 5), bool)
+    mask[0, 3:] = False
+    mask[2, 1:] = False
+    ours, native = BatchNorm(momentum=0.5), keras.layers.BatchNormalization(momentum=0.5)
+    y = ours(x, training=True, mask=mask)
+    native(x, training=True, mask=mask)
+    kept = x[mask]  # (n, 3): the unmasked values of each feature
+    stats = ref.batch_stats(kept, axis=-1)
+    y_ref, _ = ref.batch_norm_train(kept, eps=ours.eps, axis=-1)
+    np.testing.assert_allclose(np.asarray(y)[mask], y_ref, atol=2e-5, rtol=2e-5)
+    np.testing.assert_allclose(ours.moving_mean.numpy(), 0.5 * stats.mean, rtol=1e-5)
+    np.testing.assert_allclose(
+        ours.moving_variance.numpy(), 0.5 + 0.5 * stats.var(unbiased=True), rtol=1e-5
+    )
+    # Keras's layer agrees on the mean (its variance is biased and eps-damped).
+    np.testing.assert_allclose(ours.moving_mean.numpy(), native.moving_mean.numpy(), rtol=1e-5)
+
+
+def test_synchronized_outside_a_strategy_is_a_plain_batchnorm() -> None:
+    x = np.random.default_rng(7).standard_normal((6, 3)).astype(np.float32)
+    sync, plain = BatchNorm(synchronized=True), BatchNorm()
+    np.testing.assert_array_equal(sync(x, training=True), plain(x, training=True))
+    np.testing.assert_array_equal(sync.moving_variance.numpy(), plain.moving_variance.numpy())
+    assert BatchNorm.from_config(sync.get_config()).synchronized

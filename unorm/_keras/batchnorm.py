@@ -1,0 +1,437 @@
+"""``unorm.keras.BatchNorm``: BatchNorm for Keras 3 following ``SPEC.md``.
+
+Written with ``keras.ops``. On TensorFlow the heavy work is the same two ops Keras's own
+layer uses (``ops.moments``, there a two-pass mean and mean squared deviation, and
+``ops.batch_normalization``), so ``preset="keras"`` gives Keras's numbers bit for bit and
+the other settings cost nothing extra per element: the spec's differences (the unbiased
+feed, the non-finite guard, the cumulative average) are done on per-channel tensors. The
+statistics themselves live in :mod:`.stats`, the cross-replica ones in :mod:`.sync`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+from ..spec import UNSET, BatchNormSpec, Unset, given, normalize_axis
+from . import stats
+
+__all__ = ["BatchNorm"]
+
+
+def _count_message(count: object, shape: object) -> str:
+    return (
+        "expected more than 1 value per channel to compute batch statistics (training, or "
+        f"track_running_stats=False), got {count} (batch size x spatial size) for inputs of "
+        f"shape {shape}; use a larger batch, inference mode with running statistics, or "
+        "allow_single_value=True"
+    )
+
+
+def _tensorflow_backend() -> bool:
+    return stats.tensorflow_backend()
+
+
+@keras.saving.register_keras_serializable(package="unorm")
+class BatchNorm(keras.layers.Layer):
+    """Batch Normalisation with one meaning on every backend (``SPEC.md``, BatchNorm).
+
+    A drop-in for ``keras.layers.BatchNormalization``: the same weights under the same
+    names (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``), so
+    ``set_weights``/``get_weights`` and checkpoints carry over; with ``momentum=None``
+    there is one more, the integer ``num_batches_tracked`` the cumulative average needs.
+
+    Every setting means what ``SPEC.md`` says, on every unorm backend. In particular
+    ``momentum`` is the weight of the **new** batch statistic (canonical 0.1), not Keras's
+    weight of the old value (0.99): ``preset="keras"`` reproduces
+    ``keras.layers.BatchNormalization()`` exactly (on the TensorFlow backend outputs,
+    gradients and moving statistics bit for bit). An argument left out takes the preset's
+    value (canonical when ``preset=None``). A Keras ``mask`` leaves masked positions out of
+    the batch statistics, as in Keras's layer.
+
+    Args:
+        axis: the feature axis (default -1, channels-last as in Keras).
+        eps: added to the variance inside the square root (canonical 1e-5; Keras 1e-3).
+        momentum: weight of the new batch statistic (canonical 0.1); None gives the
+            cumulative average over all batches seen.
+        center: learn the offset ``beta`` (default True).
+        scale: learn the scale ``gamma`` (default True).
+        track_running_stats: keep moving statistics and use them in inference; when
+            False, batch statistics are used in training and inference (default True).
+        running_var: ``"unbiased"`` (canonical, ``n/(n-1)`` times the batch variance) or
+            ``"biased"`` (Keras) fed to the moving variance.
+        skip_nonfinite: a batch whose statistics are not all finite updates no moving
+            statistic (default True; False in the native presets).
+        allow_single_value: accept training with one value per feature (default False;
+            True in the ``keras`` and ``mxnet`` presets).
+        update_on: ``"forward"`` (default), or ``"backward"`` (the ``mxnet`` preset:
+            moving statistics change only when a gradient flows back through the output;
+            TensorFlow backend only).
+        preset: None (canonical), ``"keras"``, ``"torch"`` or ``"mxnet"``
+            (``SPEC.md``, Presets).
+        synchronized: under a ``tf.distribute`` strategy with several replicas, compute
+            the batch statistics over the global batch, merged exactly, so uneven or
+            empty per-replica batches give the single-device result (TensorFlow backend).
+        beta_initializer, gamma_initializer, moving_mean_initializer,
+        moving_variance_initializer, beta_regularizer, gamma_regularizer,
+        beta_constraint, gamma_constraint: as in ``keras.layers.BatchNormalization``.
+        **kwargs: base layer arguments (``name``, ``dtype``, ``trainable``).
+
+    Precision: statistics are computed in float32 or wider (two-pass: the mean, then the
+    mean squared deviation from it); under ``mixed_float16``/``mixed_bfloat16`` the
+    weights stay float32 and the output has the compute dtype.
+
+    ``trainable=False`` follows the Keras convention for BatchNormalization: a frozen
+    layer runs in inference mode, also when called with ``training=True`` (inside
+    ``fit``), using and never updating its moving statistics. (With
+    ``track_running_stats=False`` there are none; batch statistics are used.)
+
+    Errors: a bad setting or input raises ``ValueError`` naming it (``inputs`` of rank
+    other than the built one, of another feature count, or of an integer dtype; training
+    on one value per feature unless allowed), before any weight is touched. Where the
+    batch size is only known when the graph runs (a ``tf.function`` traced with a
+    ``None`` batch axis, or a synchronized global batch), that last check is a
+    TensorFlow assertion instead.
+
+    Example:
+        >>> import numpy as np
+        >>> bn = BatchNorm()
+        >>> x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+        >>> y = bn(x, training=True)
+        >>> tuple(y.shape), bn.momentum, bn.eps
+        ((8, 3), 0.1, 1e-05)
+        >>> BatchNorm(preset="keras").momentum  # Keras's momentum=0.99, as a new-value weight
+        0.010000000000000009
+    """
+
+    def __init__(
+        self,
+        axis: int = -1,
+        *,
+        eps: float | Unset = UNSET,
+        momentum: float | Unset | None = UNSET,
+        center: bool | Unset = UNSET,
+        scale: bool | Unset = UNSET,
+        track_running_stats: bool | Unset = UNSET,
+        running_var: str | Unset = UNSET,
+        skip_nonfinite: bool | Unset = UNSET,
+        allow_single_value: bool | Unset = UNSET,
+        update_on: str | Unset = UNSET,
+        preset: str | None = None,
+        synchronized: bool = False,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        moving_mean_initializer: Any = "zeros",
+        moving_variance_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.spec = BatchNormSpec.from_preset(
+            preset,
+            axis=axis,
+            **given(
+                eps=eps,
+                momentum=momentum,
+                center=center,
+                scale=scale,
+                track_running_stats=track_running_stats,
+                running_var=running_var,
+                skip_nonfinite=skip_nonfinite,
+                allow_single_value=allow_single_value,
+                update_on=update_on,
+            ),
+        )
+        if not isinstance(synchronized, bool):
+            raise ValueError(f"synchronized must be True or False, got {synchronized!r}")
+        if synchronized and not _tensorflow_backend():
+            raise ValueError(
+                "synchronized must be False with the "
+                f"{keras.backend.backend()!r} backend (True needs TensorFlow's tf.distribute)"
+            )
+        if self.spec.update_on == "backward" and not _tensorflow_backend():
+            raise ValueError(
+                "update_on must be 'forward' with the "
+                f"{keras.backend.backend()!r} backend, got 'backward' (it needs TensorFlow)"
+            )
+        self.synchronized = synchronized
+        self.beta_initializer = keras.initializers.get(beta_initializer)
+        self.gamma_initializer = keras.initializers.get(gamma_initializer)
+        self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
+        self.moving_variance_initializer = keras.initializers.get(moving_variance_initializer)
+        self.beta_regularizer = keras.regularizers.get(beta_regularizer)
+        self.gamma_regularizer = keras.regularizers.get(gamma_regularizer)
+        self.beta_constraint = keras.constraints.get(beta_constraint)
+        self.gamma_constraint = keras.constraints.get(gamma_constraint)
+        self.supports_masking = True
+        self.gamma: Any = None
+        self.beta: Any = None
+        self.moving_mean: Any = None
+        self.moving_variance: Any = None
+        self.num_batches_tracked: Any = None
+        self._rank = 0
+        self._channels = 0
+        self._reduce_axes: list[int] = []
+
+    # -- the settings, read through the spec so that they cannot drift apart ----------
+
+    @property
+    def axis(self) -> int:
+        """The feature axis, as given."""
+        return self.spec.axis
+
+    @property
+    def eps(self) -> float:
+        """Added to the variance inside the square root."""
+        return self.spec.eps
+
+    @property
+    def momentum(self) -> float | None:
+        """Weight of the new batch statistic; None for the cumulative average."""
+        return self.spec.momentum
+
+    @property
+    def center(self) -> bool:
+        """Whether the layer learns ``beta``."""
+        return self.spec.center
+
+    @property
+    def scale(self) -> bool:
+        """Whether the layer learns ``gamma``."""
+        return self.spec.scale
+
+    # -- weights ---------------------------------------------------------------------
+
+    def build(self, input_shape: Any) -> None:
+        """Create the weights for inputs of ``input_shape`` (rank >= 2, known features)."""
+        shape = tuple(input_shape)
+        if len(shape) < 2:
+            raise ValueError(
+                f"inputs must have rank >= 2 (a batch axis and a feature axis), got shape {shape}"
+            )
+        axis = normalize_axis(self.spec.axis, len(shape))
+        channels = shape[axis]
+        if channels is None:
+            raise ValueError(
+                f"inputs must have a known number of features on axis {self.spec.axis}, "
+                f"got shape {shape}"
+            )
+        self._rank = len(shape)
+        self._channels = int(channels)
+        self._reduce_axes = [i for i in range(len(shape)) if i != axis]
+        per_channel = (self._channels,)
+        if self.spec.scale:
+            self.gamma = self.add_weight(
+                shape=per_channel,
+                name="gamma",
+                initializer=self.gamma_initializer,
+                regularizer=self.gamma_regularizer,
+                constraint=self.gamma_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.spec.center:
+            self.beta = self.add_weight(
+                shape=per_channel,
+                name="beta",
+                initializer=self.beta_initializer,
+                regularizer=self.beta_regularizer,
+                constraint=self.beta_constraint,
+                trainable=True,
+                autocast=False,
+            )
+        if self.spec.track_running_stats:
+            self.moving_mean = self.add_weight(
+                shape=per_channel,
+                name="moving_mean",
+                initializer=self.moving_mean_initializer,
+                trainable=False,
+                autocast=False,
+            )
+            self.moving_variance = self.add_weight(
+                shape=per_channel,
+                name="moving_variance",
+                initializer=self.moving_variance_initializer,
+                trainable=False,
+                autocast=False,
+            )
+            if self.spec.momentum is None:
+                self.num_batches_tracked = self.add_weight(
+                    shape=(),
+                    name="num_batches_tracked",
+                    initializer="zeros",
+                    dtype="int64" if _tensorflow_backend() else "int32",
+                    trainable=False,
+                    autocast=False,
+                )
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        """The output has the input's shape."""
+        return input_shape
+
+    # -- forward ---------------------------------------------------------------------
+
+    def _check_inputs(self, inputs: Any) -> None:
+        """Validate ``inputs`` against the built layer, before any state is touched."""
+        shape = tuple(inputs.shape)
+        if len(shape) != self._rank:
+            raise ValueError(
+                f"inputs must have rank {self._rank} (the rank this layer was built for), "
+                f"got shape {shape}"
+            )
+        if not keras.backend.is_float_dtype(inputs.dtype):
+            dtype = keras.backend.standardize_dtype(inputs.dtype)
+            raise ValueError(f"inputs must have a floating-point dtype, got {dtype}")
+        axis = normalize_axis(self.spec.axis, self._rank)
+        if shape[axis] is not None and shape[axis] != self._channels:
+            raise ValueError(
+                f"inputs must have {self._channels} features on axis {self.spec.axis} "
+                f"(the feature count this layer was built for), got shape {shape}"
+            )
+
+    def call(self, inputs: Any, training: bool | None = None, mask: Any = None) -> Any:
+        """Normalise ``inputs``: batch statistics in training (updating the moving ones),
+        moving statistics in inference, per ``SPEC.md``.
+
+        ``mask`` (Keras masking, shape ``inputs.shape[:-1]``) leaves masked positions out
+        of the batch statistics, as in Keras's layer; ``n`` is then the number of
+        unmasked values per feature.
+        """
+        self._check_inputs(inputs)
+        if mask is not None and len(mask.shape) != self._rank - 1:
+            raise ValueError(
+                f"mask must have rank {self._rank - 1} (one less than inputs), "
+                f"got shape {tuple(mask.shape)}"
+            )
+        spec = self.spec
+        dtype = keras.backend.result_type(inputs.dtype, "float32")
+        # Statistics in float32 at least: 16-bit inputs overflow and lose the mean.
+        x = ops.cast(inputs, dtype)
+        gamma = None if self.gamma is None else ops.cast(self.gamma, dtype)
+        beta = None if self.beta is None else ops.cast(self.beta, dtype)
+        # Keras convention: a frozen BatchNorm runs in inference mode.
+        training = bool(training) and self.trainable
+        if training or not spec.track_running_stats:
+            mean, variance, count = self._batch_moments(x, mask)
+        else:
+            mean = ops.cast(self.moving_mean, dtype)
+            variance = ops.cast(self.moving_variance, dtype)
+        y = ops.batch_normalization(
+            x, mean, variance, axis=spec.axis, offset=beta, scale=gamma, epsilon=spec.eps
+        )
+        if training and spec.track_running_stats:
+            if spec.update_on == "backward":
+                from .tf_runtime import update_on_backward
+
+                y = update_on_backward(y, lambda: self._update(mean, variance, count))
+            else:
+                self._update(mean, variance, count)
+        return ops.cast(y, self.compute_dtype)
+
+    def _batch_moments(self, x: Any, mask: Any) -> tuple[Any, Any, Any]:
+        """Per-feature mean and biased variance of ``x``, and the count they cover."""
+        axes = self._reduce_axes
+        if mask is not None:
+            mean, variance, count = stats.masked_moments(x, mask, axes)
+            mean, variance, _ = self._checked(ops.min(count), x.shape, mean, variance)
+            return mean, variance, count
+        if self.synchronized:
+            from .sync import replica_count, synchronized_moments
+
+            if replica_count() > 1:
+                mean, variance, count = synchronized_moments(x, axes)
+                return self._checked(count, x.shape, mean, variance)
+        mean, variance = stats.moments(x, axes)
+        return self._checked(stats.count(x, axes), x.shape, mean, variance)
+
+    def _checked(self, count: Any, shape: Any, mean: Any, variance: Any) -> tuple[Any, Any, Any]:
+        """Raise unless ``count`` values per feature may be trained on; a count known only
+        at run time gets a graph assertion that ``mean`` and ``variance`` wait for."""
+        allow = self.spec.allow_single_value
+        if isinstance(count, int):
+            if count == 0 or (count == 1 and not allow):
+                raise ValueError(_count_message(count, tuple(shape)))
+            return mean, variance, count
+        if not _tensorflow_backend():
+            return mean, variance, count  # JAX and torch shapes are static: checked above
+        from .tf_runtime import assert_count
+
+        message = _count_message("0" if allow else "1 or fewer", tuple(shape))
+        mean, variance = assert_count(count, allow, message, mean, variance)
+        return mean, variance, count
+
+    def _update(self, mean: Any, variance: Any, count: Any) -> None:
+        """Fold one batch's statistics into the moving ones (``SPEC.md``, Running
+        statistics), in Keras's arithmetic order ``old * (1 - f) + new * f``."""
+        spec = self.spec
+        fed = variance
+        if spec.unbiased:
+            if isinstance(count, int):
+                if count > 1:
+                    fed = variance * (count / (count - 1))
+            else:
+                n = ops.cast(count, variance.dtype)
+                # One value per feature (where allowed) feeds the biased 0: factor 1.
+                fed = variance * (n / ops.maximum(n - 1.0, 1.0))
+        old_mean = ops.cast(self.moving_mean, mean.dtype)
+        old_var = ops.cast(self.moving_variance, mean.dtype)
+        tracked = self.num_batches_tracked
+        factor: Any
+        if spec.momentum is None:
+            factor = 1.0 / (ops.cast(tracked, mean.dtype) + 1.0)
+        else:
+            factor = spec.momentum
+        new_mean = old_mean * (1.0 - factor) + mean * factor
+        new_var = old_var * (1.0 - factor) + fed * factor
+        new_tracked = None if tracked is None else tracked + 1
+        if spec.skip_nonfinite:
+            finite = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(fed)))
+            new_mean = ops.where(finite, new_mean, old_mean)
+            new_var = ops.where(finite, new_var, old_var)
+            if tracked is not None:
+                new_tracked = ops.where(finite, new_tracked, tracked)
+        self.moving_mean.assign(new_mean)
+        self.moving_variance.assign(new_var)
+        if tracked is not None:
+            tracked.assign(new_tracked)
+
+    # -- serialisation ---------------------------------------------------------------
+
+    def get_config(self) -> dict[str, Any]:
+        """Every setting (resolved, in unorm's convention) and the base layer's config."""
+        spec = self.spec
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            {
+                "axis": spec.axis,
+                "eps": spec.eps,
+                "momentum": spec.momentum,
+                "center": spec.center,
+                "scale": spec.scale,
+                "track_running_stats": spec.track_running_stats,
+                "running_var": spec.running_var,
+                "skip_nonfinite": spec.skip_nonfinite,
+                "allow_single_value": spec.allow_single_value,
+                "update_on": spec.update_on,
+                "preset": spec.preset,
+                "synchronized": self.synchronized,
+                "beta_initializer": keras.initializers.serialize(self.beta_initializer),
+                "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
+                "moving_mean_initializer": keras.initializers.serialize(
+                    self.moving_mean_initializer
+                ),
+                "moving_variance_initializer": keras.initializers.serialize(
+                    self.moving_variance_initializer
+                ),
+                "beta_regularizer": keras.regularizers.serialize(self.beta_regularizer),
+                "gamma_regularizer": keras.regularizers.serialize(self.gamma_regularizer),
+                "beta_constraint": keras.constraints.serialize(self.beta_constraint),
+                "gamma_constraint": keras.constraints.serialize(self.gamma_constraint),
+            }
+        )
+        return config

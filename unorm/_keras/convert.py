@@ -1,0 +1,129 @@
+"""``unorm.keras.convert``: a copy of a Keras model with unorm's BatchNorm in place of
+``keras.layers.BatchNormalization``, weights carried over."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+
+from ..spec import BatchNormSpec
+from .batchnorm import BatchNorm
+
+__all__ = ["convert"]
+
+# Arguments of BatchNormalization that BatchNorm takes unchanged.
+_PASSED = (
+    "name",
+    "trainable",
+    "dtype",
+    "synchronized",
+    "beta_initializer",
+    "gamma_initializer",
+    "moving_mean_initializer",
+    "moving_variance_initializer",
+    "beta_regularizer",
+    "gamma_regularizer",
+    "beta_constraint",
+    "gamma_constraint",
+)
+
+
+def _replacement(layer: Any, preset: str | None, overrides: dict[str, Any]) -> BatchNorm:
+    config = layer.get_config()
+    if config.get("renorm"):
+        raise ValueError(
+            f"layer {layer.name!r} uses renorm=True (batch renormalisation), which unorm's "
+            "BatchNorm does not implement; convert needs renorm=False"
+        )
+    if preset == "keras":
+        # The layer's own momentum and epsilon, translated: outputs stay exactly as they were.
+        spec = BatchNormSpec.from_native(
+            "keras",
+            momentum=config["momentum"],
+            epsilon=config["epsilon"],
+            center=config["center"],
+            scale=config["scale"],
+            axis=config["axis"],
+        ).replace(**overrides)
+    else:
+        spec = BatchNormSpec.from_preset(
+            preset,
+            axis=config["axis"],
+            center=config["center"],
+            scale=config["scale"],
+            **overrides,
+        )
+    settings = {
+        field: getattr(spec, field)
+        for field in (
+            "eps",
+            "momentum",
+            "center",
+            "scale",
+            "track_running_stats",
+            "running_var",
+            "skip_nonfinite",
+            "allow_single_value",
+            "update_on",
+        )
+    }
+    passed = {key: config[key] for key in _PASSED if key in config}
+    return BatchNorm(spec.axis, preset=spec.preset, **settings, **passed)
+
+
+def _copy_weights(source: Any, target: Any) -> None:
+    if isinstance(source, keras.layers.BatchNormalization) and isinstance(target, BatchNorm):
+        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
+            old, new = getattr(source, name), getattr(target, name)
+            if old is not None and new is not None:
+                new.assign(old)
+        return
+    target.set_weights(source.get_weights())
+
+
+def convert(model: Any, preset: str | None = "keras", **overrides: Any) -> Any:
+    """Rebuild ``model`` with every ``keras.layers.BatchNormalization`` replaced by
+    :class:`unorm.keras.BatchNorm`, all weights copied; ``model`` itself is unchanged.
+
+    Works on Sequential and functional models, nested ones included. With
+    ``preset="keras"`` (default) each new layer takes its native layer's own ``momentum``
+    and ``epsilon`` (translated to unorm's convention): the converted model computes
+    exactly what the original did, in training and inference. Another preset (``None``:
+    canonical, ``"torch"``, ``"mxnet"``) gives every BatchNorm that preset's settings
+    (axis, center and scale are kept); ``overrides`` (in unorm's convention, e.g.
+    ``skip_nonfinite=True``) apply to every converted layer. Layers keep their names.
+    BatchNormalization with ``renorm=True`` cannot be converted (``ValueError``).
+
+    Example:
+        >>> import numpy as np
+        >>> native = keras.Sequential([keras.Input((3,)), keras.layers.Dense(4),
+        ...                            keras.layers.BatchNormalization()])
+        >>> ported = convert(native)
+        >>> type(ported.layers[1]).__name__
+        'BatchNorm'
+        >>> x = np.ones((2, 3), "float32")
+        >>> bool(np.array_equal(native(x), ported(x)))
+        True
+    """
+    if not isinstance(model, keras.Model):
+        raise ValueError(f"model must be a keras.Model, got {type(model).__name__}")
+    if not model.built:
+        raise ValueError(f"model must be built (its weights exist) to be converted: {model.name!r}")
+    if preset is not None and preset not in ("keras", "torch", "mxnet"):
+        BatchNormSpec.from_preset(preset)  # raises the standard message
+    pairs: list[tuple[Any, Any]] = []
+
+    def clone(layer: Any) -> Any:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            new = _replacement(layer, preset, overrides)
+        else:
+            new = layer.__class__.from_config(layer.get_config())
+        pairs.append((layer, new))
+        return new
+
+    converted = keras.models.clone_model(model, clone_function=clone, recursive=True)
+    for source, target in pairs:
+        if source.weights:
+            _copy_weights(source, target)
+    return converted

@@ -1,0 +1,62 @@
+"""Per-feature batch statistics for :class:`unorm.keras.BatchNorm`, in float32 or wider.
+
+Two passes everywhere (``SPEC.md``, Conventions): the mean, then the mean squared
+deviation from it, never ``E[x^2] - E[x]^2``. On TensorFlow that is ``ops.moments``
+itself (``tf.nn.moments``), the op Keras's own layer uses, which keeps ``preset="keras"``
+bit-identical to it; Keras's torch backend implements ``ops.moments`` as
+``E[x^2] - E[x]^2``, so there (and on JAX) the two passes are written out.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+from keras import ops
+
+__all__ = ["count", "masked_moments", "moments", "tensorflow_backend"]
+
+
+def tensorflow_backend() -> bool:
+    """Whether Keras runs on TensorFlow."""
+    return bool(keras.backend.backend() == "tensorflow")
+
+
+def moments(x: Any, axes: list[int]) -> tuple[Any, Any]:
+    """Mean and biased variance of ``x`` over ``axes`` (two-pass)."""
+    if tensorflow_backend():
+        mean, variance = ops.moments(x, axes=axes)
+        return mean, variance
+    mean = ops.mean(x, axis=axes, keepdims=True)
+    variance = ops.mean(ops.square(x - mean), axis=axes)
+    return ops.squeeze(mean, axis=axes), variance
+
+
+def masked_moments(x: Any, mask: Any, axes: list[int]) -> tuple[Any, Any, Any]:
+    """Mean, biased variance and count of the unmasked values of each feature.
+
+    ``mask`` has ``x``'s shape without its last axis and is broadcast over it, as in
+    Keras's layer; the count is a per-feature tensor.
+    """
+    weights = ops.broadcast_to(ops.cast(ops.expand_dims(mask, -1), x.dtype), ops.shape(x))
+    total = ops.sum(weights, axis=axes)
+    mean = ops.sum(x * weights, axis=axes) / ops.maximum(total, 1.0)
+    centred = (x - mean) * weights
+    variance = ops.sum(centred * centred, axis=axes) / ops.maximum(total, 1.0)
+    return mean, variance, total
+
+
+def count(x: Any, axes: list[int]) -> Any:
+    """Values per feature: an int when the shape is static, else an int64 tensor (a
+    ``tf.function`` traced with a ``None`` batch axis)."""
+    shape = x.shape
+    if all(shape[i] is not None for i in axes):
+        n = 1
+        for i in axes:
+            n *= int(shape[i])
+        return n
+    dynamic = ops.shape(x)
+    total = ops.convert_to_tensor(1, dtype="int64")
+    for i in axes:
+        total = total * ops.cast(dynamic[i], "int64")
+    return total

@@ -1,0 +1,42 @@
+"""Cross-replica batch statistics under ``tf.distribute`` (``SPEC.md``, Cross-replica).
+
+Each replica sums its slice; one all-reduce gives the global count and sum, hence the
+global mean; a second pass sums each replica's squared deviations from that global mean
+and a second all-reduce adds them up. The result is the two-pass statistics of the
+concatenated batch, i.e. Chan's exact merge of the per-replica ``(n, mean, M2)`` without
+its rounding-prone cross terms, so uneven and empty per-replica batches give the
+single-device numbers. ``tf.distribute``'s all-reduce is differentiable (its gradient is
+the all-reduce of the gradients), so the backward pass reduces ``sum(dy)`` and
+``sum(dy * xhat)`` across replicas as the spec asks, with no code of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+__all__ = ["replica_count", "synchronized_moments"]
+
+
+def replica_count() -> int:
+    """Replicas in sync in the current replica context; 1 outside any strategy."""
+    if not tf.distribute.has_strategy() or tf.distribute.in_cross_replica_context():
+        return 1
+    context = tf.distribute.get_replica_context()
+    return 1 if context is None else int(context.num_replicas_in_sync)
+
+
+def synchronized_moments(x: Any, axes: list[int]) -> tuple[Any, Any, Any]:
+    """Global mean and biased variance over ``axes`` of ``x`` across replicas, and the
+    global count (a float tensor). ``x`` is float32 or wider."""
+    context = tf.distribute.get_replica_context()
+    shape = tf.shape(x, out_type=tf.int64)
+    local_count = tf.cast(tf.reduce_prod(tf.gather(shape, axes)), x.dtype)
+    local_sum = tf.reduce_sum(x, axis=axes)
+    count, total = context.all_reduce(tf.distribute.ReduceOp.SUM, [local_count, local_sum])
+    # An empty global batch gives 0/0; the caller's count check reports it.
+    mean = tf.math.divide_no_nan(total, count)
+    local_m2 = tf.reduce_sum(tf.math.squared_difference(x, mean), axis=axes)
+    m2 = context.all_reduce(tf.distribute.ReduceOp.SUM, local_m2)
+    return mean, tf.math.divide_no_nan(m2, count), count

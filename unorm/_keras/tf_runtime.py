@@ -1,0 +1,55 @@
+"""TensorFlow-only pieces of :class:`unorm.keras.BatchNorm` that run inside the graph.
+
+- :func:`assert_count`: the one-value-per-feature check where the count is only known
+  when the graph runs (a ``tf.function`` traced with a ``None`` batch axis, or the global
+  count of a synchronized batch). A Python ``ValueError`` cannot be raised there; a
+  TensorFlow assertion (``InvalidArgumentError``) with the same message is.
+- :func:`update_on_backward`: the ``update_on="backward"`` mode (the ``mxnet`` preset),
+  in which the moving statistics change only when a gradient flows back through the
+  layer's output, as in MXNet's CPU kernel.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import tensorflow as tf
+
+__all__ = ["assert_count", "update_on_backward"]
+
+
+def assert_count(count: Any, allow_single_value: bool, message: str, *tensors: Any) -> list[Any]:
+    """Fail the running graph unless ``count`` values per feature may be trained on, and
+    return ``tensors`` made to wait for that check.
+
+    ``count`` is an integer or float tensor; more than 1 value is needed, or more than 0
+    with ``allow_single_value``. Whatever is computed from the returned tensors (the
+    output, the moving-statistics update) runs only after the check has passed, so a
+    failing call changes no state. Under XLA (``jit_compile=True``) assertions are not
+    compiled; shapes are static there, so the Python check has already run.
+    """
+    floor = 0 if allow_single_value else 1
+    check = tf.debugging.assert_greater(
+        tf.cast(count, tf.float32), tf.constant(floor, tf.float32), message=message
+    )
+    with tf.control_dependencies([check] if check is not None else []):
+        return [tf.identity(t) for t in tensors]
+
+
+def update_on_backward(y: Any, update: Callable[[], None]) -> Any:
+    """Return ``y`` unchanged, running ``update()`` when the gradient of ``y`` is taken.
+
+    The identity's gradient is the incoming gradient itself, so the values that flow
+    back are exactly those without the hook.
+    """
+
+    @tf.custom_gradient  # type: ignore[untyped-decorator]
+    def identity(t: Any) -> Any:
+        def grad(dy: Any) -> Any:
+            update()
+            return tf.identity(dy)
+
+        return tf.identity(t), grad
+
+    return identity(y)

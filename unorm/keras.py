@@ -1,0 +1,32 @@
+"""unorm for Keras 3: BatchNorm, cross-replica BatchNorm and AGC following ``SPEC.md``.
+
+Imports Keras (and TensorFlow where the TensorFlow backend needs it), nothing of the other
+frameworks. The layer and the optimizer are written with ``keras.ops``; cross-replica
+statistics (``synchronized=True``) and ``update_on="backward"`` need the TensorFlow
+backend, everything else also runs on the JAX and torch backends.
+
+- :class:`BatchNorm`: drop-in for ``keras.layers.BatchNormalization`` (same weight names),
+  canonical settings by default, ``preset="keras"`` reproducing Keras's layer exactly,
+  ``synchronized=True`` for exact cross-replica statistics under ``tf.distribute``.
+- :func:`convert`: a copy of a model with its BatchNormalization layers swapped for
+  unorm's, weights carried over.
+- :class:`AGC`, :func:`final_classifier`: Adaptive Gradient Clipping as a Keras
+  optimizer wrapper, with output-unit axes read from each variable's layer.
+
+Example:
+    >>> import keras
+    >>> from unorm.keras import AGC, BatchNorm, final_classifier
+    >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8), BatchNorm(),
+    ...                           keras.layers.ReLU(), keras.layers.Dense(2)])
+    >>> opt = AGC(keras.optimizers.SGD(0.1), model, exclude=final_classifier(model))
+    >>> model.compile(optimizer=opt, loss="mse")
+"""
+
+from __future__ import annotations
+
+from ._keras.agc import AGC
+from ._keras.batchnorm import BatchNorm
+from ._keras.convert import convert
+from ._keras.layout import final_classifier
+
+__all__ = ["AGC", "BatchNorm", "convert", "final_classifier"]
