@@ -43,7 +43,7 @@ collect_ignore = [
     path
     for fw in FRAMEWORK_MODULES
     if not runs_here(fw)
-    for path in (f"unorm/{fw}.py", f"unorm/_{fw}")
+    for path in (f"unorm/{fw}.py", f"unorm/_{fw}", f"unorm/models/{fw}.py")
 ]
 # Helper scripts of a framework's tests (e.g. tests/torch_sync_worker.py) import it.
 collect_ignore_glob = [f"tests/{fw}_*.py" for fw in FRAMEWORK_MODULES if not runs_here(fw)]

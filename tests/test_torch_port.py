@@ -1,0 +1,81 @@
+"""unorm.torch's neutral-checkpoint export and load: round trips and refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from unorm import port
+
+pytestmark = pytest.mark.torch
+torch = pytest.importorskip("torch")
+from torch import nn  # noqa: E402
+
+from unorm._torch.port import export_checkpoint, load_checkpoint  # noqa: E402
+from unorm.models.torch import lenet_bn  # noqa: E402
+from unorm.torch import BatchNorm  # noqa: E402
+
+
+def _trained(seed: int) -> nn.Sequential:
+    torch.manual_seed(seed)
+    net = lenet_bn()
+    for _ in range(2):
+        net(torch.randn(8, 1, 28, 28))
+    return net.eval()
+
+
+def test_round_trip_through_a_file_gives_identical_logits(tmp_path: Path) -> None:
+    source, dest = _trained(0), _trained(1)
+    x = torch.randn(4, 1, 28, 28)
+    ckpt = export_checkpoint(source, x[:1])
+    assert [la.kind for la in ckpt.layers] == ["conv", "batchnorm"] * 2 + [
+        "dense",
+        "batchnorm",
+    ] * 2 + ["dense"]
+    assert ckpt.layers[4].attrs["flatten_from"] == [16, 4, 4]
+    port.save(ckpt, tmp_path / "lenet.safetensors")
+    load_checkpoint(dest, port.load(tmp_path / "lenet.safetensors"))
+    assert torch.equal(source(x), dest(x))
+    assert int(dest[1].num_batches_tracked) == 2
+
+
+def test_native_batchnorm_semantics_travel_with_the_checkpoint() -> None:
+    native = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, eps=1e-3, momentum=0.3))
+    ours = nn.Sequential(nn.Linear(3, 4), BatchNorm(4))
+    load_checkpoint(ours, export_checkpoint(native))
+    assert (ours[1].eps, ours[1].momentum, ours[1].spec.preset) == (1e-3, 0.3, "torch")
+    assert not ours[1].spec.skip_nonfinite  # behaves as nn.BatchNorm1d did
+
+
+def test_mismatch_names_both_layers_and_changes_nothing() -> None:
+    source = nn.Sequential(nn.Conv2d(1, 6, 5), nn.Flatten(), nn.Linear(6 * 24 * 24, 10))
+    dest = nn.Sequential(nn.Conv2d(1, 6, 5), nn.Flatten(), nn.Linear(6 * 24 * 24, 12))
+    before = [p.detach().clone() for p in dest.parameters()]
+    with pytest.raises(
+        port.CheckpointError,
+        match=r"layer 1: checkpoint dense '2' \(10, 3456\) vs model dense '2': weight shape",
+    ):
+        load_checkpoint(dest, export_checkpoint(source))
+    for b, p in zip(before, dest.parameters(), strict=True):
+        assert torch.equal(b, p)  # the conv, which matched, was not loaded either
+    with pytest.raises(port.CheckpointError, match="has 2 layers with parameters, the model 1"):
+        load_checkpoint(
+            nn.Linear(3, 2), export_checkpoint(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)))
+        )
+    with pytest.raises(port.CheckpointError, match="kinds differ"):
+        load_checkpoint(nn.Conv1d(3, 2, 1), export_checkpoint(nn.Linear(3, 2)))
+    with pytest.raises(port.CheckpointError, match="the model has no 'bias'"):
+        load_checkpoint(nn.Linear(3, 2, bias=False), export_checkpoint(nn.Linear(3, 2)))
+
+
+def test_garbage_file_leaves_the_model_unchanged(tmp_path: Path) -> None:
+    net = _trained(0)
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(np.random.default_rng(0).bytes(4096))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(port.CheckpointError):
+        load_checkpoint(net, port.load(path))
+    for k, v in net.state_dict().items():
+        assert torch.equal(v, before[k])
