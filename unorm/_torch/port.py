@@ -9,7 +9,10 @@ layout is the canonical one, so tensors move as they are; a Linear after a Flatt
 from __future__ import annotations
 
 import dataclasses
+import os
+import tempfile
 import warnings
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,7 +25,7 @@ from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec
 from .batchnorm import BatchNorm
 
-__all__ = ["export_checkpoint", "load_checkpoint"]
+__all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
 
 _BN_ROLES = {
     "gamma": "weight",
@@ -225,3 +228,49 @@ def _apply_spec(module: nn.Module, layer: Layer) -> None:
             "is unchanged, training differs. Use unorm.torch.convert() first.",
             stacklevel=3,
         )
+
+
+def read_native(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
+    """Load a PyTorch ``state_dict`` file (``torch.save(model.state_dict(), path)``) into
+    ``model`` and return it. Keys and shapes are checked first: a file that does not fit
+    raises :class:`~unorm.port.CheckpointError` and leaves ``model`` unchanged.
+    """
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises many kinds for damaged files
+        raise CheckpointError(f"{path}: not a readable PyTorch state_dict: {err}") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: keys do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            theirs, ours = tuple(value.shape), tuple(own[key].shape)
+            raise CheckpointError(f"{path}: {key!r} has shape {theirs}, the model's {ours}")
+    model.load_state_dict(state)
+    return model
+
+
+def write_native(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    """Save ``model.state_dict()`` to ``path`` atomically (temporary file, then rename)."""
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        torch.save(model.state_dict(), tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export_model(model: nn.Module, input_shape: tuple[int, ...]) -> Checkpoint:
+    """:func:`export_checkpoint` with a zero example input of ``input_shape`` (no batch
+    axis), as ``unorm port`` calls it for the seed networks."""
+    example = torch.zeros((1, *input_shape), dtype=next(model.parameters()).dtype)
+    return export_checkpoint(model, example)

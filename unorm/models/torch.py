@@ -13,7 +13,7 @@ from torch import nn
 
 from ..torch import BatchNorm
 
-__all__ = ["lenet_bn"]
+__all__ = ["MODELS", "lenet_bn"]
 
 
 def lenet_bn(preset: str | None = None) -> nn.Sequential:
@@ -37,3 +37,7 @@ def lenet_bn(preset: str | None = None) -> nn.Sequential:
         nn.Sigmoid(),
         nn.Linear(84, 10),
     )
+
+
+#: The seed networks by name, with the shape of one input (without the batch axis).
+MODELS = {"lenet_bn": (lenet_bn, (1, 28, 28))}
