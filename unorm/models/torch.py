@@ -9,11 +9,16 @@ Example:
 
 from __future__ import annotations
 
+import numpy as np
+import torch
+import torch.nn.functional as F
 from torch import nn
 
-from ..torch import BatchNorm
+from ..progress import ProgressBar
+from ..torch import AGC, BatchNorm, final_classifier
+from .training import Recipe, batch_indices
 
-__all__ = ["MODELS", "lenet_bn"]
+__all__ = ["MODELS", "lenet_bn", "predict", "train"]
 
 
 def lenet_bn(preset: str | None = None) -> nn.Sequential:
@@ -41,3 +46,40 @@ def lenet_bn(preset: str | None = None) -> nn.Sequential:
 
 #: The seed networks by name, with the shape of one input (without the batch axis).
 MODELS = {"lenet_bn": (lenet_bn, (1, 28, 28))}
+
+
+def train(
+    net: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    recipe: Recipe,
+    progress: ProgressBar | None = None,
+) -> list[float]:
+    """Train ``net`` on ``(x, y)`` (channels-first images, int labels) with ``recipe``;
+    return the loss of every step (before that step's update)."""
+    inner = torch.optim.SGD(net.parameters(), lr=recipe.lr)
+    opt: torch.optim.Optimizer = (
+        AGC(inner, net, clipping=recipe.clipping, exclude=final_classifier(net))
+        if recipe.agc
+        else inner
+    )
+    net.train()
+    losses = []
+    batches = batch_indices(len(y), recipe.batch_size, recipe.steps, recipe.seed)
+    for step, idx in enumerate(batches):
+        opt.zero_grad()
+        loss = F.cross_entropy(net(torch.from_numpy(x[idx])), torch.from_numpy(y[idx]))
+        loss.backward()  # type: ignore[no-untyped-call]
+        opt.step()
+        losses.append(float(loss.detach()))
+        if progress is not None:
+            progress.update(step + 1, f"torch: loss {losses[-1]:.4f}")
+    return losses
+
+
+def predict(net: nn.Module, x: np.ndarray) -> np.ndarray:
+    """Eval-mode logits of ``net`` for channels-first images ``x``."""
+    net.eval()
+    with torch.no_grad():
+        logits: np.ndarray = net(torch.from_numpy(x)).numpy()
+    return logits

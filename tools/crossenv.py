@@ -1,0 +1,135 @@
+"""Jobs that span both environments through neutral checkpoint files (standard library only).
+
+Each framework runs in its own environment (``python -m unorm.models ...``); results meet
+only through files under ``results/``:
+
+- :func:`port_check`: for every ordered pair of frameworks, a network trained briefly in
+  the first is ported to the second; eval logits must agree to 1e-4 (part of ``./dev test``).
+- :func:`demo`: LeNet-BN trained with AGC in PyTorch, ported to Keras and MXNet; prints
+  the three test accuracies and the largest logit difference (``./dev demo``).
+- :func:`lockstep`: the same initial state and batches trained for 50 steps in all three;
+  the loss curves are plotted and must agree to 1e-3 relative at the last step
+  (``./dev lockstep``).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+FRAMEWORKS = ("torch", "keras", "mxnet")
+PORT_TOLERANCE = 1e-4
+LOCKSTEP_TOLERANCE = 1e-3
+
+Log = Callable[[str], None]
+
+
+def _models(python: Path, framework: str, *args: str, cwd: Path) -> str:
+    cmd = [str(python), "-m", "unorm.models", framework, *args]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip()
+
+
+def _compare(python: Path, first: Path, second: Path, cwd: Path) -> float:
+    """Largest absolute difference of two saved logit arrays (computed in ``python``)."""
+    code = (
+        "import sys, numpy as np; a, b = np.load(sys.argv[1]), np.load(sys.argv[2]); "
+        "print(float(np.abs(a - b).max()))"
+    )
+    done = subprocess.run(
+        [str(python), "-c", code, str(first), str(second)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(done.stdout.strip())
+
+
+def port_check(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 5) -> bool:
+    """Every ordered pair of frameworks: same eval logits after a port (<= 1e-4)."""
+    out = root / "results" / "port-check"
+    out.mkdir(parents=True, exist_ok=True)
+    ok = True
+    for source in FRAMEWORKS:
+        ckpt, losses = out / f"{source}.safetensors", out / f"{source}-losses.json"
+        _models(
+            pythons[source],
+            source,
+            "train",
+            "-",
+            str(ckpt),
+            str(losses),
+            "--steps",
+            str(steps),
+            cwd=root,
+        )
+        reference = out / f"{source}-on-{source}.npy"
+        _models(pythons[source], source, "evaluate", str(ckpt), str(reference), cwd=root)
+        for target in FRAMEWORKS:
+            if target == source:
+                continue
+            logits = out / f"{source}-on-{target}.npy"
+            _models(pythons[target], target, "evaluate", str(ckpt), str(logits), cwd=root)
+            diff = _compare(pythons["torch"], reference, logits, root)
+            good = diff <= PORT_TOLERANCE
+            ok &= good
+            verdict = "ok" if good else "FAILED"
+            log(f"port {source} -> {target}: max |logit difference| {diff:.2e} {verdict}")
+    return ok
+
+
+def demo(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 200) -> bool:
+    """Train in PyTorch with AGC, port to Keras and MXNet, compare accuracy and logits."""
+    out = root / "results" / "demo"
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt = out / "lenet-torch.safetensors"
+    log(f"training LeNet-BN with AGC in PyTorch for {steps} steps on the digits")
+    subprocess.run(
+        [str(pythons["torch"]), "-m", "unorm.models", "torch", "train", "-", str(ckpt),
+         str(out / "losses.json"), "--steps", str(steps)],
+        cwd=root, check=True,
+    )  # fmt: skip
+    logits = {}
+    for framework in FRAMEWORKS:
+        logits[framework] = out / f"logits-{framework}.npy"
+        line = _models(
+            pythons[framework], framework, "evaluate", str(ckpt), str(logits[framework]), cwd=root
+        )
+        log(line)
+    worst = max(_compare(pythons["torch"], logits["torch"], logits[f], root) for f in FRAMEWORKS)
+    log(f"largest logit difference across the three frameworks: {worst:.2e}")
+    return worst <= PORT_TOLERANCE
+
+
+def lockstep(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 50) -> bool:
+    """Train from one initial state in all three frameworks; plot and compare the losses."""
+    out = root / "results" / "lockstep"
+    out.mkdir(parents=True, exist_ok=True)
+    init = out / "init.safetensors"
+    _models(pythons["torch"], "torch", "init", str(init), cwd=root)
+    curves = {}
+    for framework in FRAMEWORKS:
+        losses = out / f"losses-{framework}.json"
+        log(f"lock-step: {framework}, {steps} steps")
+        trained = out / f"{framework}.safetensors"
+        _models(
+            pythons[framework], framework, "train", str(init), str(trained),
+            str(losses), "--steps", str(steps), cwd=root,
+        )  # fmt: skip
+        curves[framework] = json.loads(losses.read_text())["losses"]
+    last = {f: c[-1] for f, c in curves.items()}
+    spread = (max(last.values()) - min(last.values())) / abs(last["torch"])
+    log("loss at step {}: {}".format(steps, ", ".join(f"{f} {v:.6f}" for f, v in last.items())))
+    log(f"largest relative difference at step {steps}: {spread:.2e}")
+    image = root / "docs" / "lockstep.png"
+    subprocess.run(
+        [str(pythons["torch"]), str(root / "tools" / "plot_lockstep.py"), str(out), str(image)],
+        cwd=root, check=True,
+    )  # fmt: skip
+    log(f"plot: {image.relative_to(root)}")
+    return spread <= LOCKSTEP_TOLERANCE
