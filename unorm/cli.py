@@ -2,11 +2,15 @@
 
 ``unorm --version``; ``unorm info`` (which frameworks this environment can import, their
 versions, and which project environment it is); ``unorm selfcheck`` (the reference's
-self-check, :mod:`unorm.selfcheck`).
+self-check, :mod:`unorm.selfcheck`); ``unorm conformance [ARGS]`` (the conformance suite on
+every backend, each in its environment, and its report: ``python -m conformance run
+ARGS`` from the source tree; ``unorm conformance list``/``report``/``golden`` reach the
+suite's other commands).
 
 Example:
     $ unorm info
     $ unorm selfcheck
+    $ unorm conformance --backend torch --case "bn/*"
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 
 from . import __version__
 
-__all__ = ["FRAMEWORKS", "environment_name", "framework_status", "main"]
+__all__ = ["FRAMEWORKS", "conformance_root", "environment_name", "framework_status", "main"]
 
 #: Importable module of each framework, and the distribution that carries its version.
 FRAMEWORKS = {
@@ -82,6 +86,40 @@ def _selfcheck() -> int:
     return selfcheck_main()
 
 
+#: The suite's own commands; anything else after ``unorm conformance`` is ``run``'s.
+_CONFORMANCE_COMMANDS = ("run", "worker", "report", "list", "golden")
+
+
+def conformance_root() -> Path | None:
+    """The source tree holding the conformance suite (``conformance/`` beside ``unorm/``),
+    or None: the suite is not installed with the package, it runs from a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    return root if (root / "conformance" / "__init__.py").exists() else None
+
+
+def _conformance(args: Sequence[str]) -> int:
+    root = conformance_root()
+    if root is None:
+        print("unorm conformance runs from a source checkout (conformance/ not found)")
+        return 2
+    argv = list(args) if args and args[0] in _CONFORMANCE_COMMANDS else ["run", *args]
+    # A child interpreter keeps this process framework-free and the suite's cwd the tree's.
+    return subprocess.run([sys.executable, "-m", "conformance", *argv], cwd=root).returncode
+
+
+def _port(args: argparse.Namespace) -> int:
+    from .port import CheckpointError
+    from .port_files import port_file
+
+    try:
+        ckpt = port_file(args.src, args.dst, model=args.model)
+    except CheckpointError as err:
+        print(f"unorm port: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.src} -> {args.dst}: {len(ckpt.layers)} layers from {ckpt.source}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``unorm`` command."""
     parser = argparse.ArgumentParser(prog="unorm", description=__doc__.split("\n")[0])
@@ -89,12 +127,30 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="frameworks importable here, their versions, the environment")
     sub.add_parser("selfcheck", help="check the NumPy reference against independent arithmetic")
+    # Listed for --help; main() hands everything after "conformance" to the suite itself.
+    sub.add_parser(
+        "conformance",
+        help="every backend against the reference, in its environment; writes the report",
+    )
+    porting = sub.add_parser(
+        "port",
+        help="move a seed network's state between checkpoint files (.pt, .keras, "
+        ".weights.h5, -symbol.json/.params, .safetensors)",
+    )
+    porting.add_argument("src", help="the checkpoint to read")
+    porting.add_argument("dst", help="the checkpoint to write (replaced atomically)")
+    porting.add_argument("--model", default="lenet_bn", help="seed network (default lenet_bn)")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``unorm`` command; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    given = list(sys.argv[1:] if argv is None else argv)
+    if given[:1] == ["conformance"]:
+        return _conformance(given[1:])
+    args = build_parser().parse_args(given)
+    if args.command == "port":
+        return _port(args)
     commands = {"info": _info, "selfcheck": _selfcheck}
     return commands[args.command]()
 

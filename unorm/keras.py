@@ -28,5 +28,13 @@ from ._keras.agc import AGC
 from ._keras.batchnorm import BatchNorm
 from ._keras.convert import convert
 from ._keras.layout import final_classifier
+from ._keras.port import export_checkpoint, load_checkpoint
 
-__all__ = ["AGC", "BatchNorm", "convert", "final_classifier"]
+__all__ = [
+    "AGC",
+    "BatchNorm",
+    "convert",
+    "export_checkpoint",
+    "final_classifier",
+    "load_checkpoint",
+]

@@ -1,0 +1,681 @@
+"""Export a Keras model's state to the neutral checkpoint and load one into a model.
+
+Layers with weights are matched by order (``model.layers``, nested Sequential and
+functional models entered in place): Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, unorm's
+:class:`~unorm.keras.BatchNorm` and ``keras.layers.BatchNormalization``; pooling,
+activations, Flatten, Dropout and the input layer carry nothing. Any other layer with
+weights is refused (:class:`~unorm.port.CheckpointError`) rather than skipped.
+
+Keras keeps its tensors channels-last; the checkpoint holds PyTorch's layout
+(:mod:`unorm.port`), so kernels are transposed on the way out and back:
+
+- Conv ``(*k, I/g, O)`` <-> ``(O, I/g, *k)``; ConvTranspose ``(*k, O, I)`` <-> ``(I, O, *k)``;
+  Dense ``(in, out)`` <-> ``(out, in)``.
+- A Dense fed by a Flatten of a feature map (read from the model's graph: no example input
+  needed) has its input rows in Keras's flatten order ``(*spatial, C)``; the checkpoint
+  records ``flatten_from = [C, *spatial]`` and holds the rows in channels-first order.
+  On load such rows go back to Keras's order, also into a Dense fed otherwise (a
+  ``Reshape`` flattens channels-last too); a model whose Dense follows a Flatten of a
+  feature map refuses a checkpoint entry without ``flatten_from`` (its order is unknown).
+
+A model saved by Keras itself goes to the neutral checkpoint through Keras's own loaders
+(``import unorm.keras`` first, so that unorm's layers deserialise)::
+
+    model = keras.saving.load_model("model.keras")
+    # or, weights only: model = lenet_bn(); model.load_weights("model.weights.h5")
+    unorm.port.save(export_checkpoint(model), "model.safetensors")
+
+and back the same way: :func:`load_checkpoint`, then ``model.save(...)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+
+from ..port import Checkpoint, CheckpointError, Layer
+from ..spec import BatchNormSpec
+from . import stats
+from .batchnorm import BatchNorm
+
+__all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
+
+# Checkpoint role -> variable of unorm's BatchNorm and of keras.layers.BatchNormalization.
+_BN_ROLES = {
+    "gamma": "gamma",
+    "beta": "beta",
+    "running_mean": "moving_mean",
+    "running_var": "moving_variance",
+}
+_COUNTER = "num_batches_tracked"
+_SUPPORTED = "Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, BatchNorm, BatchNormalization"
+# What _flatten_sources says about a Dense it never met in a graph (a subclassed model).
+_UNKNOWN = "unknown"
+
+# A planned load: the layer, its checkpoint entry, (variable, value) pairs to assign,
+# and the BatchNorm settings to apply once every value is in place.
+_Step = tuple[Any, Layer, list[tuple[Any, np.ndarray]], BatchNormSpec | None]
+
+
+# -- which layers, in which order -----------------------------------------------------
+
+
+def _kind(layer: Any) -> str | None:
+    layers = keras.layers
+    if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)):
+        return "conv_transpose"
+    if isinstance(layer, (layers.Conv1D, layers.Conv2D, layers.Conv3D)):
+        return "conv"
+    if isinstance(layer, layers.Dense):
+        return "dense"
+    if isinstance(layer, (BatchNorm, layers.BatchNormalization)):
+        return "batchnorm"
+    return None
+
+
+def _named_layers(model: Any) -> Iterator[tuple[str, Any]]:
+    """Every layer of ``model`` in model order, named by its path below ``model``; a
+    nested model comes first, then its own layers (``"block/dense"``)."""
+    if not isinstance(model, keras.Model):
+        yield str(model.name), model
+        return
+    for layer in model.layers:
+        yield str(layer.name), layer
+        if isinstance(layer, keras.Model):
+            for name, inner in _named_layers(layer):
+                yield f"{layer.name}/{name}", inner
+
+
+def _check_supported(layer: Any, name: str, kind: str) -> None:
+    what = f"layer {name!r} ({type(layer).__name__})"
+    if not layer.built:
+        raise CheckpointError(f"{what} is not built: build or call the model first")
+    if getattr(layer, "lora_enabled", False) or getattr(layer, "quantization_mode", None):
+        raise CheckpointError(
+            f"{what} is LoRA-enabled or quantized: its stored weights are not its kernel; "
+            "merge or dequantize it first"
+        )
+    if kind == "batchnorm" and getattr(layer, "renorm", False):
+        raise CheckpointError(
+            f"{what} uses renorm=True (batch renormalisation), which the checkpoint cannot describe"
+        )
+
+
+def _param_layers(model: Any) -> list[tuple[str, Any, str]]:
+    """The layers with weights, in order, as (name, layer, kind); refuses the others."""
+    if not model.built:
+        raise CheckpointError(
+            f"model {model.name!r} is not built (it has no weights yet): give it a "
+            "keras.Input, build it, or call it once"
+        )
+    out = []
+    for name, layer in _named_layers(model):
+        kind = _kind(layer)
+        if kind is not None:
+            _check_supported(layer, name, kind)
+            out.append((name, layer, kind))
+        elif layer.weights and not isinstance(layer, keras.Model):
+            raise CheckpointError(
+                f"layer {name!r} ({type(layer).__name__}) has weights but is not a layer the "
+                f"checkpoint describes ({_SUPPORTED})"
+            )
+    return out
+
+
+# -- which Dense layers follow a Flatten (read from the model's graph) ----------------
+
+
+def _graph_nodes(model: Any) -> list[Any]:
+    """The call nodes of ``model``'s own graph (nested models are one node each).
+
+    Walked back from the outputs, so nodes left on shared layers by earlier builds (a
+    Sequential rebuilds its graph on ``add``) are not seen. Empty for a subclassed model.
+    """
+    try:
+        outputs = keras.tree.flatten(model.outputs)
+    except (AttributeError, ValueError, TypeError):
+        return []
+    nodes: list[Any] = []
+    seen: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        history = getattr(stack.pop(), "_keras_history", None)
+        if history is None or history.operation is None:
+            continue
+        node = history.operation._inbound_nodes[history.node_index]
+        if id(node) not in seen:
+            seen.add(id(node))
+            nodes.append(node)
+            stack.extend(node.input_tensors)
+    return nodes
+
+
+def _flattened_shape(flatten: Any, tensor: Any) -> list[int] | None:
+    """``[C, *spatial]`` of the feature map ``tensor`` that ``flatten`` flattens."""
+    shape = tuple(tensor.shape[1:])
+    if len(shape) < 2 or any(d is None for d in shape):
+        return None
+    # Keras's Flatten always flattens in channels-last order (*spatial, C): with
+    # data_format="channels_first" it moves the channels last before flattening.
+    if flatten.data_format == "channels_first":
+        channels, spatial = shape[0], shape[1:]
+    else:
+        channels, spatial = shape[-1], shape[:-1]
+    return [int(channels), *(int(d) for d in spatial)]
+
+
+def _trace_flatten(tensor: Any, entry: dict[int, Any], dense: str) -> list[int] | None:
+    """Walk back from a Dense's input through shape-preserving layers to a Flatten.
+
+    ``entry`` maps the input tensors of a nested model to the tensors that feed them in
+    the model around it, so the walk can leave a nested model through its input.
+    """
+    weighted: str | None = None
+    while True:
+        history: Any = getattr(tensor, "_keras_history", None)
+        op = None if history is None else history.operation
+        if op is None or isinstance(op, keras.layers.InputLayer):
+            if id(tensor) not in entry:
+                return None
+            tensor = entry[id(tensor)]
+            continue
+        node = op._inbound_nodes[history.node_index]
+        inputs, outputs = list(node.input_tensors), list(node.output_tensors)
+        if isinstance(op, keras.layers.Flatten):
+            shape = _flattened_shape(op, inputs[0])
+            if shape is not None and weighted is not None and math.prod(shape[1:]) > 1:
+                # e.g. Flatten -> BatchNormalization -> Dense: that layer's per-feature
+                # weights would need the same reordering, which the checkpoint cannot say.
+                raise CheckpointError(
+                    f"dense {dense!r} follows {weighted!r}, a layer with weights on the "
+                    f"flattened features of a {shape} (channels-first) feature map: its "
+                    "weights cannot be reordered between channels-last and channels-first"
+                )
+            return shape
+        if len(inputs) != 1 or len(outputs) != 1 or inputs[0].shape != outputs[0].shape:
+            return None
+        if op.weights:
+            weighted = str(op.name)
+        tensor = inputs[0]
+
+
+def _flatten_sources(model: Any) -> dict[int, Any]:
+    """For every Dense in ``model``'s graphs (by ``id``): ``[C, *spatial]`` of the
+    Flatten it follows, or None. A Dense missing from the result is in no graph."""
+    found: dict[int, Any] = {}
+
+    def visit(net: Any, entry: dict[int, Any]) -> None:
+        for node in _graph_nodes(net):
+            op = node.operation
+            if isinstance(op, keras.Model):
+                inner = dict(entry)
+                feeds = zip(keras.tree.flatten(op.inputs), node.input_tensors, strict=False)
+                inner.update({id(own): outer for own, outer in feeds})
+                visit(op, inner)
+            elif isinstance(op, keras.layers.Dense) and node.input_tensors:
+                shape = _trace_flatten(node.input_tensors[0], entry, str(op.name))
+                if id(op) in found and found[id(op)] != shape:
+                    raise CheckpointError(
+                        f"dense {op.name!r} is called on inputs of different layouts "
+                        f"({found[id(op)]} and {shape}): its input order is ambiguous"
+                    )
+                found[id(op)] = shape
+
+    if isinstance(model, keras.Model):
+        visit(model, {})
+    return found
+
+
+# -- layout conversion (pure NumPy) ----------------------------------------------------
+
+
+def _canonical_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The canonical shape of a Keras kernel of ``shape``."""
+    if kind == "dense":
+        return (shape[1], shape[0])
+    return (shape[-1], shape[-2], *shape[:-2])
+
+
+def _kernel_to_canonical(kind: str, kernel: np.ndarray, flatten: list[int] | None) -> np.ndarray:
+    if kind != "dense":
+        # Conv (*k, I/g, O) -> (O, I/g, *k); ConvTranspose (*k, O, I) -> (I, O, *k).
+        n = kernel.ndim - 2
+        return np.ascontiguousarray(np.transpose(kernel, (n + 1, n, *range(n))))
+    if flatten is not None:
+        channels, *spatial = flatten
+        # Keras's rows are in (*spatial, C) order; the canonical ones in (C, *spatial).
+        kernel = kernel.reshape(*spatial, channels, -1)
+        kernel = np.moveaxis(kernel, -2, 0).reshape(math.prod(flatten), -1)
+    return np.ascontiguousarray(kernel.T)
+
+
+def _kernel_from_canonical(kind: str, weight: np.ndarray, flatten: list[int] | None) -> np.ndarray:
+    if kind != "dense":
+        n = weight.ndim - 2
+        return np.ascontiguousarray(np.transpose(weight, (*range(2, n + 2), 1, 0)))
+    kernel = weight.T
+    if flatten is not None:
+        channels, *spatial = flatten
+        kernel = np.moveaxis(kernel.reshape(channels, *spatial, -1), 0, -2)
+        kernel = kernel.reshape(math.prod(flatten), -1)
+    return np.ascontiguousarray(kernel)
+
+
+def _numpy(variable: Any) -> np.ndarray:
+    # Variable.numpy(), not np.asarray(variable): NumPy 2 warns on TF's __array__.
+    return np.array(variable.numpy())
+
+
+def _as_dtype(array: np.ndarray, variable: Any) -> np.ndarray:
+    """``array`` in ``variable``'s dtype where NumPy has it (else ``assign`` casts)."""
+    try:
+        dtype = np.dtype(keras.backend.standardize_dtype(variable.dtype))
+    except TypeError:
+        return np.asarray(array)
+    return np.asarray(array, dtype=dtype)
+
+
+# -- export ------------------------------------------------------------------------------
+
+
+def _native_axis(layer: Any, name: str) -> int:
+    axis = layer.axis
+    if isinstance(axis, (list, tuple)):
+        if len(axis) != 1:
+            raise CheckpointError(
+                f"layer {name!r} ({type(layer).__name__}) normalises over axes {list(axis)}; "
+                "the checkpoint describes BatchNorm with one feature axis"
+            )
+        axis = axis[0]
+    return int(axis)
+
+
+def _bn_spec(layer: Any, name: str) -> BatchNormSpec:
+    if isinstance(layer, BatchNorm):
+        return layer.spec
+    try:
+        return BatchNormSpec.from_native(
+            "keras",
+            momentum=layer.momentum,
+            epsilon=layer.epsilon,
+            center=layer.center,
+            scale=layer.scale,
+            axis=_native_axis(layer, name),
+        )
+    except ValueError as err:
+        raise CheckpointError(f"layer {name!r}: {err}") from None
+
+
+def _export_bn(layer: Any, name: str) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
+    pairs = [
+        (role, _numpy(getattr(layer, attr)))
+        for role, attr in _BN_ROLES.items()
+        if getattr(layer, attr, None) is not None
+    ]
+    if getattr(layer, "moving_mean", None) is not None:
+        # Only a momentum=None BatchNorm keeps a counter; the others count nothing.
+        counter = getattr(layer, _COUNTER, None)
+        value = 0 if counter is None else _numpy(counter)
+        pairs.append((_COUNTER, np.asarray(value, dtype=np.int64).reshape(())))
+    spec = _bn_spec(layer, name)
+    return pairs, {"spec": dataclasses.asdict(spec), "native": not isinstance(layer, BatchNorm)}
+
+
+def _export_weights(
+    layer: Any, kind: str, flatten: list[int] | None
+) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
+    pairs = [("weight", _kernel_to_canonical(kind, _numpy(layer.kernel), flatten))]
+    if layer.bias is not None:
+        pairs.append(("bias", _numpy(layer.bias)))
+    attrs: dict[str, Any] = {}
+    if kind != "dense":
+        attrs["groups"] = int(getattr(layer, "groups", 1))
+    if flatten is not None:
+        attrs["flatten_from"] = list(flatten)
+    return pairs, attrs
+
+
+def _warn_unread(targets: list[tuple[str, Any, str]], flat: dict[int, Any], model: Any) -> None:
+    unread = [name for name, layer, kind in targets if kind == "dense" and id(layer) not in flat]
+    flattens = any(isinstance(layer, keras.layers.Flatten) for _, layer in _named_layers(model))
+    if unread and flattens:
+        warnings.warn(
+            f"cannot read from the model's structure whether Dense layer(s) {unread} follow "
+            "a Flatten (a subclassed model has no graph): no flatten_from is recorded, so a "
+            "channels-first framework would read their inputs in Keras's channels-last "
+            "order. Build the model as a Sequential or functional model.",
+            stacklevel=3,
+        )
+
+
+def export_checkpoint(model: Any) -> Checkpoint:
+    """The neutral :class:`~unorm.port.Checkpoint` of ``model``'s state (a built Keras
+    model, or a single layer), in the canonical channels-first layout.
+
+    A Dense that follows a Flatten of a feature map is found from the model's graph and
+    gets ``flatten_from``; a subclassed model has no graph, so there this is not known
+    (a ``UserWarning`` says so when the model holds a Flatten). BatchNorm settings travel
+    in unorm's convention: a ``keras.layers.BatchNormalization`` as the ``keras`` preset
+    with its own ``momentum`` and ``epsilon``.
+
+    For a Keras file: ``keras.saving.load_model("m.keras")`` (or ``load_weights`` into the
+    same architecture), then this, then :func:`unorm.port.save`.
+
+    Example:
+        >>> net = keras.Sequential([keras.Input((4, 4, 1)), keras.layers.Conv2D(2, 3),
+        ...                         keras.layers.Flatten(), keras.layers.Dense(3)])
+        >>> ckpt = export_checkpoint(net)
+        >>> [(la.kind, la.attrs.get("flatten_from")) for la in ckpt.layers]
+        [('conv', None), ('dense', [2, 2, 2])]
+        >>> ckpt.tensor(ckpt.layers[0], "weight").shape  # Keras's (3, 3, 1, 2), transposed
+        (2, 1, 3, 3)
+    """
+    targets = _param_layers(model)
+    flat = _flatten_sources(model)
+    _warn_unread(targets, flat, model)
+    layers: list[Layer] = []
+    tensors: dict[str, np.ndarray] = {}
+    for name, layer, kind in targets:
+        if kind == "batchnorm":
+            pairs, attrs = _export_bn(layer, name)
+        else:
+            pairs, attrs = _export_weights(layer, kind, flat.get(id(layer)))
+        roles: dict[str, str] = {}
+        for role, value in pairs:
+            key = f"{name}.{role}"
+            tensors[key] = value
+            roles[role] = key
+        layers.append(Layer(name, kind, roles, attrs))
+    return Checkpoint(layers=layers, tensors=tensors, source="keras")
+
+
+# -- load: plan (every check), then assign ---------------------------------------------
+
+
+def _describe(layer: Layer, ckpt: Checkpoint) -> str:
+    shape = tuple(ckpt.tensors[layer.tensors["weight"]].shape) if "weight" in layer.tensors else ()
+    return f"{layer.kind} {layer.name!r}" + (f" {shape}" if shape else "")
+
+
+def _source(ckpt: Checkpoint, layer: Layer, role: str, dst: Any, where: str) -> np.ndarray | None:
+    """The checkpoint's ``role`` array for variable ``dst``; None when neither has one."""
+    present = role in layer.tensors
+    if dst is None and not present:
+        return None
+    if dst is None or not present:
+        side = "model" if dst is None else "checkpoint"
+        raise CheckpointError(f"{where}: the {side} has no {role!r}")
+    return ckpt.tensor(layer, role)
+
+
+def _checked_shape(role: str, src: np.ndarray, expected: tuple[int, ...], where: str) -> None:
+    if tuple(src.shape) != tuple(expected):
+        raise CheckpointError(
+            f"{where}: {role} shape {tuple(src.shape)} in the checkpoint, "
+            f"{tuple(expected)} in the model"
+        )
+
+
+def _flatten_for_load(
+    layer: Layer, model_flat: Any, in_features: int, where: str
+) -> list[int] | None:
+    """The ``flatten_from`` to undo for a Dense, after checking it fits the model."""
+    given = layer.attrs.get("flatten_from")
+    if given is None:
+        if isinstance(model_flat, list) and math.prod(model_flat[1:]) > 1:
+            raise CheckpointError(
+                f"{where}: the model's dense follows a Flatten of a {model_flat} "
+                "(channels-first) feature map, but the checkpoint records no flatten_from, "
+                "so the order of its input features is unknown; export the source with an "
+                "example input"
+            )
+        return None
+    if (
+        not isinstance(given, list)
+        or len(given) < 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in given)
+    ):
+        raise CheckpointError(f"{where}: flatten_from must list positive sizes, got {given!r}")
+    if math.prod(given) != in_features:
+        raise CheckpointError(
+            f"{where}: flatten_from {given} ({math.prod(given)} features) in the checkpoint, "
+            f"{in_features} input features in the model"
+        )
+    if isinstance(model_flat, list) and model_flat != given:
+        raise CheckpointError(
+            f"{where}: flatten_from {given} in the checkpoint, {model_flat} in the model "
+            "(channels-first)"
+        )
+    return list(given)
+
+
+def _plan_weights(
+    layer: Any, kind: str, source: Layer, ckpt: Checkpoint, model_flat: Any, where: str
+) -> list[tuple[Any, np.ndarray]]:
+    copies = []
+    weight = _source(ckpt, source, "weight", layer.kernel, where)
+    assert weight is not None
+    kernel_shape = tuple(int(d) for d in layer.kernel.shape)
+    _checked_shape("weight", weight, _canonical_shape(kind, kernel_shape), where)
+    groups = source.attrs.get("groups")
+    if kind == "conv" and groups is not None and groups != layer.groups:
+        raise CheckpointError(
+            f"{where}: groups {groups} in the checkpoint, {layer.groups} in the model"
+        )
+    flatten = None
+    if kind == "dense":
+        flatten = _flatten_for_load(source, model_flat, kernel_shape[0], where)
+    kernel = _kernel_from_canonical(kind, weight, flatten)
+    copies.append((layer.kernel, _as_dtype(kernel, layer.kernel)))
+    bias = _source(ckpt, source, "bias", layer.bias, where)
+    if bias is not None:
+        _checked_shape("bias", bias, tuple(layer.bias.shape), where)
+        copies.append((layer.bias, _as_dtype(bias, layer.bias)))
+    return copies
+
+
+def _bn_settings(layer: Any, source: Layer, where: str) -> BatchNormSpec | None:
+    """The checkpoint's BatchNorm settings as this layer will take them (validated)."""
+    if "spec" not in source.attrs:
+        return None
+    try:
+        spec = BatchNormSpec(**dict(source.attrs["spec"]))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{where}: invalid BatchNorm settings in the checkpoint: {err}"
+        ) from None
+    if not isinstance(layer, BatchNorm):
+        return spec
+    own = layer.spec
+    # The layer's structure stays the model's: its weights were built for these.
+    spec = spec.replace(
+        axis=own.axis,
+        center=own.center,
+        scale=own.scale,
+        track_running_stats=own.track_running_stats,
+    )
+    has_counter = layer.num_batches_tracked is not None
+    if own.track_running_stats and (spec.momentum is None) != has_counter:
+        # The counter is a weight created at build only for momentum=None, and a built
+        # layer cannot gain or lose a weight (nor would a saved model load back).
+        needed = "momentum=None" if spec.momentum is None else "a numeric momentum"
+        raise CheckpointError(
+            f"{where}: momentum {spec.momentum} in the checkpoint, {own.momentum} in the "
+            "model: a Keras BatchNorm keeps the num_batches_tracked counter of the "
+            "cumulative average (momentum=None) only when built with it; build the model's "
+            f"layer with {needed}"
+        )
+    if spec.update_on == "backward" and not stats.tensorflow_backend():
+        raise CheckpointError(
+            f"{where}: update_on='backward' in the checkpoint needs the TensorFlow backend, "
+            f"not {keras.backend.backend()!r}"
+        )
+    return spec
+
+
+def _plan_bn(
+    layer: Any, source: Layer, ckpt: Checkpoint, where: str
+) -> tuple[list[tuple[Any, np.ndarray]], BatchNormSpec | None]:
+    copies = []
+    for role, attr in _BN_ROLES.items():
+        dst: Any = getattr(layer, attr, None)
+        src = _source(ckpt, source, role, dst, where)
+        if src is not None:
+            _checked_shape(role, src, tuple(dst.shape), where)
+            copies.append((dst, _as_dtype(src, dst)))
+    counter = getattr(layer, _COUNTER, None)
+    if counter is not None:  # a model without one does not need the checkpoint's count
+        src = _source(ckpt, source, _COUNTER, counter, where)
+        assert src is not None
+        _checked_shape(_COUNTER, src, (), where)
+        copies.append((counter, _as_dtype(src, counter)))
+    return copies, _bn_settings(layer, source, where)
+
+
+def _plan(model: Any, ckpt: Checkpoint) -> list[_Step]:
+    """Match layers by order and check everything before any weight is assigned."""
+    targets = _param_layers(model)
+    if len(targets) != len(ckpt.layers):
+        raise CheckpointError(
+            f"the checkpoint has {len(ckpt.layers)} layers with parameters, the model "
+            f"{len(targets)}: {[la.kind for la in ckpt.layers]} vs {[k for _, _, k in targets]}"
+        )
+    flat = _flatten_sources(model)
+    plan: list[_Step] = []
+    for index, ((name, layer, kind), source) in enumerate(zip(targets, ckpt.layers, strict=True)):
+        where = f"layer {index}: checkpoint {_describe(source, ckpt)} vs model {kind} {name!r}"
+        if kind != source.kind:
+            raise CheckpointError(f"{where}: kinds differ")
+        if kind == "batchnorm":
+            copies, spec = _plan_bn(layer, source, ckpt, where)
+        else:
+            model_flat = flat.get(id(layer), _UNKNOWN)
+            copies, spec = _plan_weights(layer, kind, source, ckpt, model_flat, where), None
+        plan.append((layer, source, copies, spec))
+    return plan
+
+
+def _apply_spec(layer: Any, source: Layer, spec: BatchNormSpec) -> None:
+    if isinstance(layer, BatchNorm):
+        layer.spec = spec  # every setting is read through the spec at call time
+        return
+    layer.epsilon = float(spec.eps)
+    lost = []
+    if spec.momentum is None:
+        lost.append("momentum=None")
+    else:
+        layer.momentum = 1.0 - spec.momentum  # Keras weighs the old value
+    if spec.running_var != "biased":
+        lost.append(f"running_var={spec.running_var!r}")
+    if spec.update_on != "forward":
+        lost.append(f"update_on={spec.update_on!r}")
+    if lost:
+        warnings.warn(
+            f"{source.name!r}: keras.layers.BatchNormalization cannot express the source's "
+            f"training semantics ({', '.join(lost)}); eval output is unchanged, training "
+            "differs. Use unorm.keras.convert() first.",
+            stacklevel=3,
+        )
+
+
+def _forget_traces(model: Any) -> None:
+    """Drop the models' traced train/test/predict functions: BatchNorm settings (eps,
+    momentum) are Python numbers, baked into a function when it is traced."""
+    nets = [model] + [layer for _, layer in _named_layers(model) if isinstance(layer, keras.Model)]
+    for net in nets:
+        for attr in ("train_function", "test_function", "predict_function"):
+            if getattr(net, attr, None) is not None:
+                setattr(net, attr, None)
+
+
+def load_checkpoint(model: Any, ckpt: Checkpoint) -> None:
+    """Load ``ckpt`` into the built Keras ``model`` (layers matched by order, shapes
+    checked first).
+
+    Nothing is changed unless every layer matches: kinds, shapes in the canonical layout,
+    conv groups, a Dense's ``flatten_from`` against the model's own Flatten, BatchNorm
+    centre/scale/running statistics. A unorm :class:`~unorm.keras.BatchNorm` takes the
+    checkpoint's BatchNorm settings (a ported PyTorch or MXNet layer keeps behaving as it
+    did at home, e.g. its eps, momentum and running-variance estimator); its axis,
+    ``center``, ``scale`` and ``track_running_stats`` stay the model's, and so does whether
+    its momentum is None (the counter that needs is built with the layer: a mismatch is a
+    :class:`~unorm.port.CheckpointError`). A ``keras.layers.BatchNormalization`` takes
+    eps and momentum and warns (``UserWarning``) where the source's training semantics
+    (unbiased running variance, ``update_on``, momentum=None) cannot be expressed by it.
+    The model's cached ``predict``/``fit``/``evaluate`` functions are dropped so that they
+    retrace with the new settings; retrace your own ``tf.function`` too.
+
+    Example:
+        >>> a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> b = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        >>> load_checkpoint(b, export_checkpoint(a))
+        >>> bool(np.array_equal(a.layers[0].kernel.numpy(), b.layers[0].kernel.numpy()))
+        True
+    """
+    plan = _plan(model, ckpt)
+    for _, _, copies, _ in plan:
+        for variable, value in copies:
+            variable.assign(value)
+    for layer, source, _, spec in plan:
+        if spec is not None:
+            _apply_spec(layer, source, spec)
+    if any(spec is not None for *_, spec in plan):
+        _forget_traces(model)
+
+
+def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:
+    """:func:`export_checkpoint` under the signature ``unorm port`` calls for every
+    framework (Keras reads Flatten shapes from the model's graph: ``input_shape`` is not
+    needed)."""
+    del input_shape
+    return export_checkpoint(model)
+
+
+def read_native(model: Any, path: str | os.PathLike[str]) -> Any:
+    """Read a Keras file into ``model`` and return the model holding its weights.
+
+    ``.weights.h5`` is loaded into ``model`` (Keras checks every shape before assigning);
+    ``.keras`` is loaded whole (``unorm.keras`` must be imported, which it is here) and
+    returned instead. A damaged or mismatched file raises
+    :class:`~unorm.port.CheckpointError`.
+    """
+    name = os.fspath(path)
+    try:
+        if name.endswith(".weights.h5"):
+            before = [v.numpy() for v in model.weights]
+            try:
+                model.load_weights(name)
+            except BaseException:
+                for variable, value in zip(model.weights, before, strict=True):
+                    variable.assign(value)  # a partial load must not stick
+                raise
+            return model
+        return keras.saving.load_model(name)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{name}: not a readable Keras file for this model: {err}") from None
+
+
+def write_native(model: Any, path: str | os.PathLike[str]) -> None:
+    """Save ``model`` as ``.keras`` or ``.weights.h5`` atomically (temporary file, rename)."""
+    target = Path(path)
+    ending = ".weights.h5" if target.name.endswith(".weights.h5") else ".keras"
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=ending, dir=target.parent)
+    os.close(fd)
+    try:
+        if ending == ".weights.h5":
+            model.save_weights(tmp, overwrite=True)
+        else:
+            model.save(tmp, overwrite=True)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
