@@ -79,3 +79,18 @@ def test_garbage_file_leaves_the_model_unchanged(tmp_path: Path) -> None:
         load_checkpoint(net, port.load(path))
     for k, v in net.state_dict().items():
         assert torch.equal(v, before[k])
+
+
+def test_invalid_batchnorm_settings_are_refused_before_any_copy() -> None:
+    source = nn.Sequential(nn.Linear(3, 4), BatchNorm(4))
+    ckpt = export_checkpoint(source)
+    bad_layer = port.Layer(
+        ckpt.layers[1].name, "batchnorm", ckpt.layers[1].tensors,
+        {**ckpt.layers[1].attrs, "spec": {**ckpt.layers[1].attrs["spec"], "eps": -1.0}},
+    )  # fmt: skip
+    bad = port.Checkpoint([ckpt.layers[0], bad_layer], ckpt.tensors, source="torch")
+    dest = nn.Sequential(nn.Linear(3, 4), BatchNorm(4))
+    before = [p.detach().clone() for p in dest.parameters()]
+    with pytest.raises(port.CheckpointError, match="invalid BatchNorm settings: eps must be"):
+        load_checkpoint(dest, bad)
+    assert all(torch.equal(b, p) for b, p in zip(before, dest.parameters(), strict=True))

@@ -150,9 +150,26 @@ def _describe(layer: Layer, ckpt: Checkpoint) -> str:
     return f"{layer.kind} {layer.name!r}" + (f" {shape}" if shape else "")
 
 
-def _plan(
-    model: nn.Module, ckpt: Checkpoint
-) -> list[tuple[nn.Module, Layer, list[tuple[torch.Tensor, np.ndarray]]]]:
+_Step = tuple[nn.Module, Layer, list[tuple[torch.Tensor, np.ndarray]], BatchNormSpec | None]
+
+
+def _target_spec(module: nn.Module, layer: Layer, where: str) -> BatchNormSpec | None:
+    """The settings a BatchNorm will take from ``layer`` (validated before any copy)."""
+    if layer.kind != "batchnorm" or "spec" not in layer.attrs:
+        return None
+    settings = dict(layer.attrs["spec"])
+    if isinstance(module, BatchNorm):
+        # The model keeps its own axis and structure; the semantics come from the source.
+        settings["axis"] = module.spec.axis
+        settings["center"] = settings["scale"] = module.affine
+        settings["track_running_stats"] = module.track_running_stats
+    try:
+        return BatchNormSpec(**settings)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: invalid BatchNorm settings: {err}") from None
+
+
+def _plan(model: nn.Module, ckpt: Checkpoint) -> list[_Step]:
     """Match layers by order and check every shape before anything is copied."""
     targets = _param_layers(model)
     if len(targets) != len(ckpt.layers):
@@ -181,7 +198,7 @@ def _plan(
                     f"{tuple(dst.shape)} in the model"
                 )
             copies.append((dst, src))
-        plan.append((module, layer, copies))
+        plan.append((module, layer, copies, _target_spec(module, layer, where)))
     return plan
 
 
@@ -202,23 +219,18 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
     """
     plan = _plan(model, ckpt)
     with torch.no_grad():
-        for module, layer, copies in plan:
+        for module, layer, copies, spec in plan:
             for dst, src in copies:
                 dst.copy_(torch.from_numpy(np.array(src, order="C")).to(dst.dtype))
-            if layer.kind == "batchnorm" and "spec" in layer.attrs:
-                _apply_spec(module, layer)
+            if spec is not None:
+                _apply_spec(module, layer, spec)
 
 
-def _apply_spec(module: nn.Module, layer: Layer) -> None:
-    settings = dict(layer.attrs["spec"])
+def _apply_spec(module: nn.Module, layer: Layer, spec: BatchNormSpec) -> None:
     if isinstance(module, BatchNorm):
-        settings["axis"] = module.spec.axis
-        settings["center"] = settings["scale"] = module.affine
-        settings["track_running_stats"] = module.track_running_stats
-        module.spec = BatchNormSpec(**settings)
+        module.spec = spec
         return
     assert isinstance(module, _BatchNorm)
-    spec = BatchNormSpec(**settings)
     module.eps = spec.eps
     module.momentum = spec.momentum
     if spec.running_var != "unbiased" or spec.update_on != "forward":
