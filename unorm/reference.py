@@ -26,7 +26,14 @@ from typing import NamedTuple
 import numpy as np
 from numpy.typing import ArrayLike, DTypeLike, NDArray
 
-from .spec import AGC_GRAD_NORM_FLOOR, AGCSpec, BatchNormSpec, UnitAxes, normalize_axis
+from .spec import (
+    AGC_GRAD_NORM_FLOOR,
+    AGCSpec,
+    BatchNormSpec,
+    ScaledWSSpec,
+    UnitAxes,
+    normalize_axis,
+)
 
 __all__ = [
     "BatchStats",
@@ -42,6 +49,8 @@ __all__ = [
     "check_input",
     "init_running_stats",
     "merge_stats",
+    "scaled_weight_standardize",
+    "scaled_weight_standardize_backward",
     "unit_norms",
     "update_running_stats",
 ]
@@ -551,3 +560,99 @@ def agc_clip_all(
             )
         out[name] = agc_clip(g, w, unit_axes.get(name), clipping=clipping, eps=eps)
     return out
+
+
+def _ws_parts(
+    w: F64, unit_axes: UnitAxes, style: str, eps: float
+) -> tuple[tuple[int, ...], int, F64, F64, F64]:
+    """Reduced axes, fan_in, centred weights, per-unit variance and scale of Scaled WS."""
+    keep = _unit_axes(w.ndim, unit_axes)
+    reduce = tuple(i for i in range(w.ndim) if i not in keep)
+    fan_in = int(np.prod([w.shape[i] for i in reduce])) if reduce else 1
+    if fan_in == 0:
+        raise ValueError(f"weight must have fan_in >= 1, got shape {w.shape}")
+    centred = w - w.mean(axis=reduce, keepdims=True)
+    var = (centred * centred).mean(axis=reduce, keepdims=True)
+    if style == "deepmind":
+        scale = 1.0 / np.sqrt(np.maximum(var * fan_in, eps))
+    else:
+        scale = 1.0 / np.sqrt((var + eps) * fan_in)
+    return reduce, fan_in, centred, var, scale
+
+
+def _gain(gain: ArrayLike | None, w: F64, reduce: tuple[int, ...]) -> F64:
+    if gain is None:
+        return np.ones([1 if i in reduce else n for i, n in enumerate(w.shape)])
+    shape = [1 if i in reduce else n for i, n in enumerate(w.shape)]
+    return _f64(gain).reshape(shape)
+
+
+def scaled_weight_standardize(
+    w: ArrayLike,
+    gain: ArrayLike | None = None,
+    unit_axes: UnitAxes = 0,
+    *,
+    style: str = "deepmind",
+    eps: float | None = None,
+) -> np.ndarray:
+    """Scaled Weight Standardisation of one weight (``SPEC.md``, Scaled WS).
+
+    Per output unit ``i`` (statistics over every other axis, ``fan_in`` values, biased
+    variance): ``deepmind`` (canonical) ``W_hat = gain (W - mean) / sqrt(max(var fan_in,
+    eps))``; ``timm`` ``W_hat = gain (W - mean) / sqrt((var + eps) fan_in)``. ``gain`` has
+    one value per unit (None: 1). Returns ``w``'s dtype.
+
+    Example:
+        >>> w = np.array([[1.0, 3.0], [2.0, 2.0]])
+        >>> scaled_weight_standardize(w).tolist()  # the constant unit stays 0 thanks to eps
+        [[-0.7071067811865475, 0.7071067811865475], [0.0, 0.0]]
+    """
+    settings = ScaledWSSpec(style=style, eps=eps)  # type: ignore[arg-type]
+    assert settings.eps is not None
+    w_in = np.asarray(w)
+    data = w_in.astype(np.float64)
+    reduce, _, centred, _, scale = _ws_parts(data, unit_axes, settings.style, settings.eps)
+    with np.errstate(
+        invalid="ignore", divide="ignore"
+    ):  # eps=0 on a constant unit: nan, as specified
+        out = _gain(gain, data, reduce) * centred * scale
+    return out.astype(w_in.dtype)
+
+
+def scaled_weight_standardize_backward(
+    grad: ArrayLike,
+    w: ArrayLike,
+    gain: ArrayLike | None = None,
+    unit_axes: UnitAxes = 0,
+    *,
+    style: str = "deepmind",
+    eps: float | None = None,
+) -> tuple[F64, F64]:
+    """Vector-Jacobian product of :func:`scaled_weight_standardize`: ``(dW, dgain)``.
+
+    With ``c = W - mean``, ``s`` the scale and ``g`` the gain, per unit:
+    ``dc = g s grad + 2 c / n * sum(grad g c) * ds/dvar`` and ``dW = dc - mean(dc)``,
+    where ``ds/dvar = -n/2 (var n)^-3/2`` (deepmind, 0 where ``var n <= eps``) or
+    ``-1/2 n^-1/2 (var + eps)^-3/2`` (timm); ``dgain = sum(grad c s)``.
+
+    Example:
+        >>> dw, dg = scaled_weight_standardize_backward(np.ones((1, 2)), [[1.0, 3.0]], eps=0.0)
+        >>> dw.tolist(), dg.tolist()
+        ([[0.0, 0.0]], [0.0])
+    """
+    settings = ScaledWSSpec(style=style, eps=eps)  # type: ignore[arg-type]
+    assert settings.eps is not None
+    data = _f64(w)
+    dy = _f64(grad)
+    reduce, n, c, var, scale = _ws_parts(data, unit_axes, settings.style, settings.eps)
+    g = _gain(gain, data, reduce)
+    if settings.style == "deepmind":
+        active = var * n > settings.eps
+        dscale = np.where(active, -0.5 * n * np.maximum(var * n, 1e-300) ** -1.5, 0.0)
+    else:
+        dscale = -0.5 * n**-0.5 * (var + settings.eps) ** -1.5
+    dvar = (dy * g * c).sum(axis=reduce, keepdims=True) * dscale
+    dc = g * scale * dy + dvar * 2.0 * c / n
+    dw = dc - dc.mean(axis=reduce, keepdims=True)
+    dgain = (dy * c * scale).sum(axis=reduce)
+    return dw, dgain.reshape(-1)

@@ -33,8 +33,10 @@ __all__ = [
     "OUTPUT_UNIT_AXES",
     "PRESETS",
     "UNSET",
+    "WS_EPS",
     "AGCSpec",
     "BatchNormSpec",
+    "ScaledWSSpec",
     "UnitAxes",
     "Unset",
     "given",
@@ -321,6 +323,40 @@ class AGCSpec:
         _check_real("eps", self.eps, "a finite number >= 0")
         if self.eps < 0:
             raise _fail("eps", self.eps, "a finite number >= 0")
+
+
+WSStyle = Literal["deepmind", "timm"]
+
+#: Default eps of each Scaled Weight Standardisation style (``SPEC.md``, Scaled WS).
+WS_EPS: Mapping[str, float] = {"deepmind": 1e-4, "timm": 1e-5}
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaledWSSpec:
+    """Settings of Scaled Weight Standardisation (Brock et al. 2021, NFNets).
+
+    Attributes:
+        style: ``"deepmind"`` (canonical): ``W_hat = gain * (W - mean) *
+            rsqrt(max(var * fan_in, eps))``, as DeepMind's NFNet code; or ``"timm"``:
+            ``W_hat = gain * fan_in**-0.5 * (W - mean) / sqrt(var + eps)``, as timm's
+            ``ScaledStdConv2d``. Statistics per output unit, biased variance.
+        eps: None (default) takes the style's: 1e-4 (deepmind) or 1e-5 (timm). ``>= 0``.
+
+    Example:
+        >>> ScaledWSSpec().eps, ScaledWSSpec(style="timm").eps
+        (0.0001, 1e-05)
+    """
+
+    style: WSStyle = "deepmind"
+    eps: float | None = None
+
+    def __post_init__(self) -> None:
+        _check_choice("style", self.style, ("deepmind", "timm"))
+        if self.eps is None:
+            object.__setattr__(self, "eps", WS_EPS[self.style])
+        eps = _check_real("eps", self.eps, "a finite number >= 0 or None")
+        if eps < 0:
+            raise _fail("eps", self.eps, "a finite number >= 0 or None")
 
 
 #: Axes that index a parameter's output units: one axis, several axes that together
