@@ -13,7 +13,7 @@ version) is stored in the
 environment; a later run reuses it while the fingerprint matches and rebuilds it when any
 pin changes.
 
-Usage: ``./dev env | main | test [pytest args...]``.
+Usage: ``./dev env | main | test [pytest args...] | demo | lockstep | port-check``.
 """
 
 from __future__ import annotations
@@ -76,6 +76,7 @@ ENVIRONMENTS = (
 )
 
 FRAMEWORKS = ("torch", "keras", "mxnet")
+PORT_CHECK = False  # switched on once every framework can export and load checkpoints
 
 
 def log(message: str) -> None:
@@ -191,6 +192,9 @@ def test(extra: list[str]) -> int:
             log(f"{env.name}: {label} {'passed' if code == 0 else 'FAILED'} ({took:.0f} s)")
             if code != 0:
                 failures.append(f"{env.name}: {label}")
+    # Porting between environments: every ordered pair of frameworks, through files.
+    if PORT_CHECK and cross_environment("port_check") != 0:
+        failures.append("port check across environments")
     if failures:
         log("FAILED: " + "; ".join(failures))
         return 1
@@ -199,17 +203,45 @@ def test(extra: list[str]) -> int:
 
 
 def main_job(extra: list[str]) -> int:
-    """The main job: for now, the reference's self-check in every environment."""
+    """The main job: the reference's self-check in every environment, then the conformance
+    suite on every backend (each worker in its backend's environment) and its report.
+
+    ``extra`` goes to ``python -m conformance run`` (e.g. ``--backend torch``).
+    """
     code = 0
     for env in ENVIRONMENTS:
         ensure(env)
         log(f"{env.name}: unorm selfcheck")
-        code |= run([env.path / "bin" / "unorm", "selfcheck", *extra], env=job_env(env))
+        code |= run([env.path / "bin" / "unorm", "selfcheck"], env=job_env(env))
+    # The runner lives in the first (current) environment, which has matplotlib for the
+    # heat map; it starts each backend's worker with that backend's environment's python.
+    runner = ENVIRONMENTS[0]
+    pythons = [f"--python={env.name}={env.python}" for env in ENVIRONMENTS]
+    log("conformance: every backend in its environment (report: conformance-report.md)")
+    cmd: list[str | Path] = [runner.python, "-m", "conformance", "run", *pythons, *extra]
+    code |= run(cmd, env=job_env(runner))
     return code
 
 
+def framework_pythons() -> dict[str, Path]:
+    """The interpreter that runs each framework: the environment that lists it."""
+    return {fw: env.python for env in ENVIRONMENTS for fw in env.runs}
+
+
+def cross_environment(job: str) -> int:
+    """One of tools/crossenv.py's jobs (port check, demo, lock-step) over both environments."""
+    import crossenv  # tools/ is on the path: this script lives there
+
+    for env in ENVIRONMENTS:
+        ensure(env)
+    start = time.monotonic()
+    passed = getattr(crossenv, job)(framework_pythons(), ROOT, log)
+    log(f"{job}: {'passed' if passed else 'FAILED'} ({time.monotonic() - start:.0f} s)")
+    return 0 if passed else 1
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("env", "main", "test"):
+    if not argv or argv[0] not in ("env", "main", "test", "demo", "lockstep", "port-check"):
         print(__doc__)
         return 2
     if sys.version_info[:2] != (3, 11):
@@ -221,6 +253,8 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "main":
         return main_job(extra)
+    if command in ("demo", "lockstep", "port-check"):
+        return cross_environment(command.replace("-", "_"))
     return test(extra)
 
 

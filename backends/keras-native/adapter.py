@@ -1,0 +1,67 @@
+"""The Keras native column: ``keras.layers.BatchNormalization`` under the case's settings.
+
+The layer gets the case's values as Keras's own arguments (``epsilon``, ``momentum`` as
+the weight of the *old* value, ``center``, ``scale``, ``axis``); what it cannot be told
+(the variance fed to the moving variance, the non-finite guard, ...) is Keras's, i.e. the
+``keras`` preset's. ``momentum=None`` and ``track_running_stats=False`` have no Keras
+equivalent and are reported unsupported. Departures are labelled, never failures.
+
+Example:
+    >>> from conformance.adapter import LayerConfig
+    >>> create().native_spec(LayerConfig(3, 4, -1, "float32")).running_var
+    'biased'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from conformance import dtypes
+from conformance.adapter import LayerConfig, Unsupported, load_adapter_module
+from unorm.spec import BatchNormSpec
+
+_keras = load_adapter_module("keras")
+
+__all__ = ["KerasNativeAdapter", "create"]
+
+
+class KerasNativeAdapter(_keras.KerasBase):
+    """``keras.layers.BatchNormalization`` driven with native arguments."""
+
+    name = "keras-native"
+    native = True
+
+    def native_spec(self, config: LayerConfig) -> BatchNormSpec:
+        spec = config.spec()
+        if spec.momentum is None:
+            raise Unsupported("BatchNormalization has no cumulative average (momentum=None)")
+        if not spec.track_running_stats:
+            raise Unsupported("BatchNormalization always keeps moving statistics")
+        return BatchNormSpec.from_native(
+            "keras",
+            epsilon=spec.eps,
+            momentum=1.0 - spec.momentum,
+            center=spec.center,
+            scale=spec.scale,
+            axis=spec.axis,
+        )
+
+    def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Any:
+        spec = self.native_spec(config)
+        dtype = config.dtype if config.dtype in dtypes.DTYPES else "float32"
+        layer = _keras.keras().layers.BatchNormalization(
+            axis=spec.axis,
+            momentum=1.0 - spec.momentum,
+            epsilon=spec.eps,
+            center=spec.center,
+            scale=spec.scale,
+            dtype=_keras.policy(dtype),
+        )
+        return self.built(layer, config, gamma, beta)
+
+
+def create() -> KerasNativeAdapter:
+    """The adapter the suite loads."""
+    return KerasNativeAdapter()

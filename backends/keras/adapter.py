@@ -1,0 +1,311 @@
+"""The Keras 3 column: ``unorm.keras`` driven by the conformance suite (TensorFlow backend).
+
+Also home of the Keras helpers the native column (``backends/keras-native``) shares:
+tensor conversion, dtype policies (16-bit inputs run under ``mixed_float16`` /
+``mixed_bfloat16``, so variables stay float32) and the training/inference step under a
+``GradientTape``. Keras is imported only when a case runs.
+
+Example:
+    >>> create().layout.framework
+    'keras'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conformance import dtypes, exchange, layouts
+from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, Unsupported
+from conformance.expected import StepValues
+
+__all__ = ["SYNC_WORKER", "Built", "KerasAdapter", "KerasBase", "create", "policy"]
+
+#: The helper that runs a cross-replica case under MirroredStrategy in a fresh interpreter.
+SYNC_WORKER = Path(__file__).with_name("sync_worker.py")
+
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def keras() -> Any:
+    """The ``keras`` module (imported on first use)."""
+    return importlib.import_module("keras")
+
+
+def tf() -> Any:
+    """The ``tensorflow`` module."""
+    return importlib.import_module("tensorflow")
+
+
+def policy(dtype: str) -> str:
+    """The dtype policy a layer for ``dtype`` inputs gets (float32 variables for 16-bit).
+
+    Example:
+        >>> policy("float16"), policy("float64")
+        ('mixed_float16', 'float64')
+    """
+    return {"float16": "mixed_float16", "bfloat16": "mixed_bfloat16"}.get(dtype, dtype)
+
+
+def to_tensor(a: np.ndarray, dtype: str | None = None) -> Any:
+    """A tensor of ``a`` in ``dtype`` (default: ``a``'s own)."""
+    t = tf().convert_to_tensor(np.asarray(a))
+    return t if dtype is None else tf().cast(t, dtype)
+
+
+def to_numpy(t: Any) -> np.ndarray | None:
+    """A tensor's (or variable's) values as NumPy; bfloat16 as float32 carriers."""
+    if t is None:
+        return None
+    t = tf().convert_to_tensor(t)
+    if t.dtype == tf().bfloat16:
+        t = tf().cast(t, "float32")
+    return np.array(t.numpy())
+
+
+@dataclasses.dataclass
+class Built:
+    """A layer under test and the case's input dtype."""
+
+    layer: Any
+    dtype: str
+
+
+def _var(layer: Any, name: str) -> Any:
+    return getattr(layer, name, None)
+
+
+class KerasBase(Adapter):
+    """What both Keras columns share; layers expose ``gamma``, ``beta``, ``moving_mean``,
+    ``moving_variance`` (and, where kept, ``num_batches_tracked``)."""
+
+    framework = "keras"
+    dtypes = ("float64", "float32", "float16", "bfloat16")
+    layout = layouts.KERAS
+    absent = frozenset({"num_batches_tracked"})
+
+    def availability(self) -> str | None:
+        try:
+            keras()
+        except ImportError as exc:
+            return f"keras is not importable: {exc}"
+        if keras().backend.backend() != "tensorflow":
+            return f"the suite drives Keras on TensorFlow, not {keras().backend.backend()}"
+        return None
+
+    def versions(self) -> dict[str, str]:
+        return {
+            "keras": keras().__version__,
+            "tensorflow": tf().__version__,
+            "numpy": np.__version__,
+        }
+
+    def round_to(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        out = to_numpy(to_tensor(np.asarray(a, np.float64), dtype))
+        assert out is not None
+        return out
+
+    def built(self, layer: Any, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
+        """Build ``layer`` for the case's rank and load ``gamma`` / ``beta``."""
+        ndim = max(config.ndim, 2)  # a rank-1 input is the error under test, not the build
+        shape: list[int | None] = [None] * ndim
+        shape[config.axis % ndim] = config.num_features
+        layer.build(tuple(shape))
+        if _var(layer, "gamma") is not None:
+            layer.gamma.assign(gamma)
+        if _var(layer, "beta") is not None:
+            layer.beta.assign(beta)
+        return Built(layer, config.dtype)
+
+    def bn_state(self, layer: Built) -> StepValues:
+        tracked = _var(layer.layer, "num_batches_tracked")
+        return StepValues(
+            running_mean=to_numpy(_var(layer.layer, "moving_mean")),
+            running_var=to_numpy(_var(layer.layer, "moving_variance")),
+            num_batches_tracked=None if tracked is None else int(to_numpy(tracked)),
+        )
+
+    def bn_step(self, layer: Built, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+        dtype = layer.dtype if layer.dtype in dtypes.DTYPES else None
+        xt = to_tensor(x, dtype)
+        training = mode != "eval"
+        out = StepValues()
+        if dy is None:
+            out.y = to_numpy(layer.layer(xt, training=training))
+        else:
+            params = [
+                v for v in (_var(layer.layer, "gamma"), _var(layer.layer, "beta")) if v is not None
+            ]
+            with tf().GradientTape() as tape:
+                tape.watch(xt)
+                y = layer.layer(xt, training=training)
+            grads = tape.gradient(y, [xt, *params], output_gradients=to_tensor(dy, y.dtype))
+            out.y, out.dx = to_numpy(y), to_numpy(grads[0])
+            named = dict(zip([id(p) for p in params], grads[1:], strict=True))
+            gamma, beta = _var(layer.layer, "gamma"), _var(layer.layer, "beta")
+            out.dgamma = None if gamma is None else to_numpy(named[id(gamma)])
+            out.dbeta = None if beta is None else to_numpy(named[id(beta)])
+        state = self.bn_state(layer)
+        out.running_mean, out.running_var = state.running_mean, state.running_var
+        out.num_batches_tracked = state.num_batches_tracked
+        return out
+
+    def sync_bn_step(
+        self,
+        config: LayerConfig,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        xs: Sequence[np.ndarray],
+        dys: Sequence[np.ndarray],
+    ) -> SyncResult:
+        """``synchronized=True`` under MirroredStrategy, one logical CPU per replica, in a
+        fresh interpreter (``sync_worker.py``)."""
+        if self.native:
+            self.native_spec(config)
+        with tempfile.TemporaryDirectory() as folder:
+            request = exchange.write_request(
+                Path(folder), config, gamma, beta, xs, dys, native=self.native
+            )
+            return exchange.run_helper(SYNC_WORKER, request)
+
+
+class KerasAdapter(KerasBase):
+    """``unorm.keras.BatchNorm`` and the ``unorm.keras.AGC`` optimizer wrapper."""
+
+    name = "keras"
+
+    def module(self) -> Any:
+        """``unorm.keras``."""
+        return importlib.import_module("unorm.keras")
+
+    def availability(self) -> str | None:
+        missing = super().availability()
+        if missing:
+            return missing
+        try:
+            self.module()
+        except ImportError as exc:
+            return f"unorm.keras is not importable yet ({exc})"
+        return None
+
+    def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
+        policy_name = policy(config.dtype) if config.dtype in dtypes.DTYPES else "float32"
+        layer = self.module().BatchNorm(
+            config.axis, preset=config.preset, dtype=policy_name, **dict(config.settings)
+        )
+        return self.built(layer, config, gamma, beta)
+
+    def agc(
+        self,
+        params: Sequence[AGCArrays],
+        *,
+        clipping: float,
+        eps: float,
+        exclude: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        holder, variables = build_agc_model(params)
+        recorder = _recorder()
+        skip = [variables[name] for name in exclude]
+        opt = self.module().AGC(recorder, holder, clipping=clipping, eps=eps, exclude=skip)
+        order = [p.name for p in params]
+        grads = [to_tensor(p.grad, p.dtype) for p in params]
+        opt.apply(grads, [variables[n] for n in order])
+        return {n: to_numpy(recorder.seen[i]) for i, n in enumerate(order)}
+
+
+def _recorder() -> Any:
+    """An optimizer that applies nothing and keeps the gradients its update receives (the
+    ones AGC clipped), in variables so that graph mode works too."""
+    k = keras()
+
+    class Recorder(k.optimizers.Optimizer):
+        def __init__(self) -> None:
+            super().__init__(learning_rate=0.0, name="recorder")
+            self.seen: list[Any] = []
+
+        def build(self, variables: Sequence[Any]) -> None:
+            super().build(variables)
+            self.seen = [self.add_variable_from_reference(v, "seen") for v in variables]
+
+        def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+            index = self._get_variable_index(variable)
+            self.seen[index].assign(k.ops.cast(gradient, variable.dtype))
+
+    return Recorder()
+
+
+def build_agc_model(params: Sequence[AGCArrays]) -> tuple[Any, dict[str, Any]]:
+    """A layer holding real Keras layers of each parameter's kind, weights loaded; and the
+    variable of each parameter name. AGC reads the output-unit axes from these layers."""
+    k = keras()
+    holder = k.layers.Layer(name="agc_case")
+    by_layer: dict[str, dict[str, AGCArrays]] = {}
+    for p in params:
+        by_layer.setdefault(p.layer, {})[p.role] = p
+    variables: dict[str, Any] = {}
+    for layer_name, roles in by_layer.items():
+        layer, found = _layer(k, layer_name, roles)
+        setattr(holder, layer_name, layer)
+        variables.update(found)
+    for p in params:
+        variables[p.name].assign(to_tensor(p.weight, p.dtype))
+    return holder, variables
+
+
+def _layer(k: Any, name: str, roles: dict[str, AGCArrays]) -> tuple[Any, dict[str, Any]]:
+    first = next(iter(roles.values()))
+    dtype = first.dtype
+    weight, bias = roles.get("weight"), roles.get("bias")
+    if "gain" in roles:
+        layer = k.layers.Layer(name=name, dtype=dtype)
+        layer.gain = layer.add_weight(shape=roles["gain"].weight.shape, name="gain")
+        return layer, {roles["gain"].name: layer.gain}
+    if weight is None:  # a bias alone: its layer's kernel is a stand-in
+        assert bias is not None
+        layer = k.layers.Dense(bias.weight.shape[0], name=name, dtype=dtype)
+        layer.build((None, 1))
+        return layer, {bias.name: layer.bias}
+    shape = weight.weight.shape
+    dims, has_bias = len(shape) - 2, bias is not None
+    kernel_size = tuple(shape[:-2])
+    if first.kind == "dense":
+        layer = k.layers.Dense(shape[1], use_bias=has_bias, name=name, dtype=dtype)
+        layer.build((None, shape[0]))
+    elif first.kind == "embedding":
+        layer = k.layers.Embedding(shape[0], shape[1], name=name, dtype=dtype)
+        layer.build((None,))
+    elif first.kind == "conv":
+        layer = getattr(k.layers, f"Conv{dims}D")(
+            shape[-1], kernel_size, use_bias=has_bias, name=name, dtype=dtype
+        )
+        layer.build((None, *(s + 4 for s in kernel_size), shape[-2]))
+    elif first.kind == "conv_transpose":
+        layer = getattr(k.layers, f"Conv{dims}DTranspose")(
+            shape[-2], kernel_size, use_bias=has_bias, name=name, dtype=dtype
+        )
+        layer.build((None, *(s + 4 for s in kernel_size), shape[-1]))
+    elif first.kind == "depthwise_conv":
+        layer = getattr(k.layers, f"DepthwiseConv{dims}D")(
+            kernel_size, depth_multiplier=shape[-1], use_bias=has_bias, name=name, dtype=dtype
+        )
+        layer.build((None, *(s + 4 for s in kernel_size), shape[-2]))
+    else:
+        raise Unsupported(f"no Keras layer for kind {first.kind!r}")
+    kernel = layer.embeddings if first.kind == "embedding" else layer.kernel
+    found = {weight.name: kernel}
+    if bias is not None:
+        found[bias.name] = layer.bias
+    return layer, found
+
+
+def create() -> KerasAdapter:
+    """The adapter the suite loads."""
+    return KerasAdapter()

@@ -1,0 +1,81 @@
+"""The MXNet native column: ``mxnet.gluon.nn.BatchNorm`` under the case's settings.
+
+The block gets the case's values as Gluon's own arguments (``epsilon``, ``momentum`` as
+the weight of the *old* value, ``center``, ``scale``, ``axis``); what it cannot be told
+(the variance fed to the running variance, the update happening in backward on CPU, the
+non-finite guard) is Gluon's, i.e. the ``mxnet`` preset's. ``momentum=None`` and
+``track_running_stats=False`` have no Gluon equivalent (``use_global_stats`` is a frozen
+layer, not batch statistics in inference) and are reported unsupported. Cross-replica
+cases run ``gluon.contrib.nn.SyncBatchNorm``, which averages per-device moments with
+equal weights.
+
+Example:
+    >>> from conformance.adapter import LayerConfig
+    >>> create().native_spec(LayerConfig(3, 4, 1, "float32")).update_on
+    'backward'
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from conformance.adapter import LayerConfig, Unsupported, load_adapter_module
+from unorm.spec import BatchNormSpec
+
+_mxnet = load_adapter_module("mxnet")
+
+__all__ = ["MXNetNativeAdapter", "create"]
+
+
+class MXNetNativeAdapter(_mxnet.MXNetBase):
+    """``gluon.nn.BatchNorm`` driven with native arguments."""
+
+    name = "mxnet-native"
+    native = True
+
+    def native_spec(self, config: LayerConfig) -> BatchNormSpec:
+        spec = config.spec()
+        if spec.momentum is None:
+            raise Unsupported("gluon.nn.BatchNorm has no cumulative average (momentum=None)")
+        if not spec.track_running_stats:
+            raise Unsupported("gluon.nn.BatchNorm always uses running statistics in inference")
+        return BatchNormSpec.from_native(
+            "mxnet",
+            epsilon=spec.eps,
+            momentum=1.0 - spec.momentum,
+            center=spec.center,
+            scale=spec.scale,
+            axis=spec.axis,
+        )
+
+    def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Any:
+        spec = self.native_spec(config)
+        block = _mxnet.mx().gluon.nn.BatchNorm(
+            axis=spec.axis,
+            momentum=1.0 - spec.momentum,
+            epsilon=spec.eps,
+            center=spec.center,
+            scale=spec.scale,
+            in_channels=config.num_features,
+        )
+        return self.built(block, config, gamma, beta)
+
+    def sync_block(self, config: LayerConfig, devices: int) -> Any:
+        spec = self.native_spec(config)
+        if spec.axis % config.ndim != 1:
+            raise Unsupported("gluon.contrib.nn.SyncBatchNorm normalises axis 1 only")
+        return _mxnet.mx().gluon.contrib.nn.SyncBatchNorm(
+            in_channels=config.num_features,
+            num_devices=devices,
+            momentum=1.0 - spec.momentum,
+            epsilon=spec.eps,
+            center=spec.center,
+            scale=spec.scale,
+        )
+
+
+def create() -> MXNetNativeAdapter:
+    """The adapter the suite loads."""
+    return MXNetNativeAdapter()

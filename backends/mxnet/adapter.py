@@ -1,0 +1,318 @@
+"""The MXNet Gluon 1.9 column: ``unorm.mxnet`` driven by the conformance suite.
+
+Runs in the legacy environment (numpy 1.23). Also home of the MXNet helpers the native
+column (``backends/mxnet-native``) shares: NDArray conversion and the step under
+``autograd.record``: ``train`` records in training mode and runs backward, ``forward``
+records in training mode without backward (where MXNet's CPU kernel never updates its
+statistics), ``eval`` records in inference mode and runs backward. MXNet has no
+bfloat16 on CPU. MXNet is imported only when a case runs.
+
+Example:
+    >>> create().layout.framework
+    'mxnet'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from conformance import layouts
+from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, Unsupported
+from conformance.expected import StepValues
+
+__all__ = ["Built", "MXNetAdapter", "MXNetBase", "create"]
+
+
+def mx() -> Any:
+    """The ``mxnet`` module (imported on first use)."""
+    return importlib.import_module("mxnet")
+
+
+def to_nd(a: np.ndarray, dtype: str | None = None) -> Any:
+    """An NDArray of ``a`` in ``dtype`` (default: ``a``'s own)."""
+    arr = np.asarray(a)
+    return mx().nd.array(arr, dtype=dtype or arr.dtype)
+
+
+def to_numpy(a: Any) -> np.ndarray | None:
+    """An NDArray's values (None stays None)."""
+    return None if a is None else np.array(a.asnumpy())
+
+
+@dataclasses.dataclass
+class Built:
+    """A block under test, its parameters by short name, and the case's input dtype."""
+
+    block: Any
+    params: dict[str, Any]
+    dtype: str
+
+
+def _short(name: str) -> str:
+    # Gluon prefixes parameter names with the block's ("batchnorm0_gamma").
+    return (
+        name.rsplit("_", 1)[-1]
+        if not name.endswith(("_mean", "_var", "_tracked"))
+        else (
+            "_".join(name.split("_")[-2:])
+            if not name.endswith("_tracked")
+            else "num_batches_tracked"
+        )
+    )
+
+
+def _param_data(built: Built, name: str) -> np.ndarray | None:
+    param = built.params.get(name)
+    return None if param is None else to_numpy(param.data())
+
+
+def _param_grad(built: Built, name: str) -> np.ndarray | None:
+    param = built.params.get(name)
+    if param is None or param.grad_req == "null":
+        return None
+    return to_numpy(param.grad())
+
+
+class MXNetBase(Adapter):
+    """What both MXNet columns share; blocks hold parameters named ``gamma``, ``beta``,
+    ``running_mean``, ``running_var`` (and, where kept, ``num_batches_tracked``)."""
+
+    framework = "mxnet"
+    dtypes = ("float64", "float32", "float16")
+    layout = layouts.MXNET
+    absent = frozenset({"num_batches_tracked"})
+
+    def availability(self) -> str | None:
+        try:
+            mx()
+        except (ImportError, AttributeError) as exc:  # numpy 2 breaks mxnet's import
+            return f"mxnet is not importable: {exc}"
+        return None
+
+    def versions(self) -> dict[str, str]:
+        return {"mxnet": mx().__version__, "numpy": np.__version__}
+
+    def round_to(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        if dtype == "bfloat16":
+            raise Unsupported("MXNet has no bfloat16 on CPU")
+        out = to_numpy(to_nd(np.asarray(a, np.float64), dtype))
+        assert out is not None
+        return out
+
+    def built(self, block: Any, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
+        """Initialise ``block``, cast it to the input dtype and load ``gamma`` / ``beta``."""
+        block.initialize()
+        if config.dtype in ("float16", "float64"):
+            block.cast(config.dtype)  # Gluon keeps BatchNorm parameters float32 under float16
+        params = {_short(k): v for k, v in block.collect_params().items()}
+        for name, value in (("gamma", gamma), ("beta", beta)):
+            if name in params:
+                param = params[name]
+                param.set_data(to_nd(value, param.dtype))
+        return Built(block, params, config.dtype)
+
+    def bn_state(self, layer: Built) -> StepValues:
+        tracked = _param_data(layer, "num_batches_tracked")
+        return StepValues(
+            running_mean=_param_data(layer, "running_mean"),
+            running_var=_param_data(layer, "running_var"),
+            num_batches_tracked=None if tracked is None else int(tracked.reshape(-1)[0]),
+        )
+
+    def bn_step(self, layer: Built, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+        autograd = mx().autograd
+        xt = to_nd(x)
+        if dy is not None:
+            xt.attach_grad()
+        with autograd.record(train_mode=mode != "eval"):
+            y = layer.block(xt)
+        if dy is not None:
+            y.backward(to_nd(dy, str(y.dtype.__name__) if hasattr(y.dtype, "__name__") else None))
+        out = StepValues(y=to_numpy(y))
+        if dy is not None:
+            out.dx = to_numpy(xt.grad)
+            out.dgamma = _param_grad(layer, "gamma")
+            out.dbeta = _param_grad(layer, "beta")
+        state = self.bn_state(layer)
+        out.running_mean, out.running_var = state.running_mean, state.running_var
+        out.num_batches_tracked = state.num_batches_tracked
+        return out
+
+    def sync_block(self, config: LayerConfig, devices: int) -> Any:
+        """The cross-device block for ``devices`` replicas (each column's own)."""
+        raise Unsupported(f"{self.name} has no cross-device BatchNorm")
+
+    def sync_bn_step(
+        self,
+        config: LayerConfig,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        xs: Sequence[np.ndarray],
+        dys: Sequence[np.ndarray],
+    ) -> SyncResult:
+        """Gluon data parallelism: one call per ``mx.cpu(k)`` context, every call issued
+        before any result is read, then backward on all of them."""
+        autograd = mx().autograd
+        contexts = [mx().cpu(k) for k in range(len(xs))]
+        block = self.sync_block(config, len(xs))
+        block.initialize(ctx=contexts)
+        if config.dtype == "float64":
+            block.cast("float64")
+        params = {_short(k): v for k, v in block.collect_params().items()}
+        for name, value in (("gamma", gamma), ("beta", beta)):
+            if name in params:
+                params[name].set_data(to_nd(value, params[name].dtype))
+        inputs = [mx().nd.array(x, ctx=c, dtype=x.dtype) for x, c in zip(xs, contexts, strict=True)]
+        for x in inputs:
+            x.attach_grad()
+        with autograd.record(train_mode=True):
+            ys = [block(x) for x in inputs]
+        heads = [mx().nd.array(d, ctx=c, dtype=d.dtype) for d, c in zip(dys, contexts, strict=True)]
+        autograd.backward(ys, head_grads=heads)
+        state = StepValues()
+        for name, key in (("gamma", "dgamma"), ("beta", "dbeta")):
+            param = params.get(name)
+            if param is not None and param.grad_req != "null":
+                # The Trainer's all-reduce sums parameter gradients over devices.
+                setattr(state, key, sum(g.asnumpy() for g in param.list_grad()))
+        for name in ("running_mean", "running_var"):
+            if name in params:
+                setattr(state, name, params[name].data(contexts[0]).asnumpy())
+        if "num_batches_tracked" in params:
+            tracked = params["num_batches_tracked"].data(contexts[0]).asnumpy()
+            state.num_batches_tracked = int(tracked.reshape(-1)[0])
+        return SyncResult([y.asnumpy() for y in ys], [x.grad.asnumpy() for x in inputs], state)
+
+
+class MXNetAdapter(MXNetBase):
+    """``unorm.mxnet.BatchNorm`` and unorm's AGC for Gluon."""
+
+    name = "mxnet"
+
+    def module(self) -> Any:
+        """``unorm.mxnet``."""
+        return importlib.import_module("unorm.mxnet")
+
+    def availability(self) -> str | None:
+        missing = super().availability()
+        if missing:
+            return missing
+        try:
+            self.module()
+        except ImportError as exc:
+            return f"unorm.mxnet is not importable yet ({exc})"
+        return None
+
+    def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
+        block = self.module().BatchNorm(
+            in_channels=config.num_features,
+            axis=config.axis,
+            preset=config.preset,
+            **dict(config.settings),
+        )
+        return self.built(block, config, gamma, beta)
+
+    def sync_block(self, config: LayerConfig, devices: int) -> Any:
+        return self.module().SyncBatchNorm(
+            in_channels=config.num_features,
+            num_devices=devices,
+            timeout=10.0,  # a device that never arrives fails the case, not the run
+            axis=config.axis,
+            preset=config.preset,
+            **dict(config.settings),
+        )
+
+    def agc(
+        self,
+        params: Sequence[AGCArrays],
+        *,
+        clipping: float,
+        eps: float,
+        exclude: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        block, by_name = build_agc_block(params)
+        skip = [by_name[name] for name in exclude]
+        self.module().adaptive_clip_grad(block, clipping=clipping, eps=eps, exclude=skip)
+        return {p.name: to_numpy(by_name[p.name].grad()) for p in params}
+
+
+def build_agc_block(params: Sequence[AGCArrays]) -> tuple[Any, dict[str, Any]]:
+    """A Gluon block of real layers of each parameter's kind, weights and gradients
+    loaded; and the Gluon parameter of each of the suite's parameter names."""
+    nn = mx().gluon.nn
+    by_layer: dict[str, dict[str, AGCArrays]] = {}
+    for p in params:
+        by_layer.setdefault(p.layer, {})[p.role] = p
+    holder = nn.Block()
+    found: dict[str, Any] = {}
+    for layer_name, roles in by_layer.items():
+        layer, mapping = _layer(nn, layer_name, roles)
+        holder.register_child(layer, layer_name)
+        found.update(mapping)
+    holder.initialize()
+    for p in params:
+        param = found[p.name]
+        param.set_data(to_nd(p.weight, p.dtype))
+        param.grad()[:] = to_nd(p.grad, p.dtype)
+    return holder, found
+
+
+def _layer(nn: Any, name: str, roles: dict[str, AGCArrays]) -> tuple[Any, dict[str, Any]]:
+    first = next(iter(roles.values()))
+    dtype = first.dtype
+    weight, bias = roles.get("weight"), roles.get("bias")
+    if "gain" in roles:
+        shape = roles["gain"].weight.shape
+        if not shape:  # MXNet 1.x reads shape () as "unknown" and refuses to initialise it
+            raise Unsupported("Gluon parameters cannot have shape () (a scalar)")
+        block = nn.Block(prefix=f"{name}_")
+        with block.name_scope():
+            gain = block.params.get("gain", shape=shape, dtype=dtype)
+        return block, {roles["gain"].name: gain}
+    if weight is None:
+        assert bias is not None
+        block = nn.Dense(bias.weight.shape[0], in_units=1, dtype=dtype, prefix=f"{name}_")
+        return block, {bias.name: block.bias}
+    shape = weight.weight.shape
+    dims, has_bias, kernel = len(shape) - 2, bias is not None, tuple(shape[2:])
+    if first.kind == "dense":
+        block = nn.Dense(
+            shape[0], in_units=shape[1], use_bias=has_bias, dtype=dtype, prefix=f"{name}_"
+        )
+    elif first.kind == "embedding":
+        block = nn.Embedding(shape[0], shape[1], dtype=dtype, prefix=f"{name}_")
+    elif first.kind == "conv":
+        block = getattr(nn, f"Conv{dims}D")(
+            shape[0], kernel, in_channels=shape[1], use_bias=has_bias, prefix=f"{name}_"
+        )
+    elif first.kind == "conv_transpose":
+        block = getattr(nn, f"Conv{dims}DTranspose")(
+            shape[1], kernel, in_channels=shape[0], use_bias=has_bias, prefix=f"{name}_"
+        )
+    elif first.kind == "depthwise_conv":
+        block = getattr(nn, f"Conv{dims}D")(
+            shape[0],
+            kernel,
+            in_channels=shape[0],
+            groups=shape[0],
+            use_bias=has_bias,
+            prefix=f"{name}_",
+        )
+    else:
+        raise Unsupported(f"no Gluon layer for kind {first.kind!r}")
+    if dtype != "float32":
+        block.cast(dtype)
+    mapping = {weight.name: block.weight}
+    if bias is not None:
+        mapping[bias.name] = block.bias
+    return block, mapping
+
+
+def create() -> MXNetAdapter:
+    """The adapter the suite loads."""
+    return MXNetAdapter()

@@ -1,0 +1,192 @@
+"""The reference column: unorm's NumPy reference driven as if it were a backend.
+
+A sanity column. It runs every case through the same machinery as the frameworks (input
+rounding, layers with state kept in the parameter dtype, outputs rounded to the input
+dtype, the AGC layout transform, the per-replica cross-replica formulas of SPEC.md
+section 3), so a failure here is a bug in the suite or in the reference, not in a backend.
+bfloat16 values are rounded with NumPy (:func:`conformance.dtypes.round_bfloat16`).
+
+Example:
+    >>> adapter = create()
+    >>> adapter.round_to(np.array([1.0 + 2.0**-12]), "float16").tolist()
+    [1.0]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from conformance import dtypes, layouts
+from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult
+from conformance.expected import StepValues
+from unorm import reference as ref
+from unorm.spec import BatchNormSpec, output_unit_axes
+
+__all__ = ["ReferenceAdapter", "create"]
+
+
+@dataclasses.dataclass
+class _Layer:
+    spec: BatchNormSpec
+    config: LayerConfig
+    gamma: np.ndarray | None
+    beta: np.ndarray | None
+    running: ref.RunningStats | None
+
+
+def _store(running: ref.RunningStats | None, dtype: str) -> ref.RunningStats | None:
+    # A real layer keeps its buffers in the parameter dtype; so does this one.
+    if running is None:
+        return None
+    return ref.RunningStats(
+        running.mean.astype(dtype), running.var.astype(dtype), running.num_batches_tracked
+    )
+
+
+def _state(layer: _Layer) -> StepValues:
+    r = layer.running
+    if r is None:
+        return StepValues()
+    return StepValues(
+        running_mean=np.asarray(r.mean),
+        running_var=np.asarray(r.var),
+        num_batches_tracked=r.num_batches_tracked,
+    )
+
+
+class ReferenceAdapter(Adapter):
+    """Every case on :mod:`unorm.reference`, with a layer's state and dtype rules."""
+
+    name = "reference"
+    framework = "numpy"
+    dtypes = ("float64", "float32", "float16", "bfloat16")
+    layout = layouts.TORCH
+
+    def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> _Layer:
+        spec = config.spec()
+        pdt = config.param_dtype
+        running = ref.init_running_stats(config.num_features) if spec.track_running_stats else None
+        return _Layer(
+            spec,
+            config,
+            np.asarray(gamma, pdt) if spec.scale else None,
+            np.asarray(beta, pdt) if spec.center else None,
+            _store(running, pdt),
+        )
+
+    def bn_state(self, layer: _Layer) -> StepValues:
+        return _state(layer)
+
+    def bn_step(self, layer: _Layer, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+        spec, cfg = layer.spec, layer.config
+        arr, _ = ref.check_input(x, spec.axis, cfg.num_features)
+        x64 = arr.astype(np.float64)
+        training = mode != "eval"
+        before = layer.running
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            y, after = ref.batch_norm_step(
+                x64,
+                before,
+                spec,
+                layer.gamma,
+                layer.beta,
+                training=training,
+                backward_ran=mode == "train",
+            )
+            out = StepValues(y=dtypes.cast(y, cfg.dtype))
+            if dy is not None:
+                kw = {"eps": spec.eps, "axis": spec.axis, "center": spec.center}
+                dy64 = np.asarray(dy, np.float64)
+                if training or before is None:
+                    g = ref.batch_norm_backward(dy64, x64, layer.gamma, **kw)
+                else:
+                    g = ref.batch_norm_inference_backward(
+                        dy64, x64, before.mean, before.var, layer.gamma, **kw
+                    )
+                out.dx = dtypes.cast(g.dx, cfg.dtype)
+                pdt = cfg.param_dtype
+                out.dgamma = None if g.dgamma is None else g.dgamma.astype(pdt)
+                out.dbeta = None if g.dbeta is None else g.dbeta.astype(pdt)
+        layer.running = _store(after, cfg.param_dtype)
+        state = _state(layer)
+        out.running_mean, out.running_var = state.running_mean, state.running_var
+        out.num_batches_tracked = state.num_batches_tracked
+        return out
+
+    def agc(
+        self,
+        params: Sequence[AGCArrays],
+        *,
+        clipping: float,
+        eps: float,
+        exclude: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        axes = {p.name: output_unit_axes("torch", p.kind, p.weight.ndim) for p in params}
+        with np.errstate(invalid="ignore", over="ignore"):
+            return ref.agc_clip_all(
+                {p.name: p.grad for p in params},
+                {p.name: p.weight for p in params},
+                axes,
+                clipping=clipping,
+                eps=eps,
+                exclude=tuple(exclude),
+            )
+
+    def sync_bn_step(
+        self,
+        config: LayerConfig,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        xs: Sequence[np.ndarray],
+        dys: Sequence[np.ndarray],
+    ) -> SyncResult:
+        """SPEC.md section 3 replica by replica: local (n, mean, M2), Chan's merge, local
+        normalisation, all-reduced backward sums."""
+        spec = config.spec()
+        ax = spec.axis % config.ndim
+        axes = tuple(i for i in range(config.ndim) if i != ax)
+        shape = [1] * config.ndim
+        shape[ax] = config.num_features
+        merged = ref.merge_stats([ref.batch_stats(np.asarray(x, np.float64), ax) for x in xs])
+        g64 = np.asarray(gamma, np.float64) if spec.scale else np.ones(config.num_features)
+        b64 = np.asarray(beta, np.float64) if spec.center else np.zeros(config.num_features)
+        r = 1.0 / np.sqrt(merged.var() + spec.eps)
+        xhats = [
+            (np.asarray(x, np.float64) - merged.mean.reshape(shape)) * r.reshape(shape) for x in xs
+        ]
+        s1 = sum((np.asarray(d, np.float64).sum(axis=axes) for d in dys), np.zeros(len(r)))
+        s2 = sum(
+            (
+                (np.asarray(d, np.float64) * xh).sum(axis=axes)
+                for d, xh in zip(dys, xhats, strict=True)
+            ),
+            np.zeros(len(r)),
+        )
+        n = merged.count
+        ys, dxs = [], []
+        for xh, d in zip(xhats, dys, strict=True):
+            ys.append(dtypes.cast(xh * g64.reshape(shape) + b64.reshape(shape), config.dtype))
+            dx = (g64 * r).reshape(shape) * (
+                np.asarray(d, np.float64) - (s1 / n).reshape(shape) - xh * (s2 / n).reshape(shape)
+            )
+            dxs.append(dtypes.cast(dx, config.dtype))
+        state = StepValues(dgamma=s2 if spec.scale else None, dbeta=s1 if spec.center else None)
+        if spec.track_running_stats:
+            new = ref.update_running_stats(
+                ref.init_running_stats(config.num_features),
+                merged,
+                momentum=spec.momentum,
+                unbiased=spec.unbiased,
+                skip_nonfinite=spec.skip_nonfinite,
+            )
+            state.running_mean, state.running_var = new.mean, new.var
+            state.num_batches_tracked = new.num_batches_tracked
+        return SyncResult(ys, dxs, state)
+
+
+def create() -> ReferenceAdapter:
+    """The adapter the suite loads."""
+    return ReferenceAdapter()

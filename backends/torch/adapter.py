@@ -1,0 +1,263 @@
+"""The PyTorch column: ``unorm.torch`` driven by the conformance suite.
+
+Also home of the PyTorch helpers the native column (``backends/torch-native``) shares:
+array conversion, bfloat16 rounding and the training/inference step. ``torch`` and
+``unorm.torch`` are imported only when a case runs, so this file loads anywhere.
+
+Example:
+    >>> adapter = create()
+    >>> adapter.name, adapter.layout.framework
+    ('torch', 'torch')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from conformance import dtypes, exchange, layouts
+from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, Unsupported
+from conformance.expected import StepValues
+
+__all__ = ["SYNC_WORKER", "Built", "TorchAdapter", "TorchBase", "build_agc_model", "create"]
+
+#: The helper that runs a cross-replica case on one gloo process per replica.
+SYNC_WORKER = Path(__file__).with_name("sync_worker.py")
+
+
+def torch() -> Any:
+    """The ``torch`` module (imported on first use)."""
+    return importlib.import_module("torch")
+
+
+def to_tensor(a: np.ndarray, dtype: str | None = None) -> Any:
+    """A CPU tensor of ``a`` in ``dtype`` (default: ``a``'s own; bfloat16 from float32)."""
+    t = torch().from_numpy(np.asarray(a, order="C"))
+    return t if dtype is None else t.to(getattr(torch(), dtype))
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A tensor's values as NumPy (bfloat16 as float32 carriers)."""
+    t = t.detach().cpu()
+    if t.dtype == torch().bfloat16:
+        t = t.float()
+    return t.numpy().copy()
+
+
+def _grad(param: Any) -> np.ndarray | None:
+    return None if param is None or param.grad is None else to_numpy(param.grad)
+
+
+def _buffer(module: Any, name: str) -> np.ndarray | None:
+    value = getattr(module, name, None)
+    return None if value is None else to_numpy(value)
+
+
+@dataclasses.dataclass
+class Built:
+    """A layer under test: the module called, the module holding parameters and buffers
+    (the same one unless the call is wrapped), and the case's input dtype."""
+
+    module: Any
+    norm: Any
+    dtype: str
+
+
+class TorchBase(Adapter):
+    """What both PyTorch columns share: conversion, rounding, loading parameters and one
+    step of a module with ``weight``/``bias`` and ``running_mean``/``running_var``/
+    ``num_batches_tracked``."""
+
+    framework = "torch"
+    dtypes = ("float64", "float32", "float16", "bfloat16")
+    layout = layouts.TORCH
+
+    def availability(self) -> str | None:
+        try:
+            torch()
+        except ImportError as exc:
+            return f"torch is not importable: {exc}"
+        return None
+
+    def versions(self) -> dict[str, str]:
+        return {"torch": torch().__version__, "numpy": np.__version__}
+
+    def round_to(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        return to_numpy(to_tensor(np.asarray(a, np.float64), dtype))
+
+    def built(self, module: Any, norm: Any, config: LayerConfig, gamma, beta) -> Built:
+        """Cast to the parameter dtype, load ``gamma`` / ``beta``, wrap."""
+        if config.param_dtype == "float64":
+            module.double()
+        with torch().no_grad():
+            if getattr(norm, "weight", None) is not None:
+                norm.weight.copy_(to_tensor(gamma))
+            if getattr(norm, "bias", None) is not None:
+                norm.bias.copy_(to_tensor(beta))
+        return Built(module, norm, config.dtype)
+
+    def bn_state(self, layer: Built) -> StepValues:
+        tracked = getattr(layer.norm, "num_batches_tracked", None)
+        return StepValues(
+            running_mean=_buffer(layer.norm, "running_mean"),
+            running_var=_buffer(layer.norm, "running_var"),
+            num_batches_tracked=None if tracked is None else int(tracked.item()),
+        )
+
+    def bn_step(self, layer: Built, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+        # Integer inputs (an error case) go in as they are; floats in the case's dtype.
+        dtype = layer.dtype if layer.dtype in dtypes.DTYPES else None
+        xt = to_tensor(x, dtype)
+        if dy is not None:
+            xt.requires_grad_(True)
+        layer.module.train(mode != "eval")
+        for p in layer.module.parameters():
+            p.grad = None
+        y = layer.module(xt)
+        out = StepValues(y=to_numpy(y))
+        if dy is not None:
+            y.backward(to_tensor(dy, dtype))
+            out.dx = _grad(xt)
+            out.dgamma = _grad(getattr(layer.norm, "weight", None))
+            out.dbeta = _grad(getattr(layer.norm, "bias", None))
+        state = self.bn_state(layer)
+        out.running_mean, out.running_var = state.running_mean, state.running_var
+        out.num_batches_tracked = state.num_batches_tracked
+        return out
+
+    def sync_bn_step(
+        self,
+        config: LayerConfig,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        xs: Sequence[np.ndarray],
+        dys: Sequence[np.ndarray],
+    ) -> SyncResult:
+        """One process per replica over gloo (``sync_worker.py``); parameter gradients are
+        all-reduced as data parallelism does."""
+        if self.native:
+            self.native_spec(config)  # what native PyTorch cannot express is unsupported
+        elif "center" in dict(config.settings) or "scale" in dict(config.settings):
+            settings = dict(config.settings)
+            if settings.get("center", True) != settings.get("scale", True):
+                raise Unsupported("unorm.torch.BatchNorm has one `affine` flag (gamma and beta)")
+        with tempfile.TemporaryDirectory() as folder:
+            request = exchange.write_request(
+                Path(folder), config, gamma, beta, xs, dys, native=self.native
+            )
+            return exchange.run_helper(SYNC_WORKER, request)
+
+
+class TorchAdapter(TorchBase):
+    """``unorm.torch.BatchNorm`` and ``unorm.torch.adaptive_clip_grad_``."""
+
+    name = "torch"
+
+    def module(self) -> Any:
+        """``unorm.torch``."""
+        return importlib.import_module("unorm.torch")
+
+    def availability(self) -> str | None:
+        missing = super().availability()
+        if missing:
+            return missing
+        try:
+            self.module()
+        except ImportError as exc:
+            return f"unorm.torch is not importable yet ({exc})"
+        return None
+
+    def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
+        settings = dict(config.settings)
+        kwargs: dict[str, Any] = {"axis": config.axis, "preset": config.preset}
+        for key in ("eps", "momentum", "track_running_stats"):
+            if key in settings:
+                kwargs[key] = settings[key]
+        if "center" in settings or "scale" in settings:
+            center, scale = settings.get("center", True), settings.get("scale", True)
+            if center != scale:
+                raise Unsupported("unorm.torch.BatchNorm has one `affine` flag (gamma and beta)")
+            kwargs["affine"] = center
+        layer = self.module().BatchNorm(config.num_features, **kwargs)
+        return self.built(layer, layer, config, gamma, beta)
+
+    def agc(
+        self,
+        params: Sequence[AGCArrays],
+        *,
+        clipping: float,
+        eps: float,
+        exclude: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        model = build_agc_model(params)
+        kwargs: dict[str, Any] = {"clipping": clipping, "eps": eps}
+        if exclude:
+            kwargs["exclude"] = list(exclude)
+        self.module().adaptive_clip_grad_(model, **kwargs)
+        named = dict(model.named_parameters())
+        return {p.name: to_numpy(named[p.name].grad) for p in params}
+
+
+def build_agc_model(params: Sequence[AGCArrays]) -> Any:
+    """A module whose children are real PyTorch layers of each parameter's kind, with the
+    weights and gradients loaded, so AGC finds each output-unit axis from its layer."""
+    nn = torch().nn
+    by_layer: dict[str, dict[str, AGCArrays]] = {}
+    for p in params:
+        by_layer.setdefault(p.layer, {})[p.role] = p
+    model = nn.Module()
+    for layer_name, roles in by_layer.items():
+        model.add_module(layer_name, _layer(nn, roles))
+    named = dict(model.named_parameters())
+    wanted = {p.name for p in params}
+    with torch().no_grad():
+        for p in params:
+            target = named[p.name]
+            target.copy_(to_tensor(p.weight, p.dtype))
+            target.grad = to_tensor(p.grad, p.dtype)
+    for name, value in named.items():
+        if name not in wanted:
+            value.requires_grad_(False)  # a stand-in weight the case does not cover
+    return model
+
+
+def _layer(nn: Any, roles: dict[str, AGCArrays]) -> Any:
+    first = next(iter(roles.values()))
+    dtype = getattr(torch(), first.dtype)
+    if "gain" in roles:
+        holder = nn.Module()
+        holder.gain = nn.Parameter(torch().zeros(roles["gain"].weight.shape, dtype=dtype))
+        return holder
+    weight, bias = roles.get("weight"), roles.get("bias")
+    if weight is None:  # a bias alone: its layer's weight is a stand-in
+        assert bias is not None
+        return nn.Linear(1, bias.weight.shape[0]).to(dtype)
+    shape = weight.weight.shape
+    kernel, dims, has_bias = tuple(shape[2:]), len(shape) - 2, bias is not None
+    if first.kind == "dense":
+        layer = nn.Linear(shape[1], shape[0], bias=has_bias)
+    elif first.kind == "embedding":
+        layer = nn.Embedding(shape[0], shape[1])
+    elif first.kind == "conv":
+        layer = getattr(nn, f"Conv{dims}d")(shape[1], shape[0], kernel, bias=has_bias)
+    elif first.kind == "conv_transpose":
+        layer = getattr(nn, f"ConvTranspose{dims}d")(shape[0], shape[1], kernel, bias=has_bias)
+    elif first.kind == "depthwise_conv":
+        # (I*M, 1, *k): one group per output channel has exactly this layout.
+        layer = getattr(nn, f"Conv{dims}d")(
+            shape[0], shape[0], kernel, groups=shape[0], bias=has_bias
+        )
+    else:
+        raise Unsupported(f"no PyTorch layer for kind {first.kind!r}")
+    return layer.to(dtype)
+
+
+def create() -> TorchAdapter:
+    """The adapter the suite loads."""
+    return TorchAdapter()

@@ -1,0 +1,105 @@
+"""Cross-replica BatchNorm for the PyTorch columns: one gloo process per replica.
+
+Usage: ``python backends/torch/sync_worker.py REQUEST RESULT`` (see
+:mod:`conformance.exchange`). Every rank builds ``unorm.torch.SyncBatchNorm`` (or, for a
+native request, ``torch.nn.SyncBatchNorm``), runs one training step on its slice, and
+writes its output and input gradient; rank 0 also writes the summed parameter gradients
+(what data parallelism hands the optimizer) and its buffers.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+from conformance.exchange import read_request  # noqa: E402
+
+
+def _layer(request):  # type: ignore[no-untyped-def]
+    config = request.config
+    spec = config.spec()
+    if request.native:
+        layer = torch.nn.SyncBatchNorm(
+            config.num_features,
+            eps=spec.eps,
+            momentum=spec.momentum,
+            affine=spec.center,
+            track_running_stats=spec.track_running_stats,
+        )
+    else:
+        from unorm.torch import SyncBatchNorm
+
+        settings = dict(config.settings)
+        kwargs = {
+            k: settings[k] for k in ("eps", "momentum", "track_running_stats") if k in settings
+        }
+        if "center" in settings or "scale" in settings:
+            kwargs["affine"] = settings.get("center", True)
+        layer = SyncBatchNorm(config.num_features, axis=config.axis, preset=config.preset, **kwargs)
+    if config.param_dtype == "float64":
+        layer = layer.double()
+    with torch.no_grad():
+        if layer.weight is not None:
+            layer.weight.copy_(torch.from_numpy(request.gamma))
+            layer.bias.copy_(torch.from_numpy(request.beta))
+    return layer
+
+
+def _rank(rank: int, port: int, request_path: str, folder: str) -> None:
+    request = read_request(Path(request_path))
+    world = len(request.xs)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
+    layer = _layer(request).train()
+    x = torch.from_numpy(request.xs[rank]).requires_grad_(True)
+    y = layer(x)
+    y.backward(torch.from_numpy(request.dys[rank]))
+    out = {"y": y.detach().numpy(), "dx": x.grad.numpy()}
+    grads = [
+        p.grad if p.grad is not None else torch.zeros_like(p)
+        for p in (layer.weight, layer.bias)
+        if p is not None
+    ]
+    for g in grads:
+        dist.all_reduce(g)  # what the data-parallel wrapper does with parameter gradients
+    if layer.weight is not None:
+        out["dgamma"], out["dbeta"] = grads[0].numpy(), grads[1].numpy()
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        value = getattr(layer, name, None)
+        if value is not None:
+            out[name] = value.numpy()
+    np.savez(f"{folder}/rank{rank}.npz", **out)
+    dist.destroy_process_group()
+
+
+def main(request_path: str, result_path: str) -> None:
+    request = read_request(Path(request_path))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as folder:
+        mp.spawn(_rank, args=(port, request_path, folder), nprocs=len(request.xs), join=True)
+        ranks = [dict(np.load(f"{folder}/rank{r}.npz")) for r in range(len(request.xs))]
+    out = {}
+    for k, r in enumerate(ranks):
+        out[f"y{k}"], out[f"dx{k}"] = r["y"], r["dx"]
+    for key in ("dgamma", "dbeta", "running_mean", "running_var", "num_batches_tracked"):
+        if key in ranks[0]:
+            out[key] = ranks[0][key]
+    np.savez(result_path, **out)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

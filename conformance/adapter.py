@@ -1,0 +1,249 @@
+"""The adapter protocol: the only framework-specific code the suite drives.
+
+A backend is a directory ``backends/<name>/`` whose ``adapter.py`` defines
+``create() -> Adapter``. The suite never imports a framework itself; it hands the
+adapter NumPy arrays and plain settings and reads NumPy arrays back:
+
+==========================  ==================================================================
+``availability()``          None when the backend can run here, else why not (the cases are
+                            then reported "not available", not failed)
+``round_to(a, dtype)``      ``a`` (float64) rounded to ``dtype`` by the framework's own cast,
+                            as a NumPy carrier (bfloat16 as float32)
+``bn_build(config, g, b)``  a layer from a :class:`LayerConfig`, with ``gamma`` / ``beta`` set
+``bn_step(layer, x, dy,     one call: ``mode`` is ``train`` (training forward + backward with
+mode)``                     upstream gradient ``dy``), ``forward`` (training forward only) or
+                            ``eval`` (inference forward + backward); returns
+                            :class:`~conformance.expected.StepValues`
+``bn_state(layer)``         the buffers now (a StepValues with only buffer fields)
+``native_spec(config)``     native columns only: the settings the framework's own layer
+                            really has when given the case's native arguments
+``agc(params, ...)``        AGC over :class:`AGCArrays` in the backend's layout; returns the
+                            clipped gradients by name
+``sync_bn_step(...)``       cross-replica training step over several slices, or
+                            :class:`Unsupported`
+==========================  ==================================================================
+
+An adapter raises :class:`Unsupported` for what its backend cannot express (a dtype, a
+setting, cross-replica BatchNorm); any other exception raised while a case runs is a
+failure of that case (or, for an :class:`~conformance.cases.ErrorCase`, the error under
+test). ``layout`` declares how logical AGC weights are laid out for this backend
+(:mod:`conformance.layouts`).
+
+Example:
+    >>> adapter = load_adapter("reference")
+    >>> adapter.name, adapter.availability() is None
+    ('reference', True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from unorm.spec import BatchNormSpec
+
+from . import dtypes, layouts
+from .expected import StepValues
+
+__all__ = [
+    "BACKENDS",
+    "ROOT",
+    "AGCArrays",
+    "Adapter",
+    "Backend",
+    "LayerConfig",
+    "SyncResult",
+    "Unsupported",
+    "load_adapter",
+    "load_adapter_module",
+]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Unsupported(Exception):
+    """The backend cannot express this case (reported "unsupported", not failed)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A column of the report: its adapter directory and the environment it runs in."""
+
+    name: str
+    environment: str
+    native: bool = False
+
+    @property
+    def adapter_path(self) -> Path:
+        """``backends/<name>/adapter.py``."""
+        return ROOT / "backends" / self.name / "adapter.py"
+
+
+#: Every column of the report, in the order shown.
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("reference", "current"),
+        Backend("torch", "current"),
+        Backend("keras", "current"),
+        Backend("mxnet", "legacy"),
+        Backend("torch-native", "current", native=True),
+        Backend("keras-native", "current", native=True),
+        Backend("mxnet-native", "legacy", native=True),
+    )
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+    """How a case builds its layer: the public constructor arguments, framework-free.
+
+    ``preset`` and ``settings`` are passed as given (an unknown preset is the error some
+    cases test); ``axis`` is the feature axis, ``ndim`` the input rank, ``dtype`` the input
+    dtype.
+    """
+
+    num_features: int
+    ndim: int
+    axis: int
+    dtype: str
+    preset: str | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+
+    def spec(self) -> BatchNormSpec:
+        """The settings in unorm's convention (``ValueError`` for an unknown preset)."""
+        return BatchNormSpec.from_preset(self.preset, axis=self.axis, **dict(self.settings))
+
+    @property
+    def param_dtype(self) -> str:
+        """Dtype of parameters and buffers (float32 for 16-bit inputs)."""
+        return dtypes.param_dtype(self.dtype) if self.dtype in dtypes.DTYPES else "float32"
+
+
+@dataclasses.dataclass(frozen=True)
+class AGCArrays:
+    """One parameter handed to :meth:`Adapter.agc`, already in the backend's layout.
+
+    ``dtype`` is the case's dtype (``weight`` and ``grad`` hold bfloat16 values as float32).
+    """
+
+    name: str
+    layer: str
+    kind: str
+    role: str
+    weight: np.ndarray
+    grad: np.ndarray
+    dtype: str = "float32"
+
+
+@dataclasses.dataclass
+class SyncResult:
+    """Cross-replica step: per-replica ``ys`` and ``dxs``, ``dgamma`` / ``dbeta`` summed
+    over replicas, and the running statistics after the step."""
+
+    ys: list[np.ndarray]
+    dxs: list[np.ndarray]
+    state: StepValues
+
+
+class Adapter:
+    """Base class of every adapter: defaults and the methods a backend overrides.
+
+    Class attributes: ``name`` (the column), ``framework`` (``numpy``, ``torch``,
+    ``keras``, ``mxnet``), ``native`` (a framework's own layer, compared under its preset),
+    ``dtypes`` (the input dtypes it runs), ``layout`` (its AGC weight layout) and
+    ``absent`` (quantities the backend may not keep, e.g. ``num_batches_tracked``: compared
+    only when the adapter returns them).
+    """
+
+    name = "base"
+    framework = "numpy"
+    native = False
+    dtypes: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
+    layout: layouts.Layout = layouts.TORCH
+    absent: frozenset[str] = frozenset()
+
+    def availability(self) -> str | None:
+        """None when the backend can run here; otherwise the reason it cannot."""
+        return None
+
+    def versions(self) -> dict[str, str]:
+        """Versions worth printing in the report (framework, numpy)."""
+        return {"numpy": np.__version__}
+
+    def round_to(self, a: np.ndarray, dtype: str) -> np.ndarray:
+        """``a`` rounded to ``dtype`` as the backend rounds it (NumPy carrier)."""
+        return dtypes.cast(a, dtype)
+
+    def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Any:
+        """A BatchNorm layer configured by ``config`` with ``gamma`` and ``beta`` set."""
+        raise Unsupported(f"{self.name} has no BatchNorm")
+
+    def bn_step(self, layer: Any, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+        """One call of ``layer`` on ``x`` (see the module docstring for ``mode``)."""
+        raise Unsupported(f"{self.name} has no BatchNorm")
+
+    def bn_state(self, layer: Any) -> StepValues:
+        """The layer's buffers (running statistics, ``num_batches_tracked``)."""
+        raise Unsupported(f"{self.name} has no BatchNorm")
+
+    def native_spec(self, config: LayerConfig) -> BatchNormSpec:
+        """Native columns: what the framework's own layer does with ``config``'s values."""
+        raise NotImplementedError
+
+    def agc(
+        self,
+        params: Sequence[AGCArrays],
+        *,
+        clipping: float,
+        eps: float,
+        exclude: Sequence[str],
+    ) -> dict[str, np.ndarray]:
+        """Clipped gradients, by parameter name, in the backend's layout."""
+        raise Unsupported(f"{self.name} has no AGC")
+
+    def sync_bn_step(
+        self,
+        config: LayerConfig,
+        gamma: np.ndarray,
+        beta: np.ndarray,
+        xs: Sequence[np.ndarray],
+        dys: Sequence[np.ndarray],
+    ) -> SyncResult:
+        """One cross-replica training step over the replicas' slices ``xs``."""
+        raise Unsupported(f"{self.name} has no cross-replica BatchNorm in this suite")
+
+
+_MODULES: dict[str, ModuleType] = {}
+
+
+def load_adapter_module(name: str) -> ModuleType:
+    """Import ``backends/<name>/adapter.py`` (once) without putting ``backends/`` on the
+    path, so that ``backends/torch`` never shadows the real ``torch``."""
+    if name not in _MODULES:
+        path = ROOT / "backends" / name / "adapter.py"
+        if not path.exists():
+            raise KeyError(f"no adapter at {path.relative_to(ROOT)}")
+        module_name = f"_unorm_conformance_adapter_{name.replace('-', '_')}"
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses need their module registered
+        spec.loader.exec_module(module)
+        _MODULES[name] = module
+    return _MODULES[name]
+
+
+def load_adapter(name: str) -> Adapter:
+    """The adapter of backend ``name`` (``backends/<name>/adapter.py``'s ``create()``)."""
+    adapter = load_adapter_module(name).create()
+    if not isinstance(adapter, Adapter):
+        raise TypeError(f"backends/{name}/adapter.py: create() must return an Adapter")
+    return adapter

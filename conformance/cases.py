@@ -1,0 +1,488 @@
+"""The conformance cases, declared once and framework-free.
+
+Every case is a frozen dataclass with a unique ``name`` and a fixed ``seed`` (the CRC-32
+of its name, so the same name always draws the same inputs). Inputs are generated in
+NumPy (:mod:`conformance.data`); expected values come from :mod:`unorm.reference` at run
+time (:mod:`conformance.expected`). Four kinds:
+
+- :class:`BatchNormCase`: a layer built from a preset and settings, driven through a
+  sequence of steps (``train`` = training forward and backward, ``forward`` = training
+  forward only, ``eval`` = inference forward and backward); outputs, gradients and buffers
+  are compared after every step.
+- :class:`AGCCase`: named parameters of known layer kinds, given in a *logical* layout
+  (below) that each adapter transforms into its framework's layout.
+- :class:`SyncCase`: cross-replica BatchNorm over uneven (and empty) shards, compared with
+  the reference on the concatenated batch.
+- :class:`ErrorCase`: a bad input or setting that must raise ``ValueError`` everywhere.
+
+Logical AGC layouts (unit axes in :data:`LOGICAL_UNIT_AXES`): ``dense`` ``(out, in)``,
+``conv`` ``(out, in, *k)``, ``conv_transpose`` ``(in, out, *k)``, ``depthwise_conv``
+``(in, multiplier, *k)`` (output channel ``i * multiplier + m``), ``embedding``
+``(rows, dim)``. Parameters of rank <= 1 are one unit.
+
+Example:
+    >>> case = get_case("bn/rank4/axis-first")
+    >>> case.shape, case.spec().axis
+    ((4, 3, 5, 4), 1)
+    >>> len({c.name for c in all_cases()}) == len(all_cases())
+    True
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import zlib
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from unorm.spec import BatchNormSpec
+
+__all__ = [
+    "LOGICAL_UNIT_AXES",
+    "PUBLIC_SETTINGS",
+    "AGCCase",
+    "AGCParam",
+    "BatchNormCase",
+    "Case",
+    "Data",
+    "ErrorCase",
+    "Step",
+    "SyncCase",
+    "all_cases",
+    "get_case",
+    "seed_of",
+    "select",
+]
+
+StepMode = Literal["train", "forward", "eval"]
+
+#: Settings a case may give on top of its preset: the ones every backend's public
+#: constructor takes (unorm.torch folds ``center``/``scale`` into ``affine``).
+PUBLIC_SETTINGS = ("eps", "momentum", "center", "scale", "track_running_stats")
+
+#: Output-unit axes of each layer kind in the suite's logical layout.
+LOGICAL_UNIT_AXES: dict[str, int | tuple[int, ...]] = {
+    "dense": 0,
+    "conv": 0,
+    "conv_transpose": 1,
+    "depthwise_conv": (0, 1),
+    "embedding": 0,
+}
+
+
+def seed_of(name: str) -> int:
+    """The fixed seed of a case: the CRC-32 of its name (stable across processes).
+
+    Example:
+        >>> seed_of("bn/rank2")
+        3598769915
+    """
+    return zlib.crc32(name.encode())
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    """One call of the layer: its mode and, optionally, a non-finite value in its batch.
+
+    ``nonfinite`` puts a NaN or +inf at the first position of feature 0.
+    """
+
+    mode: StepMode
+    nonfinite: Literal["nan", "inf"] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Data:
+    """How a BatchNorm case draws its inputs: normal(``loc``, ``scale``), or all ``loc``."""
+
+    loc: float = 0.0
+    scale: float = 1.0
+    constant: bool = False
+
+
+TRAIN_EVAL = (Step("train"), Step("eval"))
+SEQUENCE = (Step("train"), Step("train"), Step("train"), Step("eval"))
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchNormCase:
+    """A BatchNorm layer driven through ``steps``; compared after every step.
+
+    Example:
+        >>> BatchNormCase("bn/x", shape=(4, 3), settings=(("eps", 0.1),)).spec().eps
+        0.1
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    axis: int = 1
+    dtype: str = "float32"
+    preset: str | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+    steps: tuple[Step, ...] = TRAIN_EVAL
+    data: Data = Data()
+    seed: int = -1
+    kind: str = dataclasses.field(default="batchnorm", init=False)
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:
+            object.__setattr__(self, "seed", seed_of(self.name))
+
+    def spec(self) -> BatchNormSpec:
+        """The case's settings in unorm's convention."""
+        return BatchNormSpec.from_preset(self.preset, axis=self.axis, **dict(self.settings))
+
+    @property
+    def num_features(self) -> int:
+        """``C``, the size of the feature axis."""
+        return self.shape[self.axis]
+
+
+@dataclasses.dataclass(frozen=True)
+class AGCParam:
+    """One parameter: its owning layer, that layer's kind, its role and logical shape.
+
+    ``recipe`` says how weight and gradient are drawn (:mod:`conformance.data`).
+    """
+
+    layer: str
+    kind: str
+    role: str
+    shape: tuple[int, ...]
+    recipe: str = "mixed"
+
+    @property
+    def name(self) -> str:
+        """``layer.role``, the parameter's name as a PyTorch module would give it."""
+        return f"{self.layer}.{self.role}"
+
+
+@dataclasses.dataclass(frozen=True)
+class AGCCase:
+    """AGC over a few named parameters; ``exclude`` names parameters left unclipped."""
+
+    name: str
+    params: tuple[AGCParam, ...]
+    dtype: str = "float32"
+    clipping: float = 0.01
+    eps: float = 1e-3
+    exclude: tuple[str, ...] = ()
+    seed: int = -1
+    kind: str = dataclasses.field(default="agc", init=False)
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:
+            object.__setattr__(self, "seed", seed_of(self.name))
+
+
+@dataclasses.dataclass(frozen=True)
+class SyncCase:
+    """Cross-replica BatchNorm: one training step over ``shards`` (batch sizes per replica).
+
+    ``shape`` is the shape of one sample (features and spatial axes, batch excluded);
+    ``axis`` indexes the full input (batch first).
+    """
+
+    name: str
+    shards: tuple[int, ...]
+    shape: tuple[int, ...]
+    axis: int = 1
+    dtype: str = "float32"
+    preset: str | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+    seed: int = -1
+    kind: str = dataclasses.field(default="sync", init=False)
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:
+            object.__setattr__(self, "seed", seed_of(self.name))
+
+    def spec(self) -> BatchNormSpec:
+        """The case's settings in unorm's convention."""
+        return BatchNormSpec.from_preset(self.preset, axis=self.axis, **dict(self.settings))
+
+    @property
+    def num_features(self) -> int:
+        """``C``, the size of the feature axis."""
+        return (0, *self.shape)[self.axis]
+
+
+@dataclasses.dataclass(frozen=True)
+class ErrorCase:
+    """A layer with ``num_features`` features fed ``shape`` inputs of ``dtype`` in a
+    training forward pass: must raise ``error``.
+
+    ``preset`` may name no preset at all (the error is then raised when the layer is
+    built). The state after the failed call must equal the state before it.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    num_features: int
+    axis: int = 1
+    dtype: str = "float32"
+    preset: str | None = None
+    error: str = "ValueError"
+    seed: int = -1
+    kind: str = dataclasses.field(default="error", init=False)
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:
+            object.__setattr__(self, "seed", seed_of(self.name))
+
+
+Case = BatchNormCase | AGCCase | SyncCase | ErrorCase
+
+
+def _s(**settings: Any) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(settings.items()))
+
+
+def _batchnorm_cases() -> list[BatchNormCase]:
+    bn = BatchNormCase
+    out = [
+        # Ranks 2-5, feature axis first (channels-first) and last (channels-last).
+        bn("bn/rank2", (8, 5)),
+        bn("bn/rank3/axis-first", (4, 3, 7)),
+        bn("bn/rank3/axis-last", (4, 7, 3), axis=-1),
+        bn("bn/rank4/axis-first", (4, 3, 5, 4)),
+        bn("bn/rank4/axis-last", (4, 5, 4, 3), axis=-1),
+        bn("bn/rank5/axis-first", (2, 3, 3, 4, 2)),
+        bn("bn/rank5/axis-last", (2, 3, 4, 2, 3), axis=-1),
+        # Batch sizes: 1 (with spatial extent), 2, odd, large.
+        bn("bn/batch1/axis-first", (1, 3, 4, 4)),
+        bn("bn/batch1/axis-last", (1, 4, 4, 3), axis=-1),
+        bn("bn/batch2/rank2", (2, 4)),
+        bn("bn/batch2/rank4", (2, 3, 2, 2)),
+        bn("bn/batch-odd", (7, 3, 3, 3)),
+        bn("bn/batch-large/rank2", (1024, 16)),
+        bn("bn/batch-large/rank4", (256, 8, 4, 4)),
+        # Statistics that are hard to get right.
+        bn("bn/constant", (6, 3, 2, 2), data=Data(loc=3.5, constant=True)),
+        bn("bn/large-offset", (16, 4, 8, 8), data=Data(loc=1e4, scale=1.0)),
+        bn("bn/tiny-variance", (16, 4, 4, 4), data=Data(loc=0.5, scale=1e-3)),
+        # Settings.
+        bn("bn/eps/0", (8, 3, 3), settings=_s(eps=0.0)),
+        bn("bn/eps/1e-3", (8, 3, 3), settings=_s(eps=1e-3)),
+        bn("bn/eps/0.1", (8, 3, 3), settings=_s(eps=0.1), data=Data(scale=0.2)),
+        bn("bn/momentum/0", (8, 3, 3), settings=_s(momentum=0.0), steps=SEQUENCE),
+        bn("bn/momentum/0.5", (8, 3, 3), settings=_s(momentum=0.5), steps=SEQUENCE),
+        bn("bn/momentum/1", (8, 3, 3), settings=_s(momentum=1.0), steps=SEQUENCE),
+        bn("bn/momentum/none", (8, 3, 3), settings=_s(momentum=None), steps=SEQUENCE),
+        bn("bn/affine-off", (6, 3, 4), settings=_s(center=False, scale=False)),
+        bn("bn/center-off", (6, 3, 4), settings=_s(center=False)),
+        bn("bn/scale-off", (6, 3, 4), settings=_s(scale=False)),
+        bn(
+            "bn/running-stats-off",
+            (6, 3, 4),
+            settings=_s(track_running_stats=False),
+            steps=(Step("train"), Step("eval"), Step("train"), Step("eval")),
+        ),
+        # Sequences: k training steps, then inference; buffers after every step.
+        bn("bn/seq/train3-eval", (5, 4, 3, 3), steps=SEQUENCE),
+        bn("bn/seq/axis-last", (5, 3, 3, 4), axis=-1, steps=SEQUENCE),
+        bn(
+            "bn/seq/forward-only",
+            (6, 3, 5),
+            steps=(Step("train"), Step("forward"), Step("forward"), Step("eval")),
+        ),
+        bn(
+            "bn/seq/eval-first",
+            (6, 3, 5),
+            steps=(Step("eval"), Step("train"), Step("eval")),
+        ),
+        # A non-finite batch: the guard keeps every running statistic as it was.
+        bn(
+            "bn/nonfinite/nan",
+            (6, 3, 4),
+            steps=(Step("train"), Step("train", "nan"), Step("train"), Step("eval")),
+        ),
+        bn(
+            "bn/nonfinite/inf",
+            (6, 3, 4),
+            steps=(Step("train"), Step("train", "inf"), Step("train"), Step("eval")),
+        ),
+        bn(
+            "bn/nonfinite/momentum-none",
+            (6, 3, 4),
+            settings=_s(momentum=None),
+            steps=(Step("train"), Step("train", "nan"), Step("train"), Step("eval")),
+        ),
+    ]
+    # Every preset: its whole sequence, a non-finite batch (no guard), and what it does
+    # with one value per feature (allowed by the keras and mxnet presets).
+    for preset in ("torch", "keras", "mxnet"):
+        out += [
+            bn(
+                f"bn/preset-{preset}/seq",
+                (5, 3, 4, 4),
+                preset=preset,
+                steps=(Step("train"), Step("forward"), Step("train"), Step("eval")),
+            ),
+            bn(
+                f"bn/preset-{preset}/axis-last",
+                (5, 4, 4, 3),
+                axis=-1,
+                preset=preset,
+                steps=SEQUENCE,
+            ),
+            bn(
+                f"bn/preset-{preset}/nonfinite",
+                (6, 3, 4),
+                preset=preset,
+                steps=(Step("train"), Step("train", "nan"), Step("eval")),
+            ),
+        ]
+        if preset != "torch":
+            out.append(bn(f"bn/preset-{preset}/single-value", (1, 3), preset=preset))
+    # Dtypes: float64, float16 and bfloat16 on a few shapes (float32 is everywhere above).
+    for dtype in ("float64", "float16", "bfloat16"):
+        out += [
+            bn(f"bn/dtype/{dtype}/rank2", (8, 5), dtype=dtype),
+            bn(f"bn/dtype/{dtype}/rank4/axis-first", (4, 3, 5, 4), dtype=dtype),
+            bn(f"bn/dtype/{dtype}/rank4/axis-last", (4, 5, 4, 3), axis=-1, dtype=dtype),
+            bn(f"bn/dtype/{dtype}/seq", (5, 4, 3, 3), dtype=dtype, steps=SEQUENCE),
+        ]
+    return out
+
+
+def _kernel(layer: str, kind: str, shape: tuple[int, ...], recipe: str = "mixed") -> AGCParam:
+    return AGCParam(layer, kind, "weight", shape, recipe)
+
+
+def _agc_cases() -> list[AGCCase]:
+    ag = AGCCase
+    out = [
+        # Each layer kind at each rank it exists in, from the same logical weights.
+        ag("agc/dense/rank2", (_kernel("fc", "dense", (6, 5)),)),
+        ag("agc/conv/rank3", (_kernel("conv", "conv", (6, 3, 5)),)),
+        ag("agc/conv/rank4", (_kernel("conv", "conv", (6, 3, 3, 3)),)),
+        ag("agc/conv/rank5", (_kernel("conv", "conv", (5, 2, 3, 2, 2)),)),
+        ag("agc/conv_transpose/rank3", (_kernel("up", "conv_transpose", (3, 6, 4)),)),
+        ag("agc/conv_transpose/rank4", (_kernel("up", "conv_transpose", (3, 6, 3, 3)),)),
+        ag("agc/conv_transpose/rank5", (_kernel("up", "conv_transpose", (2, 5, 2, 3, 2)),)),
+        ag("agc/depthwise_conv/rank3", (_kernel("dw", "depthwise_conv", (3, 2, 5)),)),
+        ag("agc/depthwise_conv/rank4", (_kernel("dw", "depthwise_conv", (3, 2, 3, 3)),)),
+        ag("agc/embedding/rank2", (_kernel("emb", "embedding", (7, 4)),)),
+        # Ranks 0 and 1: a scalar gain and a bias are one unit each.
+        ag("agc/rank0", (AGCParam("gain", "dense", "gain", ()),)),
+        ag("agc/rank1", (AGCParam("fc", "dense", "bias", (6,)),)),
+        # A layer with weight and bias, and a small network of every kind together.
+        ag(
+            "agc/dense/weight-and-bias",
+            (_kernel("fc", "dense", (4, 3)), AGCParam("fc", "dense", "bias", (4,))),
+        ),
+        ag(
+            "agc/network",
+            (
+                _kernel("conv", "conv", (4, 3, 3, 3)),
+                AGCParam("conv", "conv", "bias", (4,)),
+                _kernel("dw", "depthwise_conv", (4, 2, 3, 3)),
+                _kernel("up", "conv_transpose", (8, 3, 2, 2)),
+                _kernel("emb", "embedding", (5, 3)),
+                _kernel("fc", "dense", (2, 12)),
+                AGCParam("fc", "dense", "bias", (2,)),
+            ),
+        ),
+        # Zero weights (threshold clipping * eps), zero gradients, eps = 0.
+        ag("agc/zero-weight", (_kernel("conv", "conv", (4, 3, 2, 2), "zero_weight"),)),
+        ag("agc/zero-grad", (_kernel("conv", "conv", (4, 3, 2, 2), "zero_grad"),)),
+        ag(
+            "agc/zero-weight-eps0",
+            (_kernel("fc", "dense", (4, 3), "zero_weight"),),
+            eps=0.0,
+        ),
+        ag("agc/grad-floor", (_kernel("fc", "dense", (4, 3), "floor"),), eps=0.0),
+        # Units exactly at, just above and just below the threshold (clipping = 0.5 keeps
+        # the threshold exact in binary).
+        ag("agc/threshold", (_kernel("fc", "dense", (4, 2), "threshold"),), clipping=0.5),
+        ag(
+            "agc/threshold/float64",
+            (_kernel("fc", "dense", (4, 2), "threshold"),),
+            clipping=0.5,
+            dtype="float64",
+        ),
+        ag(
+            "agc/threshold/conv_transpose",
+            (_kernel("up", "conv_transpose", (2, 4, 1, 2), "threshold"),),
+            clipping=0.5,
+        ),
+        # Non-finite gradients (and weights) leave their unit untouched.
+        ag("agc/nonfinite-grad", (_kernel("conv", "conv", (5, 3, 2, 2), "nonfinite_grad"),)),
+        ag("agc/nonfinite-weight", (_kernel("fc", "dense", (4, 3), "nonfinite_weight"),)),
+        # The final classifier (weight and bias) excluded by name.
+        ag(
+            "agc/exclude-classifier",
+            (
+                _kernel("conv", "conv", (4, 3, 3, 3)),
+                AGCParam("conv", "conv", "bias", (4,)),
+                _kernel("fc", "dense", (3, 4)),
+                AGCParam("fc", "dense", "bias", (3,)),
+            ),
+            exclude=("fc.weight", "fc.bias"),
+        ),
+        ag("agc/clipping-0.1", (_kernel("conv", "conv", (6, 3, 3, 3)),), clipping=0.1),
+    ]
+    for dtype in ("float64", "float16", "bfloat16"):
+        out += [
+            ag(f"agc/dtype/{dtype}/conv", (_kernel("conv", "conv", (6, 3, 3, 3)),), dtype=dtype),
+            ag(f"agc/dtype/{dtype}/dense", (_kernel("fc", "dense", (6, 5)),), dtype=dtype),
+        ]
+    return out
+
+
+def _sync_cases() -> list[SyncCase]:
+    return [
+        SyncCase("sync/even", (4, 4), (3, 2, 2)),
+        SyncCase("sync/uneven", (5, 1, 3), (3, 2, 2)),
+        SyncCase("sync/empty-replica", (0, 6, 2), (3, 4)),
+        SyncCase("sync/one-value-replicas", (1, 1, 1), (4,)),
+        SyncCase("sync/axis-last", (3, 0, 5), (2, 2, 3), axis=-1),
+        SyncCase("sync/float64", (2, 7), (3, 2), dtype="float64"),
+    ]
+
+
+def _error_cases() -> list[ErrorCase]:
+    return [
+        ErrorCase("error/rank1", (3,), num_features=3),
+        ErrorCase("error/wrong-features", (4, 5), num_features=3),
+        ErrorCase("error/integer-input", (4, 3), num_features=3, dtype="int32"),
+        ErrorCase("error/unknown-preset", (4, 3), num_features=3, preset="caffe"),
+        ErrorCase("error/one-value-per-feature", (1, 3), num_features=3),
+        ErrorCase("error/one-value-rank4", (1, 3, 1, 1), num_features=3),
+    ]
+
+
+_CASES: tuple[Case, ...] | None = None
+
+
+def all_cases() -> tuple[Case, ...]:
+    """Every declared case, in declaration order."""
+    global _CASES
+    if _CASES is None:
+        _CASES = (*_batchnorm_cases(), *_agc_cases(), *_sync_cases(), *_error_cases())
+    return _CASES
+
+
+def get_case(name: str) -> Case:
+    """The case called ``name``; ``KeyError`` if there is none."""
+    for case in all_cases():
+        if case.name == name:
+            return case
+    raise KeyError(f"no conformance case is called {name!r}")
+
+
+def select(
+    patterns: Sequence[str] | None = None, cases: Iterable[Case] | None = None
+) -> list[Case]:
+    """Cases whose name matches any of the shell-style ``patterns`` (all when None).
+
+    Example:
+        >>> [c.name for c in select(["error/rank*"])]
+        ['error/rank1']
+    """
+    pool = list(all_cases() if cases is None else cases)
+    if not patterns:
+        return pool
+    return [c for c in pool if any(fnmatch.fnmatchcase(c.name, p) for p in patterns)]

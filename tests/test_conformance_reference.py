@@ -1,0 +1,161 @@
+"""The suite end to end without a framework: the reference column passes every case; a
+deliberately broken backend fails with a message naming case, backend and error; the
+layout transforms agree with SPEC.md's table; the runner's subprocess path works."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conformance import layouts
+from conformance.adapter import BACKENDS, ROOT, load_adapter, load_adapter_module
+from conformance.cases import AGCCase, all_cases, select
+from conformance.data import agc_inputs, logical_unit_axes
+from conformance.worker import run_cases
+from unorm import reference as ref
+from unorm.spec import LAYER_KINDS, output_unit_axes
+
+_reference = load_adapter_module("reference")
+
+
+def test_the_reference_column_passes_every_case() -> None:
+    results = run_cases(load_adapter("reference"))
+    assert len(results) == len(all_cases())
+    assert [r.message() for r in results if r.status != "pass"] == []
+
+
+class _BiasedFeed(_reference.ReferenceAdapter):
+    name = "broken-biased"
+
+    def bn_build(self, config, gamma, beta):  # type: ignore[no-untyped-def]
+        layer = super().bn_build(config, gamma, beta)
+        layer.spec = layer.spec.replace(running_var="biased")
+        return layer
+
+
+class _UpdatedTwice(_reference.ReferenceAdapter):
+    name = "broken-twice"
+
+    def bn_step(self, layer, x, dy, mode):  # type: ignore[no-untyped-def]
+        if mode != "eval" and layer.running is not None:
+            stats = ref.batch_stats(np.asarray(x, np.float64), layer.spec.axis)
+            layer.running = ref.update_running_stats(layer.running, stats, momentum=0.1)
+        return super().bn_step(layer, x, dy, mode)
+
+
+class _RankBasedAGC(_reference.ReferenceAdapter):
+    """The common mistake: axis 0 is the unit of every tensor of rank >= 2."""
+
+    name = "broken-axis"
+
+    def agc(self, params, *, clipping, eps, exclude):  # type: ignore[no-untyped-def]
+        axes = {p.name: 0 for p in params}
+        return ref.agc_clip_all(
+            {p.name: p.grad for p in params},
+            {p.name: p.weight for p in params},
+            axes,
+            clipping=clipping,
+            eps=eps,
+            exclude=tuple(exclude),
+        )
+
+
+@pytest.mark.parametrize(
+    ("adapter", "patterns", "quantity"),
+    [
+        (_BiasedFeed(), ["bn/seq/*"], "running_var@"),
+        (_UpdatedTwice(), ["bn/rank2", "bn/momentum/none"], "num_batches_tracked@1"),
+        (_RankBasedAGC(), ["agc/conv_transpose/*"], "up.weight"),
+    ],
+    ids=["biased-running-var", "stats-updated-twice", "wrong-agc-axis"],
+)
+def test_a_broken_backend_fails_loudly(adapter, patterns: list[str], quantity: str) -> None:  # type: ignore[no-untyped-def]
+    results = run_cases(adapter, patterns)
+    assert results and all(r.status == "fail" for r in results)
+    for r in results:
+        message = r.message()
+        assert message.startswith(f"FAIL {r.case} [{adapter.name}]: {quantity}")
+        assert "max abs err" in message and r.max_abs is not None and r.max_abs > 0
+
+
+@pytest.mark.parametrize("layout", [layouts.TORCH, layouts.MXNET, layouts.KERAS], ids=str)
+@pytest.mark.parametrize("kind", LAYER_KINDS)
+def test_layouts_agree_with_the_spec_table(layout: layouts.Layout, kind: str) -> None:
+    # Clipping in the backend's layout with SPEC.md's axes must equal clipping in the
+    # logical layout and transforming: otherwise a correct backend would be failed.
+    for case in select(["agc/*"]):
+        assert isinstance(case, AGCCase)
+        inputs = agc_inputs(case)
+        for p in case.params:
+            if p.kind != kind or not p.shape:
+                continue
+            w, g = inputs.weights[p.name], inputs.grads[p.name]
+            logical = ref.agc_clip(g, w, logical_unit_axes(p), clipping=case.clipping)
+            wb, gb = layout.to_backend(kind, w), layout.to_backend(kind, g)
+            axes = output_unit_axes(layout.framework, kind, wb.ndim)
+            clipped = ref.agc_clip(gb, wb, axes, clipping=case.clipping)
+            back = layout.to_logical(kind, clipped, p.shape)
+            # Only the summation order differs: a last-place difference at most.
+            np.testing.assert_allclose(back, logical, rtol=1e-6, err_msg=f"{case.name} {p.name}")
+
+
+def test_every_backend_has_an_adapter_that_loads_without_its_framework() -> None:
+    for name, backend in BACKENDS.items():
+        adapter = load_adapter(name)
+        assert adapter.name == name and adapter.native == backend.native
+        assert backend.adapter_path.exists()
+
+
+def _conformance(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "conformance", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def test_the_runner_runs_a_worker_per_backend_and_writes_the_report(tmp_path: Path) -> None:
+    done = _conformance(
+        "run",
+        "--backend", "reference",
+        "--backend", "mxnet",
+        "--case", "bn/rank2",
+        "--case", "agc/conv/rank4",
+        "--out", str(tmp_path),
+        "--results", str(tmp_path / "results"),
+        "--python", f"current={sys.executable}",
+        "--python", f"legacy={tmp_path / 'no-such-python'}",
+        tmp_path=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "PASSED: no failing result of 2 run" in done.stdout
+    assert "mxnet: not available (environment 'legacy' is not built here" in done.stdout
+    body = json.loads((tmp_path / "results" / "reference.json").read_text())
+    assert [r["status"] for r in body["results"]] == ["pass", "pass"]
+    assert body["versions"]["numpy"] == np.__version__
+    md = (tmp_path / "conformance-report.md").read_text()
+    assert "| `agc/conv/rank4` | pass" in md
+    assert (tmp_path / "conformance-report.html").exists()
+
+
+def test_the_runner_refuses_a_stale_xfail_entry(tmp_path: Path) -> None:
+    stale = ROOT / "conformance" / "xfail" / "reference.toml"
+    assert not stale.exists()
+    stale.write_text('[[xfail]]\ncase = "bn/no-such-case"\ncause = "test"\n')
+    try:
+        done = _conformance(
+            "run", "--backend", "reference", "--out", str(tmp_path), tmp_path=tmp_path
+        )
+    finally:
+        stale.unlink()
+    assert done.returncode == 2
+    assert "xfail entry 'bn/no-such-case' matches no case" in done.stderr
+
+
+def test_unorm_conformance_reaches_the_suite(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "unorm", "conformance", "list", "--case", "error/rank1"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[:3] == ["error/rank1", "error", "float32"]
