@@ -9,6 +9,14 @@ Imports PyTorch and nothing of the other frameworks.
 - :func:`convert`: swap a model's native BatchNorm layers for unorm's.
 - :func:`adaptive_clip_grad_`, :class:`AGC`, :func:`final_classifier`: Adaptive Gradient
   Clipping with output-unit axes taken from each parameter's layer.
+- :class:`ScaledStdConv2d` (and 1d/3d): Scaled Weight Standardisation for
+  normalizer-free networks.
+- :func:`export_checkpoint`, :func:`load_checkpoint`: the framework-neutral checkpoint
+  (:mod:`unorm.port`).
+- :class:`ScaledStdConv2d` (and 1d/3d): Scaled Weight Standardisation for
+  normalizer-free networks.
+- :func:`export_checkpoint`, :func:`load_checkpoint`: the framework-neutral checkpoint
+  (:mod:`unorm.port`).
 
 Example:
     >>> import torch
@@ -26,13 +34,20 @@ from __future__ import annotations
 from ._torch.agc import AGC, adaptive_clip_grad_, final_classifier
 from ._torch.batchnorm import BatchNorm
 from ._torch.convert import convert
+from ._torch.port import export_checkpoint, load_checkpoint
 from ._torch.sync import SyncBatchNorm
+from ._torch.ws import ScaledStdConv1d, ScaledStdConv2d, ScaledStdConv3d
 
 __all__ = [
     "AGC",
     "BatchNorm",
+    "ScaledStdConv1d",
+    "ScaledStdConv2d",
+    "ScaledStdConv3d",
     "SyncBatchNorm",
     "adaptive_clip_grad_",
     "convert",
+    "export_checkpoint",
     "final_classifier",
+    "load_checkpoint",
 ]

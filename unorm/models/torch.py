@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._torch.ws import ScaledStdConv2d
 from ..progress import ProgressBar
 from ..torch import AGC, BatchNorm, final_classifier
+from .nf import SIGMOID_GAMMA
 from .training import Recipe, batch_indices
 
-__all__ = ["MODELS", "lenet_bn", "predict", "train"]
+__all__ = ["MODELS", "ScaledSigmoid", "lenet", "lenet_bn", "lenet_nf", "predict", "train"]
 
 
 def lenet_bn(preset: str | None = None) -> nn.Sequential:
@@ -40,6 +42,38 @@ def lenet_bn(preset: str | None = None) -> nn.Sequential:
         nn.Linear(120, 84),
         BatchNorm(84, num_dims=2, preset=preset),
         nn.Sigmoid(),
+        nn.Linear(84, 10),
+    )
+
+
+def lenet() -> nn.Sequential:
+    """LeNet without any normalisation (the BatchNorm layers of :func:`lenet_bn` removed)."""
+    return nn.Sequential(*[m for m in lenet_bn() if not isinstance(m, BatchNorm)])
+
+
+class ScaledSigmoid(nn.Module):
+    """``gamma * sigmoid(x)``, with ``gamma = 1 / std(sigmoid(z))`` for ``z ~ N(0, 1)``
+    (:data:`unorm.models.nf.SIGMOID_GAMMA`): keeps unit-variance signals at unit variance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(x) * SIGMOID_GAMMA
+
+
+def lenet_nf(style: str = "deepmind") -> nn.Sequential:
+    """Normalizer-free LeNet: no BatchNorm, Scaled WS convolutions (``style``), scaled
+    sigmoids; train it with AGC (the final classifier excluded)."""
+    return nn.Sequential(
+        ScaledStdConv2d(1, 6, kernel_size=5, style=style),
+        ScaledSigmoid(),
+        nn.MaxPool2d(kernel_size=2, stride=2),
+        ScaledStdConv2d(6, 16, kernel_size=5, style=style),
+        ScaledSigmoid(),
+        nn.MaxPool2d(kernel_size=2, stride=2),
+        nn.Flatten(),
+        nn.Linear(256, 120),
+        ScaledSigmoid(),
+        nn.Linear(120, 84),
+        ScaledSigmoid(),
         nn.Linear(84, 10),
     )
 
