@@ -63,8 +63,13 @@ class _ScaledStd(nn.Module):
                 f"fan_in must be >= 1 for Scaled Weight Standardisation, got weight shape "
                 f"{tuple(self.weight.shape)} (a zero-size kernel or no input channels)"
             )
-        factory = {"device": self.weight.device, "dtype": self.weight.dtype}
-        self.gain = nn.Parameter(torch.full((self.out_channels,), float(gain_init), **factory))
+        start = torch.full(
+            (self.out_channels,),
+            float(gain_init),
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        self.gain = nn.Parameter(start)
 
     def standardized_weight(self) -> Tensor:
         """The weight this layer convolves with: Scaled WS of ``weight`` times ``gain``."""
