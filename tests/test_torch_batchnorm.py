@@ -320,3 +320,14 @@ def test_settings_read_through_the_spec() -> None:
     assert (layer.eps, layer.affine, layer.track_running_stats) == (1e-3, True, True)
     assert layer.momentum == pytest.approx(0.01)
     assert "preset='keras'" in repr(layer)
+
+
+def test_eps_zero_trains_where_pytorch_kernel_refuses() -> None:
+    # F.batch_norm rejects eps=0 in training; SPEC.md allows it (a constant channel is 0/0).
+    layer = BatchNorm(3, eps=0.0).double()
+    x = torch.randn(6, 3, 2, dtype=torch.float64)
+    y = layer(x)
+    want, _ = ref.batch_norm_train(x.numpy(), np.ones(3), np.zeros(3), eps=0.0, axis=1)
+    np.testing.assert_allclose(y.detach().numpy(), want, atol=1e-12)
+    stats = ref.batch_stats(x.numpy(), axis=1)
+    np.testing.assert_allclose(layer.running_var.numpy(), 0.9 + 0.1 * stats.var(unbiased=True))

@@ -256,37 +256,45 @@ class BatchNorm(nn.Module):
 
         With ``mean_out``/``var_out`` (zeros) the batch mean and unbiased variance are
         written into them by the fused kernel itself (momentum 1: ``0 * 0 + 1 * stat``).
-        One value per channel (where allowed) takes a plain-ops path, because PyTorch's
-        kernel refuses it; there ``var_out`` receives the biased variance, 0.
+        One value per channel (where allowed) and ``eps=0`` take a plain-ops path, because
+        PyTorch's kernel refuses both in training; there ``var_out`` receives the unbiased
+        variance, or the biased one (0) for a single value.
         """
-        if count > 1 or not training:
+        if not training or self._kernel_trains(count):
             return F.batch_norm(
                 x, mean_out, var_out, self.weight, self.bias, training, 1.0, self.spec.eps
             )
         dims = [d for d in range(x.dim()) if d != 1]
         stat_dtype = torch.float32 if x.dtype in _HALF else x.dtype
         xs = x.to(stat_dtype)
-        mean = xs.mean(dim=dims, keepdim=True)
-        xhat = (xs - mean) * torch.rsqrt(xs.var(dim=dims, correction=0, keepdim=True) + self.eps)
+        var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
+        xhat = (xs - mean) * torch.rsqrt(var + self.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
         if self.weight is not None and self.bias is not None:
             xhat = xhat * self.weight.view(shape) + self.bias.view(shape)
         if mean_out is not None and var_out is not None:
             with torch.no_grad():
                 mean_out.copy_(mean.reshape(-1))
-                var_out.zero_()
+                var_out.copy_(var.reshape(-1) * (count / (count - 1) if count > 1 else 0.0))
         return xhat.to(x.dtype)
+
+    def _kernel_trains(self, count: int) -> bool:
+        """Whether PyTorch's fused kernel accepts this training batch: it refuses one
+        value per channel and, since PyTorch 2.x, ``eps=0`` ("batch_norm eps must be
+        positive during training")."""
+        return count > 1 and self.spec.eps > 0
 
     def _train_and_update(self, x: Tensor, count: int) -> Tensor:
         rm, rv, tracked = self.running_mean, self.running_var, self.num_batches_tracked
         assert rm is not None and rv is not None and tracked is not None
         spec = self.spec
-        if spec.unbiased and not spec.skip_nonfinite and spec.update_on == "forward" and count > 1:
+        kernel = self._kernel_trains(count)
+        if spec.unbiased and not spec.skip_nonfinite and spec.update_on == "forward" and kernel:
             # Exactly nn.BatchNorm*d (the "torch" preset): the fused kernel updates the buffers.
             tracked.add_(1)
             factor = 1.0 / float(tracked) if spec.momentum is None else spec.momentum
             return F.batch_norm(x, rm, rv, self.weight, self.bias, True, factor, spec.eps)
-        if spec.unbiased and spec.update_on == "forward" and count > 1:
+        if spec.unbiased and spec.update_on == "forward" and kernel:
             # Canonical: PyTorch's own update arithmetic on copies, kept only if finite.
             factor = 1.0 / (float(tracked) + 1) if spec.momentum is None else spec.momentum
             new_mean, new_var = rm.clone(), rv.clone()
