@@ -33,10 +33,12 @@ def synchronized_moments(x: Any, axes: list[int]) -> tuple[Any, Any, Any]:
     context = tf.distribute.get_replica_context()
     shape = tf.shape(x, out_type=tf.int64)
     local_count = tf.cast(tf.reduce_prod(tf.gather(shape, axes)), x.dtype)
-    local_sum = tf.reduce_sum(x, axis=axes)
+    # keepdims: the mean must broadcast along the feature axis wherever it is (channels
+    # first or last), not only when it is the last axis.
+    local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
     count, total = context.all_reduce(tf.distribute.ReduceOp.SUM, [local_count, local_sum])
     # An empty global batch gives 0/0; the caller's count check reports it.
     mean = tf.math.divide_no_nan(total, count)
     local_m2 = tf.reduce_sum(tf.math.squared_difference(x, mean), axis=axes)
     m2 = context.all_reduce(tf.distribute.ReduceOp.SUM, local_m2)
-    return mean, tf.math.divide_no_nan(m2, count), count
+    return tf.reshape(mean, [-1]), tf.math.divide_no_nan(m2, count), count
