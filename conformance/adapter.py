@@ -21,6 +21,12 @@ mode)``                     upstream gradient ``dy``), ``forward`` (training for
                             clipped gradients by name
 ``sync_bn_step(...)``       cross-replica training step over several slices, or
                             :class:`Unsupported`
+``ws_conv(config, x, w,     the backend's Scaled WS convolution built from a :class:`WSConfig`,
+gain, bias, dy)``           weight (backend layout), gain and bias loaded, called on ``x``
+                            ``(N, C, H, W)`` with upstream gradient ``dy``; returns
+                            :class:`~conformance.expected.WSValues` (``dweight`` in the
+                            backend layout, ``y``/``dx`` channels-first); bad sizes raise
+                            ``ValueError`` when the layer is built or called
 ==========================  ==================================================================
 
 An adapter raises :class:`Unsupported` for what its backend cannot express (a dtype, a
@@ -50,7 +56,7 @@ import numpy as np
 from unorm.spec import BatchNormSpec
 
 from . import dtypes, layouts
-from .expected import StepValues
+from .expected import StepValues, WSValues
 
 __all__ = [
     "BACKENDS",
@@ -61,6 +67,7 @@ __all__ = [
     "LayerConfig",
     "SyncResult",
     "Unsupported",
+    "WSConfig",
     "load_adapter",
     "load_adapter_module",
 ]
@@ -153,6 +160,29 @@ class SyncResult:
     state: StepValues
 
 
+@dataclasses.dataclass(frozen=True)
+class WSConfig:
+    """How a Scaled WS case builds its convolution: public constructor arguments.
+
+    ``padding`` is ``"valid"`` or ``"same"`` (odd kernels: ``pads`` on each side), stride
+    1; ``eps`` None means the style's default (the constructor is not given one).
+    """
+
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    groups: int
+    style: str
+    eps: float | None
+    padding: str
+    pads: tuple[int, int]
+    dtype: str
+
+    def ws_kwargs(self) -> dict[str, Any]:
+        """``style`` and, when given, ``eps``: what every backend's constructor takes."""
+        return {"style": self.style} if self.eps is None else {"style": self.style, "eps": self.eps}
+
+
 class Adapter:
     """Base class of every adapter: defaults and the methods a backend overrides.
 
@@ -219,6 +249,18 @@ class Adapter:
     ) -> SyncResult:
         """One cross-replica training step over the replicas' slices ``xs``."""
         raise Unsupported(f"{self.name} has no cross-replica BatchNorm in this suite")
+
+    def ws_conv(
+        self,
+        config: WSConfig,
+        x: np.ndarray,
+        weight: np.ndarray,
+        gain: np.ndarray,
+        bias: np.ndarray,
+        dy: np.ndarray,
+    ) -> WSValues:
+        """One forward and backward call of the backend's Scaled WS convolution."""
+        raise Unsupported(f"{self.name} has no Scaled WS convolution")
 
 
 _MODULES: dict[str, ModuleType] = {}

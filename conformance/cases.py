@@ -3,7 +3,7 @@
 Every case is a frozen dataclass with a unique ``name`` and a fixed ``seed`` (the CRC-32
 of its name, so the same name always draws the same inputs). Inputs are generated in
 NumPy (:mod:`conformance.data`); expected values come from :mod:`unorm.reference` at run
-time (:mod:`conformance.expected`). Four kinds:
+time (:mod:`conformance.expected`). Five kinds:
 
 - :class:`BatchNormCase`: a layer built from a preset and settings, driven through a
   sequence of steps (``train`` = training forward and backward, ``forward`` = training
@@ -14,6 +14,11 @@ time (:mod:`conformance.expected`). Four kinds:
 - :class:`SyncCase`: cross-replica BatchNorm over uneven (and empty) shards, compared with
   the reference on the concatenated batch.
 - :class:`ErrorCase`: a bad input or setting that must raise ``ValueError`` everywhere.
+- :class:`WSCase`: a 2-D convolution with Scaled Weight Standardisation
+  (``ScaledStdConv2d`` / ``ScaledStdConv2D``): output and gradients with respect to the
+  input, weight, gain and bias; or, for bad sizes (``fan_in`` 0), the ``ValueError``.
+  Inputs are channels-first ``(N, C, H, W)`` and weights ``(O, C/groups, kh, kw)`` (the
+  logical ``conv`` layout); each adapter moves them into its framework's layout.
 
 Logical AGC layouts (unit axes in :data:`LOGICAL_UNIT_AXES`): ``dense`` ``(out, in)``,
 ``conv`` ``(out, in, *k)``, ``conv_transpose`` ``(in, out, *k)``, ``depthwise_conv``
@@ -36,7 +41,7 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-from unorm.spec import BatchNormSpec
+from unorm.spec import BatchNormSpec, ScaledWSSpec
 
 __all__ = [
     "LOGICAL_UNIT_AXES",
@@ -49,6 +54,7 @@ __all__ = [
     "ErrorCase",
     "Step",
     "SyncCase",
+    "WSCase",
     "all_cases",
     "get_case",
     "seed_of",
@@ -232,7 +238,73 @@ class ErrorCase:
             object.__setattr__(self, "seed", seed_of(self.name))
 
 
-Case = BatchNormCase | AGCCase | SyncCase | ErrorCase
+@dataclasses.dataclass(frozen=True)
+class WSCase:
+    """A ``ScaledStdConv`` 2-D convolution (stride 1, no dilation) on one batch.
+
+    ``padding`` is ``"valid"`` or ``"same"`` (odd kernels only: symmetric). Weights are
+    drawn ``normal(0.5, 1) * weight_scale`` (an offset, so that the mean subtraction
+    matters; a small scale puts ``var * fan_in`` under deepmind's floor); with
+    ``constant_unit`` output channel 0 has one value everywhere (``var = 0``). With
+    ``error`` the sizes are bad (``fan_in`` 0) and every backend must raise ``ValueError``.
+
+    Example:
+        >>> case = WSCase("ws/x", 4, 6, (1, 3), groups=2)
+        >>> case.weight_shape, case.output_shape, case.spec().eps
+        ((6, 2, 1, 3), (2, 6, 6, 4), 0.0001)
+    """
+
+    name: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    groups: int = 1
+    style: str = "deepmind"
+    eps: float | None = None
+    padding: Literal["valid", "same"] = "valid"
+    batch: int = 2
+    size: tuple[int, int] = (6, 6)
+    dtype: str = "float32"
+    weight_scale: float = 1.0
+    constant_unit: bool = False
+    error: bool = False
+    seed: int = -1
+    kind: str = dataclasses.field(default="ws", init=False)
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:
+            object.__setattr__(self, "seed", seed_of(self.name))
+
+    def spec(self) -> ScaledWSSpec:
+        """The case's Scaled WS settings (the style's eps when ``eps`` is None)."""
+        return ScaledWSSpec(style=self.style, eps=self.eps)  # type: ignore[arg-type]
+
+    @property
+    def pads(self) -> tuple[int, int]:
+        """Zero padding on each side of H and W."""
+        if self.padding == "valid":
+            return (0, 0)
+        return (self.kernel[0] // 2, self.kernel[1] // 2)
+
+    @property
+    def input_shape(self) -> tuple[int, int, int, int]:
+        """``(N, C, H, W)``."""
+        return (self.batch, self.in_channels, *self.size)
+
+    @property
+    def weight_shape(self) -> tuple[int, int, int, int]:
+        """``(O, C/groups, kh, kw)``, the logical ``conv`` layout."""
+        return (self.out_channels, self.in_channels // self.groups, *self.kernel)
+
+    @property
+    def output_shape(self) -> tuple[int, int, int, int]:
+        """``(N, O, H_out, W_out)``."""
+        (ph, pw), (kh, kw) = self.pads, self.kernel
+        h, w = self.size
+        return (self.batch, self.out_channels, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1)
+
+
+Case = BatchNormCase | AGCCase | SyncCase | ErrorCase | WSCase
 
 
 def _s(**settings: Any) -> tuple[tuple[str, Any], ...]:
@@ -454,6 +526,51 @@ def _error_cases() -> list[ErrorCase]:
     ]
 
 
+def _ws_cases() -> list[WSCase]:
+    ws = WSCase
+    out = []
+    for style in ("deepmind", "timm"):
+        out += [
+            # Odd kernels (square and 1x3), groups 1 and 2, valid and same padding.
+            ws(f"ws/{style}/k3", 3, 4, (3, 3), style=style),
+            ws(f"ws/{style}/k5", 2, 3, (5, 5), style=style, size=(7, 7)),
+            ws(f"ws/{style}/k1x3", 3, 4, (1, 3), style=style),
+            ws(f"ws/{style}/groups2/k3", 4, 6, (3, 3), groups=2, style=style),
+            ws(f"ws/{style}/groups2/k1x3", 4, 6, (1, 3), groups=2, style=style, size=(5, 7)),
+            ws(f"ws/{style}/same/k3", 3, 4, (3, 3), style=style, padding="same"),
+            ws(f"ws/{style}/same/groups2/k5", 4, 2, (5, 5), groups=2, style=style, padding="same"),
+            ws(f"ws/{style}/k1x1", 5, 3, (1, 1), style=style, size=(3, 3)),
+            # Where the styles' eps handling differs: var * fan_in ~3e-5, under deepmind's
+            # floor (1e-4, gradient through the variance 0) and near timm's eps (1e-5).
+            ws(f"ws/{style}/small-weights", 3, 4, (3, 3), style=style, weight_scale=1e-3),
+            # A constant unit standardises to 0 (eps > 0) and still gets a gradient.
+            ws(f"ws/{style}/constant-unit", 3, 4, (3, 3), style=style, constant_unit=True),
+            ws(f"ws/{style}/float64/k3", 3, 4, (3, 3), style=style, dtype="float64"),
+            ws(
+                f"ws/{style}/float64/groups2/k1x3",
+                4,
+                6,
+                (1, 3),
+                groups=2,
+                style=style,
+                dtype="float64",
+                weight_scale=1e-3,
+            ),
+        ]
+    out += [
+        # eps given explicitly (not the style's default), and eps = 0 on ordinary weights.
+        ws("ws/deepmind/eps/1e-2", 3, 4, (3, 3), eps=1e-2, weight_scale=0.01),
+        ws("ws/timm/eps/1e-3", 3, 4, (3, 3), style="timm", eps=1e-3, weight_scale=0.01),
+        ws("ws/timm/eps/0", 3, 4, (3, 3), style="timm", eps=0.0),
+        # Bad sizes: fan_in = (C/groups) * kh * kw = 0 must be a ValueError everywhere.
+        ws("ws/error/zero-kernel", 3, 4, (0, 3), error=True),
+        ws("ws/error/zero-kernel-width", 3, 4, (3, 0), style="timm", error=True),
+        ws("ws/error/no-input-channels", 0, 4, (3, 3), error=True),
+        ws("ws/error/fewer-channels-than-groups", 1, 4, (3, 3), groups=2, error=True),
+    ]
+    return out
+
+
 _CASES: tuple[Case, ...] | None = None
 
 
@@ -461,7 +578,13 @@ def all_cases() -> tuple[Case, ...]:
     """Every declared case, in declaration order."""
     global _CASES
     if _CASES is None:
-        _CASES = (*_batchnorm_cases(), *_agc_cases(), *_sync_cases(), *_error_cases())
+        _CASES = (
+            *_batchnorm_cases(),
+            *_agc_cases(),
+            *_sync_cases(),
+            *_error_cases(),
+            *_ws_cases(),
+        )
     return _CASES
 
 

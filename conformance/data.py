@@ -21,18 +21,28 @@ from collections.abc import Callable
 import numpy as np
 
 from . import dtypes
-from .cases import LOGICAL_UNIT_AXES, AGCCase, AGCParam, BatchNormCase, ErrorCase, SyncCase
+from .cases import (
+    LOGICAL_UNIT_AXES,
+    AGCCase,
+    AGCParam,
+    BatchNormCase,
+    ErrorCase,
+    SyncCase,
+    WSCase,
+)
 
 __all__ = [
     "AGCInputs",
     "BatchNormInputs",
     "Rounder",
     "SyncInputs",
+    "WSInputs",
     "agc_inputs",
     "batchnorm_inputs",
     "error_input",
     "logical_unit_axes",
     "sync_inputs",
+    "ws_inputs",
 ]
 
 #: ``round(values_float64, dtype) -> carrier array``: how a backend rounds its inputs.
@@ -208,3 +218,37 @@ def error_input(case: ErrorCase, rnd: Rounder = dtypes.cast) -> np.ndarray:
     if not case.dtype.startswith("float") and case.dtype != "bfloat16":
         return rng.integers(-5, 5, case.shape).astype(case.dtype)
     return rnd(rng.normal(size=case.shape), case.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class WSInputs:
+    """A Scaled WS convolution case's arrays: input ``(N, C, H, W)``, logical weight
+    ``(O, C/groups, kh, kw)``, ``gain`` and ``bias`` ``(O,)``, upstream gradient ``dy``
+    ``(N, O, H_out, W_out)``. Zero-size where an error case's sizes say so."""
+
+    x: np.ndarray
+    weight: np.ndarray
+    gain: np.ndarray
+    bias: np.ndarray
+    dy: np.ndarray
+
+
+def ws_inputs(case: WSCase, rnd: Rounder = dtypes.cast) -> WSInputs:
+    """Draw input, weight, gain, bias and upstream gradient (in that order), rounded to
+    the case's dtype.
+
+    Example:
+        >>> from conformance.cases import get_case
+        >>> inputs = ws_inputs(get_case("ws/deepmind/constant-unit"))
+        >>> bool(np.all(inputs.weight[0] == inputs.weight[0, 0, 0, 0]))
+        True
+    """
+    rng = np.random.default_rng(case.seed)
+    x = rng.normal(size=case.input_shape)
+    w = rng.normal(0.5, 1.0, case.weight_shape) * case.weight_scale
+    if case.constant_unit:
+        w[0] = 0.75 * case.weight_scale  # its mean is exact in binary: var is exactly 0
+    gain = rng.uniform(0.5, 1.5, case.out_channels)
+    bias = rng.normal(0.0, 0.5, case.out_channels)
+    dy = rng.normal(size=case.output_shape)
+    return WSInputs(*(rnd(a, case.dtype) for a in (x, w, gain, bias, dy)))

@@ -27,11 +27,11 @@ import numpy as np
 from unorm.spec import BatchNormSpec
 
 from . import dtypes
-from .adapter import Adapter, AGCArrays, LayerConfig, Unsupported
-from .cases import AGCCase, BatchNormCase, Case, ErrorCase, SyncCase
+from .adapter import Adapter, AGCArrays, LayerConfig, Unsupported, WSConfig
+from .cases import AGCCase, BatchNormCase, Case, ErrorCase, SyncCase, WSCase
 from .compare import Comparison, compare
-from .data import agc_inputs, batchnorm_inputs, error_input, sync_inputs
-from .expected import StepValues, agc_expected, batchnorm_expected, sync_expected
+from .data import agc_inputs, batchnorm_inputs, error_input, sync_inputs, ws_inputs
+from .expected import StepValues, agc_expected, batchnorm_expected, sync_expected, ws_expected
 from .results import Result
 from .tolerance import EXACT, tolerance_for
 
@@ -339,11 +339,56 @@ def _run_error(adapter: Adapter, case: ErrorCase) -> _Verdict:
     return _Verdict("departs", f"native departs: {label}")
 
 
+def _ws_config(case: WSCase) -> WSConfig:
+    return WSConfig(
+        case.in_channels,
+        case.out_channels,
+        case.kernel,
+        case.groups,
+        case.style,
+        case.eps,
+        case.padding,
+        case.pads,
+        case.dtype,
+    )
+
+
+def _run_ws(adapter: Adapter, case: WSCase) -> _Verdict:
+    _require_dtype(adapter, case.dtype)
+    if adapter.native:
+        raise Unsupported("the frameworks have no native Scaled WS convolution")
+    inputs = ws_inputs(case, adapter.round_to)
+    layout = adapter.layout
+    weight = layout.to_backend("conv", inputs.weight)
+    args = (inputs.x, weight, inputs.gain, inputs.bias, inputs.dy)
+    if case.error:
+        try:
+            adapter.ws_conv(_ws_config(case), *args)
+        except Unsupported:
+            raise
+        except ValueError as exc:
+            return _Verdict("pass", f"raised {_error_text(exc)}")
+        except Exception as exc:
+            return _Verdict("fail", f"raised {_error_text(exc)}, expected ValueError")
+        return _Verdict("fail", "no error raised (fan_in is 0)")
+    expected = ws_expected(case, inputs)
+    got = adapter.ws_conv(_ws_config(case), *args)
+    if got.dweight is not None:
+        got.dweight = layout.to_logical("conv", got.dweight, case.weight_shape)
+    tol = tolerance_for(case.name, case.dtype)
+    comparisons = [
+        compare(name, got.quantities()[name], want, case.dtype, tol, "mask")
+        for name, want in expected.quantities().items()
+    ]
+    return _judge(comparisons)
+
+
 _RUNNERS = {
     "batchnorm": _run_batchnorm,
     "agc": _run_agc,
     "sync": _run_sync,
     "error": _run_error,
+    "ws": _run_ws,
 }
 
 

@@ -23,14 +23,18 @@ import numpy as np
 from unorm import reference as ref
 from unorm.spec import BatchNormSpec
 
-from .cases import AGCCase, Step
-from .data import AGCInputs, BatchNormInputs, SyncInputs, logical_unit_axes
+from .cases import AGCCase, Step, WSCase
+from .data import AGCInputs, BatchNormInputs, SyncInputs, WSInputs, logical_unit_axes
 
 __all__ = [
     "StepValues",
+    "WSValues",
     "agc_expected",
     "batchnorm_expected",
+    "conv2d",
+    "conv2d_backward",
     "sync_expected",
+    "ws_expected",
 ]
 
 
@@ -140,3 +144,104 @@ def sync_expected(spec: BatchNormSpec, inputs: SyncInputs) -> SyncValues:
     cuts = np.cumsum([a.shape[0] for a in inputs.xs])[:-1]
     assert values.y is not None and values.dx is not None
     return SyncValues(list(np.split(values.y, cuts)), list(np.split(values.dx, cuts)), values)
+
+
+@dataclasses.dataclass
+class WSValues:
+    """What a Scaled WS convolution returns: output, and the gradients with respect to
+    the input, the (logical ``(O, C/groups, kh, kw)``) weight, the gain and the bias."""
+
+    y: np.ndarray | None = None
+    dx: np.ndarray | None = None
+    dweight: np.ndarray | None = None
+    dgain: np.ndarray | None = None
+    dbias: np.ndarray | None = None
+
+    def quantities(self) -> dict[str, np.ndarray | None]:
+        """Every field by name, in a fixed order."""
+        return dataclasses.asdict(self)
+
+
+def _grouped(x: np.ndarray, w: np.ndarray, groups: int, pads: tuple[int, int]):
+    """Padded input as ``(N, G, C/G, H', W')`` and weight as ``(G, O/G, C/G, kh, kw)``."""
+    n, c = x.shape[:2]
+    o = w.shape[0]
+    (ph, pw) = pads
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    return xp.reshape(n, groups, c // groups, *xp.shape[2:]), w.reshape(
+        groups, o // groups, *w.shape[1:]
+    )
+
+
+def conv2d(
+    x: np.ndarray, w: np.ndarray, groups: int = 1, pads: tuple[int, int] = (0, 0)
+) -> np.ndarray:
+    """Cross-correlation of ``x`` ``(N, C, H, W)`` with ``w`` ``(O, C/groups, kh, kw)``
+    (stride 1, zero padding ``pads``), as every framework's convolution computes it; one
+    einsum per kernel offset, in float64.
+
+    Example:
+        >>> x = np.arange(16.0).reshape(1, 1, 4, 4)
+        >>> conv2d(x, np.ones((1, 1, 2, 2)))[0, 0].tolist()
+        [[10.0, 14.0, 18.0], [26.0, 30.0, 34.0], [42.0, 46.0, 50.0]]
+    """
+    x, w = _f64(x), _f64(w)
+    xg, wg = _grouped(x, w, groups, pads)
+    kh, kw = w.shape[2:]
+    ho, wo = xg.shape[3] - kh + 1, xg.shape[4] - kw + 1
+    y = np.zeros((x.shape[0], groups, w.shape[0] // groups, ho, wo))
+    for i in range(kh):
+        for j in range(kw):
+            y += np.einsum("ngchw,goc->ngohw", xg[..., i : i + ho, j : j + wo], wg[..., i, j])
+    return y.reshape(x.shape[0], w.shape[0], ho, wo)
+
+
+def conv2d_backward(
+    dy: np.ndarray,
+    x: np.ndarray,
+    w: np.ndarray,
+    groups: int = 1,
+    pads: tuple[int, int] = (0, 0),
+) -> tuple[np.ndarray, np.ndarray]:
+    """Vector-Jacobian product of :func:`conv2d`: ``(dx, dw)`` for upstream ``dy``.
+
+    Example:
+        >>> x, w = np.ones((1, 1, 3, 3)), np.ones((1, 1, 2, 2))
+        >>> dx, dw = conv2d_backward(np.ones((1, 1, 2, 2)), x, w)
+        >>> dx[0, 0].tolist(), dw[0, 0].tolist()
+        ([[1.0, 2.0, 1.0], [2.0, 4.0, 2.0], [1.0, 2.0, 1.0]], [[4.0, 4.0], [4.0, 4.0]])
+    """
+    x, w, dy = _f64(x), _f64(w), _f64(dy)
+    xg, wg = _grouped(x, w, groups, pads)
+    kh, kw = w.shape[2:]
+    ho, wo = dy.shape[2:]
+    dyg = dy.reshape(dy.shape[0], groups, w.shape[0] // groups, ho, wo)
+    dxg = np.zeros_like(xg)
+    dwg = np.zeros_like(wg)
+    for i in range(kh):
+        for j in range(kw):
+            window = (..., slice(i, i + ho), slice(j, j + wo))
+            dxg[window] += np.einsum("ngohw,goc->ngchw", dyg, wg[..., i, j])
+            dwg[..., i, j] = np.einsum("ngohw,ngchw->goc", dyg, xg[window])
+    (ph, pw), (h, wd) = pads, x.shape[2:]
+    dx = dxg.reshape(x.shape[0], x.shape[1], *dxg.shape[3:])[..., ph : ph + h, pw : pw + wd]
+    return dx, dwg.reshape(w.shape)
+
+
+def ws_expected(case: WSCase, inputs: WSInputs) -> WSValues:
+    """Output and gradients of ``conv(x, scaled_weight_standardize(W, gain)) + bias``:
+    the standardisation by :mod:`unorm.reference` (unit axis 0 of the logical weight),
+    the convolution by :func:`conv2d`, ``dW`` and ``dgain`` by
+    ``scaled_weight_standardize_backward`` of the convolution's weight gradient."""
+    spec = case.spec()
+    w, gain = _f64(inputs.weight), _f64(inputs.gain)
+    w_hat = ref.scaled_weight_standardize(w, gain, 0, style=spec.style, eps=spec.eps)
+    y = conv2d(inputs.x, w_hat, case.groups, case.pads)
+    y += _f64(inputs.bias).reshape(1, -1, 1, 1)
+    dy = _f64(inputs.dy)
+    dx, dw_hat = conv2d_backward(dy, inputs.x, w_hat, case.groups, case.pads)
+    with np.errstate(over="ignore"):  # a constant unit's unused branch of np.where
+        dw, dgain = ref.scaled_weight_standardize_backward(
+            dw_hat, w, gain, 0, style=spec.style, eps=spec.eps
+        )
+    return WSValues(y=y, dx=dx, dweight=dw, dgain=dgain, dbias=dy.sum(axis=(0, 2, 3)))

@@ -14,7 +14,7 @@ from conformance import dtypes
 from conformance.adapter import load_adapter
 from conformance.worker import run_cases
 
-IN_PROCESS = ["bn/*", "agc/*", "error/*"]
+IN_PROCESS = ["bn/*", "agc/*", "error/*", "ws/*"]
 
 
 def _run(backend: str) -> None:

@@ -17,6 +17,7 @@ from conformance.cases import (
     BatchNormCase,
     ErrorCase,
     SyncCase,
+    WSCase,
     all_cases,
     get_case,
     seed_of,
@@ -30,7 +31,7 @@ def test_names_are_unique_and_well_formed() -> None:
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     for name in names:
-        assert re.fullmatch(r"(bn|agc|sync|error)/[a-z0-9_.\-/]+", name), name
+        assert re.fullmatch(r"(bn|agc|sync|error|ws)/[a-z0-9_.\-/]+", name), name
 
 
 def test_seeds_are_fixed_and_distinct() -> None:
@@ -104,6 +105,70 @@ def test_sync_and_error_coverage() -> None:
     errors = {c.name for c in CASES if isinstance(c, ErrorCase)}
     assert {"error/rank1", "error/wrong-features", "error/integer-input"} <= errors
     assert {"error/unknown-preset", "error/one-value-per-feature"} <= errors
+
+
+def test_ws_coverage() -> None:
+    ws = [c for c in CASES if isinstance(c, WSCase)]
+    good = [c for c in ws if not c.error]
+    assert {c.style for c in good} == {"deepmind", "timm"}
+    assert {c.groups for c in good} == {1, 2}
+    assert {(3, 3), (5, 5), (1, 3), (1, 1)} <= {c.kernel for c in good}
+    assert all(k % 2 == 1 for c in good for k in c.kernel)  # "same" padding is symmetric
+    assert {c.padding for c in good} == {"valid", "same"}
+    assert {c.dtype for c in good} == {"float32", "float64"}
+    assert any(c.constant_unit for c in good) and any(c.eps is not None for c in good)
+    # Every style/kernel/groups combination is run with both styles.
+    shapes = {(c.kernel, c.groups, c.padding) for c in good}
+    for shape in shapes:
+        assert {c.style for c in good if (c.kernel, c.groups, c.padding) == shape} == {
+            "deepmind",
+            "timm",
+        }, shape
+    bad = [c for c in ws if c.error]
+    assert {0} <= {c.kernel[0] for c in bad} and {0} <= {c.kernel[1] for c in bad}
+    assert any(c.in_channels == 0 for c in bad)
+    assert any(0 < c.in_channels < c.groups for c in bad)
+    assert all(c.weight_shape[1] * c.kernel[0] * c.kernel[1] == 0 for c in bad)  # fan_in 0
+
+
+def test_small_weights_sit_under_deepminds_floor() -> None:
+    for style in ("deepmind", "timm"):
+        case = get_case(f"ws/{style}/small-weights")
+        assert isinstance(case, WSCase)
+        w = data.ws_inputs(case).weight.astype(np.float64).reshape(case.out_channels, -1)
+        scaled_var = w.var(axis=1) * w.shape[1]
+        assert np.all(scaled_var < 0.6 * 1e-4)  # deepmind's floor is active, with margin
+        assert np.all(w.var(axis=1) > 0.02 * 1e-5)  # the variance still counts next to timm's eps
+
+
+@pytest.mark.parametrize(("groups", "pads"), [(1, (0, 0)), (2, (0, 1)), (2, (2, 1))])
+def test_numpy_convolution_is_a_convolution_and_its_backward_its_adjoint(
+    groups: int, pads: tuple[int, int]
+) -> None:
+    rng = np.random.default_rng(0)
+    x, w = rng.normal(size=(2, 4, 5, 6)), rng.normal(size=(6, 4 // groups, 3, 3))
+    y = expected.conv2d(x, w, groups, pads)
+    # Against the definition, one output element at a time.
+    xp = np.pad(x, ((0, 0), (0, 0), (pads[0], pads[0]), (pads[1], pads[1])))
+    per = 6 // groups
+    for n, o, i, j in [(0, 0, 0, 0), (1, 5, y.shape[2] - 1, y.shape[3] - 1), (1, 3, 1, 2)]:
+        g = o // per
+        patch = xp[n, g * (4 // groups) : (g + 1) * (4 // groups), i : i + 3, j : j + 3]
+        assert y[n, o, i, j] == pytest.approx(float((patch * w[o]).sum()), rel=1e-12)
+    # The convolution is linear in x and in w: <dy, conv(x, w)> = <dx, x> = <dw, w>.
+    dy = rng.normal(size=y.shape)
+    dx, dw = expected.conv2d_backward(dy, x, w, groups, pads)
+    inner = float((dy * y).sum())
+    assert float((dx * x).sum()) == pytest.approx(inner, rel=1e-10)
+    assert float((dw * w).sum()) == pytest.approx(inner, rel=1e-10)
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.kind == "ws" and not c.error], ids=str)
+def test_reference_computes_every_ws_case(case: WSCase) -> None:
+    values = expected.ws_expected(case, data.ws_inputs(case))
+    assert values.y is not None and values.y.shape == case.output_shape
+    assert values.dweight is not None and values.dweight.shape == case.weight_shape
+    assert all(np.all(np.isfinite(v)) for v in values.quantities().values() if v is not None)
 
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.kind == "batchnorm"], ids=str)

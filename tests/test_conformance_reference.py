@@ -4,6 +4,7 @@ layout transforms agree with SPEC.md's table; the runner's subprocess path works
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -65,14 +66,24 @@ class _RankBasedAGC(_reference.ReferenceAdapter):
         )
 
 
+class _TimmEverywhere(_reference.ReferenceAdapter):
+    """Scaled WS with timm's eps handling whatever the case asks for."""
+
+    name = "broken-ws-style"
+
+    def ws_conv(self, config, x, weight, gain, bias, dy):  # type: ignore[no-untyped-def]
+        return super().ws_conv(dataclasses.replace(config, style="timm"), x, weight, gain, bias, dy)
+
+
 @pytest.mark.parametrize(
     ("adapter", "patterns", "quantity"),
     [
         (_BiasedFeed(), ["bn/seq/*"], "running_var@"),
         (_UpdatedTwice(), ["bn/rank2", "bn/momentum/none"], "num_batches_tracked@1"),
         (_RankBasedAGC(), ["agc/conv_transpose/*"], "up.weight"),
+        (_TimmEverywhere(), ["ws/deepmind/small-weights", "ws/deepmind/eps/1e-2"], ""),
     ],
-    ids=["biased-running-var", "stats-updated-twice", "wrong-agc-axis"],
+    ids=["biased-running-var", "stats-updated-twice", "wrong-agc-axis", "wrong-ws-style"],
 )
 def test_a_broken_backend_fails_loudly(adapter, patterns: list[str], quantity: str) -> None:  # type: ignore[no-untyped-def]
     results = run_cases(adapter, patterns)

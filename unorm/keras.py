@@ -29,10 +29,12 @@ from ._keras.batchnorm import BatchNorm
 from ._keras.convert import convert
 from ._keras.layout import final_classifier
 from ._keras.port import export_checkpoint, load_checkpoint
+from ._keras.ws import ScaledStdConv2D
 
 __all__ = [
     "AGC",
     "BatchNorm",
+    "ScaledStdConv2D",
     "convert",
     "export_checkpoint",
     "final_classifier",

@@ -23,8 +23,15 @@ from typing import Any
 import numpy as np
 
 from conformance import dtypes, exchange, layouts
-from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, Unsupported
-from conformance.expected import StepValues
+from conformance.adapter import (
+    Adapter,
+    AGCArrays,
+    LayerConfig,
+    SyncResult,
+    Unsupported,
+    WSConfig,
+)
+from conformance.expected import StepValues, WSValues
 
 __all__ = ["SYNC_WORKER", "Built", "KerasAdapter", "KerasBase", "create", "policy"]
 
@@ -219,6 +226,46 @@ class KerasAdapter(KerasBase):
         grads = [to_tensor(p.grad, p.dtype) for p in params]
         opt.apply(grads, [variables[n] for n in order])
         return {n: to_numpy(recorder.seen[i]) for i, n in enumerate(order)}
+
+    def ws_conv(
+        self,
+        config: WSConfig,
+        x: np.ndarray,
+        weight: np.ndarray,
+        gain: np.ndarray,
+        bias: np.ndarray,
+        dy: np.ndarray,
+    ) -> WSValues:
+        """``unorm.keras.ScaledStdConv2D`` (kernel ``(kh, kw, C/groups, O)``) on
+        channels-last inputs: the case's ``(N, C, H, W)`` arrays are transposed in and out."""
+        conv = self.module().ScaledStdConv2D(
+            config.out_channels,
+            config.kernel,
+            groups=config.groups,
+            padding=config.padding,
+            dtype=config.dtype,
+            **config.ws_kwargs(),
+        )
+        nhwc = np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1)))
+        conv.build((None, *nhwc.shape[1:]))
+        for variable, value in ((conv.kernel, weight), (conv.gain, gain), (conv.bias, bias)):
+            variable.assign(to_tensor(value, config.dtype))
+        xt = to_tensor(nhwc, config.dtype)
+        variables = [conv.kernel, conv.gain, conv.bias]
+        with tf().GradientTape() as tape:
+            tape.watch(xt)
+            y = conv(xt)
+        upstream = to_tensor(np.ascontiguousarray(np.transpose(dy, (0, 2, 3, 1))), y.dtype)
+        grads = tape.gradient(y, [xt, *variables], output_gradients=upstream)
+        nchw = (0, 3, 1, 2)
+        dx = to_numpy(grads[0])
+        return WSValues(
+            y=np.transpose(to_numpy(y), nchw),
+            dx=None if dx is None else np.transpose(dx, nchw),
+            dweight=to_numpy(grads[1]),
+            dgain=to_numpy(grads[2]),
+            dbias=to_numpy(grads[3]),
+        )
 
 
 def _recorder() -> Any:

@@ -22,8 +22,15 @@ from typing import Any
 import numpy as np
 
 from conformance import layouts
-from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, Unsupported
-from conformance.expected import StepValues
+from conformance.adapter import (
+    Adapter,
+    AGCArrays,
+    LayerConfig,
+    SyncResult,
+    Unsupported,
+    WSConfig,
+)
+from conformance.expected import StepValues, WSValues
 
 __all__ = ["Built", "MXNetAdapter", "MXNetBase", "create"]
 
@@ -239,6 +246,47 @@ class MXNetAdapter(MXNetBase):
         skip = [by_name[name] for name in exclude]
         self.module().adaptive_clip_grad(block, clipping=clipping, eps=eps, exclude=skip)
         return {p.name: to_numpy(by_name[p.name].grad()) for p in params}
+
+    def ws_conv(
+        self,
+        config: WSConfig,
+        x: np.ndarray,
+        weight: np.ndarray,
+        gain: np.ndarray,
+        bias: np.ndarray,
+        dy: np.ndarray,
+    ) -> WSValues:
+        """``unorm.mxnet.ScaledStdConv2D`` (weight ``(O, C/groups, kh, kw)``), hybridized,
+        one call under ``autograd.record`` and its backward. ``in_channels=0`` is Gluon's
+        "infer it from the input": the zero-channel input is then the error under test."""
+        conv = self.module().ScaledStdConv2D(
+            config.out_channels,
+            config.kernel,
+            padding=config.pads,
+            groups=config.groups,
+            in_channels=config.in_channels,
+            **config.ws_kwargs(),
+        )
+        conv.initialize()
+        if config.dtype != "float32":
+            conv.cast(config.dtype)
+        conv.hybridize()
+        xt = to_nd(x)
+        if config.in_channels:  # else the weight's shape is inferred by the first call
+            for param, value in ((conv.weight, weight), (conv.gain, gain), (conv.bias, bias)):
+                param.set_data(to_nd(value, config.dtype))
+        if xt.size:  # MXNet 1.x cannot allocate a gradient for a zero-size array
+            xt.attach_grad()
+        with mx().autograd.record():
+            y = conv(xt)
+        y.backward(to_nd(dy, config.dtype))
+        return WSValues(
+            y=to_numpy(y),
+            dx=to_numpy(xt.grad),
+            dweight=to_numpy(conv.weight.grad()),
+            dgain=to_numpy(conv.gain.grad()),
+            dbias=to_numpy(conv.bias.grad()),
+        )
 
 
 def build_agc_block(params: Sequence[AGCArrays]) -> tuple[Any, dict[str, Any]]:

@@ -20,8 +20,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from conformance import dtypes, layouts
-from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult
-from conformance.expected import StepValues
+from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, WSConfig
+from conformance.expected import StepValues, WSValues, conv2d, conv2d_backward
 from unorm import reference as ref
 from unorm.spec import BatchNormSpec, output_unit_axes
 
@@ -185,6 +185,27 @@ class ReferenceAdapter(Adapter):
             state.running_mean, state.running_var = new.mean, new.var
             state.num_batches_tracked = new.num_batches_tracked
         return SyncResult(ys, dxs, state)
+
+    def ws_conv(
+        self,
+        config: WSConfig,
+        x: np.ndarray,
+        weight: np.ndarray,
+        gain: np.ndarray,
+        bias: np.ndarray,
+        dy: np.ndarray,
+    ) -> WSValues:
+        """SPEC.md section 6 on the weight, the suite's NumPy convolution around it; the
+        weight is in PyTorch's layout, its output unit axis 0 (``output_unit_axes``)."""
+        unit = output_unit_axes("torch", "conv", weight.ndim)
+        kw = config.ws_kwargs()
+        w_hat = ref.scaled_weight_standardize(weight, gain, unit, **kw)  # fan_in 0: ValueError
+        y = conv2d(x, w_hat, config.groups, config.pads) + np.reshape(bias, (1, -1, 1, 1))
+        dx, dw_hat = conv2d_backward(dy, x, w_hat, config.groups, config.pads)
+        with np.errstate(over="ignore"):  # a constant unit's unused branch of np.where
+            dw, dgain = ref.scaled_weight_standardize_backward(dw_hat, weight, gain, unit, **kw)
+        out = [dtypes.cast(a, config.dtype) for a in (y, dx, dw, dgain)]
+        return WSValues(*out, dbias=dtypes.cast(np.sum(dy, axis=(0, 2, 3)), config.dtype))
 
 
 def create() -> ReferenceAdapter:

@@ -22,8 +22,15 @@ from typing import Any
 import numpy as np
 
 from conformance import dtypes, exchange, layouts
-from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, Unsupported
-from conformance.expected import StepValues
+from conformance.adapter import (
+    Adapter,
+    AGCArrays,
+    LayerConfig,
+    SyncResult,
+    Unsupported,
+    WSConfig,
+)
+from conformance.expected import StepValues, WSValues
 
 __all__ = ["SYNC_WORKER", "Built", "TorchAdapter", "TorchBase", "build_agc_model", "create"]
 
@@ -202,6 +209,41 @@ class TorchAdapter(TorchBase):
         self.module().adaptive_clip_grad_(model, **kwargs)
         named = dict(model.named_parameters())
         return {p.name: to_numpy(named[p.name].grad) for p in params}
+
+    def ws_conv(
+        self,
+        config: WSConfig,
+        x: np.ndarray,
+        weight: np.ndarray,
+        gain: np.ndarray,
+        bias: np.ndarray,
+        dy: np.ndarray,
+    ) -> WSValues:
+        """``unorm.torch.ScaledStdConv2d`` (weight ``(O, C/groups, kh, kw)``), one forward
+        and backward call."""
+        conv = self.module().ScaledStdConv2d(
+            config.in_channels,
+            config.out_channels,
+            config.kernel,
+            groups=config.groups,
+            padding=config.pads,
+            **config.ws_kwargs(),
+        )
+        conv.to(getattr(torch(), config.dtype))
+        with torch().no_grad():
+            conv.weight.copy_(to_tensor(weight))
+            conv.gain.copy_(to_tensor(gain))
+            conv.bias.copy_(to_tensor(bias))
+        xt = to_tensor(x).requires_grad_(True)
+        y = conv(xt)
+        y.backward(to_tensor(dy))
+        return WSValues(
+            y=to_numpy(y),
+            dx=_grad(xt),
+            dweight=_grad(conv.weight),
+            dgain=_grad(conv.gain),
+            dbias=_grad(conv.bias),
+        )
 
 
 def build_agc_model(params: Sequence[AGCArrays]) -> Any:

@@ -25,11 +25,12 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..keras import AGC, BatchNorm, final_classifier
+from ..keras import AGC, BatchNorm, ScaledStdConv2D, final_classifier
 from ..progress import ProgressBar
+from .nf import SIGMOID_GAMMA
 from .training import Recipe, batch_indices
 
-__all__ = ["MODELS", "lenet_bn", "predict", "train"]
+__all__ = ["MODELS", "lenet", "lenet_bn", "lenet_nf", "predict", "train"]
 
 
 def lenet_bn(preset: str | None = None) -> Any:
@@ -111,3 +112,74 @@ def predict(net: Any, x: np.ndarray) -> np.ndarray:
     images = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
     logits: np.ndarray = np.asarray(net(images, training=False))
     return logits
+
+
+def lenet() -> Any:
+    """LeNet without any normalisation (the BatchNorm layers of :func:`lenet_bn` removed),
+    the same layer names otherwise.
+
+    Example:
+        >>> [layer.name for layer in lenet().layers if layer.weights]
+        ['conv1', 'conv2', 'fc1', 'fc2', 'fc3']
+    """
+    layers = keras.layers
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(6, 5, name="conv1"),
+            layers.Activation("sigmoid", name="sigmoid1"),
+            layers.MaxPooling2D(pool_size=2, strides=2, name="pool1"),
+            layers.Conv2D(16, 5, name="conv2"),
+            layers.Activation("sigmoid", name="sigmoid2"),
+            layers.MaxPooling2D(pool_size=2, strides=2, name="pool2"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(120, name="fc1"),
+            layers.Activation("sigmoid", name="sigmoid3"),
+            layers.Dense(84, name="fc2"),
+            layers.Activation("sigmoid", name="sigmoid4"),
+            layers.Dense(10, name="fc3"),
+        ],
+        name="lenet",
+    )
+
+
+def lenet_nf(style: str = "deepmind") -> Any:
+    """Normalizer-free LeNet, as :func:`unorm.models.torch.lenet_nf`: no BatchNorm, Scaled
+    WS convolutions (``style``), sigmoids scaled by :data:`~unorm.models.nf.SIGMOID_GAMMA`
+    to keep unit variance, plain Dense layers; train it with AGC (the final classifier
+    excluded), as :func:`train` does.
+
+    Example:
+        >>> net = lenet_nf()
+        >>> [layer.name for layer in net.layers if layer.weights]
+        ['conv1', 'conv2', 'fc1', 'fc2', 'fc3']
+        >>> [w.name for w in net.get_layer("conv1").weights]
+        ['kernel', 'bias', 'gain']
+    """
+    layers = keras.layers
+
+    def act(index: int) -> list[Any]:
+        # gamma * sigmoid(x) from two built-in layers: serialisable without custom code.
+        return [
+            layers.Activation("sigmoid", name=f"sigmoid{index}"),
+            layers.Rescaling(SIGMOID_GAMMA, name=f"gamma{index}"),
+        ]
+
+    return keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            ScaledStdConv2D(6, 5, style=style, name="conv1"),
+            *act(1),
+            layers.MaxPooling2D(pool_size=2, strides=2, name="pool1"),
+            ScaledStdConv2D(16, 5, style=style, name="conv2"),
+            *act(2),
+            layers.MaxPooling2D(pool_size=2, strides=2, name="pool2"),
+            layers.Flatten(name="flatten"),
+            layers.Dense(120, name="fc1"),
+            *act(3),
+            layers.Dense(84, name="fc2"),
+            *act(4),
+            layers.Dense(10, name="fc3"),
+        ],
+        name="lenet_nf",
+    )

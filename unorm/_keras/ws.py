@@ -1,0 +1,166 @@
+"""``ScaledStdConv2D``: a Keras 3 convolution with Scaled Weight Standardisation
+(``SPEC.md``, Scaled Weight Standardisation), for normalizer-free networks.
+
+Keras kernels are ``(kh, kw, I/groups, O)``: the output unit is the last axis, so the
+statistics of each output channel run over the first three (``fan_in = kh * kw * I/g``).
+Written with ``keras.ops``; the layer subclasses ``keras.layers.Conv2D``, so everything
+that knows Keras convolutions (unorm's AGC reading output-unit axes from the layer,
+``model.summary()``, ``get_weights``) knows this one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import keras
+from keras import ops
+
+from ..spec import ScaledWSSpec
+
+__all__ = ["ScaledStdConv2D", "standardize_kernel"]
+
+# Statistics of 16-bit kernels are taken in float32: their variance would lose bits.
+_NARROW = ("float16", "bfloat16")
+
+
+def _fan_in_error(detail: str) -> ValueError:
+    return ValueError(
+        f"fan_in must be >= 1 for Scaled Weight Standardisation, got {detail} "
+        "(a zero-size kernel or no input channels)"
+    )
+
+
+def standardize_kernel(kernel: Any, gain: Any, spec: ScaledWSSpec) -> Any:
+    """Scaled WS of a channels-last kernel ``(*k, I/groups, O)``, per output channel (the
+    last axis), differentiable; ``gain`` has one value per output channel (None: 1).
+
+    Example:
+        >>> import numpy as np
+        >>> w = standardize_kernel(np.random.default_rng(0).normal(size=(3, 3, 2, 4)),
+        ...                        None, ScaledWSSpec())
+        >>> np.allclose(np.var(np.asarray(w).reshape(-1, 4), axis=0), 1 / 18)
+        True
+    """
+    kernel = ops.convert_to_tensor(kernel)
+    dtype = keras.backend.standardize_dtype(kernel.dtype)
+    work = ops.cast(kernel, "float32") if dtype in _NARROW else kernel
+    axes = tuple(range(len(kernel.shape) - 1))
+    fan_in = math.prod(int(kernel.shape[i]) for i in axes)
+    if fan_in == 0:
+        raise _fan_in_error(f"kernel shape {tuple(kernel.shape)}")
+    mean = ops.mean(work, axis=axes, keepdims=True)
+    centred = work - mean
+    var = ops.mean(ops.square(centred), axis=axes, keepdims=True)  # two-pass, biased
+    assert spec.eps is not None
+    if spec.style == "deepmind":
+        scale = ops.rsqrt(ops.maximum(var * fan_in, spec.eps))
+    else:
+        scale = ops.rsqrt((var + spec.eps) * fan_in)
+    if gain is not None:
+        scale = scale * ops.cast(gain, work.dtype)  # (O,) broadcasts over the last axis
+    return ops.cast(centred * scale, kernel.dtype)
+
+
+@keras.saving.register_keras_serializable(package="unorm")
+class ScaledStdConv2D(keras.layers.Conv2D):
+    """``keras.layers.Conv2D`` whose kernel is standardised on every call (Scaled WS).
+
+    Takes ``Conv2D``'s own arguments (``filters``, ``kernel_size``, ``strides``,
+    ``padding``, ``groups``, ``use_bias``, ...), plus:
+
+    Args:
+        gain_init: start value of the learnable per-output-channel ``gain`` (default 1.0).
+        style: ``"deepmind"`` (canonical, ``rsqrt(max(var * fan_in, eps))``) or ``"timm"``
+            (``rsqrt((var + eps) * fan_in)``); see ``SPEC.md``, Scaled WS.
+        eps: None (default) takes the style's: 1e-4 (deepmind) or 1e-5 (timm).
+
+    The weights are ``kernel`` ``(kh, kw, I/groups, O)``, ``bias`` ``(O,)`` (with
+    ``use_bias``) and ``gain`` ``(O,)``. A kernel with ``fan_in = kh * kw * I/groups`` of 0
+    (a zero-size kernel, or inputs without channels) is a ``ValueError``.
+
+    Example:
+        >>> import numpy as np
+        >>> conv = ScaledStdConv2D(8, 3, padding="same")
+        >>> tuple(conv(np.zeros((2, 6, 6, 3), "float32")).shape)
+        (2, 6, 6, 8)
+        >>> [w.name for w in conv.weights]
+        ['kernel', 'bias', 'gain']
+        >>> ScaledStdConv2D.from_config(conv.get_config()).spec
+        ScaledWSSpec(style='deepmind', eps=0.0001)
+    """
+
+    def __init__(
+        self,
+        filters: int,
+        kernel_size: Any,
+        *args: Any,
+        gain_init: float = 1.0,
+        style: str = "deepmind",
+        eps: float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        # Settings first, so that a bad style or eps is named before Keras's own checks.
+        self.spec = ScaledWSSpec(style=style, eps=eps)  # type: ignore[arg-type]
+        self.gain_init = float(gain_init)
+        sizes = (kernel_size,) * 2 if isinstance(kernel_size, int) else tuple(kernel_size)
+        if any(int(s) == 0 for s in sizes):
+            # Keras would reject it too, without saying why it matters here.
+            raise _fan_in_error(f"kernel_size {sizes}")
+        super().__init__(filters, kernel_size, *args, **kwargs)
+
+    def build(self, input_shape: Any) -> None:
+        """Create ``kernel`` and ``bias`` as ``Conv2D`` does, then ``gain``."""
+        axis = -1 if self.data_format == "channels_last" else 1
+        channels = input_shape[axis]
+        if channels is not None and int(channels) // self.groups == 0:
+            raise _fan_in_error(
+                f"{channels} input channels in {self.groups} group(s) "
+                f"(input shape {tuple(input_shape)})"
+            )
+        super().build(input_shape)
+        self.gain = self.add_weight(
+            name="gain",
+            shape=(self.filters,),
+            initializer=keras.initializers.Constant(self.gain_init),
+            trainable=True,
+            dtype=self.dtype,
+        )
+
+    def standardized_kernel(self) -> Any:
+        """The kernel this layer convolves with: Scaled WS of ``kernel`` times ``gain``."""
+        return standardize_kernel(self.kernel, self.gain, self.spec)
+
+    def call(self, inputs: Any) -> Any:
+        """``Conv2D``'s call with the standardised kernel."""
+        outputs = self.convolution_op(inputs, self.standardized_kernel())
+        if self.use_bias:
+            shape = (1, 1, 1, self.filters)
+            if self.data_format != "channels_last":
+                shape = (1, self.filters, 1, 1)
+            outputs = ops.add(outputs, ops.reshape(self.bias, shape))
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+    # Conv2D saves and loads ``kernel`` and ``bias`` by position; ``gain`` comes next.
+    def _gain_key(self) -> str:
+        return str(2 if self.use_bias else 1)
+
+    def save_own_variables(self, store: Any) -> None:
+        """``Conv2D``'s variables, then ``gain`` (``.keras`` and ``.weights.h5`` files)."""
+        super().save_own_variables(store)
+        if self.built:
+            store[self._gain_key()] = self.gain
+
+    def load_own_variables(self, store: Any) -> None:
+        """Inverse of :meth:`save_own_variables`."""
+        super().load_own_variables(store)
+        if self.built:
+            self.gain.assign(store[self._gain_key()])
+
+    def get_config(self) -> dict[str, Any]:
+        """``Conv2D``'s config plus ``gain_init``, ``style`` and the resolved ``eps``."""
+        config: dict[str, Any] = super().get_config()
+        config.update(gain_init=self.gain_init, style=self.spec.style, eps=self.spec.eps)
+        return config
