@@ -406,3 +406,31 @@ def test_a_loaded_model_saves_with_its_new_settings(tmp_path: Path) -> None:
     assert reloaded.get_layer("bn1").spec == source.get_layer("bn1").spec
     x = _batch(6, (2, 28, 28, 1))
     assert np.array_equal(_logits(reloaded, x), _logits(source, x))
+
+
+def test_nf_lenet_gain_and_settings_travel_between_torch_and_keras() -> None:
+    torch = pytest.importorskip("torch")
+    from unorm._torch.port import export_checkpoint as torch_export
+    from unorm._torch.port import load_checkpoint as torch_load
+    from unorm.models.keras import lenet_nf as keras_nf
+    from unorm.models.torch import lenet_nf as torch_nf
+
+    source = torch_nf(style="timm")
+    with torch.no_grad():
+        source[0].gain.copy_(torch.linspace(0.5, 1.5, 6))
+    keras_net = keras_nf()
+    load_checkpoint(keras_net, torch_export(source, torch.zeros(1, 1, 28, 28)))
+    assert keras_net.layers[0].spec.style == "timm"
+    x = np.random.default_rng(0).normal(size=(2, 1, 28, 28)).astype("float32")
+    want = source.eval()(torch.from_numpy(x)).detach().numpy()
+    got = np.asarray(keras_net(x.transpose(0, 2, 3, 1), training=False))
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    back = torch_nf()
+    torch_load(back, export_checkpoint(keras_net))
+    assert back[0].ws.style == "timm"
+    torch.testing.assert_close(back[0].gain, source[0].gain)
+    from unorm.models.torch import lenet
+
+    plain = torch.nn.Sequential(*[m for m in lenet() if not isinstance(m, torch.nn.Sigmoid)])
+    with pytest.raises(port.CheckpointError, match="the model has no 'gain'"):
+        torch_load(plain, torch_export(source))

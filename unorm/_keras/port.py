@@ -43,9 +43,10 @@ import keras
 import numpy as np
 
 from ..port import Checkpoint, CheckpointError, Layer
-from ..spec import BatchNormSpec
+from ..spec import BatchNormSpec, ScaledWSSpec
 from . import stats
 from .batchnorm import BatchNorm
+from .ws import ScaledStdConv2D
 
 __all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
 
@@ -63,7 +64,7 @@ _UNKNOWN = "unknown"
 
 # A planned load: the layer, its checkpoint entry, (variable, value) pairs to assign,
 # and the BatchNorm settings to apply once every value is in place.
-_Step = tuple[Any, Layer, list[tuple[Any, np.ndarray]], BatchNormSpec | None]
+_Step = tuple[Any, Layer, list[tuple[Any, np.ndarray]], BatchNormSpec | ScaledWSSpec | None]
 
 
 # -- which layers, in which order -----------------------------------------------------
@@ -341,6 +342,10 @@ def _export_weights(
         attrs["groups"] = int(getattr(layer, "groups", 1))
     if flatten is not None:
         attrs["flatten_from"] = list(flatten)
+    if isinstance(layer, ScaledStdConv2D):
+        # A Scaled WS convolution: its gain and settings travel with it.
+        pairs.append(("gain", _numpy(layer.gain)))
+        attrs["ws"] = {"style": layer.spec.style, "eps": layer.spec.eps}
     return pairs, attrs
 
 
@@ -480,7 +485,21 @@ def _plan_weights(
     if bias is not None:
         _checked_shape("bias", bias, tuple(layer.bias.shape), where)
         copies.append((layer.bias, _as_dtype(bias, layer.bias)))
+    gain = _source(ckpt, source, "gain", getattr(layer, "gain", None), where)
+    if gain is not None:
+        _checked_shape("gain", gain, tuple(layer.gain.shape), where)
+        copies.append((layer.gain, _as_dtype(gain, layer.gain)))
     return copies
+
+
+def _ws_settings(layer: Any, source: Layer, where: str) -> ScaledWSSpec | None:
+    """The Scaled WS settings a ScaledStdConv2D takes from ``source`` (validated first)."""
+    if "ws" not in source.attrs or not isinstance(layer, ScaledStdConv2D):
+        return None
+    try:
+        return ScaledWSSpec(**source.attrs["ws"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: invalid Scaled WS settings: {err}") from None
 
 
 def _bn_settings(layer: Any, source: Layer, where: str) -> BatchNormSpec | None:
@@ -555,17 +574,19 @@ def _plan(model: Any, ckpt: Checkpoint) -> list[_Step]:
         where = f"layer {index}: checkpoint {_describe(source, ckpt)} vs model {kind} {name!r}"
         if kind != source.kind:
             raise CheckpointError(f"{where}: kinds differ")
+        spec: BatchNormSpec | ScaledWSSpec | None
         if kind == "batchnorm":
             copies, spec = _plan_bn(layer, source, ckpt, where)
         else:
             model_flat = flat.get(id(layer), _UNKNOWN)
-            copies, spec = _plan_weights(layer, kind, source, ckpt, model_flat, where), None
+            copies = _plan_weights(layer, kind, source, ckpt, model_flat, where)
+            spec = _ws_settings(layer, source, where)
         plan.append((layer, source, copies, spec))
     return plan
 
 
-def _apply_spec(layer: Any, source: Layer, spec: BatchNormSpec) -> None:
-    if isinstance(layer, BatchNorm):
+def _apply_spec(layer: Any, source: Layer, spec: BatchNormSpec | ScaledWSSpec) -> None:
+    if isinstance(spec, ScaledWSSpec) or isinstance(layer, BatchNorm):
         layer.spec = spec  # every setting is read through the spec at call time
         return
     layer.epsilon = float(spec.eps)

@@ -22,8 +22,9 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from ..port import Checkpoint, CheckpointError, Layer
-from ..spec import BatchNormSpec
+from ..spec import BatchNormSpec, ScaledWSSpec
 from .batchnorm import BatchNorm
+from .ws import _ScaledStd
 
 __all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
 
@@ -134,6 +135,10 @@ def export_checkpoint(model: nn.Module, example: torch.Tensor | None = None) -> 
             pairs = [("weight", module.weight), ("bias", getattr(module, "bias", None))]
             if kind != "dense":
                 attrs["groups"] = int(module.groups)  # type: ignore[arg-type]
+            if isinstance(module, _ScaledStd):
+                # A Scaled WS convolution: its gain and settings travel with it.
+                pairs.append(("gain", module.gain))
+                attrs["ws"] = {"style": module.ws.style, "eps": module.ws.eps}
             if name in flat:
                 attrs["flatten_from"] = flat[name]
         for role, value in pairs:
@@ -150,11 +155,21 @@ def _describe(layer: Layer, ckpt: Checkpoint) -> str:
     return f"{layer.kind} {layer.name!r}" + (f" {shape}" if shape else "")
 
 
-_Step = tuple[nn.Module, Layer, list[tuple[torch.Tensor, np.ndarray]], BatchNormSpec | None]
+_Step = tuple[
+    nn.Module, Layer, list[tuple[torch.Tensor, np.ndarray]], BatchNormSpec | ScaledWSSpec | None
+]
 
 
-def _target_spec(module: nn.Module, layer: Layer, where: str) -> BatchNormSpec | None:
-    """The settings a BatchNorm will take from ``layer`` (validated before any copy)."""
+def _target_spec(
+    module: nn.Module, layer: Layer, where: str
+) -> BatchNormSpec | ScaledWSSpec | None:
+    """The settings a BatchNorm or Scaled WS convolution will take from ``layer``
+    (validated before any copy)."""
+    if "ws" in layer.attrs and isinstance(module, _ScaledStd):
+        try:
+            return ScaledWSSpec(**layer.attrs["ws"])
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f"{where}: invalid Scaled WS settings: {err}") from None
     if layer.kind != "batchnorm" or "spec" not in layer.attrs:
         return None
     settings = dict(layer.attrs["spec"])
@@ -182,7 +197,11 @@ def _plan(model: nn.Module, ckpt: Checkpoint) -> list[_Step]:
         where = f"layer {index}: checkpoint {_describe(layer, ckpt)} vs model {kind} {name!r}"
         if kind != layer.kind:
             raise CheckpointError(f"{where}: kinds differ")
-        roles = _BN_ROLES if kind == "batchnorm" else {"weight": "weight", "bias": "bias"}
+        roles = (
+            _BN_ROLES
+            if kind == "batchnorm"
+            else {"weight": "weight", "bias": "bias", "gain": "gain"}
+        )
         copies = []
         for role, attr in roles.items():
             dst = getattr(module, attr, None)
@@ -226,7 +245,11 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
                 _apply_spec(module, layer, spec)
 
 
-def _apply_spec(module: nn.Module, layer: Layer, spec: BatchNormSpec) -> None:
+def _apply_spec(module: nn.Module, layer: Layer, spec: BatchNormSpec | ScaledWSSpec) -> None:
+    if isinstance(spec, ScaledWSSpec):
+        assert isinstance(module, _ScaledStd)
+        module.ws = spec
+        return
     if isinstance(module, BatchNorm):
         module.spec = spec
         return
