@@ -66,3 +66,19 @@ def test_nf_lenet_trains_in_seconds() -> None:
     torch.manual_seed(0)
     losses = train(lenet_nf(), data.train_x, data.train_y, Recipe(steps=30, lr=0.1, clipping=0.1))
     assert np.mean(losses[-5:]) < 0.8 * losses[0]
+
+
+def test_agc_clips_scaled_ws_weights_per_channel_and_the_gain_as_one_unit() -> None:
+    from unorm.torch import adaptive_clip_grad_
+
+    conv = ScaledStdConv2d(3, 4, 3).double()
+    grads = {n: torch.randn_like(p) for n, p in conv.named_parameters()}
+    weights = {n: p.detach().numpy().copy() for n, p in conv.named_parameters()}
+    for name, p in conv.named_parameters():
+        p.grad = grads[name].clone()
+    adaptive_clip_grad_(conv, clipping=0.01)
+    want = ref.agc_clip_all(
+        {n: g.numpy() for n, g in grads.items()}, weights, {"weight": 0}, clipping=0.01
+    )  # bias and gain (rank 1): one unit each
+    for name, p in conv.named_parameters():
+        np.testing.assert_allclose(p.grad.numpy(), want[name], rtol=1e-12)
