@@ -76,7 +76,6 @@ ENVIRONMENTS = (
 )
 
 FRAMEWORKS = ("torch", "keras", "mxnet")
-PORT_CHECK = False  # switched on once every framework can export and load checkpoints
 
 
 def log(message: str) -> None:
@@ -193,7 +192,7 @@ def test(extra: list[str]) -> int:
             if code != 0:
                 failures.append(f"{env.name}: {label}")
     # Porting between environments: every ordered pair of frameworks, through files.
-    if PORT_CHECK and cross_environment("port_check") != 0:
+    if cross_environment("port_check") != 0:
         failures.append("port check across environments")
     if failures:
         log("FAILED: " + "; ".join(failures))

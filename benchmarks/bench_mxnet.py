@@ -1,0 +1,147 @@
+"""Benchmark plug-in "mxnet": unorm.mxnet against Gluon's own BatchNorm and a plain AGC loop.
+
+Run with ``python -m benchmarks.run mxnet`` in the legacy environment (MXNet 1.9, CPU).
+
+Benchmarks (full size; ``quick`` uses small inputs):
+
+- ``bn_train``: forward + backward (``autograd.record()``, ``backward()``) of
+  ``unorm.mxnet.BatchNorm`` vs ``gluon.nn.BatchNorm``, both hybridized, float32 NCHW at
+  (32, 64, 56, 56) and (256, 256, 14, 14). Target ratio 1.05. unorm computes the batch
+  statistics accurately (BLAS partial sums finished in float64, two-pass when the mean is
+  large) and updates the running statistics in the forward pass; Gluon's kernel sums one
+  float32 at a time and updates in backward, so the two do not do the same work.
+- ``bn_eval``: the same layers in inference mode (forward only). Target ratio 1.05.
+- ``agc``: ``adaptive_clip_grad`` over the parameters of a ResNet-50 (Gluon model zoo
+  architecture, random weights and gradients) against a per-tensor loop written the way
+  timm's ``adaptive_clip_grad`` is (per tensor: norms, clamp, divide, where, copy). No
+  target: MXNet has no AGC of its own.
+
+``bytes_moved``: training reads the input twice and writes the output in the forward
+pass, then reads input and output gradient and writes the input gradient (5 passes; the
+backward sums need a pass of their own), 8 input sizes in all; inference reads and writes
+once. AGC reads weights and gradients and writes the gradients.
+
+Example:
+    >>> sorted({b.name for b in benchmarks(quick=True)})
+    ['agc', 'bn_eval', 'bn_train']
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+from unorm.mxnet import BatchNorm, adaptive_clip_grad
+
+from .harness import Benchmark
+
+__all__ = ["benchmarks", "timm_style_agc", "versions"]
+
+BACKEND = "mxnet"
+CLIPPING = 0.01
+AGC_EPS = 1e-3
+
+
+def versions() -> dict[str, str]:
+    """The versions of what these benchmarks run on."""
+    return {"mxnet": mx.__version__, "numpy": np.__version__}
+
+
+def _wait(result: object) -> None:
+    # MXNet runs asynchronously: wait for the returned array (or for everything).
+    if isinstance(result, mx.nd.NDArray):
+        result.wait_to_read()
+    else:
+        mx.nd.waitall()
+
+
+def _bn_pair(shape: tuple[int, ...]) -> list[Benchmark]:
+    rng = np.random.default_rng(0)
+    x = mx.nd.array(rng.standard_normal(shape, dtype=np.float32))
+    x.attach_grad()
+    dy = mx.nd.array(rng.standard_normal(shape, dtype=np.float32))
+    channels = shape[1]
+    ours = BatchNorm(channels, num_dims=len(shape))
+    native = gluon.nn.BatchNorm(in_channels=channels)
+    for layer in (ours, native):
+        layer.initialize()
+        layer.hybridize(static_alloc=True)
+
+    def train(layer: Any) -> Callable[[], object]:
+        def run() -> object:
+            with autograd.record():
+                y = layer(x)
+            y.backward(dy)
+            return x.grad
+
+        return run
+
+    def infer(layer: Any) -> Callable[[], object]:
+        return lambda: layer(x)
+
+    params = {"shape": shape, "dtype": "float32", "layout": "NCHW"}
+    size = x.size * 4
+    return [
+        Benchmark("bn_train", BACKEND, params, train(ours), train(native), _wait, 8 * size, 1.05),
+        Benchmark("bn_eval", BACKEND, params, infer(ours), infer(native), _wait, 2 * size, 1.05),
+    ]
+
+
+def timm_style_agc(params: Any, clipping: float, eps: float) -> None:
+    """AGC written tensor by tensor, as timm's ``adaptive_clip_grad`` does (unit axis 0)."""
+    for param in params.values():
+        if param.grad_req == "null":
+            continue
+        weight, grad = param.data(), param.grad()
+        axes = tuple(range(1, weight.ndim)) if weight.ndim > 1 else None
+        w_norm = mx.nd.norm(weight, axis=axes, keepdims=True) if axes else mx.nd.norm(weight)
+        g_norm = mx.nd.norm(grad, axis=axes, keepdims=True) if axes else mx.nd.norm(grad)
+        max_norm = mx.nd.maximum(w_norm, eps) * clipping
+        clipped = mx.nd.broadcast_mul(grad, max_norm / mx.nd.maximum(g_norm, 1e-6))
+        keep = mx.nd.broadcast_to(g_norm < max_norm, grad.shape)
+        grad[:] = mx.nd.where(keep, grad, clipped)
+
+
+def _agc(quick: bool) -> Benchmark:
+    rng = np.random.default_rng(1)
+    if quick:
+        net = gluon.nn.HybridSequential()
+        net.add(gluon.nn.Conv2D(8, 3, in_channels=4), gluon.nn.Dense(10, in_units=8))
+        name = "small"
+    else:
+        net = gluon.model_zoo.vision.resnet50_v1(pretrained=False)
+        name = "resnet50"
+    net.initialize(mx.init.Xavier())
+    if not quick:
+        net(mx.nd.zeros((1, 3, 224, 224)))  # finish the deferred initialisation
+    params = net.collect_params()
+    moved = 0
+    for param in params.values():
+        if param.grad_req != "null":
+            param.grad()[:] = rng.standard_normal(param.shape).astype(np.float32) * 1e-2
+            moved += 3 * param.data().size * 4
+
+    def ours() -> object:
+        adaptive_clip_grad(net, clipping=CLIPPING, eps=AGC_EPS)
+        return None
+
+    def theirs() -> object:
+        timm_style_agc(params, CLIPPING, AGC_EPS)
+        return None
+
+    info = {"model": name, "dtype": "float32"}
+    return Benchmark("agc", BACKEND, info, ours, theirs, _wait, moved)
+
+
+def benchmarks(quick: bool) -> list[Benchmark]:
+    """This plug-in's benchmarks: full size, or small inputs when ``quick``."""
+    shapes = [(4, 8, 16, 16), (8, 16, 7, 7)] if quick else [(32, 64, 56, 56), (256, 256, 14, 14)]
+    found: list[Benchmark] = []
+    for shape in shapes:
+        found.extend(_bn_pair(shape))
+    found.append(_agc(quick))
+    return found

@@ -1,0 +1,415 @@
+"""unorm.mxnet.BatchNorm against the NumPy reference (SPEC.md section 2).
+
+Runs where MXNet runs (the legacy environment); the ``mxnet`` marker skips it elsewhere.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from unorm import reference as ref
+from unorm.spec import BatchNormSpec
+
+pytestmark = pytest.mark.mxnet
+
+
+def _mxnet_runs_here() -> bool:
+    listed = os.environ.get("UNORM_RUNS")
+    if listed is not None:
+        return "mxnet" in listed.split(",")
+    return importlib.util.find_spec("mxnet") is not None
+
+
+if _mxnet_runs_here():  # where MXNet is meant to run, a failing import is an error
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    from unorm.mxnet import BatchNorm
+
+F32 = {"rtol": 1e-5, "atol": 2e-5}
+
+
+def _state(layer: Any) -> dict[str, np.ndarray]:
+    prefix = layer.prefix
+    return {
+        name[len(prefix) :]: p.data().asnumpy().copy() for name, p in layer.collect_params().items()
+    }
+
+
+def _assert_state_equal(before: dict[str, np.ndarray], after: dict[str, np.ndarray]) -> None:
+    assert before.keys() == after.keys()
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name], err_msg=name)
+
+
+def _running(layer: Any) -> ref.RunningStats:
+    return ref.RunningStats(
+        layer.running_mean.data().asnumpy().astype(np.float64),
+        layer.running_var.data().asnumpy().astype(np.float64),
+        int(layer.num_batches_tracked.data().asnumpy()[0]),
+    )
+
+
+def _train_step(layer: Any, x: np.ndarray, dy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    xs = mx.nd.array(x, dtype=x.dtype)
+    xs.attach_grad()
+    with autograd.record():
+        y = layer(xs)
+    y.backward(mx.nd.array(dy, dtype=x.dtype))
+    return y.asnumpy(), xs.grad.asnumpy()
+
+
+def _run_against_reference(
+    layer: Any, spec: BatchNormSpec, shape: tuple[int, ...], seed: int
+) -> None:
+    """Five training steps (output, gradients, state) and one inference call."""
+    rng = np.random.default_rng(seed)
+    ax = spec.axis % len(shape)
+    channels = shape[ax]
+    gamma = rng.uniform(0.5, 1.5, channels)
+    beta = rng.uniform(-0.5, 0.5, channels)
+    layer.gamma.set_data(mx.nd.array(gamma))
+    layer.beta.set_data(mx.nd.array(beta))
+    running = ref.init_running_stats(channels)
+    g_ref = gamma if spec.scale else None
+    for _ in range(5):
+        x = (rng.standard_normal(shape) * 2.0 + 0.5).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        y, dx = _train_step(layer, x, dy)
+        y_ref, running = ref.batch_norm_step(x, running, spec, gamma, beta, training=True)
+        grads = ref.batch_norm_backward(dy, x, g_ref, eps=spec.eps, axis=ax, center=spec.center)
+        np.testing.assert_allclose(y, y_ref, **F32)
+        np.testing.assert_allclose(dx, grads.dx, **F32)
+        if spec.scale:
+            np.testing.assert_allclose(
+                layer.gamma.grad().asnumpy(), grads.dgamma, rtol=1e-5, atol=1e-4
+            )
+        if spec.center:
+            np.testing.assert_allclose(
+                layer.beta.grad().asnumpy(), grads.dbeta, rtol=1e-5, atol=1e-4
+            )
+        got = _running(layer)
+        np.testing.assert_allclose(got.mean, running.mean, rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(got.var, running.var, rtol=1e-6, atol=1e-6)
+        assert got.num_batches_tracked == running.num_batches_tracked
+    x = rng.standard_normal(shape).astype(np.float32)
+    y_ref, _ = ref.batch_norm_step(x, running, spec, gamma, beta, training=False)
+    np.testing.assert_allclose(layer(mx.nd.array(x)).asnumpy(), y_ref, **F32)
+
+
+SHAPES = [(8, 3), (4, 3, 5), (4, 3, 6, 6), (2, 3, 4, 3, 2)]
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"rank{len(s)}" for s in SHAPES])
+def test_five_training_steps_then_inference_match_reference(
+    shape: tuple[int, ...], hybridize: bool
+) -> None:
+    layer = BatchNorm(shape[1], num_dims=len(shape))
+    layer.initialize()
+    if hybridize:
+        layer.hybridize()
+    _run_against_reference(layer, BatchNormSpec(), shape, seed=len(shape))
+
+
+SETTINGS = {
+    "cumulative_biased": {"momentum": None, "running_var": "biased"},
+    "momentum_0.3_eps_1e-3": {"momentum": 0.3, "eps": 1e-3},
+    "no_affine": {"center": False, "scale": False},
+    "preset_torch": {"preset": "torch"},
+    "preset_keras_channels_last": {"preset": "keras", "axis": -1},
+    "long_rows": {},
+}
+
+
+@pytest.mark.parametrize("name", list(SETTINGS))
+def test_settings_match_reference(name: str) -> None:
+    kwargs = dict(SETTINGS[name])
+    shape = (
+        (3, 40, 4) if kwargs.get("axis") == -1 else (3, 4, 40) if name == "long_rows" else (6, 4, 3)
+    )
+    preset = kwargs.pop("preset", None)
+    layer = BatchNorm(preset=preset, **kwargs)
+    layer.initialize()
+    layer.hybridize()
+    spec = BatchNormSpec.from_preset(preset, **{"axis": 1, **kwargs})
+    _run_against_reference(layer, spec, shape, seed=7)
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_training_forward_without_backward_updates_running_stats(hybridize: bool) -> None:
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 3, 2)).astype(np.float32)
+    layer = BatchNorm(3)
+    layer.initialize()
+    if hybridize:
+        layer.hybridize()
+    with autograd.train_mode():  # a training forward, no recording, no backward
+        layer(mx.nd.array(x))
+    with autograd.record():  # recorded, but backward never runs
+        layer(mx.nd.array(x))
+    expected = ref.init_running_stats(3)
+    for _ in range(2):
+        _, expected = ref.batch_norm_step(x, expected, BatchNormSpec(), training=True)
+    got = _running(layer)
+    np.testing.assert_allclose(got.mean, expected.mean, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(got.var, expected.var, rtol=1e-6)
+    assert got.num_batches_tracked == 2
+    layer(mx.nd.array(x))  # inference changes nothing
+    assert _running(layer).num_batches_tracked == 2
+
+
+def test_updates_once_per_call_inside_a_hybridized_parent() -> None:
+    rng = np.random.default_rng(2)
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(4, in_units=3), BatchNorm(4))
+    net.initialize()
+    net.hybridize()
+    x = rng.standard_normal((6, 3)).astype(np.float32)
+    hidden = net[0](mx.nd.array(x)).asnumpy()
+    with autograd.train_mode():
+        net(mx.nd.array(x))
+    with autograd.record():
+        out = net(mx.nd.array(x))
+    out.backward()
+    expected = ref.init_running_stats(4)
+    for _ in range(2):
+        _, expected = ref.batch_norm_step(hidden, expected, BatchNormSpec(), training=True)
+    got = _running(net[1])
+    np.testing.assert_allclose(got.mean, expected.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got.var, expected.var, rtol=1e-5)
+    assert got.num_batches_tracked == 2
+
+
+def test_large_mean_keeps_float32_accuracy() -> None:
+    # SPEC.md, numerics: mean 1e4, std 1. MXNet's own kernel loses every digit here.
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((64, 4, 16, 16)) + 1e4).astype(np.float32)
+    layer = BatchNorm(4)
+    layer.initialize()
+    with autograd.train_mode():
+        y = layer(mx.nd.array(x)).asnumpy()
+    y_ref, stats = ref.batch_norm_train(x, eps=1e-5, axis=1)
+    np.testing.assert_allclose(y, y_ref, rtol=0, atol=1e-4)
+    got = _running(layer)
+    np.testing.assert_allclose(got.mean, 0.1 * stats.mean, rtol=1e-7)
+    np.testing.assert_allclose(got.var, 0.9 + 0.1 * stats.var(unbiased=True), rtol=1e-6)
+
+
+def test_non_finite_batch_skips_the_whole_update() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(4, 3)
+    x[1, 2] = np.inf
+    layer = BatchNorm(3, momentum=None)
+    layer.initialize()
+    before = _state(layer)
+    with autograd.train_mode():
+        y = layer(mx.nd.array(x)).asnumpy()
+    assert not np.isfinite(y[:, 2]).any() and np.isfinite(y[:, :2]).all()
+    _assert_state_equal(before, _state(layer))
+    unguarded = BatchNorm(3, preset="torch")
+    unguarded.initialize()
+    with autograd.train_mode():
+        unguarded(mx.nd.array(x))
+    assert not np.isfinite(_running(unguarded).var[2])
+    assert _running(unguarded).num_batches_tracked == 1
+
+
+def test_one_value_per_channel() -> None:
+    x = mx.nd.array([[1.0, 2.0, 3.0]])
+    layer = BatchNorm(3)
+    layer.initialize()
+    before = _state(layer)
+    with autograd.train_mode(), pytest.raises(ValueError, match="more than 1 value per channel"):
+        layer(x)
+    _assert_state_equal(before, _state(layer))
+    assert layer(x).shape == (1, 3)  # inference with running statistics is fine
+    single = BatchNorm(3, allow_single_value=True, center=True)
+    single.initialize()
+    single.beta.set_data(mx.nd.array([0.5, -1.0, 2.0]))
+    with autograd.train_mode():
+        y = single(x).asnumpy()
+    np.testing.assert_array_equal(y, [[0.5, -1.0, 2.0]])
+    np.testing.assert_allclose(_running(single).var, [0.9, 0.9, 0.9])  # biased feed, 0
+
+
+BAD_INPUTS = {
+    "rank1": ((3,), "float32", {}, "rank >= 2"),
+    "num_dims": ((2, 3, 4), "float32", {"num_dims": 4}, r"rank 4 \(num_dims=4\)"),
+    "int_dtype": ((4, 3), "int32", {}, "floating-point dtype, got int32"),
+    "channels": ((4, 5), "float32", {}, "must have 3 features on axis 1, got shape"),
+    "axis": ((4, 3), "float32", {"axis": 2}, "axis must be an integer in"),
+}
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_and_changes_nothing(case: str, hybridize: bool) -> None:
+    shape, dtype, kwargs, message = BAD_INPUTS[case]
+    layer = BatchNorm(3, **kwargs)
+    layer.initialize()
+    if hybridize:
+        layer.hybridize()
+    before = _state(layer)
+    x = mx.nd.ones(shape, dtype=dtype)
+    x.attach_grad()
+    with pytest.raises(ValueError, match=message), autograd.record():
+        layer(x)
+    _assert_state_equal(before, _state(layer))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"preset": "caffe"}, "preset must be one of"),
+        ({"momentum": 1.5}, "momentum must be a number in"),
+        ({"eps": -1.0}, "eps must be"),
+        ({"in_channels": -1}, "in_channels must be an integer >= 0"),
+        ({"num_dims": 1}, "num_dims must be an integer >= 2"),
+        ({"update_on": "never"}, "update_on must be one of"),
+    ],
+)
+def test_bad_settings_raise(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        BatchNorm(**kwargs)
+
+
+def test_float16_input_keeps_float32_state() -> None:
+    rng = np.random.default_rng(4)
+    x = (rng.standard_normal((8, 3, 4)) * 3 + 1).astype(np.float16)
+    layer = BatchNorm(3)
+    layer.initialize()
+    layer.cast("float16")
+    assert np.dtype(layer.gamma.dtype) == np.float32
+    assert np.dtype(layer.num_batches_tracked.dtype) == np.int64
+    dy = rng.standard_normal(x.shape).astype(np.float16)
+    y, dx = _train_step(layer, x, dy)
+    assert y.dtype == np.float16 and dx.dtype == np.float16
+    y_ref, stats = ref.batch_norm_train(x.astype(np.float64), eps=1e-5, axis=1)
+    np.testing.assert_allclose(y, y_ref, rtol=2e-3, atol=4e-3)
+    grads = ref.batch_norm_backward(dy, x.astype(np.float64), np.ones(3), eps=1e-5, axis=1)
+    np.testing.assert_allclose(dx, grads.dx, rtol=2e-3, atol=4e-3)
+    np.testing.assert_allclose(_running(layer).mean, 0.1 * stats.mean, rtol=1e-6)
+
+
+def test_float64_input_after_cast() -> None:
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 3, 5))
+    layer = BatchNorm(3)
+    layer.initialize()
+    with pytest.raises(ValueError, match=r"cast\('float64'\)"):
+        layer(mx.nd.array(x, dtype="float64"))
+    layer.cast("float64")
+    dy = rng.standard_normal(x.shape)
+    y, dx = _train_step(layer, x, dy)
+    y_ref, _ = ref.batch_norm_train(x, eps=1e-5, axis=1)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-12, atol=1e-12)
+    grads = ref.batch_norm_backward(dy, x, np.ones(3), eps=1e-5, axis=1)
+    np.testing.assert_allclose(dx, grads.dx, rtol=1e-10, atol=1e-12)
+
+
+def test_without_running_stats_inference_uses_batch_stats() -> None:
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((7, 3)).astype(np.float32)
+    layer = BatchNorm(3, track_running_stats=False)
+    layer.initialize()
+    assert sorted(k.split("_", 1)[1] for k in layer.collect_params()) == ["beta", "gamma"]
+    y_ref, _ = ref.batch_norm_train(x, eps=1e-5, axis=1)
+    np.testing.assert_allclose(layer(mx.nd.array(x)).asnumpy(), y_ref, **F32)
+    with pytest.raises(ValueError, match="more than 1 value"):
+        layer(mx.nd.array(x[:1]))
+
+
+def test_inference_backward_matches_reference() -> None:
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((5, 3, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer = BatchNorm(3)
+    layer.initialize()
+    mean, var, gamma = (
+        np.array([0.1, -0.2, 0.3]),
+        np.array([1.5, 0.5, 2.0]),
+        np.array([1.0, 2.0, 0.5]),
+    )
+    layer.running_mean.set_data(mx.nd.array(mean))
+    layer.running_var.set_data(mx.nd.array(var))
+    layer.gamma.set_data(mx.nd.array(gamma))
+    xs = mx.nd.array(x)
+    xs.attach_grad()
+    with autograd.record(train_mode=False):
+        y = layer(xs)
+    y.backward(mx.nd.array(dy))
+    grads = ref.batch_norm_inference_backward(dy, x, mean, var, gamma, eps=1e-5, axis=1)
+    np.testing.assert_allclose(xs.grad.asnumpy(), grads.dx, **F32)
+    np.testing.assert_allclose(layer.gamma.grad().asnumpy(), grads.dgamma, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layer.beta.grad().asnumpy(), grads.dbeta, rtol=1e-5, atol=1e-5)
+    assert _running(layer).num_batches_tracked == 0
+
+
+def test_deferred_update_on_backward_outside_the_native_preset() -> None:
+    # preset="mxnet" with a cumulative average cannot run MXNet's kernel: unorm's operator
+    # then defers the update to the backward pass itself.
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((6, 2)).astype(np.float32)
+    layer = BatchNorm(2, preset="mxnet", momentum=None)
+    layer.initialize()
+    with autograd.record():
+        layer(mx.nd.array(x))
+    assert _running(layer).num_batches_tracked == 0
+    _train_step(layer, x, np.ones_like(x))
+    _, stats = ref.batch_norm_train(x, eps=1e-5, axis=1)
+    mx.nd.waitall()  # an update made in backward is not ordered before plain reads
+    got = _running(layer)
+    assert got.num_batches_tracked == 1
+    np.testing.assert_allclose(got.var, stats.var(), rtol=1e-6)  # cumulative, biased
+
+
+def test_deferred_channel_count() -> None:
+    layer = BatchNorm()
+    layer.initialize()
+    layer.hybridize()
+    with autograd.train_mode():
+        layer(mx.nd.ones((4, 6, 3)))
+    assert layer.gamma.shape == (6,) and layer.running_var.shape == (6,)
+    assert _running(layer).num_batches_tracked == 1
+
+
+def test_export_then_symbolblock_imports_gives_same_inference(tmp_path: Path) -> None:
+    rng = np.random.default_rng(10)
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=2), BatchNorm(4), gluon.nn.Activation("relu"))
+    net.initialize()
+    net.hybridize()
+    x = mx.nd.array(rng.standard_normal((3, 2, 6, 6)))
+    for _ in range(3):
+        with autograd.train_mode():
+            net(x)
+    expected = net(x).asnumpy()
+    net.export(str(tmp_path / "model"), epoch=1)
+    loaded = gluon.SymbolBlock.imports(
+        str(tmp_path / "model-symbol.json"), ["data"], str(tmp_path / "model-0001.params")
+    )
+    np.testing.assert_allclose(loaded(x).asnumpy(), expected, rtol=1e-6, atol=1e-6)
+    with autograd.train_mode():  # the loaded graph still updates in the forward pass
+        loaded(x)
+    counter = [p for n, p in loaded.collect_params().items() if n.endswith("num_batches_tracked")]
+    assert int(counter[0].data().asnumpy()[0]) == 4
+
+
+def test_save_and_load_parameters_round_trip(tmp_path: Path) -> None:
+    rng = np.random.default_rng(11)
+    layer = BatchNorm(3)
+    layer.initialize()
+    with autograd.train_mode():
+        layer(mx.nd.array(rng.standard_normal((5, 3))))
+    layer.save_parameters(str(tmp_path / "bn.params"))
+    other = BatchNorm(3)
+    other.load_parameters(str(tmp_path / "bn.params"))
+    _assert_state_equal(_state(layer), _state(other))
+    x = mx.nd.array(rng.standard_normal((4, 3)))
+    np.testing.assert_array_equal(layer(x).asnumpy(), other(x).asnumpy())

@@ -1,0 +1,222 @@
+"""``preset="mxnet"`` against ``gluon.nn.BatchNorm``, and ``unorm.mxnet.convert``."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from typing import Any
+
+import numpy as np
+import pytest
+
+from unorm import reference as ref
+from unorm.spec import BatchNormSpec
+
+pytestmark = pytest.mark.mxnet
+
+
+def _mxnet_runs_here() -> bool:
+    listed = os.environ.get("UNORM_RUNS")
+    if listed is not None:
+        return "mxnet" in listed.split(",")
+    return importlib.util.find_spec("mxnet") is not None
+
+
+if _mxnet_runs_here():  # where MXNet is meant to run, a failing import is an error
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    from unorm.mxnet import BatchNorm, convert
+
+
+def _values(layer: Any) -> dict[str, np.ndarray]:
+    # The mxnet preset updates in backward, which MXNet does not order before plain reads.
+    mx.nd.waitall()
+    prefix = layer.prefix
+    return {n[len(prefix) :]: p.data().asnumpy() for n, p in layer.collect_params().items()}
+
+
+def _step(layer: Any, x: np.ndarray, dy: np.ndarray, backward: bool = True) -> tuple[Any, ...]:
+    xs = mx.nd.array(x)
+    xs.attach_grad()
+    with autograd.record():
+        y = layer(xs)
+    if not backward:
+        return (y.asnumpy(),)
+    y.backward(mx.nd.array(dy))
+    return y.asnumpy(), xs.grad.asnumpy(), layer.gamma.grad().asnumpy(), layer.beta.grad().asnumpy()
+
+
+CLOSE = {"rtol": 1e-5, "atol": 1e-5}  # MXNet's own statistics are float32 sums
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize("shape", [(6, 4), (3, 4, 5, 5)], ids=["rank2", "rank4"])
+def test_preset_mxnet_matches_gluon_batchnorm(shape: tuple[int, ...], hybridize: bool) -> None:
+    rng = np.random.default_rng(0)
+    ours = BatchNorm(shape[1], preset="mxnet")
+    native = gluon.nn.BatchNorm(in_channels=shape[1])
+    for layer in (ours, native):
+        layer.initialize()
+        if hybridize:
+            layer.hybridize()
+    # Gluon's parameter names, plus unorm's update counter.
+    assert set(_values(ours)) == {*_values(native), "num_batches_tracked"}
+    for step in range(3):
+        x = (rng.standard_normal(shape) * 2 + 1).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        for a, b in zip(_step(ours, x, dy), _step(native, x, dy), strict=True):
+            np.testing.assert_allclose(a, b, **CLOSE)
+        for name, value in _values(native).items():
+            np.testing.assert_allclose(_values(ours)[name], value, err_msg=name, **CLOSE)
+        assert int(_values(ours)["num_batches_tracked"][0]) == step + 1
+    # MXNet's CPU kernel updates the running statistics in backward: a training forward
+    # without backward changes nothing, on both.
+    before = _values(ours)
+    _step(ours, x, dy, backward=False)
+    _step(native, x, dy, backward=False)
+    for name, value in before.items():
+        np.testing.assert_array_equal(_values(ours)[name], value)
+        if name in _values(native):
+            np.testing.assert_allclose(_values(native)[name], value, **CLOSE)
+    x = rng.standard_normal(shape).astype(np.float32)
+    np.testing.assert_allclose(
+        ours(mx.nd.array(x)).asnumpy(), native(mx.nd.array(x)).asnumpy(), **CLOSE
+    )
+
+
+def test_preset_mxnet_inference_backward_holds_running_stats_constant() -> None:
+    # The one place the preset departs from Gluon on purpose: MXNet's kernel differentiates
+    # an inference-mode call as if the running statistics were batch statistics.
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((6, 3, 4)).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer = BatchNorm(3, preset="mxnet")
+    layer.initialize()
+    mean, var = np.array([0.1, 0.2, -0.3]), np.array([0.5, 1.5, 2.0])
+    layer.running_mean.set_data(mx.nd.array(mean))
+    layer.running_var.set_data(mx.nd.array(var))
+    xs = mx.nd.array(x)
+    xs.attach_grad()
+    with autograd.record(train_mode=False):
+        y = layer(xs)
+    y.backward(mx.nd.array(dy))
+    expected = ref.batch_norm_inference_backward(dy, x, mean, var, np.ones(3), eps=1e-5, axis=1)
+    np.testing.assert_allclose(xs.grad.asnumpy(), expected.dx, rtol=1e-5, atol=1e-6)
+
+
+def test_preset_mxnet_is_gluons_native_arguments() -> None:
+    layer = BatchNorm(3, preset="mxnet")
+    assert layer.spec == BatchNormSpec.from_native("mxnet", momentum=0.9, epsilon=1e-5)
+
+
+def _model(bn: Any) -> Any:
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Conv2D(4, 3, in_channels=2), bn, gluon.nn.Activation("relu"))
+    net.add(gluon.nn.Dense(3))
+    return net
+
+
+def test_convert_keeps_state_and_gluon_numbers() -> None:
+    rng = np.random.default_rng(1)
+    x = mx.nd.array(rng.standard_normal((5, 2, 6, 6)))
+    net = _model(gluon.nn.BatchNorm(momentum=0.8, epsilon=1e-4))
+    twin = _model(gluon.nn.BatchNorm(momentum=0.8, epsilon=1e-4))
+    for model in (net, twin):
+        model.initialize(mx.init.Xavier())
+    for _ in range(2):  # give the native layer some state
+        with autograd.record():
+            out = net(x)
+        out.backward()
+    twin_params = twin.collect_params()
+    for (_, p), (_, q) in zip(net.collect_params().items(), twin_params.items(), strict=True):
+        q.set_data(p.data().copy())  # a snapshot: twin initialises lazily
+    gamma_before = net[1].gamma
+    trainer = gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1})
+    net = convert(net)
+    assert isinstance(net[1], BatchNorm) and net[1].gamma is gamma_before
+    assert net[1].spec == BatchNormSpec.from_native("mxnet", momentum=0.8, epsilon=1e-4)
+    net.hybridize()
+    twin.hybridize()
+    for _ in range(2):
+        outs = []
+        for model in (net, twin):
+            with autograd.record():
+                out = model(x)
+            out.backward()
+            outs.append(out.asnumpy())
+        np.testing.assert_allclose(*outs, **CLOSE)
+    mx.nd.waitall()  # an update made in backward is not ordered before plain reads
+    for name in ("running_mean", "running_var"):
+        ours, gluons = (getattr(m[1], name).data().asnumpy() for m in (net, twin))
+        np.testing.assert_allclose(ours, gluons, err_msg=name, **CLOSE)
+    assert int(net[1].num_batches_tracked.data().asnumpy()[0]) == 2  # counted from convert
+    trainer.step(5)  # a trainer made before the conversion still updates the same gamma
+    assert not np.array_equal(net[1].gamma.data().asnumpy(), twin[1].gamma.data().asnumpy())
+
+
+def test_convert_to_canonical_updates_in_forward() -> None:
+    net = _model(gluon.nn.BatchNorm(in_channels=4))
+    net.initialize()
+    running = net[1].running_mean.data().asnumpy().copy()
+    net = convert(net, preset=None)
+    layer = net[1]
+    assert layer.spec.running_var == "unbiased" and layer.spec.momentum == pytest.approx(0.1)
+    assert layer.num_batches_tracked is not None
+    np.testing.assert_array_equal(layer.running_mean.data().asnumpy(), running)
+    with autograd.train_mode():
+        net(mx.nd.ones((2, 2, 6, 6)))
+    assert int(layer.num_batches_tracked.data().asnumpy()[0]) == 1
+
+
+def test_convert_a_bare_layer_and_reject_global_stats() -> None:
+    layer = convert(gluon.nn.BatchNorm(scale=False, center=False, in_channels=2))
+    assert isinstance(layer, BatchNorm) and not layer.spec.scale and not layer.spec.center
+    with pytest.raises(ValueError, match="use_global_stats"):
+        convert(gluon.nn.BatchNorm(use_global_stats=True))
+    with pytest.raises(ValueError, match="preset must be one of"):
+        convert(gluon.nn.BatchNorm(), preset="caffe")
+
+
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_between_convolutions_matches_gluon(hybridize: bool) -> None:
+    # Convolutions hand their outputs and input gradients over in MKL-DNN layouts, which
+    # MXNet's CustomOp mishandles unless the layer converts them (see BatchNorm).
+    rng = np.random.default_rng(3)
+
+    def net(bn: Any) -> Any:
+        model = gluon.nn.HybridSequential()
+        model.add(
+            gluon.nn.Conv2D(16, 3, in_channels=3),
+            bn,
+            gluon.nn.Activation("relu"),
+            gluon.nn.Conv2D(8, 3, in_channels=16),
+            gluon.nn.MaxPool2D(2, 2),
+            gluon.nn.Dense(4, in_units=8 * 4 * 4),
+        )
+        model.initialize(mx.init.Xavier(rnd_type="gaussian"))
+        if hybridize:
+            model.hybridize()
+        return model
+
+    ours, native = net(BatchNorm(16, preset="mxnet")), net(gluon.nn.BatchNorm(in_channels=16))
+    native_params = list(native.collect_params().values())
+    own_params = [p for n, p in ours.collect_params().items() if "tracked" not in n]
+    for p, q in zip(own_params, native_params, strict=True):
+        q.set_data(p.data())
+    for _ in range(2):
+        x = mx.nd.array(rng.standard_normal((6, 3, 12, 12)))
+        for model in (ours, native):
+            with autograd.record():
+                loss = (model(x) ** 2).sum()
+            loss.backward()
+        for p, q in zip(own_params, native_params, strict=True):
+            if p.grad_req != "null":
+                np.testing.assert_allclose(
+                    p.grad().asnumpy(), q.grad().asnumpy(), rtol=1e-4, atol=1e-4, err_msg=p.name
+                )
+    mx.nd.waitall()
+    for p, q in zip(own_params, native_params, strict=True):
+        np.testing.assert_allclose(p.data().asnumpy(), q.data().asnumpy(), **CLOSE)
+    x = mx.nd.array(rng.standard_normal((4, 3, 12, 12)))
+    np.testing.assert_allclose(ours(x).asnumpy(), native(x).asnumpy(), rtol=1e-5, atol=1e-5)

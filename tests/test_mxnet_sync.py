@@ -1,0 +1,198 @@
+"""Cross-device ``SyncBatchNorm`` over several ``mx.cpu(i)`` contexts (SPEC.md section 3).
+
+Each scenario runs in a fresh interpreter (``python tests/test_mxnet_sync.py NAME``) with
+``MXNET_CPU_TEMP_COPY`` raised: MXNet shares one small pool of CPU workspaces among all
+``cpu(i)`` contexts, and a device whose operators wait on the synchronised layer can hold
+the workspaces another device needs to reach it (see ``SyncBatchNorm``). The variable is
+read when MXNet first needs a workspace, so a fresh process is the reliable way to set it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from unorm import reference as ref
+from unorm.spec import BatchNormSpec
+
+pytestmark = pytest.mark.mxnet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _mxnet_runs_here() -> bool:
+    listed = os.environ.get("UNORM_RUNS")
+    if listed is not None:
+        return "mxnet" in listed.split(",")
+    return importlib.util.find_spec("mxnet") is not None
+
+
+if _mxnet_runs_here():  # where MXNet is meant to run, a failing import is an error
+    import mxnet as mx
+    from mxnet import autograd, gluon
+
+    from unorm.mxnet import BatchNorm, SyncBatchNorm
+
+F32 = {"rtol": 1e-5, "atol": 2e-5}
+SCENARIOS: dict[str, Callable[[], None]] = {}
+
+
+def _scenario(fn: Callable[[], None]) -> Callable[[], None]:
+    SCENARIOS[fn.__name__] = fn
+    return fn
+
+
+def _contexts(n: int) -> list[Any]:
+    return [mx.cpu(i) for i in range(n)]
+
+
+def _split(x: np.ndarray, sizes: list[int], ctxs: list[Any]) -> list[Any]:
+    bounds = np.cumsum([0, *sizes])
+    pairs = zip(bounds[:-1], bounds[1:], ctxs, strict=True)
+    return [mx.nd.array(x[a:b], ctx=c) for a, b, c in pairs]
+
+
+def _against_one_device(sizes: list[int], hybridize: bool) -> None:
+    """Three training steps on len(sizes) devices against the reference on the whole batch."""
+    rng = np.random.default_rng(sum(sizes))
+    ctxs = _contexts(len(sizes))
+    layer = SyncBatchNorm(3, num_devices=len(ctxs))
+    layer.initialize(ctx=ctxs)
+    gamma = rng.uniform(0.5, 1.5, 3)
+    layer.gamma.set_data(mx.nd.array(gamma))
+    if hybridize:
+        layer.hybridize()
+    running = ref.init_running_stats(3)
+    for _ in range(3):
+        # Each device's slice has its own mean, so equal-weight averaging would be wrong.
+        offsets = np.repeat(np.arange(len(sizes)), sizes)[:, None, None] * 3.0
+        x = (rng.standard_normal((sum(sizes), 3, 4)) + offsets).astype(np.float32)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        parts = _split(x, sizes, ctxs)
+        for part in parts:
+            part.attach_grad()
+        with autograd.record():
+            ys = [layer(part) for part in parts]
+        autograd.backward(ys, _split(dy, sizes, ctxs))
+        y_ref, running = ref.batch_norm_step(x, running, BatchNormSpec(), gamma, training=True)
+        grads = ref.batch_norm_backward(dy, x, gamma, eps=1e-5, axis=1)
+        np.testing.assert_allclose(np.concatenate([y.asnumpy() for y in ys]), y_ref, **F32)
+        dx = np.concatenate([p.grad.asnumpy() for p in parts])
+        np.testing.assert_allclose(dx, grads.dx, **F32)
+        dgamma = sum(g.asnumpy() for g in layer.gamma.list_grad())
+        np.testing.assert_allclose(dgamma, grads.dgamma, rtol=1e-5, atol=1e-4)
+        mx.nd.waitall()
+        for ctx in ctxs:
+            got_mean = layer.running_mean.data(ctx).asnumpy()
+            np.testing.assert_allclose(got_mean, running.mean, rtol=1e-6, atol=1e-6)
+            got_var = layer.running_var.data(ctx).asnumpy()
+            np.testing.assert_allclose(got_var, running.var, rtol=1e-6)
+
+
+@_scenario
+def uneven_imperative() -> None:
+    _against_one_device([5, 2, 1], hybridize=False)
+
+
+@_scenario
+def uneven_hybridized() -> None:
+    _against_one_device([5, 2, 1], hybridize=True)
+
+
+@_scenario
+def even_hybridized() -> None:
+    _against_one_device([3, 3, 3], hybridize=True)
+
+
+@_scenario
+def split_and_load_training() -> None:
+    """A data-parallel step (split_and_load, Trainer with kvstore) equals one device."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((7, 2, 5, 5)).astype(np.float32)
+    ctxs = _contexts(2)
+
+    def model(bn: Any, contexts: Any) -> Any:
+        net = gluon.nn.HybridSequential()
+        net.add(gluon.nn.Conv2D(3, 3, in_channels=2), bn, gluon.nn.Dense(2, in_units=27))
+        net.initialize(mx.init.Constant(0.1), ctx=contexts)
+        net[0].weight.set_data(mx.nd.array(w))
+        net.hybridize()
+        return net
+
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    multi, single = model(SyncBatchNorm(3, num_devices=2), ctxs), model(BatchNorm(3), mx.cpu())
+    trainers = [
+        gluon.Trainer(n.collect_params(), "sgd", {"learning_rate": 0.5}) for n in (multi, single)
+    ]
+    for _ in range(2):
+        parts = gluon.utils.split_and_load(mx.nd.array(x), ctxs, even_split=False)
+        with autograd.record():
+            losses = [multi(p).sum() for p in parts]
+        autograd.backward(losses)
+        trainers[0].step(7)
+        with autograd.record():
+            loss = single(mx.nd.array(x)).sum()
+        loss.backward()
+        trainers[1].step(7)
+    mx.nd.waitall()
+    pairs = zip(multi.collect_params().items(), single.collect_params().values(), strict=True)
+    for (name, p), q in pairs:
+        for ctx in ctxs:
+            got, want = p.data(ctx).asnumpy(), q.data().asnumpy()
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=name)
+
+
+@_scenario
+def missing_device_times_out() -> None:
+    layer = SyncBatchNorm(2, num_devices=2, timeout=0.5)
+    layer.initialize(ctx=_contexts(2))
+    before = layer.running_mean.data(mx.cpu(0)).asnumpy().copy()
+    try:
+        with autograd.train_mode():
+            layer(mx.nd.ones((4, 2), ctx=mx.cpu(0))).asnumpy()
+    except mx.base.MXNetError:
+        pass  # MXNet prints the operator's Python exception and raises its own error
+    else:
+        raise AssertionError("a lone device did not fail")
+    np.testing.assert_array_equal(layer.running_mean.data(mx.cpu(0)).asnumpy(), before)
+
+
+NAMES = [
+    "uneven_imperative",
+    "uneven_hybridized",
+    "even_hybridized",
+    "split_and_load_training",
+    "missing_device_times_out",
+]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sync_scenario(name: str) -> None:
+    env = dict(os.environ, MXNET_CPU_TEMP_COPY="64", UNORM_RUNS="mxnet")
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), name],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"scenario {name} passed" in done.stdout
+    if name == "missing_device_times_out":
+        assert "waited 0.5 s for 2 devices, 1 arrived" in done.stdout
+
+
+if __name__ == "__main__":
+    assert sorted(SCENARIOS) == sorted(NAMES)
+    SCENARIOS[sys.argv[1]]()
+    print(f"scenario {sys.argv[1]} passed", flush=True)

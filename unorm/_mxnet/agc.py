@@ -1,0 +1,333 @@
+"""Adaptive Gradient Clipping (Brock et al. 2021, arXiv 2102.06171) for Gluon 1.9.
+
+Per output unit ``i`` of a parameter ``W`` with effective gradient ``G``:
+``max_i = clipping * max(||W_i||, eps)``; where ``||G_i||`` is finite and above ``max_i``,
+``G_i <- G_i * max_i / max(||G_i||, 1e-6)`` (SPEC.md section 5). The output-unit axes come
+from the layer owning the parameter (``unorm.spec.output_unit_axes("mxnet", kind, ndim)``):
+Dense ``(units, in)`` and Conv ``(O, I/g, *k)`` axis 0, Conv*DTranspose ``(I, O/g, *k)``
+axis 1, Embedding one unit per row; parameters of rank <= 1 are one unit.
+
+The *effective* gradient is what the optimizer consumes: ``Trainer.step(batch_size)``
+multiplies the stored gradient by ``rescale_grad = 1/batch_size`` (times the Trainer's own
+scale, e.g. a loss scaler's ``1/loss_scale``) inside the optimizer, after the all-reduce.
+Clipping is not scale-invariant, so the norms here are those of ``rescale_grad * grad``,
+and the same per-unit factor is applied to the stored gradient; the optimizer's product is
+then the clipped effective gradient, whichever way the loss was written (sum or mean).
+
+All work stays on the device (norms, thresholds and the per-unit ``where``); there is no
+host synchronisation per tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes, normalize_axis, output_unit_axes
+
+__all__ = ["AGC", "adaptive_clip_grad", "final_classifier", "unit_axes_of"]
+
+_MISSING: Any = object()
+
+
+def _blocks(block: Any) -> Iterator[Any]:
+    """``block`` and all its descendants, depth first, in registration order."""
+    yield block
+    for child in block._children.values():
+        yield from _blocks(child)
+
+
+def _layer_kind(block: Any) -> str | None:
+    nn = gluon.nn
+    if isinstance(block, (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose)):
+        return "conv_transpose"
+    if isinstance(block, (nn.Conv1D, nn.Conv2D, nn.Conv3D)):
+        return "conv"  # depthwise (groups = channels) has the same layout and unit axis
+    if isinstance(block, nn.Dense):
+        return "dense"
+    if isinstance(block, nn.Embedding):
+        return "embedding"
+    return None
+
+
+def unit_axes_of(block: Any) -> dict[str, UnitAxes]:
+    """The output-unit axes of every weight whose layer AGC knows, by parameter name.
+
+    Example:
+        >>> from mxnet import gluon
+        >>> net = gluon.nn.HybridSequential(prefix="net_")
+        >>> with net.name_scope():
+        ...     net.add(gluon.nn.Conv2DTranspose(4, 3, in_channels=2), gluon.nn.Dense(3))
+        >>> unit_axes_of(net)
+        {'net_conv0_weight': 1, 'net_dense0_weight': 0}
+    """
+    axes: dict[str, UnitAxes] = {}
+    for layer in _blocks(block):
+        kind = _layer_kind(layer)
+        if kind is not None:
+            weight = layer.weight
+            axes[weight.name] = output_unit_axes("mxnet", kind, len(weight.shape))
+    return axes
+
+
+def final_classifier(block: Any) -> Any:
+    """The last ``gluon.nn.Dense`` layer of ``block`` (depth first, registration order).
+
+    AGC leaves the final classifier unclipped (weight and bias), as the paper does:
+    ``AGC(trainer, net, exclude=[final_classifier(net)])``. Raises ``ValueError`` when
+    ``block`` has no Dense layer.
+
+    Example:
+        >>> from mxnet import gluon
+        >>> net = gluon.nn.HybridSequential(prefix="m_")
+        >>> with net.name_scope():
+        ...     net.add(gluon.nn.Dense(4), gluon.nn.Dense(2))
+        >>> final_classifier(net).name
+        'm_dense1'
+    """
+    dense = [b for b in _blocks(block) if isinstance(b, gluon.nn.Dense)]
+    if not dense:
+        raise ValueError(f"block {block.name!r} has no Dense layer to take as the classifier")
+    return dense[-1]
+
+
+class _Target:
+    """One parameter to clip, with its unit axes (None: one unit)."""
+
+    __slots__ = ("axes", "param")
+
+    def __init__(self, param: Any, axes: UnitAxes) -> None:
+        self.param = param
+        self.axes = axes
+
+
+def _param_table(params: Any) -> tuple[dict[str, Any], Any]:
+    """Parameters by name, and the block they came from (or None)."""
+    if isinstance(params, gluon.Block):
+        return dict(params.collect_params().items()), params
+    if isinstance(params, (gluon.ParameterDict, Mapping)):
+        return dict(params.items()), None
+    if isinstance(params, gluon.Parameter):
+        return {params.name: params}, None
+    if isinstance(params, Iterable):
+        table = {}
+        for p in params:
+            if not isinstance(p, gluon.Parameter):
+                raise ValueError(
+                    f"params must be a Block, a ParameterDict or Parameters, got {p!r}"
+                )
+            table[p.name] = p
+        return table, None
+    raise ValueError(f"params must be a Block, a ParameterDict or Parameters, got {params!r}")
+
+
+def _excluded(items: Iterable[Any], table: dict[str, Any], root: Any) -> set[str]:
+    blocks = {b.name: b for b in _blocks(root)} if root is not None else {}
+    names: set[str] = set()
+    missing: list[str] = []
+    for item in items:
+        if isinstance(item, gluon.Block):
+            found = list(item.collect_params().keys())
+        elif isinstance(item, gluon.Parameter):
+            found = [item.name]
+        elif isinstance(item, str) and item in table:
+            found = [item]
+        elif isinstance(item, str) and item in blocks:
+            found = list(blocks[item].collect_params().keys())
+        else:
+            missing.append(item if isinstance(item, str) else repr(item))
+            continue
+        missing.extend(n for n in found if n not in table)
+        names.update(found)
+    if missing:
+        raise ValueError(f"exclude names parameters that do not exist: {missing}")
+    return names
+
+
+def _resolve(
+    params: Any, exclude: Iterable[Any], unit_axes: Mapping[Any, UnitAxes] | None
+) -> list[_Target]:
+    table, root = _param_table(params)
+    skipped = _excluded(exclude, table, root)
+    overrides: dict[str, UnitAxes] = {}
+    for key, axes in (unit_axes or {}).items():
+        name = key.name if isinstance(key, gluon.Parameter) else key
+        if name not in table:
+            raise ValueError(f"unit_axes names parameters that do not exist: [{name!r}]")
+        overrides[name] = axes
+    known = unit_axes_of(root) if root is not None else {}
+    targets = []
+    for name, param in table.items():
+        if name in skipped or param.grad_req == "null":
+            continue
+        axes = overrides.get(name, known.get(name, _MISSING))
+        ndim = len(param.shape)
+        if axes is _MISSING:
+            if ndim > 1:
+                raise ValueError(
+                    f"unit_axes has no entry for parameter {name!r} of shape {param.shape}: "
+                    "say which axis indexes its output units"
+                )
+            axes = None
+        _check_axes(axes, ndim)
+        targets.append(_Target(param, axes))
+    return targets
+
+
+def _check_axes(axes: UnitAxes, ndim: int) -> tuple[int, ...]:
+    """The sorted non-negative unit axes, or () for one unit."""
+    if axes is None or ndim <= 1:
+        return ()
+    listed = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
+    normalised = sorted({normalize_axis(a, ndim, "unit_axes") for a in listed})
+    if len(normalised) != len(listed):
+        raise ValueError(f"unit_axes must name distinct axes, got {axes!r}")
+    return tuple(normalised)
+
+
+def _clip(grad: Any, weight: Any, axes: UnitAxes, spec: AGCSpec, rescale: float) -> None:
+    """Clip one gradient array in place (see the module docstring)."""
+    dtype = np.dtype(grad.dtype)
+    if dtype.kind != "f":
+        raise ValueError(f"grad must have a floating-point dtype, got {dtype.name}")
+    if grad.stype != "default":
+        raise ValueError("AGC needs dense gradients; create the layer with sparse_grad=False")
+    if grad.size == 0:
+        return
+    units = _check_axes(axes, grad.ndim)
+    reduce = tuple(i for i in range(grad.ndim) if i not in units)
+    work = np.float64 if dtype == np.float64 else np.float32  # norms in float32 or wider
+    g = grad if dtype == work else grad.astype(work)
+    w = weight if np.dtype(weight.dtype) == work else weight.astype(work)
+    if reduce:
+        g_norm = mx.nd.norm(g, ord=2, axis=reduce, keepdims=True)
+        w_norm = mx.nd.norm(w, ord=2, axis=reduce, keepdims=True)
+    else:  # every entry is its own unit
+        g_norm, w_norm = mx.nd.abs(g), mx.nd.abs(w)
+    if rescale != 1.0:
+        g_norm = g_norm * rescale
+    max_norm = mx.nd.maximum(w_norm, spec.eps) * spec.clipping
+    clip = mx.nd.contrib.isfinite(g_norm) * (g_norm > max_norm)
+    factor = max_norm / mx.nd.maximum(g_norm, AGC_GRAD_NORM_FLOOR)
+    # Units left alone are multiplied by exactly 1.0, which keeps their bits.
+    scale = mx.nd.where(clip, factor, mx.nd.ones_like(factor))
+    if dtype == work:
+        mx.nd.broadcast_mul(grad, scale, out=grad)
+    else:
+        grad[:] = mx.nd.broadcast_mul(g, scale).astype(dtype)
+
+
+def _check_rescale(rescale_grad: object) -> float:
+    if isinstance(rescale_grad, bool) or not isinstance(rescale_grad, numbers.Real):
+        raise ValueError(f"rescale_grad must be a finite number > 0, got {rescale_grad!r}")
+    value = float(rescale_grad)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"rescale_grad must be a finite number > 0, got {rescale_grad!r}")
+    return value
+
+
+def _clip_targets(targets: list[_Target], spec: AGCSpec, rescale: float) -> None:
+    for target in targets:
+        for grad, weight in zip(target.param.list_grad(), target.param.list_data(), strict=True):
+            _clip(grad, weight, target.axes, spec, rescale)
+
+
+def adaptive_clip_grad(
+    params: Any,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    *,
+    exclude: Iterable[Any] = (),
+    unit_axes: Mapping[Any, UnitAxes] | None = None,
+    rescale_grad: float = 1.0,
+) -> None:
+    """Clip the gradients of ``params`` in place with AGC (SPEC.md section 5).
+
+    ``params``: a Block (output-unit axes come from its layers), a ``ParameterDict`` or
+    Parameters (then every parameter of rank >= 2 needs a ``unit_axes`` entry).
+    ``clipping`` (0.01) and ``eps`` (1e-3) as in the paper. ``exclude``: parameters,
+    parameter names, Blocks or block names left unclipped (a Block excludes its weight and
+    bias). ``unit_axes``: per-parameter override, by name or Parameter, an int, a tuple of
+    ints or None (one unit). ``rescale_grad``: the factor the optimizer will multiply the
+    stored gradient by; norms are those of ``rescale_grad * grad``. Call it between
+    ``trainer.allreduce_grads()`` and ``trainer.update(batch_size)`` with
+    ``rescale_grad=1/batch_size``, or let :class:`AGC` do it. Parameters with
+    ``grad_req='null'`` are skipped; non-finite unit gradients are left as they are.
+
+    Example:
+        >>> import mxnet as mx
+        >>> from mxnet import autograd, gluon
+        >>> layer = gluon.nn.Dense(1, in_units=2, use_bias=False)
+        >>> layer.initialize(mx.init.Constant(1.0))
+        >>> x = mx.nd.array([[300.0, 400.0]])
+        >>> x.attach_grad()
+        >>> with autograd.record():
+        ...     y = layer(x)
+        >>> y.backward()
+        >>> adaptive_clip_grad(layer, clipping=0.01)  # ||G|| = 500 > 0.01 * sqrt(2)
+        >>> layer.weight.grad().asnumpy().round(5).tolist()
+        [[0.00849, 0.01131]]
+    """
+    spec = AGCSpec(clipping=clipping, eps=eps)
+    rescale = _check_rescale(rescale_grad)
+    _clip_targets(_resolve(params, exclude, unit_axes), spec, rescale)
+
+
+class AGC:
+    """A Gluon ``Trainer`` wrapper whose ``step`` clips the effective gradient with AGC.
+
+    ``AGC(trainer, params, *, clipping=0.01, eps=1e-3, exclude=(), unit_axes=None)``;
+    ``params`` and the keywords as in :func:`adaptive_clip_grad` (pass the model Block so
+    the unit axes come from its layers). ``step(batch_size)`` does what
+    ``trainer.step(batch_size)`` does, with AGC in between: all-reduce the gradients across
+    devices, clip ``rescale_grad * grad`` with ``rescale_grad = trainer scale /
+    batch_size``, then update. Every device holds the same reduced gradient and clips it
+    the same way. With several devices, create the Trainer with ``update_on_kvstore=False``
+    (otherwise the kvstore updates the weights during the all-reduce, before any clipping).
+    Other attributes (``learning_rate``, ``set_learning_rate``, ``save_states``...) are the
+    trainer's.
+
+    Example:
+        >>> from mxnet import gluon
+        >>> net = gluon.nn.Dense(2, in_units=3)
+        >>> net.initialize()
+        >>> agc = AGC(gluon.Trainer(net.collect_params(), "sgd"), net, clipping=0.02)
+        >>> agc.spec.clipping, agc.learning_rate
+        (0.02, 0.01)
+    """
+
+    def __init__(
+        self,
+        trainer: Any,
+        params: Any,
+        *,
+        clipping: float = 0.01,
+        eps: float = 1e-3,
+        exclude: Iterable[Any] = (),
+        unit_axes: Mapping[Any, UnitAxes] | None = None,
+    ) -> None:
+        self.trainer = trainer
+        self.spec = AGCSpec(clipping=clipping, eps=eps)
+        self._targets = _resolve(params, exclude, unit_axes)
+
+    def step(self, batch_size: float, ignore_stale_grad: bool = False) -> None:
+        """All-reduce, clip the effective gradients, update: ``trainer.step`` with AGC."""
+        rescale = _check_rescale(getattr(self.trainer, "_scale", 1.0) / _check_rescale(batch_size))
+        try:
+            self.trainer.allreduce_grads()
+        except AssertionError as err:  # Gluon's message for update_on_kvstore=True
+            raise ValueError(
+                "AGC clips between the all-reduce and the update: create the gluon.Trainer "
+                "with update_on_kvstore=False"
+            ) from err
+        _clip_targets(self._targets, self.spec, rescale)
+        self.trainer.update(batch_size, ignore_stale_grad)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.trainer, name)

@@ -1,0 +1,344 @@
+"""The Gluon blocks: :class:`BatchNorm` and its cross-device form :class:`SyncBatchNorm`.
+
+Both keep Gluon's parameter names (``gamma``, ``beta``, ``running_mean``,
+``running_var``), so checkpoints and :func:`unorm.mxnet.convert` carry state over from
+``gluon.nn.BatchNorm``; the canonical layer adds the integer auxiliary state
+``num_batches_tracked``. Settings come from :class:`unorm.spec.BatchNormSpec`, so every
+argument means what SPEC.md says on every backend.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import autograd, gluon
+
+from ..spec import BatchNormSpec, normalize_axis
+from .op import OP_TYPE, OpSettings, count_error
+
+__all__ = ["BatchNorm", "SyncBatchNorm"]
+
+NDArray = Any  # mxnet.nd.NDArray
+
+_UNSET: Any = object()  # "momentum not given": None already means the cumulative average
+_FLOAT_DTYPES = ("float16", "float32", "float64")
+
+
+def _native_expressible(spec: BatchNormSpec) -> bool:
+    """Whether MXNet's own BatchNorm kernel has ``spec``'s semantics (``preset="mxnet"``).
+
+    Informative only (:mod:`.port` reads it): every layer runs unorm's operator, because
+    MXNet's kernel gets the inference-mode backward pass wrong (SPEC.md section 2).
+    """
+    return (
+        spec.update_on == "backward"
+        and spec.running_var == "biased"
+        and not spec.skip_nonfinite
+        and spec.allow_single_value
+        and spec.momentum is not None
+        and spec.track_running_stats
+    )
+
+
+def _check_count_arg(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class BatchNorm(gluon.HybridBlock):  # type: ignore[misc]
+    """Batch normalisation with unorm's one meaning per parameter (SPEC.md), for Gluon 1.9.
+
+    ``BatchNorm(in_channels=0, num_dims=None, *, axis=1, eps=None, momentum=<unset>,
+    center=None, scale=None, preset=None, track_running_stats=None, running_var=None,
+    skip_nonfinite=None, allow_single_value=None, update_on=None)``. Arguments left at
+    None (``momentum``: left out) take the preset's value, or the canonical default with
+    ``preset=None``: ``eps=1e-5``; ``momentum=0.1``, the weight of the **new** batch
+    statistic (Gluon's own ``momentum=0.9`` weighs the old value), ``None`` for a cumulative
+    average; ``axis=1`` (channels first); running variance fed ``n/(n-1)`` times the batch
+    variance; a batch with non-finite statistics updates nothing; training on one value
+    per channel is a ``ValueError``.
+
+    ``in_channels=0`` infers the channel count from the first input; ``num_dims`` (2 for
+    ``(N, C)``, 4 for ``(N, C, H, W)``, or None for any rank >= 2) makes other ranks a
+    ``ValueError``. Parameters ``gamma``, ``beta`` and auxiliary states ``running_mean``,
+    ``running_var`` are named as in ``gluon.nn.BatchNorm``; ``num_batches_tracked`` (int64)
+    counts the updates. With ``scale=False``/``center=False`` the ``gamma``/``beta``
+    parameters stay (fixed, ``grad_req='null'``, as in Gluon) and count as 1 and 0.
+    Parameters and running statistics are float32 for float16 and float32 input
+    (``cast('float64')`` for float64 input); the output has the input's dtype.
+
+    Running statistics are updated in the training forward pass (``autograd.record()`` or
+    ``autograd.train_mode()``), exactly once per call, whether or not backward runs,
+    hybridized or not, also inside a hybridized parent and after ``export`` /
+    ``SymbolBlock.imports`` (import :mod:`unorm.mxnet` before loading).
+
+    ``preset="mxnet"`` has ``gluon.nn.BatchNorm``'s semantics: ``eps=1e-5``, Gluon's
+    ``momentum=0.9`` (unorm's 0.1), a biased running variance, no guard, one value per
+    channel accepted, and running statistics updated only when the backward pass of the
+    call runs (a training forward without backward leaves them unchanged), which is how
+    MXNet's CPU kernel behaves; unlike the canonical layer, which updates them in the
+    forward pass. Its numbers match Gluon's to float32 rounding, with two deliberate
+    differences: the statistics are accurate (MXNet's kernel sums one float32 at a time and
+    at a mean of 1e4 loses every digit of the variance), and in inference mode the backward
+    pass treats the running statistics as constants (MXNet's kernel differentiates through
+    them as if they were batch statistics). MXNet does not order a CustomOp's backward pass
+    before later reads of its auxiliary states, so with ``update_on="backward"`` read the
+    running statistics after a synchronisation (``mx.nd.waitall()``, or after
+    ``trainer.step``, which waits for the gradients); later forward calls are ordered.
+
+    Errors (``ValueError``, raised before anything changes): input rank below 2 or other
+    than ``num_dims``, a non-floating dtype, ``axis`` out of range, a channel count other
+    than the layer's, one value per channel in training. Inside a hybridized parent the
+    layer sees symbols, so MXNet's shape inference reports the channel errors instead.
+
+    Example:
+        >>> import mxnet as mx
+        >>> from mxnet import autograd
+        >>> from unorm.mxnet import BatchNorm
+        >>> layer = BatchNorm(2, num_dims=2)
+        >>> layer.initialize()
+        >>> with autograd.train_mode():  # a training forward pass, no backward
+        ...     y = layer(mx.nd.array([[0.0, 1.0], [2.0, 3.0]]))
+        >>> layer.running_mean.data().asnumpy().tolist()  # 0.9 * 0 + 0.1 * batch mean
+        [0.10000000149011612, 0.20000000298023224]
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 0,
+        num_dims: int | None = None,
+        *,
+        axis: int = 1,
+        eps: float | None = None,
+        momentum: float | None = _UNSET,
+        center: bool | None = None,
+        scale: bool | None = None,
+        preset: str | None = None,
+        track_running_stats: bool | None = None,
+        running_var: str | None = None,
+        skip_nonfinite: bool | None = None,
+        allow_single_value: bool | None = None,
+        update_on: str | None = None,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        running_mean_initializer: Any = "zeros",
+        running_variance_initializer: Any = "ones",
+        prefix: str | None = None,
+        params: Any = None,
+    ) -> None:
+        super().__init__(prefix=prefix, params=params)
+        channels = _check_count_arg("in_channels", in_channels, 0)
+        self._num_dims = None if num_dims is None else _check_count_arg("num_dims", num_dims, 2)
+        given = {
+            "eps": eps,
+            "center": center,
+            "scale": scale,
+            "track_running_stats": track_running_stats,
+            "running_var": running_var,
+            "skip_nonfinite": skip_nonfinite,
+            "allow_single_value": allow_single_value,
+            "update_on": update_on,
+        }
+        overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+        if momentum is not _UNSET:
+            overrides["momentum"] = momentum
+        #: The layer's settings in unorm's convention (:class:`unorm.spec.BatchNormSpec`).
+        self.spec = BatchNormSpec.from_preset(preset, axis=axis, **overrides)
+        self._native = False  # never MXNet's kernel (see _native_expressible); read by .port
+        extra = self._sync_extra() or {}
+        self._settings = OpSettings.from_spec(self.spec, **extra)
+        spec = self.spec
+        self.gamma = self.params.get(
+            "gamma",
+            grad_req="write" if spec.scale else "null",
+            shape=(channels,),
+            init=gamma_initializer,
+            allow_deferred_init=True,
+            differentiable=spec.scale,
+        )
+        self.beta = self.params.get(
+            "beta",
+            grad_req="write" if spec.center else "null",
+            shape=(channels,),
+            init=beta_initializer,
+            allow_deferred_init=True,
+            differentiable=spec.center,
+        )
+        self.running_mean = self.running_var = self.num_batches_tracked = None
+        if spec.track_running_stats:
+            self.running_mean = self.params.get(
+                "running_mean",
+                grad_req="null",
+                shape=(channels,),
+                init=running_mean_initializer,
+                allow_deferred_init=True,
+                differentiable=False,
+            )
+            self.running_var = self.params.get(
+                "running_var",
+                grad_req="null",
+                shape=(channels,),
+                init=running_variance_initializer,
+                allow_deferred_init=True,
+                differentiable=False,
+            )
+            self.num_batches_tracked = self.params.get(
+                "num_batches_tracked",
+                grad_req="null",
+                shape=(1,),
+                init="zeros",
+                dtype="int64",
+                differentiable=False,
+            )
+
+    def _sync_extra(self) -> dict[str, Any] | None:
+        return None
+
+    def _check(self, x: NDArray) -> None:
+        """Validate an NDArray input (SPEC.md, *Errors*); raises before any state changes."""
+        shape = tuple(x.shape)
+        if self._num_dims is not None and len(shape) != self._num_dims:
+            raise ValueError(
+                f"input must have rank {self._num_dims} (num_dims={self._num_dims}), "
+                f"got shape {shape}"
+            )
+        if len(shape) < 2:
+            raise ValueError(
+                f"input must have rank >= 2 (a batch axis and a feature axis), got shape {shape}"
+            )
+        dtype = np.dtype(x.dtype)
+        if dtype.name not in _FLOAT_DTYPES:
+            raise ValueError(f"input must have a floating-point dtype, got {dtype.name}")
+        axis = normalize_axis(self.spec.axis, len(shape))
+        channels = shape[axis]
+        expected = self.gamma.shape[0] if self.gamma.shape else 0
+        if expected and channels != expected:
+            raise ValueError(
+                f"input must have {expected} features on axis {self.spec.axis}, "
+                f"got shape {shape} with {channels}"
+            )
+        wanted = np.dtype(np.float64 if dtype == np.float64 else np.float32)
+        if np.dtype(self.gamma.dtype) != wanted:
+            raise ValueError(
+                f"input of dtype {dtype.name} needs parameters of dtype {wanted.name}, "
+                f"got {np.dtype(self.gamma.dtype).name}; call .cast({wanted.name!r}) on the layer"
+            )
+        batch_stats = autograd.is_training() or not self.spec.track_running_stats
+        if batch_stats and self._sync_extra() is None:
+            count = int(np.prod(shape, dtype=np.int64)) // channels if channels else 0
+            error = count_error(count, self.spec.allow_single_value)
+            if error is not None:
+                raise error
+
+    def forward(self, x: Any, *args: Any) -> Any:
+        """Normalise ``x`` (an NDArray, or a Symbol inside a hybridized parent)."""
+        if isinstance(x, mx.nd.NDArray):
+            self._check(x)
+        return super().forward(x, *args)
+
+    def hybrid_forward(
+        self,
+        F: Any,
+        x: Any,
+        gamma: Any,
+        beta: Any,
+        running_mean: Any = None,
+        running_var: Any = None,
+        num_batches_tracked: Any = None,
+    ) -> Any:
+        """The graph: one ``unorm_batchnorm`` operator (see :mod:`unorm._mxnet.op`)."""
+        spec = self.spec
+        states = (
+            [running_mean, running_var, num_batches_tracked] if spec.track_running_stats else []
+        )
+        # Arrays produced by MKL-DNN kernels (a convolution's output, the gradient from
+        # the next layer) may be held in a blocked layout, which MXNet 1.9 does not convert
+        # for a CustomOp: the operator would read garbage. Ordinary operators that keep
+        # the values get the layout converted by MXNet (and run in place when there is
+        # nothing to convert): a reshape before the operator for its input; after it, for
+        # the gradient, a reshape when called imperatively and an expand_dims/squeeze pair
+        # in a graph, whose executor skips the reshape's backward.
+        data = F.reshape(x, shape=(-2,))
+        outputs = F.Custom(
+            data, gamma, beta, *states, op_type=OP_TYPE, name="fwd", **self._settings.attrs()
+        )
+        if F is mx.nd:
+            return F.reshape(outputs[0], shape=(-2,))
+        return F.squeeze(F.expand_dims(outputs[0], axis=0), axis=0)
+
+    def cast(self, dtype: Any) -> None:
+        """Cast parameters and running statistics (float16 becomes float32, as in Gluon);
+        ``num_batches_tracked`` stays int64."""
+        if np.dtype(dtype).name == "float16":
+            dtype = "float32"
+        self._clear_cached_op()
+        for param in (self.gamma, self.beta, self.running_mean, self.running_var):
+            if param is not None:
+                param.cast(dtype)
+
+    def __repr__(self) -> str:
+        spec = self.spec
+        channels = self.gamma.shape[0] if self.gamma.shape else 0
+        return (
+            f"{type(self).__name__}(in_channels={channels or None}, axis={spec.axis}, "
+            f"eps={spec.eps!r}, momentum={spec.momentum!r}, center={spec.center}, "
+            f"scale={spec.scale}, preset={spec.preset!r})"
+        )
+
+
+class SyncBatchNorm(BatchNorm):
+    """Cross-device BatchNorm: every device normalises with the statistics of the whole batch.
+
+    ``SyncBatchNorm(in_channels=0, num_dims=None, *, num_devices, timeout=120.0,
+    **BatchNorm arguments)``. Use it like any layer in Gluon data parallelism, calling the
+    model once on each of ``num_devices`` devices per step (``[net(x) for x in
+    gluon.utils.split_and_load(batch, ctxs, even_split=False)]``). Each device computes
+    ``(n, mean, M2)`` of its slice; they are merged exactly (Chan et al. 1979, SPEC.md
+    section 3), so uneven slices give the single-device result. Gluon's
+    ``contrib.nn.SyncBatchNorm`` averages the per-device moments with equal weights, which
+    is wrong for uneven slices. The backward pass all-reduces ``sum(dy)`` and
+    ``sum(dy * xhat)``; ``gamma``/``beta`` gradients stay per device and are summed by the
+    Trainer's all-reduce like every other parameter. Every device updates its copy of the
+    running statistics with the merged statistics.
+
+    The devices meet inside MXNet's CustomOp worker threads: issue every device's call
+    before waiting on any result (as data-parallel loops do) and run backward on all
+    devices. A device that does not arrive within ``timeout`` seconds makes the others fail
+    (MXNet then raises its own error and prints the reason). The one-value check uses the
+    total count over devices, so it too is reported by MXNet when the output is read.
+
+    Several ``cpu(i)`` contexts: MXNet gives all CPU contexts one pool of
+    ``MXNET_CPU_TEMP_COPY`` workspaces (default 4). Operators queued after the layer on one
+    device can hold every workspace while they wait for it, and the operators another
+    device needs to reach the layer then wait for them: the step deadlocks until the
+    timeout. Set ``MXNET_CPU_TEMP_COPY`` (e.g. 64) in the environment before MXNet runs its
+    first operator. GPU contexts have a pool each.
+
+    Example:
+        >>> layer = SyncBatchNorm(4, num_devices=2)
+        >>> layer.spec.momentum
+        0.1
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 0,
+        num_dims: int | None = None,
+        *,
+        num_devices: int,
+        timeout: float = 120.0,
+        **kwargs: Any,
+    ) -> None:
+        self._num_devices = _check_count_arg("num_devices", num_devices, 1)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        self._timeout = float(timeout)
+        self._key = uuid.uuid4().hex
+        super().__init__(in_channels, num_dims, **kwargs)
+
+    def _sync_extra(self) -> dict[str, Any] | None:
+        return {"sync_key": self._key, "num_devices": self._num_devices, "timeout": self._timeout}

@@ -1,0 +1,99 @@
+"""Replace the ``gluon.nn.BatchNorm`` layers of a model with unorm's, keeping their state."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mxnet import gluon
+
+from ..spec import BatchNormSpec, validate_preset
+from .batchnorm import BatchNorm
+
+__all__ = ["convert"]
+
+
+def _replacement(old: Any, preset: str | None) -> BatchNorm:
+    kwargs = old._kwargs  # Gluon keeps the layer's operator arguments here
+    if kwargs.get("use_global_stats"):
+        BatchNormSpec.from_native("mxnet", use_global_stats=True)  # raises, naming it
+    center = bool(old.beta._differentiable)  # what Gluon built from center=; not grad_req
+    scale = not kwargs["fix_gamma"]
+    # The new layer asks its ParameterDict for gamma/beta with the grad_req that center and
+    # scale imply; a frozen layer's params say 'null', so match them for the hand-over.
+    frozen = {p: p.grad_req for p in (old.gamma, old.beta)}
+    old.gamma.grad_req = "write" if scale else "null"
+    old.beta.grad_req = "write" if center else "null"
+    try:
+        new = _build(old, kwargs, center, scale, preset)
+    finally:
+        for param, req in frozen.items():
+            param.grad_req = req
+    counter = new.num_batches_tracked
+    if counter is not None:
+        try:
+            contexts = old.gamma.list_ctx()
+        except RuntimeError:  # not initialized yet: initialize() will do the counter too
+            contexts = None
+        if contexts is not None:
+            counter.initialize(ctx=contexts)
+    return new
+
+
+def _build(old: Any, kwargs: Any, center: bool, scale: bool, preset: str | None) -> BatchNorm:
+    return BatchNorm(
+        old.gamma.shape[0] if old.gamma.shape else 0,
+        axis=kwargs["axis"],
+        eps=kwargs["eps"],
+        momentum=1.0 - kwargs["momentum"],  # Gluon's momentum weighs the old value
+        center=center,
+        scale=scale,
+        preset=preset,
+        beta_initializer=old.beta.init,
+        gamma_initializer=old.gamma.init,
+        running_mean_initializer=old.running_mean.init,
+        running_variance_initializer=old.running_var.init,
+        # Same prefix and the old ParameterDict: the new layer takes over the very same
+        # Parameter objects, so values, contexts, trainers and file names carry over.
+        prefix=old.prefix,
+        params=old.params,
+    )
+
+
+def convert(block: Any, preset: str | None = "mxnet") -> Any:
+    """Replace every ``gluon.nn.BatchNorm`` in ``block`` by :class:`unorm.mxnet.BatchNorm`.
+
+    Each new layer keeps the old one's channels, ``axis``, ``epsilon``, ``momentum``
+    (translated: Gluon's 0.9 is unorm's 0.1), ``center``, ``scale`` and initializers, and
+    takes over its very Parameter objects (values on every device, names, trainers), so no
+    state is lost. ``preset`` sets the rest of the behaviour: ``"mxnet"`` (default) keeps
+    Gluon's numbers (biased running variance, update when backward runs), ``None`` switches
+    to the canonical convention (unbiased feed, forward update, guard). Returns ``block``
+    (or its replacement when ``block`` itself is a BatchNorm). Hybridize again afterwards if
+    the model was hybridized. ``gluon.nn.BatchNormReLU`` and ``use_global_stats=True``
+    layers are not converted (the latter raises ``ValueError``).
+
+    Example:
+        >>> from mxnet import gluon
+        >>> net = gluon.nn.HybridSequential()
+        >>> net.add(gluon.nn.Dense(4, in_units=2), gluon.nn.BatchNorm(in_channels=4))
+        >>> net = convert(net, preset=None)
+        >>> type(net[1]).__module__, net[1].spec.momentum
+        ('unorm._mxnet.batchnorm', 0.09999999999999998)
+    """
+    if preset is not None:
+        validate_preset(preset)
+    if type(block) is gluon.nn.BatchNorm:
+        return _replacement(block, preset)
+    for name, child in list(block._children.items()):
+        if type(child) is gluon.nn.BatchNorm:
+            new = _replacement(child, preset)
+            block._children[name] = new
+            for attr, value in list(vars(block).items()):
+                if value is child:
+                    # Block.__setattr__ refuses a change of layer type; this is deliberate.
+                    object.__setattr__(block, attr, new)
+        else:
+            convert(child, preset)
+    if hasattr(block, "_clear_cached_op"):
+        block._clear_cached_op()
+    return block

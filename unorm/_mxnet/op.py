@@ -1,0 +1,529 @@
+"""The ``unorm_batchnorm`` CustomOp: unorm's BatchNorm as one MXNet operator.
+
+Why a CustomOp: an operator with auxiliary states may write them in its forward pass, in
+imperative mode, when hybridized, inside a hybridized parent and after
+``export``/``SymbolBlock.imports``. So running statistics are updated in the training
+forward pass, once per call, whether or not backward runs (MXNet's own CPU kernel updates
+them in backward). Importing :mod:`unorm.mxnet` registers the operator; do that before
+loading an exported model that contains it.
+
+Inputs ``data, gamma, beta``; auxiliary states ``running_mean, running_var,
+num_batches_tracked`` (none with ``track_running_stats=False``); outputs ``output`` and
+``saved``, a vector kept for the backward pass (:class:`_Saved`: the statistics used, the
+mode (0 running statistics, 1 batch statistics, 2 batch statistics with a
+running-statistics update) and the count per channel). One packed vector rather than
+several outputs: MXNet 1.9 looks up the auxiliary states' storage types in the backward
+pass at an offset counted in outputs instead of arguments, which runs past its buffer when
+an operator has more outputs than arguments; and one vector is one host-to-device copy.
+
+Work split: statistics from :mod:`.stats` (BLAS sums finished in float64 on the host,
+guarded against cancellation); normalisation and backward pass in MXNet's own kernels
+(:mod:`.native`) on ``(P, C, Q)`` views with ``axis=1``; the running-statistics update as a
+few per-channel device operations, whose guard and weights are decided on the host. Per
+call: one copy of the partial sums to the host and one copy of the packed statistics back.
+
+MXNet 1.9 caveats this module works around or documents:
+
+- arrays in an MKL-DNN blocked layout reach a CustomOp as garbage; the block converts them
+  before and after the operator (:meth:`unorm.mxnet.BatchNorm.hybrid_forward`);
+- a CustomOp's backward pass reads its auxiliary states but is not their writer, so MXNet
+  does not order a write made there before later plain reads (``update_on="backward"``);
+- a callback still queued at interpreter exit hangs MXNet's exit handler (:func:`_drain`).
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+
+from ..spec import BatchNormSpec
+from .native import affine, batchnorm_backward, constant, work_dtype
+from .stats import Stats, batch_stats, channel_sums, layout
+from .sync import exchange, merge
+
+__all__ = ["OP_TYPE", "OpSettings", "count_error"]
+
+NDArray = Any  # mxnet.nd.NDArray
+
+#: The name the operator is registered under (``op_type`` of ``mx.nd.Custom``).
+OP_TYPE = "unorm_batchnorm"
+
+RUNNING, BATCH, BATCH_AND_UPDATE = 0, 1, 2
+
+
+def _drain() -> None:
+    # A CustomOp callback still queued when the interpreter shuts down waits for the GIL
+    # while MXNet's own exit handler waits for the callback: the process hangs. This
+    # handler, registered after MXNet's, runs before it and lets the queue finish.
+    with contextlib.suppress(Exception):  # an op's failure was reported when it happened
+        mx.nd.waitall()
+
+
+atexit.register(_drain)
+
+
+def count_error(count: int, allow_single_value: bool) -> ValueError | None:
+    """The error for ``count`` values per channel in batch-statistics mode, or None."""
+    if count == 0 or (count == 1 and not allow_single_value):
+        return ValueError(
+            f"expected more than 1 value per channel to compute batch statistics (training, "
+            f"or track_running_stats=False), got {count} (batch size x spatial size); "
+            "use a larger batch or inference mode with running statistics"
+        )
+    return None
+
+
+def _flag(value: str) -> bool:
+    return value in ("True", "true", "1")
+
+
+@dataclasses.dataclass(frozen=True)
+class OpSettings:
+    """The operator's settings, carried as string attributes of the graph node.
+
+    Built from a :class:`unorm.spec.BatchNormSpec` (:meth:`from_spec`); ``sync_key`` and
+    ``num_devices`` make it cross-device (``num_devices > 1``), ``timeout`` bounds the wait
+    for the other devices, in seconds.
+    """
+
+    eps: float
+    momentum: float | None
+    unbiased: bool
+    skip_nonfinite: bool
+    allow_single_value: bool
+    update_on: str
+    track: bool
+    center: bool
+    scale: bool
+    axis: int
+    sync_key: str = ""
+    num_devices: int = 1
+    timeout: float = 120.0
+
+    @classmethod
+    def from_spec(cls, spec: BatchNormSpec, **extra: Any) -> OpSettings:
+        """The settings of ``spec`` (plus ``sync_key``/``num_devices``/``timeout``)."""
+        return cls(
+            eps=spec.eps,
+            momentum=spec.momentum,
+            unbiased=spec.unbiased,
+            skip_nonfinite=spec.skip_nonfinite,
+            allow_single_value=spec.allow_single_value,
+            update_on=spec.update_on,
+            track=spec.track_running_stats,
+            center=spec.center,
+            scale=spec.scale,
+            axis=spec.axis,
+            **extra,
+        )
+
+    def attrs(self) -> dict[str, str]:
+        """String attributes for ``mx.nd.Custom``/``mx.sym.Custom`` (floats round-trip)."""
+        out: dict[str, str] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            out[field.name] = repr(value) if isinstance(value, float) else str(value)
+        return out
+
+    @classmethod
+    def from_attrs(cls, attrs: Mapping[str, str]) -> OpSettings:
+        """Parse the string attributes written by :meth:`attrs`."""
+        momentum = attrs["momentum"]
+        return cls(
+            eps=float(attrs["eps"]),
+            momentum=None if momentum == "None" else float(momentum),
+            unbiased=_flag(attrs["unbiased"]),
+            skip_nonfinite=_flag(attrs["skip_nonfinite"]),
+            allow_single_value=_flag(attrs["allow_single_value"]),
+            update_on=attrs["update_on"],
+            track=_flag(attrs["track"]),
+            center=_flag(attrs["center"]),
+            scale=_flag(attrs["scale"]),
+            axis=int(attrs["axis"]),
+            sync_key=attrs.get("sync_key", ""),
+            num_devices=int(attrs.get("num_devices", "1")),
+            timeout=float(attrs.get("timeout", "120.0")),
+        )
+
+
+#: The count per channel is saved as ``hi * _SPLIT + lo``, both exact in float32.
+_SPLIT = 2**24
+
+
+class _Saved:
+    """Views into the saved vector (work dtype, so kernels read its slices as they are).
+
+    Layout, ``C`` entries each: ``mean``, ``var`` (the statistics the call normalised with:
+    batch mean, biased variance), ``offset`` (the mean of the array actually normalised,
+    ``mean - centre`` when the input was shifted), ``invstd = 1/sqrt(var + eps)`` (for the
+    backward kernel), ``mean_term``, ``var_term`` (the update's ``f * mean`` and
+    ``f * fed_var``); then ``mode``, ``count_hi``, ``count_lo``.
+    """
+
+    def __init__(self, array: NDArray, channels: int) -> None:
+        c = channels
+        self.array = array
+        self.mean, self.var = array[0:c], array[c : 2 * c]
+        self.offset, self.invstd = array[2 * c : 3 * c], array[3 * c : 4 * c]
+        self.mean_term, self.var_term = array[4 * c : 5 * c], array[5 * c : 6 * c]
+        self.tail = array[6 * c :]
+
+    @staticmethod
+    def size(channels: int) -> int:
+        return 6 * channels + 3
+
+    def mode_and_count(self) -> tuple[int, int]:
+        mode, high, low = (int(v) for v in self.tail.asnumpy())
+        return mode, high * _SPLIT + low
+
+
+class _Update:
+    """A running-statistics update decided on the host: skip it, or its weight and terms."""
+
+    def __init__(self, aux: list[NDArray], mean: Any, var: Any, count: int, s: OpSettings) -> None:
+        fed = var * (count / (count - 1)) if s.unbiased and count > 1 else var
+        with np.errstate(invalid="ignore", over="ignore"):
+            finite = bool(np.isfinite(mean).all() and np.isfinite(fed).all())
+        # The whole update is skipped on a non-finite batch, num_batches_tracked included.
+        self.skip = s.skip_nonfinite and not finite
+        if s.momentum is not None:
+            self.weight = s.momentum
+        elif self.skip:
+            self.weight = 0.0
+        else:  # cumulative average: weight 1/(k+1) after k updates
+            self.weight = 1.0 / (int(aux[2].asnumpy()[0]) + 1)
+        with np.errstate(invalid="ignore", over="ignore"):
+            self.mean_term = self.weight * mean
+            self.var_term = self.weight * fed
+
+    def apply(self, aux: list[NDArray], mean_term: NDArray, var_term: NDArray) -> None:
+        """``running = (1 - f) * running + term`` on the device, then count the batch."""
+        if self.skip:
+            return
+        keep = 1.0 - self.weight
+        mx.nd.elemwise_add(aux[0] * keep, mean_term, out=aux[0])
+        mx.nd.elemwise_add(aux[1] * keep, var_term, out=aux[1])
+        counter = aux[2]
+        counter += 1
+
+
+def _pack(stats: Stats, offset: Any, eps: float, mode: int, update: _Update | None) -> Any:
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        var = stats.var
+        invstd = 1.0 / np.sqrt(var + eps)
+    zeros = np.zeros_like(var)
+    terms = [zeros, zeros] if update is None else [update.mean_term, update.var_term]
+    tail = np.array([mode, stats.count // _SPLIT, stats.count % _SPLIT], dtype=np.float64)
+    return np.concatenate([stats.mean, var, offset, invstd, *terms, tail])
+
+
+def _assign(op: Any, dst: NDArray, req: str, value: NDArray) -> None:
+    if req == "null":
+        return
+    op.assign(dst, req, value if value.dtype == dst.dtype else value.astype(dst.dtype))
+
+
+def _as_3d(a: NDArray, dtype: Any, before: int, channels: int, after: int) -> NDArray:
+    """``a`` as a ``(P, C, Q)`` view in the work dtype (cast only for float16).
+
+    The kernels then always see rank 3 and ``axis=1``: one code path for every rank and
+    feature axis, and MXNet's plain CPU kernels rather than MKL-DNN's, which may leave their
+    output in a blocked layout that the CustomOp's caller would misread.
+    """
+    a = a if a.dtype == dtype else a.astype(dtype)
+    return a.reshape((before, channels, after))
+
+
+class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
+    """Forward and backward of unorm's BatchNorm (see the module docstring)."""
+
+    def __init__(self, settings: OpSettings, device: str) -> None:
+        super().__init__()
+        self.s = settings
+        # The device the operator was created for names this member of a cross-device
+        # exchange (an NDArray's own .context inside the callback can read cpu(0)).
+        self.device = device
+
+    def _params(self, in_data: list[NDArray], channels: int, dtype: Any) -> tuple[Any, Any]:
+        ctx = in_data[0].context
+        gamma = in_data[1] if self.s.scale else constant(1.0, (channels,), dtype, ctx)
+        beta = in_data[2] if self.s.center else constant(0.0, (channels,), dtype, ctx)
+        return gamma, beta
+
+    def _stats(self, x: NDArray, axis: int) -> tuple[Stats, NDArray | None, Any]:
+        local, centred, centre = batch_stats(x, axis)
+        if self.s.num_devices <= 1:
+            return local, centred, centre
+        parts = exchange(
+            self.s.sync_key, "forward", self.s.num_devices, self.device, local, self.s.timeout
+        )
+        return merge(parts), None, None
+
+    def forward(
+        self,
+        is_train: bool,
+        req: list[str],
+        in_data: list[NDArray],
+        out_data: list[NDArray],
+        aux: list[NDArray],
+    ) -> None:
+        s = self.s
+        x = in_data[0]
+        before, channels, after = layout(x.shape, s.axis % x.ndim)
+        dtype = work_dtype(x.dtype)
+        xw = _as_3d(x, dtype, before, channels, after)
+        gamma, beta = self._params(in_data, channels, dtype)
+        target = out_data[1]
+        if req[1] == "null":
+            target = mx.nd.empty(target.shape, ctx=x.context, dtype=dtype)
+        if is_train or not s.track:
+            stats, centred, centre = self._stats(xw, 1)
+            error = count_error(stats.count, s.allow_single_value)
+            if error is not None:
+                raise error
+            mode = BATCH_AND_UPDATE if is_train and s.track else BATCH
+            update = None
+            if mode == BATCH_AND_UPDATE:
+                with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                    update = _Update(aux, stats.mean, stats.var, stats.count, s)
+            offset = stats.mean if centre is None else stats.mean - centre
+            # One host-to-device copy; every per-channel array below is a view of it.
+            target[:] = _pack(stats, offset, s.eps, mode, update)
+            saved = _Saved(target, channels)
+            if update is not None and s.update_on == "forward":
+                update.apply(aux, saved.mean_term, saved.var_term)
+            # Normalising the exactly shifted input keeps digits a large mean would eat.
+            source = xw if centred is None else centred
+            mean_used, var_used = saved.offset, saved.var
+        else:
+            target[:] = 0  # mode 0: the backward pass reads the running statistics
+            source, mean_used, var_used = xw, aux[0], aux[1]
+        if x.size:
+            direct = req[0] == "write" and x.dtype == dtype
+            y = affine(
+                source,
+                mean_used,
+                var_used,
+                gamma,
+                beta,
+                eps=s.eps,
+                axis=1,
+                out=out_data[0].reshape(xw.shape) if direct else None,
+            )
+            if not direct:
+                _assign(self, out_data[0], req[0], y.reshape(x.shape))
+
+    def backward(
+        self,
+        req: list[str],
+        out_grad: list[NDArray],
+        in_data: list[NDArray],
+        out_data: list[NDArray],
+        in_grad: list[NDArray],
+        aux: list[NDArray],
+    ) -> None:
+        s = self.s
+        x, dy = in_data[0], out_grad[0]
+        before, channels, after = layout(x.shape, s.axis % x.ndim)
+        ctx = x.context
+        dtype = work_dtype(x.dtype)
+        saved = _Saved(out_data[1], channels)
+        mode, count = saved.mode_and_count()
+        xw = _as_3d(x, dtype, before, channels, after)
+        dyw = _as_3d(dy, dtype, before, channels, after)
+        gamma, _ = self._params(in_data, channels, dtype)
+        if mode != RUNNING and s.num_devices > 1:
+            dx, dgamma, dbeta = self._sync_backward(dyw, xw, gamma, saved.mean, saved.var, count, 1)
+            _assign(self, in_grad[0], req[0], dx.reshape(x.shape))
+            _assign(self, in_grad[1], req[1], dgamma if s.scale else dgamma.zeros_like())
+            _assign(self, in_grad[2], req[2], dbeta if s.center else dbeta.zeros_like())
+        else:
+            self._native_backward(req, dyw, xw, gamma, saved, mode, in_grad, aux)
+        if mode == BATCH_AND_UPDATE and s.update_on == "backward":
+            # The forward call's statistics, applied now (a cumulative average counts
+            # the updates applied so far).
+            host = saved.array[: 2 * channels].asnumpy().astype(np.float64)
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                update = _Update(aux, host[:channels], host[channels:], count, s)
+            dtype_aux = aux[0].dtype
+            update.apply(
+                aux,
+                mx.nd.array(update.mean_term, ctx=ctx, dtype=dtype_aux),
+                mx.nd.array(update.var_term, ctx=ctx, dtype=dtype_aux),
+            )
+
+    def _native_backward(
+        self,
+        req: list[str],
+        dy: NDArray,
+        x: NDArray,
+        gamma: NDArray,
+        saved: _Saved,
+        mode: int,
+        in_grad: list[NDArray],
+        aux: list[NDArray],
+    ) -> None:
+        """MXNet's backward kernel on ``(P, C, Q)`` views, into the gradients where it can."""
+        s = self.s
+        channels = gamma.shape[0]
+        ctx, dtype = x.context, np.dtype(gamma.dtype)
+        wanted = (True, s.scale, s.center)
+        direct = [
+            req[i] == "write" and wanted[i] and np.dtype(in_grad[i].dtype) == dtype
+            for i in range(3)
+        ]
+        targets = (in_grad[0].reshape(x.shape), in_grad[1], in_grad[2])
+        shapes = (x.shape, (channels,), (channels,))
+        outs = [
+            targets[i] if direct[i] else mx.nd.empty(shapes[i], ctx=ctx, dtype=dtype)
+            for i in range(3)
+        ]
+        if x.size:
+            batchnorm_backward(
+                dy,
+                x,
+                gamma,
+                eps=s.eps,
+                axis=1,
+                out=outs,
+                batch=(saved.mean, saved.invstd) if mode != RUNNING else None,
+                running=(aux[0], aux[1]) if mode == RUNNING else None,
+            )
+        else:
+            outs[1][:] = 0
+            outs[2][:] = 0
+        for i in range(3):
+            if direct[i] or req[i] == "null":
+                continue
+            value = outs[i] if wanted[i] else outs[i].zeros_like()  # off: zero gradient
+            _assign(self, in_grad[i], req[i], value.reshape(in_grad[i].shape))
+
+    def _sync_backward(
+        self,
+        dy: NDArray,
+        x: NDArray,
+        gamma: NDArray,
+        mean: NDArray,
+        var: NDArray,
+        count: int,
+        axis: int,
+    ) -> tuple[NDArray, NDArray, NDArray]:
+        """SPEC.md section 3: local sums, all-reduced, then ``dx`` from the global sums."""
+        s = self.s
+        channels = mean.shape[0]
+        ctx, dtype = x.context, mean.dtype
+        one = constant(1.0, (channels,), dtype, ctx)
+        zero = constant(0.0, (channels,), dtype, ctx)
+        if x.size:
+            xhat = affine(x, mean, var, one, zero, eps=s.eps, axis=axis)
+            sum_dy, sum_dy_xhat = channel_sums(dy, xhat, axis)
+        else:
+            xhat = None
+            sum_dy, sum_dy_xhat = np.zeros(channels), np.zeros(channels)
+        parts = exchange(
+            s.sync_key,
+            "backward",
+            s.num_devices,
+            self.device,
+            (sum_dy, sum_dy_xhat),
+            s.timeout,
+        )
+        total_dy = np.sum([p[0] for p in parts], axis=0)
+        total_dy_xhat = np.sum([p[1] for p in parts], axis=0)
+        dgamma = mx.nd.array(sum_dy_xhat, ctx=ctx, dtype=dtype)
+        dbeta = mx.nd.array(sum_dy, ctx=ctx, dtype=dtype)
+        if xhat is None:
+            return mx.nd.empty(x.shape, ctx=ctx, dtype=dtype), dgamma, dbeta
+        scale = gamma.asnumpy().astype(np.float64) / np.sqrt(
+            var.asnumpy().astype(np.float64) + s.eps
+        )
+        # dx = gamma*r*(dy - S1/N) - gamma*r*(S2/N)*xhat: two native affine passes and a sum.
+        centred_dy = affine(
+            dy,
+            mx.nd.array(total_dy / count, ctx=ctx, dtype=dtype),
+            one,
+            mx.nd.array(scale, ctx=ctx, dtype=dtype),
+            zero,
+            eps=0.0,
+            axis=axis,
+        )
+        correction = affine(
+            xhat,
+            zero,
+            one,
+            mx.nd.array(-scale * total_dy_xhat / count, ctx=ctx, dtype=dtype),
+            zero,
+            eps=0.0,
+            axis=axis,
+        )
+        return centred_dy + correction, dgamma, dbeta
+
+
+@mx.operator.register(OP_TYPE)
+class BatchNormProp(mx.operator.CustomOpProp):  # type: ignore[misc]
+    """Shapes, dtypes, states and backward dependencies of ``unorm_batchnorm``."""
+
+    def __init__(self, **attrs: str) -> None:
+        super().__init__(need_top_grad=True)
+        self.settings = OpSettings.from_attrs(attrs)
+
+    def list_arguments(self) -> list[str]:
+        return ["data", "gamma", "beta"]
+
+    def list_outputs(self) -> list[str]:
+        return ["output", "saved"]
+
+    def list_auxiliary_states(self) -> list[str]:
+        if not self.settings.track:
+            return []
+        return ["running_mean", "running_var", "num_batches_tracked"]
+
+    def infer_shape(self, in_shape: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+        data = tuple(in_shape[0])
+        if len(data) < 2:
+            raise ValueError(
+                f"input must have rank >= 2 (a batch axis and a feature axis), got shape {data}"
+            )
+        axis = self.settings.axis
+        if not -len(data) <= axis < len(data):
+            raise ValueError(
+                f"axis must be an integer in [{-len(data)}, {len(data)}) for an input of "
+                f"rank {len(data)}, got {axis}"
+            )
+        channels = data[axis]
+        for name, shape in zip(("gamma", "beta"), in_shape[1:3], strict=True):
+            known = len(shape) == 1 and shape[0] > 0  # 0 or -1: not inferred yet
+            if known and tuple(shape) != (channels,):
+                raise ValueError(
+                    f"input must have {shape[0]} features on axis {axis}, "
+                    f"got shape {data} with {channels} ({name})"
+                )
+        per_channel = (channels,)
+        aux = [per_channel, per_channel, (1,)] if self.settings.track else []
+        saved = (_Saved.size(channels),)
+        return [data, per_channel, per_channel], [data, saved], aux
+
+    def infer_type(self, in_type: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
+        # MXNet's callback maps numpy scalar types (np.float32), not dtype objects; None
+        # stands for "not known yet".
+        if in_type[0] is None:
+            unknown = [None] * len(self.list_auxiliary_states())
+            return list(in_type), [None, None], unknown
+        data = np.dtype(in_type[0]).type
+        params = work_dtype(data).type
+        aux = [params, params, np.int64] if self.settings.track else []
+        return [data, params, params], [data, params], aux
+
+    def declare_backward_dependency(
+        self, out_grad: list[int], in_data: list[int], out_data: list[int]
+    ) -> list[int]:
+        return [out_grad[0], in_data[0], in_data[1], out_data[1]]
+
+    def create_operator(self, ctx: Any, in_shapes: Any, in_dtypes: Any) -> BatchNormOp:
+        return BatchNormOp(self.settings, str(ctx))

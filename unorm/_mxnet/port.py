@@ -1,0 +1,917 @@
+"""Export an MXNet Gluon model's state to the neutral checkpoint and load one into a model.
+
+Layers with parameters are matched by order (children walked depth first, in registration
+order): Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, unorm's
+:class:`~unorm.mxnet.BatchNorm` and ``gluon.nn.BatchNorm``; pooling, activations,
+Flatten and Dropout carry nothing. Any other block with parameters is refused
+(:class:`~unorm.port.CheckpointError`) rather than skipped.
+
+Gluon's layouts are the canonical ones (:mod:`unorm.port`): Conv ``(O, I/g, *k)``,
+ConvTranspose ``(I, O/g, *k)``, Dense ``(units, in)``; and Gluon flattens an ``NCHW`` map
+in channels-first order, so tensors move as they are. A Dense fed by a flattened
+``(C, H, W)`` map still records ``flatten_from = [C, H, W]`` (found by tracing the model
+symbolically with an example's shape) so that channels-last frameworks can permute it.
+
+Real MXNet files (:func:`read_native`, :func:`write_native`): a ``-symbol.json`` +
+``-NNNN.params`` pair written by ``HybridBlock.export`` or the symbol API
+(``mx.model.save_checkpoint``), read node by node (:func:`read_symbol`); and a
+``.params`` file written by ``save_parameters``. The symbol API's ``BatchNorm`` has two
+classic traps, both handled: without a ``fix_gamma`` attribute it fixes gamma at 1 (the
+stored gamma is ignored, so it is read as ones), and without an ``eps`` attribute its eps
+is 1e-3 (Gluon's layer writes 1e-5 explicitly).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import mxnet as mx
+import numpy as np
+from mxnet import gluon
+
+from ..port import Checkpoint, CheckpointError, Layer
+from ..spec import BatchNormSpec, ScaledWSSpec
+from .batchnorm import BatchNorm
+from .op import OP_TYPE, OpSettings
+from .ws import ScaledStdConv2D
+
+__all__ = [
+    "export_checkpoint",
+    "export_model",
+    "load_checkpoint",
+    "read_native",
+    "read_symbol",
+    "write_native",
+]
+
+# Gluon's parameter names are the checkpoint's roles, for both BatchNorm layers.
+_BN_STATS = ("running_mean", "running_var")
+_COUNTER = "num_batches_tracked"
+_SUPPORTED = "Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, BatchNorm"
+_SYMBOL_SUFFIX = "-symbol.json"
+
+# A planned load: the block, its checkpoint entry, (parameter, value) pairs to set, and
+# the BatchNorm settings to apply once every value is in place.
+_Step = tuple[Any, Layer, list[tuple[Any, np.ndarray]], BatchNormSpec | ScaledWSSpec | None]
+
+
+# -- which blocks, in which order -------------------------------------------------------
+
+
+def _kind(block: Any) -> str | None:
+    nn = gluon.nn
+    if isinstance(block, (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose)):
+        return "conv_transpose"
+    if isinstance(block, (nn.Conv1D, nn.Conv2D, nn.Conv3D)):
+        return "conv"
+    if isinstance(block, nn.Dense):
+        return "dense"
+    if isinstance(block, (BatchNorm, nn.BatchNorm)):
+        return "batchnorm"
+    return None
+
+
+def _blocks(block: Any, name: str = "") -> Iterator[tuple[str, Any]]:
+    """``block`` and its descendants, depth first in registration order, named by path
+    (``"0"``, ``"3.1"``: the keys ``save_parameters`` uses)."""
+    yield name, block
+    for key, child in block._children.items():
+        yield from _blocks(child, f"{name}.{key}" if name else str(key))
+
+
+def _check_initialized(block: Any, name: str) -> None:
+    for param in block._reg_params.values():
+        try:
+            param.list_data()
+        except Exception:  # Gluon raises RuntimeError or DeferredInitializationError
+            raise CheckpointError(
+                f"block {name!r} ({type(block).__name__}): parameter {param.name!r} is not "
+                "initialized (or its shape is deferred): give the layer its input size "
+                "(in_channels/in_units) and call initialize(), or run the model once"
+            ) from None
+
+
+def _check_layout(block: Any, name: str) -> None:
+    layout = getattr(block, "_kwargs", {}).get("layout") or "NC"
+    if not str(layout).startswith("NC"):
+        raise CheckpointError(
+            f"block {name!r} ({type(block).__name__}) uses layout {layout!r}: the "
+            "checkpoint describes channels-first (NC...) convolutions only"
+        )
+
+
+def _param_layers(model: Any) -> list[tuple[str, Any, str]]:
+    """The blocks with parameters, in order, as (name, block, kind); refuses the others."""
+    out = []
+    for path, block in _blocks(model):
+        name = path or type(block).__name__
+        kind = _kind(block)
+        if kind is not None:
+            _check_initialized(block, name)
+            if kind != "batchnorm":
+                _check_layout(block, name)
+            out.append((name, block, kind))
+        elif block._reg_params:
+            raise CheckpointError(
+                f"block {name!r} ({type(block).__name__}) has parameters but is not a layer "
+                f"the checkpoint describes ({_SUPPORTED})"
+            )
+    return out
+
+
+# -- which Dense layers read a flattened feature map (symbolic shape inference) ---------
+
+
+def _traced(model: Any) -> Any:
+    """``model`` applied to a variable ``data``: its graph, built without running it."""
+    out = model(mx.sym.var("data"))
+    return mx.sym.Group(list(out)) if isinstance(out, (list, tuple)) else out
+
+
+def _output_shapes(graph: Any, shape: tuple[int, ...]) -> dict[tuple[str, int], tuple[int, ...]]:
+    """(node name, output index) -> shape, for every node of ``graph``."""
+    internals = graph.get_internals()
+    _, shapes, _ = internals.infer_shape(data=shape)
+    out: dict[tuple[str, int], tuple[int, ...]] = {}
+    seen: dict[str, int] = {}
+    for i, node_shape in enumerate(shapes):
+        node = internals[i].name  # one entry per output, a node's outputs in order
+        out[(node, seen.get(node, 0))] = tuple(node_shape)
+        seen[node] = seen.get(node, 0) + 1
+    return out
+
+
+def _walk_to_flatten(
+    nodes: list[dict[str, Any]], entry: list[int], shapes: Mapping[tuple[str, int], Any]
+) -> list[int] | None:
+    """Follow a Dense's input back through shape-preserving ops (activations, dropout)
+    to a Flatten or Reshape of a feature map; its ``[C, *spatial]``, or None."""
+    while True:
+        node = nodes[entry[0]]
+        if node["op"] == "null" or not node.get("inputs"):
+            return None
+        source = node["inputs"][0]
+        before = shapes.get((nodes[source[0]]["name"], source[1]))
+        after = shapes.get((node["name"], entry[1]))
+        if before is None or after is None:
+            return None
+        if node["op"] in ("Flatten", "flatten", "Reshape", "reshape"):
+            flat = len(after) == 2 and len(before) > 2 and after[0] == before[0]
+            return [int(d) for d in before[1:]] if flat else None
+        if tuple(before) != tuple(after):
+            return None
+        entry = source
+
+
+def _flatten_shapes(model: Any, example_shape: tuple[int, ...] | None) -> dict[str, list[int]]:
+    """``[C, *spatial]`` of the feature map each Dense (by weight name) reads flattened."""
+    if example_shape is None:
+        return {}
+    try:
+        graph = _traced(model)
+        shapes = _output_shapes(graph, example_shape)
+    except Exception as err:  # a plain Block cannot be traced; MXNet raises many kinds
+        warnings.warn(
+            f"cannot trace the model symbolically ({type(err).__name__}: {err}): no "
+            "flatten_from is recorded, so a channels-last framework cannot load its Dense "
+            "layers after a Flatten. Build the model from HybridBlocks.",
+            stacklevel=4,
+        )
+        return {}
+    nodes = json.loads(graph.tojson())["nodes"]
+    found: dict[str, list[int]] = {}
+    for node in nodes:
+        if node["op"] != "FullyConnected" or len(node["inputs"]) < 2:
+            continue
+        data, weight = node["inputs"][0], nodes[node["inputs"][1][0]]["name"]
+        attrs = _attrs(node)
+        data_shape = shapes.get((nodes[data[0]]["name"], data[1]))
+        if data_shape is not None and len(data_shape) > 2 and _flag(attrs.get("flatten", "True")):
+            flat: list[int] | None = [int(d) for d in data_shape[1:]]  # Dense flattens itself
+        else:
+            flat = _walk_to_flatten(nodes, data, shapes)
+        if flat is not None and math.prod(flat[1:]) > 1:
+            found[weight] = flat
+    return found
+
+
+def _example_shape(example: Any) -> tuple[int, ...] | None:
+    if example is None:
+        return None
+    return tuple(int(d) for d in example.shape)
+
+
+# -- export --------------------------------------------------------------------------------
+
+
+def _numpy(param: Any) -> np.ndarray:
+    return np.array(param.list_data()[0].asnumpy())
+
+
+def _native_spec(block: Any, name: str) -> BatchNormSpec:
+    kwargs = block._kwargs  # Gluon keeps the layer's operator arguments here
+    try:
+        return BatchNormSpec.from_native(
+            "mxnet",
+            momentum=kwargs["momentum"],
+            epsilon=kwargs["eps"],
+            center=bool(block.beta._differentiable),  # what Gluon built from center=
+            scale=not kwargs["fix_gamma"],
+            axis=kwargs["axis"],
+            use_global_stats=bool(kwargs.get("use_global_stats", False)),
+        )
+    except ValueError as err:
+        raise CheckpointError(f"layer {name!r}: {err}") from None
+
+
+def _export_bn(block: Any, name: str) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
+    ours = isinstance(block, BatchNorm)
+    spec = block.spec if ours else _native_spec(block, name)
+    gamma, beta = _numpy(block.gamma), _numpy(block.beta)
+    if not spec.scale:
+        gamma = np.ones_like(gamma)  # MXNet ignores a fixed gamma (fix_gamma): it is 1
+    if ours and not spec.center:
+        beta = np.zeros_like(beta)  # unorm's layer ignores a fixed beta: it is 0
+    pairs = [("gamma", gamma), ("beta", beta)]
+    if getattr(block, "running_mean", None) is not None:
+        pairs += [(role, _numpy(getattr(block, role))) for role in _BN_STATS]
+        counter = getattr(block, _COUNTER, None)
+        value = 0 if counter is None else int(_numpy(counter).reshape(-1)[0])
+        pairs.append((_COUNTER, np.asarray(value, dtype=np.int64)))
+    return pairs, {"spec": dataclasses.asdict(spec), "native": not ours}
+
+
+def _export_weights(
+    block: Any, kind: str, flatten: list[int] | None
+) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
+    pairs = [("weight", _numpy(block.weight))]
+    if block.bias is not None:
+        pairs.append(("bias", _numpy(block.bias)))
+    attrs: dict[str, Any] = {}
+    if kind != "dense":
+        attrs["groups"] = int(block._kwargs.get("num_group", 1))
+    if flatten is not None:
+        attrs["flatten_from"] = list(flatten)
+    if isinstance(block, ScaledStdConv2D):
+        # A Scaled WS convolution: its gain and settings travel with it.
+        pairs.append(("gain", _numpy(block.gain)))
+        attrs["ws"] = {"style": block.ws.style, "eps": block.ws.eps}
+    return pairs, attrs
+
+
+def export_checkpoint(model: Any, example: Any = None) -> Checkpoint:
+    """The neutral :class:`~unorm.port.Checkpoint` of the Gluon ``model``'s state.
+
+    ``example``: an input batch (an NDArray or anything with a ``shape``); only its shape
+    is used, to trace the model symbolically (nothing runs, running statistics stay) and
+    find which Dense layers read a flattened feature map; needed only when the model has
+    one and the checkpoint will be loaded into a channels-last framework. BatchNorm
+    settings travel in unorm's convention: a ``gluon.nn.BatchNorm`` as the ``mxnet``
+    preset with its own ``momentum`` and ``epsilon``; a fixed gamma (``scale=False``) is
+    stored as ones, as MXNet computes with it.
+
+    Example:
+        >>> net = gluon.nn.HybridSequential()
+        >>> net.add(gluon.nn.Conv2D(2, 3, in_channels=1), gluon.nn.Dense(3, in_units=8))
+        >>> net.initialize()
+        >>> ckpt = export_checkpoint(net, mx.nd.zeros((1, 1, 4, 4)))
+        >>> [(la.kind, la.attrs.get("flatten_from")) for la in ckpt.layers]
+        [('conv', None), ('dense', [2, 2, 2])]
+    """
+    targets = _param_layers(model)
+    flat = _flatten_shapes(model, _example_shape(example))
+    layers: list[Layer] = []
+    tensors: dict[str, np.ndarray] = {}
+    for name, block, kind in targets:
+        if kind == "batchnorm":
+            pairs, attrs = _export_bn(block, name)
+        else:
+            pairs, attrs = _export_weights(block, kind, flat.get(block.weight.name))
+        roles: dict[str, str] = {}
+        for role, value in pairs:
+            key = f"{name}.{role}"
+            tensors[key] = value
+            roles[role] = key
+        layers.append(Layer(name, kind, roles, attrs))
+    return Checkpoint(layers=layers, tensors=tensors, source="mxnet")
+
+
+def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:
+    """:func:`export_checkpoint` with an example of ``input_shape`` (no batch axis), as
+    ``unorm port`` calls it for the seed networks."""
+    return export_checkpoint(model, np.zeros((1, *input_shape), np.float32))
+
+
+# -- load: plan (every check), then set --------------------------------------------------
+
+
+def _describe(layer: Layer, ckpt: Checkpoint) -> str:
+    shape = tuple(ckpt.tensors[layer.tensors["weight"]].shape) if "weight" in layer.tensors else ()
+    return f"{layer.kind} {layer.name!r}" + (f" {shape}" if shape else "")
+
+
+def _source(ckpt: Checkpoint, layer: Layer, role: str, present: bool, where: str) -> Any:
+    """The checkpoint's ``role`` array for a model that has (``present``) or lacks it;
+    None when neither has one."""
+    if not present and role not in layer.tensors:
+        return None
+    if not present or role not in layer.tensors:
+        side = "model" if not present else "checkpoint"
+        raise CheckpointError(f"{where}: the {side} has no {role!r}")
+    return ckpt.tensor(layer, role)
+
+
+def _checked(role: str, src: np.ndarray, param: Any, where: str) -> tuple[Any, np.ndarray]:
+    """(param, value in the param's shape and dtype) after checking the shape."""
+    expected = tuple(param.shape)
+    fits = tuple(src.shape) == expected
+    if role == _COUNTER:  # a scalar in the checkpoint, shape (1,) in Gluon
+        fits = src.size == 1 and math.prod(expected) == 1
+    if not fits:
+        raise CheckpointError(
+            f"{where}: {role} shape {tuple(src.shape)} in the checkpoint, {expected} in the model"
+        )
+    return param, np.asarray(src, dtype=np.dtype(param.dtype)).reshape(expected)
+
+
+def _flatten_for_load(
+    layer: Layer, model_flat: list[int] | None, in_units: int, where: str
+) -> None:
+    """Check a Dense's ``flatten_from`` against the model (Gluon's order is the canonical
+    one, so nothing is permuted)."""
+    given = layer.attrs.get("flatten_from")
+    if given is None:
+        return
+    if (
+        not isinstance(given, list)
+        or len(given) < 2
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in given)
+    ):
+        raise CheckpointError(f"{where}: flatten_from must list positive sizes, got {given!r}")
+    if math.prod(given) != in_units:
+        raise CheckpointError(
+            f"{where}: flatten_from {given} ({math.prod(given)} features) in the checkpoint, "
+            f"{in_units} input features in the model"
+        )
+    if model_flat is not None and model_flat != given:
+        raise CheckpointError(
+            f"{where}: flatten_from {given} in the checkpoint, {model_flat} in the model "
+            "(channels-first)"
+        )
+
+
+def _plan_weights(
+    block: Any, kind: str, layer: Layer, ckpt: Checkpoint, model_flat: Any, where: str
+) -> list[tuple[Any, np.ndarray]]:
+    weight = _source(ckpt, layer, "weight", True, where)
+    copies = [_checked("weight", weight, block.weight, where)]
+    bias = _source(ckpt, layer, "bias", block.bias is not None, where)
+    if bias is not None:
+        copies.append(_checked("bias", bias, block.bias, where))
+    has_gain = isinstance(block, ScaledStdConv2D)
+    gain = _source(ckpt, layer, "gain", has_gain, where)
+    if gain is not None:
+        copies.append(_checked("gain", gain, block.gain, where))
+    groups = layer.attrs.get("groups")
+    own = block._kwargs.get("num_group", 1) if kind != "dense" else None
+    if own is not None and groups is not None and groups != own:
+        raise CheckpointError(f"{where}: groups {groups} in the checkpoint, {own} in the model")
+    if kind == "dense":
+        _flatten_for_load(layer, model_flat, int(block.weight.shape[1]), where)
+    return copies
+
+
+def _own_flags(block: Any) -> tuple[bool, bool, bool]:
+    """(center, scale, track_running_stats) of a model's BatchNorm."""
+    if isinstance(block, BatchNorm):
+        return block.spec.center, block.spec.scale, block.spec.track_running_stats
+    return bool(block.beta._differentiable), not block._kwargs["fix_gamma"], True
+
+
+def _fixed(
+    role: str, layer: Layer, ckpt: Checkpoint, param: Any, value: float, where: str
+) -> tuple[Any, np.ndarray]:
+    """A gamma or beta the model's layer keeps fixed at ``value``: the checkpoint may
+    only agree with that (or hold none)."""
+    if role in layer.tensors:
+        src = ckpt.tensor(layer, role)
+        param_value = _checked(role, src, param, where)[1]
+        if not np.all(param_value == value):
+            flag = "scale" if role == "gamma" else "center"
+            raise CheckpointError(
+                f"{where}: the model's layer has {flag}=False ({role} fixed at {value:g}), "
+                f"the checkpoint's {role} is not all {value:g}"
+            )
+    return param, np.full(tuple(param.shape), value, dtype=np.dtype(param.dtype))
+
+
+def _plan_bn(
+    block: Any, layer: Layer, ckpt: Checkpoint, where: str
+) -> tuple[list[tuple[Any, np.ndarray]], BatchNormSpec | None]:
+    center, scale, track = _own_flags(block)
+    copies = []
+    for role, learnt, fill in (("gamma", scale, 1.0), ("beta", center, 0.0)):
+        param = getattr(block, role)
+        if learnt:
+            copies.append(_checked(role, _source(ckpt, layer, role, True, where), param, where))
+        else:
+            copies.append(_fixed(role, layer, ckpt, param, fill, where))
+    for role in _BN_STATS:
+        src = _source(ckpt, layer, role, track, where)
+        if src is not None:
+            copies.append(_checked(role, src, getattr(block, role), where))
+    counter = getattr(block, _COUNTER, None)
+    if counter is not None:  # a model without one does not need the checkpoint's count
+        copies.append(
+            _checked(_COUNTER, _source(ckpt, layer, _COUNTER, True, where), counter, where)
+        )
+    return copies, _bn_settings(block, layer, where)
+
+
+def _bn_settings(block: Any, layer: Layer, where: str) -> BatchNormSpec | None:
+    """The checkpoint's BatchNorm settings as this block will take them (validated)."""
+    if "spec" not in layer.attrs:
+        return None
+    try:
+        spec = BatchNormSpec(**dict(layer.attrs["spec"]))
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{where}: invalid BatchNorm settings in the checkpoint: {err}"
+        ) from None
+    if not isinstance(block, BatchNorm):
+        return spec
+    own = block.spec
+    # The layer's structure stays the model's: its parameters were built for these.
+    spec = spec.replace(
+        axis=own.axis,
+        center=own.center,
+        scale=own.scale,
+        track_running_stats=own.track_running_stats,
+    )
+    return spec
+
+
+def _plan(model: Any, ckpt: Checkpoint, example_shape: tuple[int, ...] | None) -> list[_Step]:
+    """Match layers by order and check everything before any parameter is set."""
+    targets = _param_layers(model)
+    if len(targets) != len(ckpt.layers):
+        raise CheckpointError(
+            f"the checkpoint has {len(ckpt.layers)} layers with parameters, the model "
+            f"{len(targets)}: {[la.kind for la in ckpt.layers]} vs {[k for _, _, k in targets]}"
+        )
+    flat = _flatten_shapes(model, example_shape)
+    plan: list[_Step] = []
+    for index, ((name, block, kind), layer) in enumerate(zip(targets, ckpt.layers, strict=True)):
+        where = f"layer {index}: checkpoint {_describe(layer, ckpt)} vs model {kind} {name!r}"
+        if kind != layer.kind:
+            raise CheckpointError(f"{where}: kinds differ")
+        spec: BatchNormSpec | ScaledWSSpec | None
+        if kind == "batchnorm":
+            copies, spec = _plan_bn(block, layer, ckpt, where)
+        else:
+            model_flat = flat.get(block.weight.name)
+            copies = _plan_weights(block, kind, layer, ckpt, model_flat, where)
+            spec = _ws_settings(block, layer, where)
+        plan.append((block, layer, copies, spec))
+    return plan
+
+
+def _ws_settings(block: Any, layer: Layer, where: str) -> ScaledWSSpec | None:
+    """The Scaled WS settings a ScaledStdConv2D takes from ``layer`` (validated first)."""
+    if "ws" not in layer.attrs or not isinstance(block, ScaledStdConv2D):
+        return None
+    try:
+        return ScaledWSSpec(**layer.attrs["ws"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: invalid Scaled WS settings: {err}") from None
+
+
+def _apply_spec(block: Any, layer: Layer, spec: BatchNormSpec | ScaledWSSpec) -> None:
+    if isinstance(spec, ScaledWSSpec):
+        block.ws = spec  # read at trace time: the caller clears cached graphs
+        return
+    if isinstance(block, BatchNorm):
+        block.spec = spec
+        # The operator takes its settings as graph attributes, built from these.
+        block._settings = OpSettings.from_spec(spec, **(block._sync_extra() or {}))
+        return
+    block._kwargs["eps"] = float(spec.eps)  # Gluon passes _kwargs to its operator
+    lost = []
+    if spec.momentum is None:
+        lost.append("momentum=None")
+    else:
+        block._kwargs["momentum"] = 1.0 - spec.momentum  # Gluon weighs the old value
+    if spec.running_var != "biased":
+        lost.append(f"running_var={spec.running_var!r}")
+    if spec.skip_nonfinite:
+        lost.append("skip_nonfinite=True")
+    if spec.update_on != "backward":
+        lost.append(f"update_on={spec.update_on!r}")
+    if lost:
+        warnings.warn(
+            f"{layer.name!r}: gluon.nn.BatchNorm cannot express the source's training "
+            f"semantics ({', '.join(lost)}); eval output is unchanged, training differs. "
+            "Use unorm.mxnet.convert(net, preset=None) first.",
+            stacklevel=3,
+        )
+
+
+def _forget_graphs(model: Any) -> None:
+    """Drop every cached graph: BatchNorm settings are operator attributes, fixed in a
+    hybridized block's graph when it is traced (the next call traces anew)."""
+    for _, block in _blocks(model):
+        if isinstance(block, gluon.HybridBlock) and not isinstance(block, gluon.SymbolBlock):
+            block._clear_cached_op()
+
+
+def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
+    """Load ``ckpt`` into the Gluon ``model`` (layers matched by order, everything checked
+    first).
+
+    Nothing is changed unless every layer matches: kinds, shapes (Gluon's layouts are the
+    canonical ones), conv groups, BatchNorm centre/scale/running statistics, and, given an
+    ``example`` input (its shape is traced, nothing runs), a Dense's ``flatten_from``
+    against the feature map the model flattens. A unorm :class:`~unorm.mxnet.BatchNorm`
+    takes the checkpoint's BatchNorm settings (a ported PyTorch or Keras layer keeps
+    behaving as it did at home: eps, momentum, running-variance estimator); its axis,
+    ``center``, ``scale`` and ``track_running_stats`` stay the model's. A
+    ``gluon.nn.BatchNorm`` takes eps and momentum and warns (``UserWarning``) where the
+    source's training semantics (unbiased running variance, the non-finite guard, forward
+    update, momentum=None) cannot be expressed by it. A layer with ``scale=False``
+    (``center=False``) accepts only a gamma of ones (a beta of zeros). Cached graphs of
+    hybridized blocks are dropped, so the next call runs with the new settings.
+
+    Example:
+        >>> a, b = gluon.nn.Dense(2, in_units=3), gluon.nn.Dense(2, in_units=3)
+        >>> a.initialize(); b.initialize()
+        >>> load_checkpoint(b, export_checkpoint(a))
+        >>> bool((a.weight.data() == b.weight.data()).asnumpy().all())
+        True
+    """
+    plan = _plan(model, ckpt, _example_shape(example))
+    for _, _, copies, _ in plan:
+        for param, value in copies:
+            param.set_data(mx.nd.array(value, dtype=value.dtype))
+    for block, layer, _, spec in plan:
+        if spec is not None:
+            _apply_spec(block, layer, spec)
+    _forget_graphs(model)
+
+
+# -- MXNet's own files ----------------------------------------------------------------------
+
+
+def _flag(value: Any) -> bool:
+    return str(value).strip().lower() in ("true", "1")
+
+
+def _attrs(node: Mapping[str, Any]) -> dict[str, str]:
+    # MXNet wrote "param" (< 0.9), then "attr", then "attrs" (>= 1.0).
+    for key in ("attrs", "attr", "param"):
+        if isinstance(node.get(key), dict):
+            return dict(node[key])
+    return {}
+
+
+def _load_arrays(path: str) -> dict[str, np.ndarray]:
+    try:
+        loaded = mx.nd.load(path)
+    except Exception as err:  # MXNetError for damaged files, OSError, ValueError...
+        raise CheckpointError(f"{path}: not a readable MXNet .params file: {err}") from None
+    if not isinstance(loaded, dict):
+        raise CheckpointError(f"{path}: holds a list of arrays without names, not parameters")
+    return {str(k): v.asnumpy() for k, v in loaded.items()}
+
+
+def _params_file(symbol_path: str) -> str:
+    """``prefix-NNNN.params`` next to ``prefix-symbol.json``, with the highest epoch."""
+    prefix = Path(symbol_path[: -len(_SYMBOL_SUFFIX)])
+    pattern = re.compile(re.escape(prefix.name) + r"-(\d{4,})\.params")
+    try:
+        names = os.listdir(prefix.parent or ".")
+    except OSError as err:
+        raise CheckpointError(f"{symbol_path}: cannot list its folder: {err.strerror}") from None
+    epochs = [(int(m.group(1)), n) for n in names if (m := pattern.fullmatch(n))]
+    if not epochs:
+        raise CheckpointError(
+            f"{symbol_path}: no parameter file {prefix.name}-NNNN.params next to it"
+        )
+    return str(prefix.parent / max(epochs)[1])
+
+
+def _read_graph(path: str) -> list[dict[str, Any]]:
+    try:
+        graph = json.loads(Path(path).read_text())
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read: {err.strerror}") from None
+    except (UnicodeDecodeError, ValueError) as err:
+        raise CheckpointError(f"{path}: not an MXNet symbol file: {err}") from None
+    nodes = graph.get("nodes") if isinstance(graph, dict) else None
+    if not isinstance(nodes, list) or not all(
+        isinstance(n, dict) and "op" in n and "name" in n for n in nodes
+    ):
+        raise CheckpointError(f"{path}: not an MXNet symbol file (no list of nodes)")
+    return nodes
+
+
+class _SymbolReader:
+    """Turns the parameterised nodes of a symbol graph into checkpoint layers."""
+
+    def __init__(self, nodes: list[dict[str, Any]], arrays: dict[str, np.ndarray], where: str):
+        self.nodes = nodes
+        self.arrays = arrays
+        self.where = where
+        self.layers: list[Layer] = []
+        self.tensors: dict[str, np.ndarray] = {}
+
+    def _input(self, node: Mapping[str, Any], index: int) -> str | None:
+        """The name of the variable feeding input ``index`` of ``node`` (None: none)."""
+        inputs = node.get("inputs", [])
+        if index >= len(inputs):
+            return None
+        source = self.nodes[inputs[index][0]]
+        return str(source["name"]) if source["op"] == "null" else None
+
+    def _array(self, node: Mapping[str, Any], index: int, role: str) -> np.ndarray:
+        name = self._input(node, index)
+        for key in (f"arg:{name}", f"aux:{name}", str(name)):
+            if key in self.arrays:
+                return self.arrays[key]
+        raise CheckpointError(
+            f"{self.where}: no tensor {name!r} for the {role} of {node['op']} {node['name']!r}"
+        )
+
+    def _add(self, node: Mapping[str, Any], kind: str, pairs: list[Any], attrs: Any) -> None:
+        name = str(node["name"])
+        roles = {}
+        for role, value in pairs:
+            self.tensors[f"{name}.{role}"] = value
+            roles[role] = f"{name}.{role}"
+        self.layers.append(Layer(name, kind, roles, attrs))
+
+    def weights(self, node: Mapping[str, Any], kind: str) -> None:
+        attrs = _attrs(node)
+        if not str(attrs.get("layout") or "NC").startswith("NC"):
+            raise CheckpointError(
+                f"{self.where}: {node['op']} {node['name']!r} uses layout {attrs['layout']!r}; "
+                "only channels-first (NC...) is described"
+            )
+        pairs = [("weight", self._array(node, 1, "weight"))]
+        if not _flag(attrs.get("no_bias", "False")):
+            pairs.append(("bias", self._array(node, 2, "bias")))
+        extra = {} if kind == "dense" else {"groups": int(attrs.get("num_group", "1"))}
+        self._add(node, kind, pairs, extra)
+
+    def native_bn(self, node: Mapping[str, Any]) -> None:
+        attrs = _attrs(node)
+        # The raw operator's defaults, which apply when the symbol API left them out:
+        # fix_gamma=True (the stored gamma is ignored) and eps=1e-3 (not Gluon's 1e-5).
+        fix_gamma = _flag(attrs.get("fix_gamma", "True"))
+        try:
+            spec = BatchNormSpec.from_native(
+                "mxnet",
+                epsilon=float(attrs.get("eps", "0.001")),
+                momentum=float(attrs.get("momentum", "0.9")),
+                scale=not fix_gamma,
+                center=True,
+                axis=int(attrs.get("axis", "1")),
+                use_global_stats=_flag(attrs.get("use_global_stats", "False")),
+            )
+        except ValueError as err:
+            raise CheckpointError(f"{self.where}: BatchNorm {node['name']!r}: {err}") from None
+        gamma = self._array(node, 1, "gamma")
+        pairs = [
+            ("gamma", np.ones_like(gamma) if fix_gamma else gamma),
+            ("beta", self._array(node, 2, "beta")),
+            ("running_mean", self._array(node, 3, "running_mean")),
+            ("running_var", self._array(node, 4, "running_var")),
+            (_COUNTER, np.asarray(0, dtype=np.int64)),
+        ]
+        self._add(node, "batchnorm", pairs, {"spec": dataclasses.asdict(spec), "native": True})
+
+    def unorm_bn(self, node: Mapping[str, Any]) -> None:
+        try:
+            s = OpSettings.from_attrs(_attrs(node))
+            spec = BatchNormSpec(
+                eps=s.eps,
+                momentum=s.momentum,
+                axis=s.axis,
+                center=s.center,
+                scale=s.scale,
+                track_running_stats=s.track,
+                running_var="unbiased" if s.unbiased else "biased",
+                skip_nonfinite=s.skip_nonfinite,
+                allow_single_value=s.allow_single_value,
+                update_on=s.update_on,  # type: ignore[arg-type]
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise CheckpointError(
+                f"{self.where}: {OP_TYPE} {node['name']!r} has invalid settings: {err}"
+            ) from None
+        gamma, beta = self._array(node, 1, "gamma"), self._array(node, 2, "beta")
+        pairs = [
+            ("gamma", gamma if spec.scale else np.ones_like(gamma)),
+            ("beta", beta if spec.center else np.zeros_like(beta)),
+        ]
+        if spec.track_running_stats:
+            pairs += [
+                ("running_mean", self._array(node, 3, "running_mean")),
+                ("running_var", self._array(node, 4, "running_var")),
+            ]
+            counter = self._array(node, 5, _COUNTER).reshape(-1)[:1].astype(np.int64)
+            pairs.append((_COUNTER, counter.reshape(())))
+        self._add(node, "batchnorm", pairs, {"spec": dataclasses.asdict(spec), "native": False})
+
+    def refuse_if_parameterised(self, node: Mapping[str, Any]) -> None:
+        for index in range(len(node.get("inputs", []))):
+            name = self._input(node, index)
+            if name is not None and any(
+                k in self.arrays for k in (f"arg:{name}", f"aux:{name}", name)
+            ):
+                raise CheckpointError(
+                    f"{self.where}: {node['op']} {node['name']!r} has parameters but is not "
+                    "an operator the checkpoint describes (Convolution, Deconvolution, "
+                    f"FullyConnected, BatchNorm, {OP_TYPE})"
+                )
+
+    def read(self) -> None:
+        ops = {"Convolution": "conv", "Deconvolution": "conv_transpose", "FullyConnected": "dense"}
+        for node in self.nodes:
+            op = node["op"]
+            if op in ops:
+                self.weights(node, ops[op])
+            elif op == "BatchNorm":
+                self.native_bn(node)
+            elif op == "Custom" and _attrs(node).get("op_type") == OP_TYPE:
+                self.unorm_bn(node)
+            elif op != "null":
+                self.refuse_if_parameterised(node)
+
+
+def read_symbol(
+    path: str | os.PathLike[str], params: str | os.PathLike[str] | None = None
+) -> Checkpoint:
+    """The neutral checkpoint of an MXNet ``-symbol.json`` + ``.params`` pair.
+
+    ``params``: the parameter file; default: ``prefix-NNNN.params`` next to
+    ``prefix-symbol.json`` with the highest epoch (as ``HybridBlock.export`` and
+    ``mx.model.save_checkpoint`` write them). Layers are the graph's Convolution,
+    Deconvolution, FullyConnected, BatchNorm and unorm BatchNorm nodes, in graph order;
+    each takes its parameters by input name (``arg:``/``aux:`` keys). A ``BatchNorm``
+    node's missing attributes take the raw operator's defaults: ``fix_gamma=True`` (gamma
+    read as ones) and ``eps=1e-3``. Any other operator with parameters, a missing tensor
+    or a damaged file raises :class:`~unorm.port.CheckpointError`.
+
+    Example:
+        >>> import tempfile
+        >>> x = mx.sym.var("data")
+        >>> y = mx.sym.BatchNorm(mx.sym.FullyConnected(x, num_hidden=2, name="fc"), name="bn")
+        >>> prefix = os.path.join(tempfile.mkdtemp(), "net")
+        >>> arrays = {"fc_weight": mx.nd.ones((2, 3)), "fc_bias": mx.nd.zeros(2),
+        ...           "bn_gamma": mx.nd.array([2.0, 3.0]), "bn_beta": mx.nd.zeros(2)}
+        >>> stats = {"bn_moving_mean": mx.nd.zeros(2), "bn_moving_var": mx.nd.ones(2)}
+        >>> mx.model.save_checkpoint(prefix, 0, y, arrays, stats)
+        >>> ckpt = read_symbol(prefix + "-symbol.json")
+        >>> ckpt.tensor(ckpt.layers[1], "gamma").tolist(), ckpt.layers[1].attrs["spec"]["eps"]
+        ([1.0, 1.0], 0.001)
+    """
+    name = os.fspath(path)
+    nodes = _read_graph(name)
+    params_path = os.fspath(params) if params is not None else _params_file(name)
+    reader = _SymbolReader(nodes, _load_arrays(params_path), f"{name} + {params_path}")
+    try:
+        reader.read()
+    except (KeyError, IndexError, TypeError, ValueError) as err:
+        if isinstance(err, CheckpointError):
+            raise
+        raise CheckpointError(f"{name}: malformed symbol graph: {err!r}") from None
+    return Checkpoint(layers=reader.layers, tensors=reader.tensors, source="mxnet")
+
+
+def _read_parameters(model: Any, path: str) -> Any:
+    """Load a ``save_parameters`` file after checking every name and shape."""
+    arrays = _load_arrays(path)
+    if arrays and all(k.startswith(("arg:", "aux:")) for k in arrays):
+        symbol = re.sub(r"-\d{4,}\.params$", _SYMBOL_SUFFIX, path)
+        if symbol != path and os.path.exists(symbol):
+            load_checkpoint(model, read_symbol(symbol, path))
+            return model
+        raise CheckpointError(
+            f"{path}: holds arg:/aux: parameters (from export or the symbol API): read it "
+            f"through its {_SYMBOL_SUFFIX} file"
+        )
+    own = model._collect_params_with_prefix()
+    missing = sorted(set(own) - set(arrays))
+    unexpected = sorted(set(arrays) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{path}: names do not fit the model: missing {missing}, unexpected {unexpected}"
+        )
+    for key, value in arrays.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            theirs, ours = tuple(value.shape), tuple(own[key].shape)
+            raise CheckpointError(f"{path}: {key!r} has shape {theirs}, the model's {ours}")
+    for key, value in arrays.items():
+        own[key].set_data(mx.nd.array(value, dtype=own[key].dtype))
+    return model
+
+
+def read_native(model: Any, path: str | os.PathLike[str]) -> Any:
+    """Read an MXNet file into the Gluon ``model`` and return it.
+
+    ``prefix-symbol.json`` (with ``prefix-NNNN.params``, highest epoch) is read by
+    :func:`read_symbol` and loaded with :func:`load_checkpoint` (settings included);
+    a ``.params`` file from ``save_parameters`` is checked name by name and shape by shape
+    against ``model`` first. A damaged or mismatched file raises
+    :class:`~unorm.port.CheckpointError` and leaves ``model`` unchanged.
+    """
+    name = os.fspath(path)
+    if name.endswith(_SYMBOL_SUFFIX):
+        load_checkpoint(model, read_symbol(name))
+        return model
+    if name.endswith(".params"):
+        return _read_parameters(model, name)
+    raise CheckpointError(f"{name}: an MXNet file name ends with {_SYMBOL_SUFFIX} or .params")
+
+
+def _replace_all(pairs: list[tuple[str, Path]]) -> None:
+    """Rename each written temporary file over its target (the entry file last)."""
+    for tmp, target in pairs:
+        os.replace(tmp, target)
+
+
+def _temporary(target: Path, suffix: str) -> str:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
+    os.close(fd)
+    return tmp
+
+
+def _save_export(model: Any, symbol_tmp: str, params_tmp: str) -> None:
+    """What ``HybridBlock.export`` writes, from a symbolic trace of ``model``: the same
+    graph and ``arg:``/``aux:`` parameters, with no example input and no forward pass."""
+    if not isinstance(model, gluon.HybridBlock):
+        raise CheckpointError(
+            f"a {type(model).__name__} cannot be exported as a symbol graph: build the "
+            "model from HybridBlocks, or write a .params file"
+        )
+    graph = _traced(model)
+    graph.save(symbol_tmp, remove_amp_cast=True)
+    args, aux = set(graph.list_arguments()), set(graph.list_auxiliary_states())
+    arrays = {}
+    for param in model.collect_params().values():
+        if param.name in args or param.name in aux:
+            kind = "arg" if param.name in args else "aux"
+            arrays[f"{kind}:{param.name}"] = param.list_data()[0].copyto(mx.cpu())
+    mx.nd.save(params_tmp, arrays)
+
+
+def write_native(model: Any, path: str | os.PathLike[str]) -> None:
+    """Save the Gluon ``model`` as MXNet files, atomically (temporary files in the same
+    folder, then renamed over the targets).
+
+    ``prefix-symbol.json``: the model's graph and ``prefix-0000.params``, as
+    ``HybridBlock.export`` writes them (loadable by ``gluon.SymbolBlock.imports`` after
+    ``import unorm.mxnet``, by ``mx.mod.Module`` and by :func:`read_native`); the graph is
+    traced symbolically, so no example input is needed and the model is left as it was.
+    ``.params``: ``save_parameters``.
+
+    Example:
+        >>> import tempfile
+        >>> net = gluon.nn.HybridSequential()
+        >>> net.add(gluon.nn.Dense(2, in_units=3))
+        >>> net.initialize()
+        >>> folder = tempfile.mkdtemp()
+        >>> write_native(net, os.path.join(folder, "net-symbol.json"))
+        >>> sorted(os.listdir(folder))
+        ['net-0000.params', 'net-symbol.json']
+    """
+    target = Path(path)
+    if target.name.endswith(_SYMBOL_SUFFIX):
+        params = target.with_name(target.name[: -len(_SYMBOL_SUFFIX)] + "-0000.params")
+        written = [(_temporary(params, ".tmp"), params), (_temporary(target, ".tmp"), target)]
+        try:
+            _save_export(model, written[1][0], written[0][0])
+            _replace_all(written)
+        except BaseException:
+            for tmp, _ in written:
+                Path(tmp).unlink(missing_ok=True)
+            raise
+        return
+    if not target.name.endswith(".params"):
+        raise CheckpointError(f"{target}: an MXNet file name ends with {_SYMBOL_SUFFIX} or .params")
+    tmp = _temporary(target, ".tmp")
+    try:
+        model.save_parameters(tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,108 @@
+"""Cross-device BatchNorm: the rendezvous of per-device values and Chan's exact merge.
+
+Gluon data parallelism calls a layer once per device (``[net(x) for x in
+split_and_load(batch, ctxs)]``); MXNet runs each call's CustomOp asynchronously on its own
+worker thread. A :class:`Rendezvous` makes those threads meet: each device deposits its
+value and waits until all ``size`` devices of the same step have deposited, then every
+device reads the same list (ordered by device, so every device computes the same floats).
+
+:func:`merge` is the k-way form of Chan et al. (1979), SPEC.md section 3:
+``N = sum n_k``, ``mean = sum n_k mean_k / N``, ``M2 = sum M2_k + sum n_k (mean_k - mean)^2``.
+Gluon's ``contrib.nn.SyncBatchNorm`` instead averages per-device moments with equal weights,
+which is wrong whenever the per-device batches differ in size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Generic, TypeVar
+
+import numpy as np
+
+from .stats import Stats
+
+__all__ = ["Rendezvous", "exchange", "merge"]
+
+T = TypeVar("T")
+
+
+def merge(parts: Sequence[Stats]) -> Stats:
+    """Merge per-device statistics exactly; devices with no value contribute nothing.
+
+    Example:
+        >>> a = Stats(2, np.array([1.5]), np.array([0.5]))
+        >>> b = Stats(1, np.array([6.0]), np.array([0.0]))
+        >>> m = merge([a, b])
+        >>> m.count, m.mean.tolist(), m.m2.tolist()
+        (3, [3.0], [14.0])
+    """
+    total = sum(p.count for p in parts)
+    channels = parts[0].mean.shape
+    if total == 0:
+        return Stats(0, np.zeros(channels), np.zeros(channels))
+    live = [p for p in parts if p.count]
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = sum((p.count * p.mean for p in live), np.zeros(channels)) / total
+        m2 = sum((p.m2 + p.count * (p.mean - mean) ** 2 for p in live), np.zeros(channels))
+    return Stats(total, mean, m2)
+
+
+class Rendezvous(Generic[T]):
+    """``size`` members meet once per round and each leaves with every member's value.
+
+    A round closes when all members have deposited; values are returned sorted by member
+    name. A member depositing twice in one round is an error (each device must call the
+    layer exactly once per step), and so is waiting longer than ``timeout`` seconds.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._cond = threading.Condition()
+        self._round = 0
+        self._pending: dict[str, T] = {}
+        self._done: dict[int, list[T]] = {}
+        self._unread: dict[int, int] = {}
+
+    def exchange(self, member: str, value: T, timeout: float) -> list[T]:
+        """Deposit ``value`` as ``member`` and return all members' values of this round."""
+        with self._cond:
+            if member in self._pending:
+                raise RuntimeError(
+                    f"{member} ran a synchronised BatchNorm twice before the other devices "
+                    f"ran it once (num_devices={self.size}); call the layer once per device "
+                    "per step, and on exactly num_devices devices"
+                )
+            current = self._round
+            self._pending[member] = value
+            if len(self._pending) == self.size:
+                self._done[current] = [self._pending[k] for k in sorted(self._pending)]
+                self._unread[current] = self.size
+                self._pending = {}
+                self._round += 1
+                self._cond.notify_all()
+            elif not self._cond.wait_for(lambda: current in self._done, timeout):
+                self._pending.pop(member, None)
+                raise TimeoutError(
+                    f"synchronised BatchNorm waited {timeout:g} s for {self.size} devices, "
+                    f"{len(self._pending) + 1} arrived; every device must run the layer "
+                    "(forward, and backward when one runs) in the same step"
+                )
+            values = self._done[current]
+            self._unread[current] -= 1
+            if not self._unread[current]:
+                del self._done[current], self._unread[current]
+            return values
+
+
+_rendezvous: dict[tuple[str, str], Rendezvous[object]] = {}
+_lock = threading.Lock()
+
+
+def exchange(key: str, phase: str, size: int, member: str, value: T, timeout: float) -> list[T]:
+    """Exchange ``value`` with the other devices of layer ``key`` in ``phase``."""
+    with _lock:
+        point = _rendezvous.get((key, phase))
+        if point is None or point.size != size:
+            point = _rendezvous[(key, phase)] = Rendezvous(size)
+    return point.exchange(member, value, timeout)  # type: ignore[return-value]

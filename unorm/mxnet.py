@@ -1,0 +1,50 @@
+"""unorm for MXNet Gluon 1.9: BatchNorm and Adaptive Gradient Clipping with SPEC.md's meaning.
+
+Importing this module registers the ``unorm_batchnorm`` operator, so import it before
+loading an exported model (``SymbolBlock.imports``) that contains unorm layers.
+
+- :class:`BatchNorm`: a Gluon ``HybridBlock``; running statistics are updated in the
+  training forward pass (MXNet's CPU kernel updates them in backward), fed the unbiased
+  variance, guarded against non-finite batches, computed accurately. ``preset="mxnet"``
+  has ``gluon.nn.BatchNorm``'s semantics (update only when backward runs).
+- :class:`SyncBatchNorm`: the cross-device form, with the exact count-weighted merge.
+- :func:`adaptive_clip_grad` and :class:`AGC`: AGC of the effective gradient (after the
+  all-reduce and after ``rescale_grad = 1/batch_size``), per output unit of each layer.
+- :func:`final_classifier`: the classifier to exclude from AGC.
+- :func:`convert`: replace the ``gluon.nn.BatchNorm`` layers of a model, keeping state.
+
+Example:
+    >>> import mxnet as mx
+    >>> from mxnet import autograd, gluon
+    >>> from unorm.mxnet import AGC, BatchNorm, final_classifier
+    >>> net = gluon.nn.HybridSequential()
+    >>> net.add(gluon.nn.Dense(8, in_units=4), BatchNorm(8), gluon.nn.Dense(2, in_units=8))
+    >>> net.initialize()
+    >>> trainer = AGC(gluon.Trainer(net.collect_params(), "sgd", {"learning_rate": 0.1}),
+    ...               net, exclude=[final_classifier(net)])
+    >>> with autograd.record():
+    ...     loss = net(mx.nd.ones((3, 4))).sum()
+    >>> loss.backward()
+    >>> trainer.step(batch_size=3)
+"""
+
+from __future__ import annotations
+
+from ._mxnet.agc import AGC, adaptive_clip_grad, final_classifier, unit_axes_of
+from ._mxnet.batchnorm import BatchNorm, SyncBatchNorm
+from ._mxnet.convert import convert
+from ._mxnet.port import export_checkpoint, load_checkpoint
+from ._mxnet.ws import ScaledStdConv2D
+
+__all__ = [
+    "AGC",
+    "BatchNorm",
+    "ScaledStdConv2D",
+    "SyncBatchNorm",
+    "adaptive_clip_grad",
+    "convert",
+    "export_checkpoint",
+    "final_classifier",
+    "load_checkpoint",
+    "unit_axes_of",
+]
