@@ -21,11 +21,12 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from ..mxnet import AGC, BatchNorm, final_classifier
+from ..mxnet import AGC, BatchNorm, ScaledStdConv2D, final_classifier
 from ..progress import ProgressBar
+from .nf import SIGMOID_GAMMA
 from .training import Recipe, batch_indices
 
-__all__ = ["MODELS", "lenet_bn", "predict", "train"]
+__all__ = ["MODELS", "ScaledSigmoid", "lenet", "lenet_bn", "lenet_nf", "predict", "train"]
 
 
 def lenet_bn(preset: str | None = None) -> Any:
@@ -59,6 +60,55 @@ def lenet_bn(preset: str | None = None) -> Any:
             nn.Dense(84, in_units=120),
             BatchNorm(84, num_dims=2, preset=preset),
             nn.Activation("sigmoid"),
+            nn.Dense(10, in_units=84),
+        )
+    net.initialize()
+    return net
+
+
+def lenet() -> Any:
+    """LeNet without any normalisation (the BatchNorm layers of :func:`lenet_bn` removed),
+    initialised."""
+    net = gluon.nn.HybridSequential()
+    with net.name_scope():
+        for block in lenet_bn()._children.values():
+            if not isinstance(block, BatchNorm):
+                net.add(block)
+    return net
+
+
+class ScaledSigmoid(gluon.HybridBlock):  # type: ignore[misc]
+    """``gamma * sigmoid(x)`` with ``gamma = 1 / std(sigmoid(z))``, ``z ~ N(0, 1)``
+    (:data:`unorm.models.nf.SIGMOID_GAMMA`): keeps unit-variance signals at unit variance."""
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        return F.sigmoid(x) * SIGMOID_GAMMA
+
+
+def lenet_nf(style: str = "deepmind") -> Any:
+    """Normalizer-free LeNet, as in :mod:`unorm.models.torch`: no BatchNorm, Scaled WS
+    convolutions (``style``), scaled sigmoids; train it with AGC. Initialised.
+
+    Example:
+        >>> net = lenet_nf()
+        >>> net(mx.nd.zeros((2, 1, 28, 28))).shape
+        (2, 10)
+    """
+    nn = gluon.nn
+    net = nn.HybridSequential()
+    with net.name_scope():
+        net.add(
+            ScaledStdConv2D(6, 5, in_channels=1, style=style),
+            ScaledSigmoid(),
+            nn.MaxPool2D(pool_size=2, strides=2),
+            ScaledStdConv2D(16, 5, in_channels=6, style=style),
+            ScaledSigmoid(),
+            nn.MaxPool2D(pool_size=2, strides=2),
+            nn.Flatten(),
+            nn.Dense(120, in_units=256),
+            ScaledSigmoid(),
+            nn.Dense(84, in_units=120),
+            ScaledSigmoid(),
             nn.Dense(10, in_units=84),
         )
     net.initialize()
