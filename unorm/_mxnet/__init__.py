@@ -11,4 +11,5 @@ One job per module:
 - :mod:`.batchnorm`: the Gluon blocks ``BatchNorm`` and ``SyncBatchNorm``.
 - :mod:`.agc`: adaptive gradient clipping for Gluon parameters and trainers.
 - :mod:`.convert`: replacing ``gluon.nn.BatchNorm`` children in a model.
+- :mod:`.port`, :mod:`.ws`: checkpoint import/export and Scaled Weight Standardisation.
 """
