@@ -44,14 +44,20 @@ from typing import Any
 
 import numpy as np
 
+from .spec import ScaledWSSpec
+
 __all__ = [
     "FORMAT_VERSION",
     "LAYER_KINDS",
     "Checkpoint",
     "CheckpointError",
     "Layer",
+    "describe",
     "load",
+    "match_layers",
+    "role_array",
     "save",
+    "ws_settings",
 ]
 
 #: Version of the metadata schema written by :func:`save`.
@@ -269,3 +275,50 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{source}: corrupted layer metadata: {err}") from None
     return Checkpoint(layers=layers, tensors=tensors, source=str(meta.get("source")), extra=extra)
+
+
+# -- what every framework's loader shares ----------------------------------------------
+
+
+def describe(layer: Layer, ckpt: Checkpoint) -> str:
+    """``layer`` for messages: kind, name and weight shape, e.g. ``dense 'fc' (10, 84)``."""
+    shape = tuple(ckpt.tensors[layer.tensors["weight"]].shape) if "weight" in layer.tensors else ()
+    return f"{layer.kind} {layer.name!r}" + (f" {shape}" if shape else "")
+
+
+def match_layers(ckpt: Checkpoint, model_kinds: list[str]) -> list[tuple[int, Layer]]:
+    """Pair the checkpoint's layers with a model's layers of ``model_kinds``, by order.
+
+    Raises :class:`CheckpointError` when the counts differ; kinds are compared by the
+    caller, whose message names the model's layer too.
+    """
+    if len(model_kinds) != len(ckpt.layers):
+        raise CheckpointError(
+            f"the checkpoint has {len(ckpt.layers)} layers with parameters, the model "
+            f"{len(model_kinds)}: {[la.kind for la in ckpt.layers]} vs {model_kinds}"
+        )
+    return list(enumerate(ckpt.layers))
+
+
+def role_array(
+    ckpt: Checkpoint, layer: Layer, role: str, model_has: bool, where: str
+) -> np.ndarray | None:
+    """The checkpoint's ``role`` array for a model layer that has (``model_has``) or lacks
+    it; None when neither side has one, :class:`CheckpointError` when only one does."""
+    present = role in layer.tensors
+    if not model_has and not present:
+        return None
+    if not model_has or not present:
+        side = "model" if not model_has else "checkpoint"
+        raise CheckpointError(f"{where}: the {side} has no {role!r}")
+    return ckpt.tensor(layer, role)
+
+
+def ws_settings(layer: Layer, where: str) -> ScaledWSSpec | None:
+    """The Scaled WS settings recorded for ``layer`` (validated), or None."""
+    if "ws" not in layer.attrs:
+        return None
+    try:
+        return ScaledWSSpec(**layer.attrs["ws"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{where}: invalid Scaled WS settings: {err}") from None

@@ -42,7 +42,15 @@ from typing import Any
 import keras
 import numpy as np
 
-from ..port import Checkpoint, CheckpointError, Layer
+from ..port import (
+    Checkpoint,
+    CheckpointError,
+    Layer,
+    describe,
+    match_layers,
+    role_array,
+    ws_settings,
+)
 from ..spec import BatchNormSpec, ScaledWSSpec
 from . import stats
 from .batchnorm import BatchNorm
@@ -406,20 +414,9 @@ def export_checkpoint(model: Any) -> Checkpoint:
 # -- load: plan (every check), then assign ---------------------------------------------
 
 
-def _describe(layer: Layer, ckpt: Checkpoint) -> str:
-    shape = tuple(ckpt.tensors[layer.tensors["weight"]].shape) if "weight" in layer.tensors else ()
-    return f"{layer.kind} {layer.name!r}" + (f" {shape}" if shape else "")
-
-
 def _source(ckpt: Checkpoint, layer: Layer, role: str, dst: Any, where: str) -> np.ndarray | None:
-    """The checkpoint's ``role`` array for variable ``dst``; None when neither has one."""
-    present = role in layer.tensors
-    if dst is None and not present:
-        return None
-    if dst is None or not present:
-        side = "model" if dst is None else "checkpoint"
-        raise CheckpointError(f"{where}: the {side} has no {role!r}")
-    return ckpt.tensor(layer, role)
+    """The checkpoint's ``role`` array for variable ``dst`` (None: the model has none)."""
+    return role_array(ckpt, layer, role, dst is not None, where)
 
 
 def _checked_shape(role: str, src: np.ndarray, expected: tuple[int, ...], where: str) -> None:
@@ -494,12 +491,7 @@ def _plan_weights(
 
 def _ws_settings(layer: Any, source: Layer, where: str) -> ScaledWSSpec | None:
     """The Scaled WS settings a ScaledStdConv2D takes from ``source`` (validated first)."""
-    if "ws" not in source.attrs or not isinstance(layer, ScaledStdConv2D):
-        return None
-    try:
-        return ScaledWSSpec(**source.attrs["ws"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: invalid Scaled WS settings: {err}") from None
+    return ws_settings(source, where) if isinstance(layer, ScaledStdConv2D) else None
 
 
 def _bn_settings(layer: Any, source: Layer, where: str) -> BatchNormSpec | None:
@@ -563,15 +555,11 @@ def _plan_bn(
 def _plan(model: Any, ckpt: Checkpoint) -> list[_Step]:
     """Match layers by order and check everything before any weight is assigned."""
     targets = _param_layers(model)
-    if len(targets) != len(ckpt.layers):
-        raise CheckpointError(
-            f"the checkpoint has {len(ckpt.layers)} layers with parameters, the model "
-            f"{len(targets)}: {[la.kind for la in ckpt.layers]} vs {[k for _, _, k in targets]}"
-        )
+    match_layers(ckpt, [k for _, _, k in targets])
     flat = _flatten_sources(model)
     plan: list[_Step] = []
     for index, ((name, layer, kind), source) in enumerate(zip(targets, ckpt.layers, strict=True)):
-        where = f"layer {index}: checkpoint {_describe(source, ckpt)} vs model {kind} {name!r}"
+        where = f"layer {index}: checkpoint {describe(source, ckpt)} vs model {kind} {name!r}"
         if kind != source.kind:
             raise CheckpointError(f"{where}: kinds differ")
         spec: BatchNormSpec | ScaledWSSpec | None

@@ -38,7 +38,15 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from ..port import Checkpoint, CheckpointError, Layer
+from ..port import (
+    Checkpoint,
+    CheckpointError,
+    Layer,
+    describe,
+    match_layers,
+    role_array,
+    ws_settings,
+)
 from ..spec import BatchNormSpec, ScaledWSSpec
 from .batchnorm import BatchNorm
 from .op import OP_TYPE, OpSettings
@@ -314,20 +322,9 @@ def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:
 # -- load: plan (every check), then set --------------------------------------------------
 
 
-def _describe(layer: Layer, ckpt: Checkpoint) -> str:
-    shape = tuple(ckpt.tensors[layer.tensors["weight"]].shape) if "weight" in layer.tensors else ()
-    return f"{layer.kind} {layer.name!r}" + (f" {shape}" if shape else "")
-
-
 def _source(ckpt: Checkpoint, layer: Layer, role: str, present: bool, where: str) -> Any:
-    """The checkpoint's ``role`` array for a model that has (``present``) or lacks it;
-    None when neither has one."""
-    if not present and role not in layer.tensors:
-        return None
-    if not present or role not in layer.tensors:
-        side = "model" if not present else "checkpoint"
-        raise CheckpointError(f"{where}: the {side} has no {role!r}")
-    return ckpt.tensor(layer, role)
+    """The checkpoint's ``role`` array for a model that has (``present``) or lacks it."""
+    return role_array(ckpt, layer, role, present, where)
 
 
 def _checked(role: str, src: np.ndarray, param: Any, where: str) -> tuple[Any, np.ndarray]:
@@ -463,15 +460,11 @@ def _bn_settings(block: Any, layer: Layer, where: str) -> BatchNormSpec | None:
 def _plan(model: Any, ckpt: Checkpoint, example_shape: tuple[int, ...] | None) -> list[_Step]:
     """Match layers by order and check everything before any parameter is set."""
     targets = _param_layers(model)
-    if len(targets) != len(ckpt.layers):
-        raise CheckpointError(
-            f"the checkpoint has {len(ckpt.layers)} layers with parameters, the model "
-            f"{len(targets)}: {[la.kind for la in ckpt.layers]} vs {[k for _, _, k in targets]}"
-        )
+    match_layers(ckpt, [k for _, _, k in targets])
     flat = _flatten_shapes(model, example_shape)
     plan: list[_Step] = []
     for index, ((name, block, kind), layer) in enumerate(zip(targets, ckpt.layers, strict=True)):
-        where = f"layer {index}: checkpoint {_describe(layer, ckpt)} vs model {kind} {name!r}"
+        where = f"layer {index}: checkpoint {describe(layer, ckpt)} vs model {kind} {name!r}"
         if kind != layer.kind:
             raise CheckpointError(f"{where}: kinds differ")
         spec: BatchNormSpec | ScaledWSSpec | None
@@ -487,12 +480,7 @@ def _plan(model: Any, ckpt: Checkpoint, example_shape: tuple[int, ...] | None) -
 
 def _ws_settings(block: Any, layer: Layer, where: str) -> ScaledWSSpec | None:
     """The Scaled WS settings a ScaledStdConv2D takes from ``layer`` (validated first)."""
-    if "ws" not in layer.attrs or not isinstance(block, ScaledStdConv2D):
-        return None
-    try:
-        return ScaledWSSpec(**layer.attrs["ws"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: invalid Scaled WS settings: {err}") from None
+    return ws_settings(layer, where) if isinstance(block, ScaledStdConv2D) else None
 
 
 def _apply_spec(block: Any, layer: Layer, spec: BatchNormSpec | ScaledWSSpec) -> None:

@@ -21,7 +21,15 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..port import Checkpoint, CheckpointError, Layer
+from ..port import (
+    Checkpoint,
+    CheckpointError,
+    Layer,
+    describe,
+    match_layers,
+    role_array,
+    ws_settings,
+)
 from ..spec import BatchNormSpec, ScaledWSSpec
 from .batchnorm import BatchNorm
 from .ws import _ScaledStd
@@ -150,11 +158,6 @@ def export_checkpoint(model: nn.Module, example: torch.Tensor | None = None) -> 
     return Checkpoint(layers=layers, tensors=tensors, source="torch")
 
 
-def _describe(layer: Layer, ckpt: Checkpoint) -> str:
-    shape = tuple(ckpt.tensors[layer.tensors["weight"]].shape) if "weight" in layer.tensors else ()
-    return f"{layer.kind} {layer.name!r}" + (f" {shape}" if shape else "")
-
-
 _Step = tuple[
     nn.Module, Layer, list[tuple[torch.Tensor, np.ndarray]], BatchNormSpec | ScaledWSSpec | None
 ]
@@ -165,11 +168,8 @@ def _target_spec(
 ) -> BatchNormSpec | ScaledWSSpec | None:
     """The settings a BatchNorm or Scaled WS convolution will take from ``layer``
     (validated before any copy)."""
-    if "ws" in layer.attrs and isinstance(module, _ScaledStd):
-        try:
-            return ScaledWSSpec(**layer.attrs["ws"])
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f"{where}: invalid Scaled WS settings: {err}") from None
+    if isinstance(module, _ScaledStd):
+        return ws_settings(layer, where)
     if layer.kind != "batchnorm" or "spec" not in layer.attrs:
         return None
     settings = dict(layer.attrs["spec"])
@@ -187,14 +187,11 @@ def _target_spec(
 def _plan(model: nn.Module, ckpt: Checkpoint) -> list[_Step]:
     """Match layers by order and check every shape before anything is copied."""
     targets = _param_layers(model)
-    if len(targets) != len(ckpt.layers):
-        raise CheckpointError(
-            f"the checkpoint has {len(ckpt.layers)} layers with parameters, the model "
-            f"{len(targets)}: {[la.kind for la in ckpt.layers]} vs {[k for _, _, k in targets]}"
-        )
     plan = []
-    for index, ((name, module, kind), layer) in enumerate(zip(targets, ckpt.layers, strict=True)):
-        where = f"layer {index}: checkpoint {_describe(layer, ckpt)} vs model {kind} {name!r}"
+    for (index, layer), (name, module, kind) in zip(
+        match_layers(ckpt, [k for _, _, k in targets]), targets, strict=True
+    ):
+        where = f"layer {index}: checkpoint {describe(layer, ckpt)} vs model {kind} {name!r}"
         if kind != layer.kind:
             raise CheckpointError(f"{where}: kinds differ")
         roles = (
@@ -205,12 +202,10 @@ def _plan(model: nn.Module, ckpt: Checkpoint) -> list[_Step]:
         copies = []
         for role, attr in roles.items():
             dst = getattr(module, attr, None)
-            if dst is None and role not in layer.tensors:
+            src = role_array(ckpt, layer, role, dst is not None, where)
+            if src is None:
                 continue
-            if dst is None or role not in layer.tensors:
-                side = "model" if dst is None else "checkpoint"
-                raise CheckpointError(f"{where}: the {side} has no {role!r}")
-            src = ckpt.tensor(layer, role)
+            assert dst is not None
             if tuple(src.shape) != tuple(dst.shape):
                 raise CheckpointError(
                     f"{where}: {role} shape {tuple(src.shape)} in the checkpoint, "
