@@ -212,13 +212,14 @@ class BatchNorm(nn.Module):
             )
         return ax
 
-    def _check_count(self, x: Tensor) -> int:
-        count = x.numel() // self.num_features
+    def _check_count(self, count: int, shape: tuple[int, ...], where: str = "") -> int:
+        """Refuse batch statistics of ``count`` values per channel (``SPEC.md``, one value
+        per feature); ``where`` says whose values they are (``" across all ranks"``)."""
         if count == 0 or (count == 1 and not self.spec.allow_single_value):
             raise ValueError(
-                "expected more than 1 value per channel to compute batch statistics "
+                f"expected more than 1 value per channel{where} to compute batch statistics "
                 f"(training, or track_running_stats=False), got {count} (batch size x "
-                f"spatial size) for input of shape {tuple(x.shape)}; use a larger batch or "
+                f"spatial size) for input of shape {shape}; use a larger batch or "
                 "eval mode with running statistics"
             )
         return count
@@ -231,7 +232,7 @@ class BatchNorm(nn.Module):
         x1 = x if ax == 1 else x.movedim(ax, 1)
         updating = self.training and self.track_running_stats
         if self.training or not self.track_running_stats:
-            count = self._check_count(x1)
+            count = self._check_count(x1.numel() // self.num_features, tuple(x.shape))
             if updating:
                 y = self._train_and_update(x1, count)
             else:

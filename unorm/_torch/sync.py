@@ -59,7 +59,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         dist.all_gather(rows, row, group=group)
         total, mean64, m2_64 = _merge(torch.stack(rows), channels)
         count = int(total.item())  # one host sync per call, as nn.SyncBatchNorm has too
-        layer._check_total(count, tuple(x.shape))
+        layer._check_count(count, tuple(x.shape), " across all ranks")
         var64 = m2_64 / count
         # The running variance is fed the estimate over the *global* count (SPEC.md).
         fed64 = m2_64 / (count - 1) if layer.spec.unbiased and count > 1 else var64
@@ -118,13 +118,6 @@ class SyncBatchNorm(BatchNorm):
         if not (dist.is_available() and dist.is_initialized()):
             return False
         return dist.get_world_size(self.process_group) > 1
-
-    def _check_total(self, count: int, shape: tuple[int, ...]) -> None:
-        if count == 0 or (count == 1 and not self.spec.allow_single_value):
-            raise ValueError(
-                "expected more than 1 value per channel across all ranks to compute batch "
-                f"statistics, got {count} (this rank's input shape {shape})"
-            )
 
     def forward(self, x: Tensor) -> Tensor:
         uses_batch = self.training or not self.track_running_stats
