@@ -44,6 +44,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import importlib.util
 import sys
 from collections.abc import Sequence
@@ -261,6 +262,49 @@ class Adapter:
     ) -> WSValues:
         """One forward and backward call of the backend's Scaled WS convolution."""
         raise Unsupported(f"{self.name} has no Scaled WS convolution")
+
+
+class UnormModule:
+    """Mixin of the columns that run unorm's own layers: ``module()`` is
+    ``module_name`` (e.g. ``unorm.torch``), and the column is unavailable, not failing,
+    while that module cannot be imported."""
+
+    module_name = ""
+
+    def module(self) -> Any:
+        """The unorm module this column runs."""
+        return importlib.import_module(self.module_name)
+
+    def availability(self) -> str | None:
+        missing: str | None = super().availability()  # type: ignore[misc]
+        if missing:
+            return missing
+        try:
+            self.module()
+        except ImportError as exc:
+            return f"{self.module_name} is not importable yet ({exc})"
+        return None
+
+
+def old_weight_native_spec(
+    config: LayerConfig, framework: str, layer: str, state: str
+) -> BatchNormSpec:
+    """The spec of ``config`` as a layer whose ``momentum`` weighs the old value (Keras,
+    Gluon) can express it: no cumulative average, running statistics always kept (``state``
+    says how the layer uses them); raises :class:`Unsupported` otherwise."""
+    spec = config.spec()
+    if spec.momentum is None:
+        raise Unsupported(f"{layer} has no cumulative average (momentum=None)")
+    if not spec.track_running_stats:
+        raise Unsupported(f"{layer} always {state}")
+    return BatchNormSpec.from_native(
+        framework,
+        epsilon=spec.eps,
+        momentum=1.0 - spec.momentum,
+        center=spec.center,
+        scale=spec.scale,
+        axis=spec.axis,
+    )
 
 
 _MODULES: dict[str, ModuleType] = {}

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from conformance import dtypes
-from conformance.adapter import LayerConfig, Unsupported, load_adapter_module
+from conformance.adapter import LayerConfig, load_adapter_module, old_weight_native_spec
 from unorm.spec import BatchNormSpec
 
 _keras = load_adapter_module("keras")
@@ -34,18 +34,8 @@ class KerasNativeAdapter(_keras.KerasBase):
     native = True
 
     def native_spec(self, config: LayerConfig) -> BatchNormSpec:
-        spec = config.spec()
-        if spec.momentum is None:
-            raise Unsupported("BatchNormalization has no cumulative average (momentum=None)")
-        if not spec.track_running_stats:
-            raise Unsupported("BatchNormalization always keeps moving statistics")
-        return BatchNormSpec.from_native(
-            "keras",
-            epsilon=spec.eps,
-            momentum=1.0 - spec.momentum,
-            center=spec.center,
-            scale=spec.scale,
-            axis=spec.axis,
+        return old_weight_native_spec(
+            config, "keras", "BatchNormalization", "keeps moving statistics"
         )
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Any:

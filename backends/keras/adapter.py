@@ -28,6 +28,7 @@ from conformance.adapter import (
     AGCArrays,
     LayerConfig,
     SyncResult,
+    UnormModule,
     Unsupported,
     WSConfig,
 )
@@ -184,24 +185,12 @@ class KerasBase(Adapter):
             return exchange.run_helper(SYNC_WORKER, request)
 
 
-class KerasAdapter(KerasBase):
+class KerasAdapter(UnormModule, KerasBase):
     """``unorm.keras.BatchNorm`` and the ``unorm.keras.AGC`` optimizer wrapper."""
 
     name = "keras"
 
-    def module(self) -> Any:
-        """``unorm.keras``."""
-        return importlib.import_module("unorm.keras")
-
-    def availability(self) -> str | None:
-        missing = super().availability()
-        if missing:
-            return missing
-        try:
-            self.module()
-        except ImportError as exc:
-            return f"unorm.keras is not importable yet ({exc})"
-        return None
+    module_name = "unorm.keras"
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
         policy_name = policy(config.dtype) if config.dtype in dtypes.DTYPES else "float32"

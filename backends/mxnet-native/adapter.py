@@ -21,7 +21,12 @@ from typing import Any
 
 import numpy as np
 
-from conformance.adapter import LayerConfig, Unsupported, load_adapter_module
+from conformance.adapter import (
+    LayerConfig,
+    Unsupported,
+    load_adapter_module,
+    old_weight_native_spec,
+)
 from unorm.spec import BatchNormSpec
 
 _mxnet = load_adapter_module("mxnet")
@@ -36,18 +41,8 @@ class MXNetNativeAdapter(_mxnet.MXNetBase):
     native = True
 
     def native_spec(self, config: LayerConfig) -> BatchNormSpec:
-        spec = config.spec()
-        if spec.momentum is None:
-            raise Unsupported("gluon.nn.BatchNorm has no cumulative average (momentum=None)")
-        if not spec.track_running_stats:
-            raise Unsupported("gluon.nn.BatchNorm always uses running statistics in inference")
-        return BatchNormSpec.from_native(
-            "mxnet",
-            epsilon=spec.eps,
-            momentum=1.0 - spec.momentum,
-            center=spec.center,
-            scale=spec.scale,
-            axis=spec.axis,
+        return old_weight_native_spec(
+            config, "mxnet", "gluon.nn.BatchNorm", "uses running statistics in inference"
         )
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Any:

@@ -27,6 +27,7 @@ from conformance.adapter import (
     AGCArrays,
     LayerConfig,
     SyncResult,
+    UnormModule,
     Unsupported,
     WSConfig,
 )
@@ -196,24 +197,12 @@ class MXNetBase(Adapter):
         return SyncResult([y.asnumpy() for y in ys], [x.grad.asnumpy() for x in inputs], state)
 
 
-class MXNetAdapter(MXNetBase):
+class MXNetAdapter(UnormModule, MXNetBase):
     """``unorm.mxnet.BatchNorm`` and unorm's AGC for Gluon."""
 
     name = "mxnet"
 
-    def module(self) -> Any:
-        """``unorm.mxnet``."""
-        return importlib.import_module("unorm.mxnet")
-
-    def availability(self) -> str | None:
-        missing = super().availability()
-        if missing:
-            return missing
-        try:
-            self.module()
-        except ImportError as exc:
-            return f"unorm.mxnet is not importable yet ({exc})"
-        return None
+    module_name = "unorm.mxnet"
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
         block = self.module().BatchNorm(

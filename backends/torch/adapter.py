@@ -27,6 +27,7 @@ from conformance.adapter import (
     AGCArrays,
     LayerConfig,
     SyncResult,
+    UnormModule,
     Unsupported,
     WSConfig,
 )
@@ -150,10 +151,8 @@ class TorchBase(Adapter):
         all-reduced as data parallelism does."""
         if self.native:
             self.native_spec(config)  # what native PyTorch cannot express is unsupported
-        elif "center" in dict(config.settings) or "scale" in dict(config.settings):
-            settings = dict(config.settings)
-            if settings.get("center", True) != settings.get("scale", True):
-                raise Unsupported("unorm.torch.BatchNorm has one `affine` flag (gamma and beta)")
+        else:
+            _affine(dict(config.settings))
         with tempfile.TemporaryDirectory() as folder:
             request = exchange.write_request(
                 Path(folder), config, gamma, beta, xs, dys, native=self.native
@@ -161,24 +160,23 @@ class TorchBase(Adapter):
             return exchange.run_helper(SYNC_WORKER, request)
 
 
-class TorchAdapter(TorchBase):
+def _affine(settings: dict[str, Any]) -> bool | None:
+    """``affine`` for ``center``/``scale`` settings (None: neither given); unorm.torch has
+    one flag for gamma and beta, so differing values are unsupported."""
+    if "center" not in settings and "scale" not in settings:
+        return None
+    center, scale = settings.get("center", True), settings.get("scale", True)
+    if center != scale:
+        raise Unsupported("unorm.torch.BatchNorm has one `affine` flag (gamma and beta)")
+    return bool(center)
+
+
+class TorchAdapter(UnormModule, TorchBase):
     """``unorm.torch.BatchNorm`` and ``unorm.torch.adaptive_clip_grad_``."""
 
     name = "torch"
 
-    def module(self) -> Any:
-        """``unorm.torch``."""
-        return importlib.import_module("unorm.torch")
-
-    def availability(self) -> str | None:
-        missing = super().availability()
-        if missing:
-            return missing
-        try:
-            self.module()
-        except ImportError as exc:
-            return f"unorm.torch is not importable yet ({exc})"
-        return None
+    module_name = "unorm.torch"
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
         settings = dict(config.settings)
@@ -186,11 +184,9 @@ class TorchAdapter(TorchBase):
         for key in ("eps", "momentum", "track_running_stats"):
             if key in settings:
                 kwargs[key] = settings[key]
-        if "center" in settings or "scale" in settings:
-            center, scale = settings.get("center", True), settings.get("scale", True)
-            if center != scale:
-                raise Unsupported("unorm.torch.BatchNorm has one `affine` flag (gamma and beta)")
-            kwargs["affine"] = center
+        affine = _affine(settings)
+        if affine is not None:
+            kwargs["affine"] = affine
         layer = self.module().BatchNorm(config.num_features, **kwargs)
         return self.built(layer, layer, config, gamma, beta)
 
