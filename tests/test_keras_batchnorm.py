@@ -176,6 +176,24 @@ def test_large_offset_statistics_are_accurate() -> None:
     np.testing.assert_allclose(layer.moving_variance.numpy(), expected.var(), rtol=1e-3)
 
 
+@pytest.mark.parametrize(("loc", "scale"), [(1e4, 1.0), (0.5, 1e-3)])
+def test_large_mean_against_the_spread_keeps_float32_accuracy(loc: float, scale: float) -> None:
+    """Outputs and gradients at a mean far above the spread are as accurate as float32
+    inputs allow (SPEC.md, numerics); Keras's own arithmetic, which preset="keras" keeps,
+    loses 1e-3 of y's scale and 1e-2 of dgamma's at mean 1e4."""
+    rng = np.random.default_rng(3)
+    x = (loc + scale * rng.standard_normal((16, 8, 8, 4))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer = BatchNorm()
+    y, (dx, dgamma, dbeta) = _train_call(layer, x, dy)
+    want_y, stats = ref.batch_norm_train(x, eps=1e-5, axis=-1)
+    want = ref.batch_norm_backward(dy, x, np.ones(4), eps=1e-5, axis=-1)
+    for got, expected in [(y, want_y), (dx, want.dx), (dgamma, want.dgamma), (dbeta, want.dbeta)]:
+        expected = np.asarray(expected, np.float64)
+        np.testing.assert_allclose(got, expected, rtol=0, atol=2e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(layer.moving_mean.numpy(), 0.1 * stats.mean, rtol=1e-6)
+
+
 # -- preset="keras" is keras.layers.BatchNormalization --------------------------------
 
 

@@ -316,7 +316,14 @@ class BatchNorm(keras.layers.Layer):
         beta = None if self.beta is None else ops.cast(self.beta, dtype)
         # Keras convention: a frozen BatchNorm runs in inference mode.
         training = bool(training) and self.trainable
+        shift = None
         if training or not spec.track_running_stats:
+            if spec.preset != "keras" and not self._replicated():
+                # Shifting each feature by one of its own values keeps float32 statistics
+                # and x - mean accurate at a large mean against the spread (SPEC.md,
+                # numerics): Keras's own arithmetic, kept by preset="keras", loses ~1e-2 at
+                # mean 1e4, std 1. Any per-feature constant is exact; one pass over x.
+                x, shift = stats.shift_by_first(x, self._reduce_axes)
             mean, variance, count = self._batch_moments(x, mask)
         else:
             mean = ops.cast(self.moving_mean, dtype)
@@ -324,6 +331,8 @@ class BatchNorm(keras.layers.Layer):
         y = ops.batch_normalization(
             x, mean, variance, axis=spec.axis, offset=beta, scale=gamma, epsilon=spec.eps
         )
+        if shift is not None:
+            mean = mean + shift  # the running mean is of the unshifted input
         if training and spec.track_running_stats:
             if spec.update_on == "backward":
                 from .tf_runtime import update_on_backward
@@ -333,6 +342,15 @@ class BatchNorm(keras.layers.Layer):
                 self._update(mean, variance, count)
         return ops.cast(y, self.compute_dtype)
 
+    def _replicated(self) -> bool:
+        """Whether the batch statistics are merged across replicas (whose shifts would
+        differ, so they are not shifted)."""
+        if not self.synchronized:
+            return False
+        from .sync import replica_count
+
+        return replica_count() > 1
+
     def _batch_moments(self, x: Any, mask: Any) -> tuple[Any, Any, Any]:
         """Per-feature mean and biased variance of ``x``, and the count they cover."""
         axes = self._reduce_axes
@@ -340,12 +358,11 @@ class BatchNorm(keras.layers.Layer):
             mean, variance, count = stats.masked_moments(x, mask, axes)
             mean, variance, _ = self._checked(ops.min(count), x.shape, mean, variance)
             return mean, variance, count
-        if self.synchronized:
-            from .sync import replica_count, synchronized_moments
+        if self._replicated():
+            from .sync import synchronized_moments
 
-            if replica_count() > 1:
-                mean, variance, count = synchronized_moments(x, axes)
-                return self._checked(count, x.shape, mean, variance)
+            mean, variance, count = synchronized_moments(x, axes)
+            return self._checked(count, x.shape, mean, variance)
         mean, variance = stats.moments(x, axes)
         return self._checked(stats.count(x, axes), x.shape, mean, variance)
 

@@ -14,7 +14,7 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["count", "masked_moments", "moments", "tensorflow_backend"]
+__all__ = ["count", "masked_moments", "moments", "shift_by_first", "tensorflow_backend"]
 
 
 def tensorflow_backend() -> bool:
@@ -30,6 +30,17 @@ def moments(x: Any, axes: list[int]) -> tuple[Any, Any]:
     mean = ops.mean(x, axis=axes, keepdims=True)
     variance = ops.mean(ops.square(x - mean), axis=axes)
     return ops.squeeze(mean, axis=axes), variance
+
+
+def shift_by_first(x: Any, axes: list[int]) -> tuple[Any, Any]:
+    """``x`` minus, per feature, its first value along ``axes``, and that shift (a
+    per-feature vector). The shift is a constant to autodiff, so gradients through the
+    shifted tensor are those through ``x``; statistics of the shifted tensor are those of
+    ``x`` (the mean less the shift) but keep their float32 digits when the mean is large
+    against the spread. An empty batch gives an empty shift and an empty result."""
+    first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape)))
+    shift = ops.stop_gradient(x[first])
+    return x - shift, ops.reshape(shift, (-1,))
 
 
 def masked_moments(x: Any, mask: Any, axes: list[int]) -> tuple[Any, Any, Any]:
