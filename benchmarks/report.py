@@ -27,6 +27,7 @@ __all__ = [
     "format_params",
     "format_seconds",
     "format_target",
+    "format_targets",
     "main",
     "render",
     "render_file",
@@ -39,7 +40,10 @@ _EXPLANATION = (
     "repeats in one process; below 1 unorm is faster). *× floor* is unorm's time over the "
     "memory-traffic floor: the time to read the operation's inputs and write its outputs "
     "once at this machine's measured memory copy bandwidth (1 means at the floor). "
-    "*target* is the ratio the backend promises to stay under."
+    "*target* is the ratio the backend promises to stay under; where unorm adds work "
+    "to the native operation (AGC's clip on top of an optimizer step), it may instead "
+    "bound that work's time (unorm − native) against the work's own floor: "
+    "*added 1.2× floor ≤ 1.30*."
 )
 
 _HEADER = (
@@ -89,6 +93,27 @@ def format_target(target: float | None, met: bool | None, words: bool = False) -
         return "–"
     marks = ("met", "missed") if words else ("✓", "✗")
     return f"≤ {target:.2f} {marks[0] if met else marks[1]}"
+
+
+def format_targets(result: Mapping[str, Any], words: bool = False) -> str:
+    """Every target of a result (a :meth:`Result.to_dict`): the ratio's, and the added
+    work's against its floor, each with whether it was met.
+
+    Example:
+        >>> format_targets({"added_floor_ratio": 1.25, "added_target": 1.3})
+        'added 1.25× floor ≤ 1.30 ✓'
+    """
+    parts = []
+    if result.get("target_ratio") is not None:
+        ratio = result["target_ratio"]
+        parts.append(format_target(ratio, result["ratio"] <= ratio, words))
+    if result.get("added_target") is not None:
+        added = result.get("added_floor_ratio")
+        target = result["added_target"]
+        met = added is not None and added <= target
+        shown = "?" if added is None else f"{added:.2f}"
+        parts.append(f"added {shown}× floor {format_target(target, met, words)}")
+    return "; ".join(parts) if parts else "–"
 
 
 def _format_bytes(nbytes: int | None) -> str | None:
@@ -142,7 +167,7 @@ def _row(result: Mapping[str, Any]) -> str:
         format_seconds(result["native_s"]),
         f"{result['ratio']:.2f}",
         "–" if floor is None else f"{floor:.1f}",
-        format_target(result.get("target_ratio"), result.get("target_met")),
+        format_targets(result),
     ]
     return "| " + " | ".join(_cell(c) for c in cells) + " |"
 

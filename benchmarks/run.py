@@ -27,7 +27,7 @@ from pathlib import Path
 from types import ModuleType
 
 from .harness import Result, machine_info, measure, memory_bandwidth, write_results
-from .report import format_params, format_seconds, format_target
+from .report import format_params, format_seconds, format_targets
 
 __all__ = [
     "RESULTS_DIR",
@@ -133,7 +133,7 @@ def format_line(result: Result) -> str:
         f"{result.name}  {format_params(result.params)}  "
         f"unorm {format_seconds(result.unorm_s)}  native {format_seconds(result.native_s)}  "
         f"ratio {result.ratio:.2f}  × floor {floor}  "
-        f"target {format_target(result.target_ratio, result.target_met, words=True)}"
+        f"target {format_targets(result.to_dict(), words=True)}"
     )
 
 

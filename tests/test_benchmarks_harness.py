@@ -116,6 +116,36 @@ def test_target_met_compares_ratio_with_target() -> None:
     assert Result("t", "b", {}, 1.2, 1.0, 1.2).target_met is None
 
 
+def test_added_work_is_measured_against_its_own_floor() -> None:
+    bench = Benchmark(
+        "a",
+        "test",
+        {},
+        unorm=lambda: time.sleep(0.004),
+        native=lambda: time.sleep(0.001),
+        added_bytes=3 * 10**6,
+        added_target=1.3,
+    )
+    result = measure(bench, repeats=3, warmup=0, number=1, bandwidth=1e9)
+    # unorm - native ~ 3 ms over a 3 ms floor: ~1, and never below the sleep's 3 ms.
+    assert 0.9 < result.added_floor_ratio < 3.0
+    assert result.target_met is (result.added_floor_ratio <= 1.3)
+    assert (
+        Result("t", "b", {}, 2.0, 1.0, 2.0, added_floor_ratio=1.4, added_target=1.3).target_met
+        is False
+    )
+    # Both targets must hold where both are given; no bandwidth means the target is unknown.
+    assert (
+        Result(
+            "t", "b", {}, 2.0, 1.0, 2.0, target_ratio=1.5, added_floor_ratio=1.0, added_target=1.3
+        ).target_met
+        is False
+    )
+    assert Result("t", "b", {}, 2.0, 1.0, 2.0, added_target=1.3).target_met is False
+    with pytest.raises(ValueError, match="added_target must be positive"):
+        Benchmark("a", "t", {}, unorm=lambda: 0, native=lambda: 0, added_target=0.0)
+
+
 @pytest.mark.parametrize(
     "kwargs", [{"repeats": 0}, {"warmup": -1}, {"min_time": -0.1}, {"number": 0}]
 )

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.keras
 keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
-from unorm._keras.clip import clip_gradient  # noqa: E402
+from unorm._keras.clip import clip_gradient, clip_gradients  # noqa: E402
 from unorm.keras import AGC, final_classifier  # noqa: E402
 
 # Output-unit axes of Keras weights, written out from SPEC.md's table (not from the code).
@@ -90,6 +90,71 @@ def test_clip_matches_reference(shape: tuple[int, ...], axes: Any, dtype: str) -
     np.testing.assert_array_equal(got64[untouched], grad64[untouched])
     if len(shape) >= 2 and axes is not None:
         assert untouched.any() and not untouched.all()
+
+
+# Gradients of one optimizer update, as AGC clips them together: kernels whose units are
+# trailing axes (the matrix-product norms), leading or inner axes (plain sums), many tiny
+# one-unit tensors (packed into one vector), a large one-unit tensor, float64 and 16-bit.
+BATCH = (
+    [
+        ((6, 5), -1, "float32"),
+        ((3, 3, 4, 6), -1, "float32"),
+        ((3, 3, 6, 4), -2, "float32"),
+        ((3, 3, 4, 2), (-2, -1), "float32"),
+        ((10, 4), 0, "float32"),
+        ((300, 300), None, "float32"),
+        ((4, 5), -1, "float64"),
+        ((7,), None, "float64"),
+        ((3, 4), -1, "float16"),
+        ((0, 3), -1, "float32"),
+    ]
+    + [((n,), None, "float32") for n in (1, 7, 64, 0, 5)]
+    + [((), None, "float32")]
+)
+
+
+@pytest.mark.parametrize("mode", ["eager", "graph", "xla"])
+def test_clipping_an_update_at_once_matches_the_reference(mode: str) -> None:
+    rng = np.random.default_rng(7)
+    weights, grads, axes = [], [], []
+    for shape, unit, dtype in BATCH:
+        weight = rng.standard_normal(shape).astype(np.float32)
+        weights.append(tf.cast(weight, dtype))
+        grad = _unit_scaled(rng, weight, unit) if weight.size else weight
+        if len(grads) % 2 and len(shape) <= 1:  # every other tiny tensor under its limit
+            grad = grad * 1e-4
+        grads.append(tf.cast(grad, dtype))
+        listed = () if unit is None else (unit,) if isinstance(unit, int) else unit
+        axes.append(tuple(sorted(a % len(shape) for a in listed)))
+
+    def run() -> list[Any]:
+        return clip_gradients(grads, weights, axes, AGCSpec())
+
+    fn = run if mode == "eager" else tf.function(run, jit_compile=mode == "xla")
+    got = fn()
+    for (shape, unit, dtype), g, w, c in zip(BATCH, grads, weights, got, strict=True):
+        assert keras.backend.standardize_dtype(c.dtype) == dtype and tuple(c.shape) == shape
+        grad64 = np.asarray(tf.cast(g, "float64"))
+        want = ref.agc_clip(grad64, np.asarray(tf.cast(w, "float64")), unit)
+        tol = {"float64": 1e-12, "float32": 1e-6, "float16": 1e-3}[dtype]
+        got64 = np.asarray(tf.cast(c, "float64"))
+        scale = np.abs(want).max() if want.size else 0.0
+        np.testing.assert_allclose(got64, want, rtol=2 * tol, atol=tol * scale)
+        untouched = want == grad64
+        np.testing.assert_array_equal(got64[untouched], grad64[untouched])
+    # Some tiny one-unit tensors are clipped and some are not: the packed path decides per
+    # tensor, not once for the pack.
+    tiny = [
+        np.array_equal(np.asarray(c), np.asarray(g))
+        for g, c in zip(grads[-6:], got[-6:], strict=True)
+        if g.shape.num_elements()
+    ]
+    assert any(tiny) and not all(tiny)
+
+
+def test_clip_gradients_checks_its_lists() -> None:
+    with pytest.raises(ValueError, match="one entry per variable"):
+        clip_gradients([np.ones(2, np.float32)], [], [()], AGCSpec())
 
 
 def test_nonfinite_units_are_left_alone() -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import keras
 
 from ..spec import AGCSpec
-from .clip import clip_gradient
+from .clip import clip_gradient, clip_gradients
 from .layout import VariableSetting
 
 __all__ = ["innermost", "install"]
@@ -41,20 +41,27 @@ def innermost(optimizer: Any) -> Any:
     return optimizer
 
 
-def _clip_dense_or_sparse(grad: Any, weight: Any, axes: tuple[int, ...], spec: AGCSpec) -> Any:
+def _clip_sparse(grad: Any, weight: Any, axes: tuple[int, ...], spec: AGCSpec) -> Any:
+    """AGC of an ``IndexedSlices`` gradient (an Embedding's)."""
     import tensorflow as tf
 
-    if not isinstance(grad, tf.IndexedSlices):
-        return clip_gradient(grad, weight, axes, spec)
     if 0 not in axes:
         # Units span rows: clip the dense gradient (rare: an override on an embedding).
         return clip_gradient(tf.convert_to_tensor(grad), weight, axes, spec)
-    # Rows are independent units (an Embedding's gradient): sum repeated rows, as the
-    # dense gradient would, then clip only the rows that have a gradient.
+    # Rows are independent units: sum repeated rows, as the dense gradient would, then
+    # clip only the rows that have a gradient.
     rows, position = tf.unique(grad.indices)
     values = tf.math.unsorted_segment_sum(grad.values, position, tf.shape(rows)[0])
     clipped = clip_gradient(values, tf.gather(weight, rows), axes, spec)
     return tf.IndexedSlices(clipped, rows, grad.dense_shape)
+
+
+def _sparse(grad: Any) -> bool:
+    if keras.backend.backend() != "tensorflow":
+        return False
+    import tensorflow as tf
+
+    return isinstance(grad, tf.IndexedSlices)
 
 
 def install(
@@ -68,29 +75,43 @@ def install(
     if getattr(optimizer, _MARK, False):
         raise ValueError(f"optimizer {optimizer.name!r} is already wrapped by an AGC; wrap it once")
 
-    def clip(grad: Any, variable: Any) -> Any:
-        if grad is None:
-            return None
-        setting = settings()[optimizer._get_variable_index(variable)]
-        if setting.excluded:
-            return grad
-        if keras.backend.backend() == "tensorflow":
-            return _clip_dense_or_sparse(grad, variable, setting.unit_axes, spec)
-        return clip_gradient(grad, variable, setting.unit_axes, spec)
+    def clip(grads: Sequence[Any], variables: Sequence[Any]) -> list[Any]:
+        """The update's gradients, clipped: dense ones together (:func:`clip_gradients`),
+        sparse ones one by one; ``None`` and excluded gradients pass unchanged."""
+        out = list(grads)
+        dense: list[int] = []
+        axes: list[tuple[int, ...]] = []
+        for k, (grad, variable) in enumerate(zip(grads, variables, strict=True)):
+            setting = settings()[optimizer._get_variable_index(variable)]
+            if grad is None or setting.excluded:
+                continue
+            if _sparse(grad):
+                out[k] = _clip_sparse(grad, variable, setting.unit_axes, spec)
+            else:
+                dense.append(k)
+                axes.append(setting.unit_axes)
+        if dense:
+            clipped = clip_gradients(
+                [grads[k] for k in dense], [variables[k] for k in dense], axes, spec
+            )
+            for k, c in zip(dense, clipped, strict=True):
+                out[k] = c
+        return out
 
     if keras.backend.backend() == "tensorflow":
         all_reduce = optimizer._all_reduce_sum_gradients
 
         def all_reduce_then_clip(grads_and_vars: Any) -> list[tuple[Any, Any]]:
-            return [(clip(g, v), v) for g, v in all_reduce(grads_and_vars)]
+            reduced = list(all_reduce(grads_and_vars))
+            variables = [v for _, v in reduced]
+            return list(zip(clip([g for g, _ in reduced], variables), variables, strict=True))
 
         object.__setattr__(optimizer, "_all_reduce_sum_gradients", all_reduce_then_clip)
     else:
         update_step = optimizer._backend_update_step
 
         def clip_then_update(grads: Any, variables: Any, learning_rate: Any) -> Any:
-            clipped = [clip(g, v) for g, v in zip(grads, variables, strict=True)]
-            return update_step(clipped, variables, learning_rate)
+            return update_step(clip(list(grads), list(variables)), variables, learning_rate)
 
         object.__setattr__(optimizer, "_backend_update_step", clip_then_update)
     object.__setattr__(optimizer, _MARK, True)
