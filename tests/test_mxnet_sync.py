@@ -60,11 +60,13 @@ def _split(x: np.ndarray, sizes: list[int], ctxs: list[Any]) -> list[Any]:
     return [mx.nd.array(x[a:b], ctx=c) for a, b, c in pairs]
 
 
-def _against_one_device(sizes: list[int], hybridize: bool) -> None:
-    """Three training steps on len(sizes) devices against the reference on the whole batch."""
+def _against_one_device(sizes: list[int], hybridize: bool, axis: int = 1) -> None:
+    """Three training steps on len(sizes) devices against the reference on the whole batch
+    (3 features on ``axis``: (N, 3, 4) or, with ``axis=-1``, (N, 4, 3))."""
     rng = np.random.default_rng(sum(sizes))
     ctxs = _contexts(len(sizes))
-    layer = SyncBatchNorm(3, num_devices=len(ctxs))
+    layer = SyncBatchNorm(3, num_devices=len(ctxs), axis=axis)
+    sample = (3, 4) if axis == 1 else (4, 3)
     layer.initialize(ctx=ctxs)
     gamma = rng.uniform(0.5, 1.5, 3)
     layer.gamma.set_data(mx.nd.array(gamma))
@@ -74,7 +76,7 @@ def _against_one_device(sizes: list[int], hybridize: bool) -> None:
     for _ in range(3):
         # Each device's slice has its own mean, so equal-weight averaging would be wrong.
         offsets = np.repeat(np.arange(len(sizes)), sizes)[:, None, None] * 3.0
-        x = (rng.standard_normal((sum(sizes), 3, 4)) + offsets).astype(np.float32)
+        x = (rng.standard_normal((sum(sizes), *sample)) + offsets).astype(np.float32)
         dy = rng.standard_normal(x.shape).astype(np.float32)
         parts = _split(x, sizes, ctxs)
         for part in parts:
@@ -82,8 +84,9 @@ def _against_one_device(sizes: list[int], hybridize: bool) -> None:
         with autograd.record():
             ys = [layer(part) for part in parts]
         autograd.backward(ys, _split(dy, sizes, ctxs))
-        y_ref, running = ref.batch_norm_step(x, running, BatchNormSpec(), gamma, training=True)
-        grads = ref.batch_norm_backward(dy, x, gamma, eps=1e-5, axis=1)
+        spec = BatchNormSpec(axis=axis)
+        y_ref, running = ref.batch_norm_step(x, running, spec, gamma, training=True)
+        grads = ref.batch_norm_backward(dy, x, gamma, eps=1e-5, axis=axis)
         np.testing.assert_allclose(np.concatenate([y.asnumpy() for y in ys]), y_ref, **F32)
         dx = np.concatenate([p.grad.asnumpy() for p in parts])
         np.testing.assert_allclose(dx, grads.dx, **F32)
@@ -105,6 +108,11 @@ def uneven_imperative() -> None:
 @_scenario
 def uneven_hybridized() -> None:
     _against_one_device([5, 2, 1], hybridize=True)
+
+
+@_scenario
+def uneven_channels_last() -> None:
+    _against_one_device([4, 1, 3], hybridize=True, axis=-1)
 
 
 @_scenario
@@ -168,6 +176,7 @@ def missing_device_times_out() -> None:
 NAMES = [
     "uneven_imperative",
     "uneven_hybridized",
+    "uneven_channels_last",
     "even_hybridized",
     "split_and_load_training",
     "missing_device_times_out",

@@ -165,6 +165,14 @@ class MXNetBase(Adapter):
     ) -> SyncResult:
         """Gluon data parallelism: one call per ``mx.cpu(k)`` context, every call issued
         before any result is read, then backward on all of them."""
+        if any(x.shape[0] == 0 for x in xs):
+            # Legacy NDArrays read a 0 dimension as "unknown": no operator, not even
+            # attach_grad's zeros_like, runs on an empty array, and split_and_load refuses
+            # more devices than rows. An empty device shard cannot occur in MXNet 1.x.
+            raise Unsupported(
+                "MXNet 1.x has no empty arrays (a 0 dimension means unknown shape), so "
+                "no device shard can be empty"
+            )
         autograd = mx().autograd
         contexts = [mx().cpu(k) for k in range(len(xs))]
         block = self.sync_block(config, len(xs))

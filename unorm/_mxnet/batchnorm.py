@@ -303,7 +303,9 @@ class SyncBatchNorm(BatchNorm):
     is wrong for uneven slices. The backward pass all-reduces ``sum(dy)`` and
     ``sum(dy * xhat)``; ``gamma``/``beta`` gradients stay per device and are summed by the
     Trainer's all-reduce like every other parameter. Every device updates its copy of the
-    running statistics with the merged statistics.
+    running statistics with the merged statistics. Any feature ``axis`` works. A device
+    shard is never empty: MXNet 1.x reads a 0 dimension as "unknown", so no operator runs
+    on an empty array and ``split_and_load`` refuses more devices than rows.
 
     The devices meet inside MXNet's CustomOp worker threads: issue every device's call
     before waiting on any result (as data-parallel loops do) and run backward on all
