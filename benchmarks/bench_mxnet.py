@@ -10,7 +10,12 @@ Benchmarks (full size; ``quick`` uses small inputs):
   statistics accurately (BLAS partial sums finished in float64, two-pass when the mean is
   large) and updates the running statistics in the forward pass; Gluon's kernel sums one
   float32 at a time and updates in backward, so the two do not do the same work.
-- ``bn_eval``: the same layers in inference mode (forward only). Target ratio 1.05.
+- ``bn_eval``: the same layers in inference mode (forward only, nothing recorded for
+  autograd), called directly: unorm runs MXNet's kernel on the running statistics, as
+  Gluon does. Target ratio 1.05.
+- ``bn_eval_in_graph``: the same inference inside a hybridized parent
+  (``HybridSequential``), where unorm's layer is its custom operator (the graph serves
+  training and inference alike). Target ratio 1.05.
 - ``agc``: ``adaptive_clip_grad`` over the parameters of a ResNet-50 (Gluon model zoo
   architecture, random weights and gradients) against a per-tensor loop written the way
   timm's ``adaptive_clip_grad`` is (per tensor: norms, clamp, divide, where, copy). No
@@ -23,7 +28,7 @@ once. AGC reads weights and gradients and writes the gradients.
 
 Example:
     >>> sorted({b.name for b in benchmarks(quick=True)})
-    ['agc', 'bn_eval', 'bn_train']
+    ['agc', 'bn_eval', 'bn_eval_in_graph', 'bn_train']
 """
 
 from __future__ import annotations
@@ -83,11 +88,21 @@ def _bn_pair(shape: tuple[int, ...]) -> list[Benchmark]:
     def infer(layer: Any) -> Callable[[], object]:
         return lambda: layer(x)
 
+    def in_graph(layer: Any) -> Any:
+        parent = gluon.nn.HybridSequential()
+        parent.add(layer)  # already initialised: the parent shares its parameters
+        parent.hybridize(static_alloc=True)
+        return parent
+
     params = {"shape": shape, "dtype": "float32", "layout": "NCHW"}
     size = x.size * 4
+    graph_ours, graph_native = infer(in_graph(ours)), infer(in_graph(native))
     return [
         Benchmark("bn_train", BACKEND, params, train(ours), train(native), _wait, 8 * size, 1.05),
         Benchmark("bn_eval", BACKEND, params, infer(ours), infer(native), _wait, 2 * size, 1.05),
+        Benchmark(
+            "bn_eval_in_graph", BACKEND, params, graph_ours, graph_native, _wait, 2 * size, 1.05
+        ),
     ]
 
 

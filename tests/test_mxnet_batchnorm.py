@@ -313,6 +313,70 @@ def test_float64_input_after_cast() -> None:
     np.testing.assert_allclose(dx, grads.dx, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize(
+    ("shape", "kwargs", "dtype"),
+    [
+        ((6, 4, 5, 5), {}, "float32"),
+        ((6, 5, 4), {"axis": -1}, "float32"),
+        ((7, 4), {"scale": False, "center": False}, "float32"),
+        ((3, 4, 2, 2, 2), {"eps": 1e-2}, "float64"),
+        ((6, 4, 3), {}, "float16"),  # through the operator, in float32
+    ],
+)
+def test_inference_without_autograd_matches_the_reference(
+    shape: tuple[int, ...], kwargs: dict[str, Any], dtype: str, hybridize: bool
+) -> None:
+    """Inference with nothing recorded runs MXNet's kernel on the running statistics; it
+    gives the reference's numbers and what the operator gives under autograd.record."""
+    rng = np.random.default_rng(len(shape))
+    spec = BatchNormSpec(**kwargs)
+    channels = shape[spec.axis]
+    layer = BatchNorm(channels, **kwargs)
+    layer.initialize()
+    if dtype == "float64":
+        layer.cast("float64")
+    values = {
+        "gamma": rng.uniform(0.5, 1.5, channels),  # also when fixed: then it counts as 1
+        "beta": rng.uniform(-0.5, 0.5, channels),
+        "running_mean": rng.normal(size=channels),
+        "running_var": rng.uniform(0.5, 2.0, channels),
+    }
+    for name, value in values.items():
+        getattr(layer, name).set_data(mx.nd.array(value, dtype=layer.gamma.dtype))
+    if hybridize:
+        layer.hybridize()
+    x = rng.standard_normal(shape).astype(dtype)
+    before = _state(layer)
+    y = layer(mx.nd.array(x, dtype=dtype))
+    assert np.dtype(y.dtype) == np.dtype(dtype)
+    running = ref.RunningStats(values["running_mean"], values["running_var"], 0)
+    gamma = values["gamma"] if spec.scale else None
+    beta = values["beta"] if spec.center else None
+    want, _ = ref.batch_norm_step(x.astype(np.float64), running, spec, gamma, beta, training=False)
+    tol = {"float16": 2e-3, "float32": 2e-5, "float64": 1e-12}[dtype]
+    np.testing.assert_allclose(y.asnumpy().astype(np.float64), want, rtol=tol, atol=tol)
+    with autograd.record(train_mode=False):  # the operator's inference pass
+        recorded = layer(mx.nd.array(x, dtype=dtype)).asnumpy()
+    np.testing.assert_allclose(y.asnumpy(), recorded, rtol=tol, atol=tol)
+    _assert_state_equal(before, _state(layer))
+
+
+def test_inference_after_a_convolution_reads_its_layout() -> None:
+    """A convolution's output may be held in MKL-DNN's blocked layout; the inference path
+    without autograd must read the values, not the memory order."""
+    rng = np.random.default_rng(11)
+    conv = gluon.nn.Conv2D(16, 3, in_channels=3)
+    conv.initialize(mx.init.Xavier())
+    layer = BatchNorm(16)
+    layer.initialize()
+    layer.running_mean.set_data(mx.nd.array(rng.normal(size=16)))
+    x = conv(mx.nd.array(rng.standard_normal((4, 3, 10, 10))))
+    running = ref.RunningStats(layer.running_mean.data().asnumpy(), np.ones(16), 0)
+    want, _ = ref.batch_norm_step(x.asnumpy(), running, BatchNormSpec(), training=False)
+    np.testing.assert_allclose(layer(x).asnumpy(), want, **F32)
+
+
 def test_without_running_stats_inference_uses_batch_stats() -> None:
     rng = np.random.default_rng(6)
     x = rng.standard_normal((7, 3)).astype(np.float32)

@@ -17,7 +17,9 @@ import numpy as np
 from mxnet import autograd, gluon
 
 from ..spec import BatchNormSpec, normalize_axis
+from .native import affine, constant
 from .op import OP_TYPE, OpSettings, count_error
+from .stats import layout
 
 __all__ = ["BatchNorm", "SyncBatchNorm"]
 
@@ -235,10 +237,49 @@ class BatchNorm(gluon.HybridBlock):  # type: ignore[misc]
                 raise error
 
     def forward(self, x: Any, *args: Any) -> Any:
-        """Normalise ``x`` (an NDArray, or a Symbol inside a hybridized parent)."""
+        """Normalise ``x`` (an NDArray, or a Symbol inside a hybridized parent).
+
+        An NDArray in inference mode with nothing recorded for autograd runs MXNet's own
+        kernel with the running statistics: the same formula as the operator's inference
+        pass, without the layout conversions its backward pass needs (see
+        :meth:`hybrid_forward`), hybridized or not.
+        """
         if isinstance(x, mx.nd.NDArray):
             self._check(x)
+            if self._kernel_inference_applies(x):
+                return self._kernel_inference(x)
         return super().forward(x, *args)
+
+    def _kernel_inference_applies(self, x: NDArray) -> bool:
+        """Inference with running statistics, no gradient recorded, parameters ready and
+        of the input's dtype (float16 input goes through the operator, which computes in
+        float32)."""
+        if not self.spec.track_running_stats or autograd.is_training():
+            return False
+        if autograd.is_recording() or not self.gamma.shape[0]:  # 0: deferred initialisation
+            return False
+        return bool(np.dtype(x.dtype) == np.dtype(self.gamma.dtype))
+
+    def _kernel_inference(self, x: NDArray) -> NDArray:
+        ctx = x.context
+        channels = self.gamma.shape[0]
+        dtype = np.dtype(self.gamma.dtype)
+        # Off: gamma and beta stay as (fixed) parameters but count as 1 and 0.
+        gamma = self.gamma.data(ctx) if self.spec.scale else constant(1.0, (channels,), dtype, ctx)
+        beta = self.beta.data(ctx) if self.spec.center else constant(0.0, (channels,), dtype, ctx)
+        # The operator's (P, C, Q) view and kernel, so that the numbers are bit for bit
+        # those of the operator's inference pass (MKL-DNN's 4-d kernel rounds otherwise).
+        view = layout(tuple(x.shape), normalize_axis(self.spec.axis, x.ndim))
+        y = affine(
+            x.reshape(view),
+            self.running_mean.data(ctx),
+            self.running_var.data(ctx),
+            gamma,
+            beta,
+            eps=self.spec.eps,
+            axis=1,
+        )
+        return y.reshape(x.shape)
 
     def hybrid_forward(
         self,
