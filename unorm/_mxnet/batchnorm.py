@@ -261,6 +261,7 @@ class BatchNorm(gluon.HybridBlock):  # type: ignore[misc]
         return bool(np.dtype(x.dtype) == np.dtype(self.gamma.dtype))
 
     def _kernel_inference(self, x: NDArray) -> NDArray:
+        assert self.running_mean is not None and self.running_var is not None  # tracked
         ctx = x.context
         channels = self.gamma.shape[0]
         dtype = np.dtype(self.gamma.dtype)
