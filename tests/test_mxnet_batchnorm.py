@@ -362,16 +362,20 @@ def test_inference_without_autograd_matches_the_reference(
     _assert_state_equal(before, _state(layer))
 
 
-def test_inference_after_a_convolution_reads_its_layout() -> None:
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_inference_after_a_convolution_reads_its_layout(hybridize: bool) -> None:
     """A convolution's output may be held in MKL-DNN's blocked layout; the inference path
     without autograd must read the values, not the memory order."""
     rng = np.random.default_rng(11)
-    conv = gluon.nn.Conv2D(16, 3, in_channels=3)
+    conv = gluon.nn.HybridSequential()
+    conv.add(gluon.nn.Conv2D(16, 3, in_channels=3), gluon.nn.Conv2D(16, 3, in_channels=16))
     conv.initialize(mx.init.Xavier())
+    if hybridize:
+        conv.hybridize(static_alloc=True)
     layer = BatchNorm(16)
     layer.initialize()
     layer.running_mean.set_data(mx.nd.array(rng.normal(size=16)))
-    x = conv(mx.nd.array(rng.standard_normal((4, 3, 10, 10))))
+    x = conv(mx.nd.array(rng.standard_normal((4, 3, 12, 12))))
     running = ref.RunningStats(layer.running_mean.data().asnumpy(), np.ones(16), 0)
     want, _ = ref.batch_norm_step(x.asnumpy(), running, BatchNormSpec(), training=False)
     np.testing.assert_allclose(layer(x).asnumpy(), want, **F32)
