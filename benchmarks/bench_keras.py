@@ -22,10 +22,13 @@ Benchmarks (full size; ``quick`` uses small inputs):
   weights), so ``× floor`` shows how close the clipped step runs to memory speed. The
   target bounds the clip's own cost: the step's time over plain SGD's (unorm - native)
   is at most 1.3x the clip's floor (read weights and gradients, write gradients).
+- ``agc_step_xla``: the same, both steps compiled by XLA (``jit_compile=True``, which
+  ``model.fit`` uses by default on TensorFlow). XLA fuses the clip's multiply into SGD's
+  update, but its CPU reductions (the unit norms) run at a third of the copy bandwidth.
 
 Example:
     >>> sorted({b.name for b in benchmarks(quick=True)})
-    ['agc_step', 'bn_eval', 'bn_train']
+    ['agc_step', 'agc_step_xla', 'bn_eval', 'bn_train']
 """
 
 from __future__ import annotations
@@ -66,9 +69,10 @@ def _read_back(out: object) -> None:
         t.numpy()
 
 
-def _graph(fn: Callable[[], object]) -> Callable[[], object]:
-    """``fn`` as a ``tf.function`` (traced on its first call, the warm-up)."""
-    compiled: Callable[[], object] = tf.function(fn)
+def _graph(fn: Callable[[], object], jit_compile: bool = False) -> Callable[[], object]:
+    """``fn`` as a ``tf.function`` (traced on its first call, the warm-up), compiled by
+    XLA with ``jit_compile``."""
+    compiled: Callable[[], object] = tf.function(fn, jit_compile=jit_compile)
     return compiled
 
 
@@ -127,8 +131,10 @@ def _small_model() -> Any:
     )
 
 
-def agc_step(quick: bool) -> Benchmark:
-    """An ``AGC(SGD)`` update against a plain ``SGD`` update over a model's variables.
+def agc_step(quick: bool, jit_compile: bool = False) -> Benchmark:
+    """An ``AGC(SGD)`` update against a plain ``SGD`` update over a model's variables,
+    both as ``tf.function``s, compiled by XLA with ``jit_compile`` (what ``model.fit``
+    does with its default ``jit_compile="auto"`` on TensorFlow).
 
     Example:
         >>> agc_step(quick=True).params["variables"] > 5
@@ -154,11 +160,11 @@ def agc_step(quick: bool) -> Benchmark:
             optimizer.apply(grads, variables)
             return optimizer.iterations
 
-        return _graph(run)
+        return _graph(run, jit_compile)
 
     params = sum(int(np.prod(v.shape)) for v in variables)
     return Benchmark(
-        name="agc_step",
+        name="agc_step_xla" if jit_compile else "agc_step",
         backend=BACKEND,
         params={"model": name, "variables": len(variables), "parameters": params},
         unorm=step(clipped),
@@ -182,5 +188,5 @@ def benchmarks(quick: bool) -> list[Benchmark]:
     shapes = [(4, 8, 8, 16)] if quick else [(32, 56, 56, 64), (256, 14, 14, 256)]
     out = [bn(shape, training=True) for shape in shapes]
     out += [bn(shape, training=False) for shape in shapes]
-    out.append(agc_step(quick))
+    out += [agc_step(quick), agc_step(quick, jit_compile=True)]
     return out

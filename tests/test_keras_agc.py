@@ -152,6 +152,28 @@ def test_clipping_an_update_at_once_matches_the_reference(mode: str) -> None:
     assert any(tiny) and not all(tiny)
 
 
+def test_a_gradient_of_unknown_shape_is_clipped_on_its_own() -> None:
+    """Inside a tf.function traced with a None dimension, such a gradient (at any index)
+    cannot join the batch of static shapes; it is clipped alone, with the same result."""
+    rng = np.random.default_rng(9)
+    weights = [rng.standard_normal(s).astype(np.float32) for s in ((5,), (7,), (3, 4), (6,))]
+    grads = [(0.5 * w + 0.01).astype(np.float32) for w in weights]
+    grads[3] *= 1e-4  # under its limit: unchanged
+    axes = [(), (), (1,), ()]
+    specs = [
+        tf.TensorSpec((None,) if i == 1 else w.shape, tf.float32) for i, w in enumerate(weights)
+    ]
+
+    @tf.function(input_signature=[specs, specs])
+    def clip(gs: Any, ws: Any) -> Any:
+        return clip_gradients(gs, ws, axes, AGCSpec())
+
+    got = clip(grads, weights)
+    for g, w, a, c in zip(grads, weights, [None, None, -1, None], got, strict=True):
+        np.testing.assert_allclose(np.asarray(c), ref.agc_clip(g, w, a), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(np.asarray(got[3]), grads[3])
+
+
 def test_clip_gradients_checks_its_lists() -> None:
     with pytest.raises(ValueError, match="one entry per variable"):
         clip_gradients([np.ones(2, np.float32)], [], [()], AGCSpec())

@@ -478,6 +478,23 @@ def test_masked_positions_are_left_out_of_the_statistics() -> None:
     np.testing.assert_allclose(ours.moving_mean.numpy(), native.moving_mean.numpy(), rtol=1e-5)
 
 
+def test_masked_padding_far_from_the_data_does_not_shift_the_statistics() -> None:
+    """Left-padded sequences: the first positions are masked and hold 1e7, far from the
+    values (near 1e4); the statistics of the unmasked values come out as Keras's own
+    two-pass arithmetic gives them, not shifted by a masked value."""
+    rng = np.random.default_rng(8)
+    x = (1e4 + rng.standard_normal((4, 6, 3))).astype(np.float32)
+    x[:, :2] = 1e7
+    mask = np.ones((4, 6), bool)
+    mask[:, :2] = False
+    ours = BatchNorm(momentum=1.0)
+    y = np.asarray(ours(x, training=True, mask=mask))
+    kept = x[mask].astype(np.float64)
+    y_ref, stats = ref.batch_norm_train(kept, eps=ours.eps, axis=-1)
+    np.testing.assert_allclose(y[mask], y_ref, atol=5e-3)  # float32 at a mean of 1e4
+    np.testing.assert_allclose(ours.moving_mean.numpy(), stats.mean, rtol=1e-6)
+
+
 def test_synchronized_outside_a_strategy_is_a_plain_batchnorm() -> None:
     x = np.random.default_rng(7).standard_normal((6, 3)).astype(np.float32)
     sync, plain = BatchNorm(synchronized=True), BatchNorm()

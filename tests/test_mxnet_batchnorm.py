@@ -325,7 +325,11 @@ def test_float64_input_after_cast() -> None:
     ],
 )
 def test_inference_without_autograd_matches_the_reference(
-    shape: tuple[int, ...], kwargs: dict[str, Any], dtype: str, hybridize: bool
+    shape: tuple[int, ...],
+    kwargs: dict[str, Any],
+    dtype: str,
+    hybridize: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Inference with nothing recorded runs MXNet's kernel on the running statistics; it
     gives the reference's numbers and what the operator gives under autograd.record."""
@@ -347,8 +351,13 @@ def test_inference_without_autograd_matches_the_reference(
     if hybridize:
         layer.hybridize()
     x = rng.standard_normal(shape).astype(dtype)
+    layer(mx.nd.array(x, dtype=dtype))  # a hybridized block builds its graph first
     before = _state(layer)
+    taken = []
+    kernel = layer._kernel_inference
+    monkeypatch.setattr(layer, "_kernel_inference", lambda a: taken.append(1) or kernel(a))
     y = layer(mx.nd.array(x, dtype=dtype))
+    assert taken == ([] if dtype == "float16" else [1])  # float16: the operator, in float32
     assert np.dtype(y.dtype) == np.dtype(dtype)
     running = ref.RunningStats(values["running_mean"], values["running_var"], 0)
     gamma = values["gamma"] if spec.scale else None
@@ -358,6 +367,7 @@ def test_inference_without_autograd_matches_the_reference(
     np.testing.assert_allclose(y.asnumpy().astype(np.float64), want, rtol=tol, atol=tol)
     with autograd.record(train_mode=False):  # the operator's inference pass
         recorded = layer(mx.nd.array(x, dtype=dtype)).asnumpy()
+    assert len(taken) <= 1  # recording: not the direct kernel
     np.testing.assert_allclose(y.asnumpy(), recorded, rtol=tol, atol=tol)
     _assert_state_equal(before, _state(layer))
 
@@ -467,6 +477,24 @@ def test_export_then_symbolblock_imports_gives_same_inference(tmp_path: Path) ->
         loaded(x)
     counter = [p for n, p in loaded.collect_params().items() if n.endswith("num_batches_tracked")]
     assert int(counter[0].data().asnumpy()[0]) == 4
+
+
+def test_a_hybridized_layer_used_only_for_inference_exports(tmp_path: Path) -> None:
+    """The first call of a hybridized layer builds its graph even in inference (later
+    calls run MXNet's kernel directly), so export() works as with any HybridBlock."""
+    rng = np.random.default_rng(12)
+    layer = BatchNorm(3)
+    layer.initialize()
+    layer.running_mean.set_data(mx.nd.array(rng.normal(size=3)))
+    layer.hybridize()
+    x = mx.nd.array(rng.standard_normal((4, 3, 5)))
+    expected = [layer(x).asnumpy() for _ in range(2)]
+    np.testing.assert_array_equal(expected[0], expected[1])
+    layer.export(str(tmp_path / "bn"), epoch=0)
+    loaded = gluon.SymbolBlock.imports(
+        str(tmp_path / "bn-symbol.json"), ["data"], str(tmp_path / "bn-0000.params")
+    )
+    np.testing.assert_array_equal(loaded(x).asnumpy(), expected[0])
 
 
 def test_save_and_load_parameters_round_trip(tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 Written with ``keras.ops``. On TensorFlow the heavy work is the same two ops Keras's own
 layer uses (``ops.moments``, there a two-pass mean and mean squared deviation, and
-``ops.batch_normalization``), so ``preset="keras"`` gives Keras's numbers bit for bit and
-the other settings cost nothing extra per element: the spec's differences (the unbiased
-feed, the non-finite guard, the cumulative average) are done on per-channel tensors. The
-statistics themselves live in :mod:`.stats`, the cross-replica ones in :mod:`.sync`.
+``ops.batch_normalization``), so ``preset="keras"`` gives Keras's numbers bit for bit. The
+other settings add one elementwise pass in training, the per-feature shift that keeps
+float32 statistics accurate at a large mean (:func:`.stats.shift_by_first`); the spec's
+other differences (the unbiased feed, the non-finite guard, the cumulative average) are
+done on per-channel tensors. The statistics themselves live in :mod:`.stats`, the
+cross-replica ones in :mod:`.sync`.
 """
 
 from __future__ import annotations
@@ -318,11 +320,12 @@ class BatchNorm(keras.layers.Layer):
         training = bool(training) and self.trainable
         shift = None
         if training or not spec.track_running_stats:
-            if spec.preset != "keras" and not self._replicated():
+            if spec.preset != "keras" and mask is None and not self._replicated():
                 # Shifting each feature by one of its own values keeps float32 statistics
                 # and x - mean accurate at a large mean against the spread (SPEC.md,
                 # numerics): Keras's own arithmetic, kept by preset="keras", loses ~1e-2 at
                 # mean 1e4, std 1. Any per-feature constant is exact; one pass over x.
+                # Not with a mask: the first value may be masked padding, far from the data.
                 x, shift = stats.shift_by_first(x, self._reduce_axes)
             mean, variance, count = self._batch_moments(x, mask)
         else:

@@ -47,7 +47,7 @@ def unit_sum_squares(x: Any, unit_axes: tuple[int, ...]) -> Any:
     if not unit_axes:
         return ops.reshape(ops.sum(ops.square(x)), (1,))
     trailing = tuple(range(rank - len(unit_axes), rank))
-    if tuple(unit_axes) == trailing and _matmul_is_faster() and None not in x.shape:
+    if tuple(unit_axes) == trailing and _sum_by_matmul(x.dtype) and None not in x.shape:
         units = 1
         for axis in unit_axes:
             units *= int(x.shape[axis])
@@ -60,16 +60,20 @@ def unit_sum_squares(x: Any, unit_axes: tuple[int, ...]) -> Any:
     return ops.reshape(ops.sum(ops.square(x), axis=reduce), (-1,))
 
 
-def _matmul_is_faster() -> bool:
-    """Whether a unit's sum of squares is faster as a product with a vector of ones than
-    as a ``sum``: on TensorFlow's own kernels, yes (1.4x at ResNet-50's variables); under
-    XLA, which fuses the square into the reduction but runs the product 3x slower, and on
-    the other backends, no."""
+def _sum_by_matmul(dtype: Any) -> bool:
+    """Whether to take a unit's sum of squares as a product with a vector of ones rather
+    than as a ``sum``: on TensorFlow's own kernels, where it is 1.4x faster at ResNet-50's
+    variables, and only where the product is computed in full float32 (not in TF32, which
+    TensorFlow uses for float32 products on recent GPUs by default and which would round
+    the norms to ~1e-3). Not under XLA, which fuses the square into the reduction but runs
+    the product 3x slower, nor on the other backends."""
     if keras.backend.backend() != "tensorflow":
         return False
-    from .tf_runtime import compiling_with_xla
+    from .tf_runtime import compiling_with_xla, float32_matmul_is_exact
 
-    return not compiling_with_xla()
+    if compiling_with_xla():
+        return False
+    return keras.backend.standardize_dtype(dtype) == "float64" or float32_matmul_is_exact()
 
 
 def _factor_shape(x: Any, unit_axes: tuple[int, ...]) -> list[Any]:
@@ -178,7 +182,7 @@ def clip_gradients(
     for k, dtype in enumerate(dtypes):
         wide = str(keras.backend.result_type(dtype, "float32"))
         static = all(d is not None for d in grads[k].shape)
-        batches.setdefault((wide, True) if static else (wide, k), []).append(k)
+        batches.setdefault((wide, -1) if static else (wide, k), []).append(k)
     for (wide, _), members in batches.items():
         clipped = _clip_batch(
             [ops.cast(grads[k], wide) for k in members],

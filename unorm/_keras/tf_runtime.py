@@ -7,8 +7,8 @@
 - :func:`update_on_backward`: the ``update_on="backward"`` mode (the ``mxnet`` preset),
   in which the moving statistics change only when a gradient flows back through the
   layer's output, as in MXNet's CPU kernel.
-- :func:`compiling_with_xla`: whether the graph being built will be compiled by XLA,
-  which picks the faster of two formulations of AGC's unit norms.
+- :func:`compiling_with_xla` and :func:`float32_matmul_is_exact` pick the faster of two
+  formulations of AGC's unit norms where both are exact.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 import tensorflow as tf
 
-__all__ = ["assert_count", "compiling_with_xla", "update_on_backward"]
+__all__ = ["assert_count", "compiling_with_xla", "float32_matmul_is_exact", "update_on_backward"]
 
 
 def assert_count(count: Any, allow_single_value: bool, message: str, *tensors: Any) -> list[Any]:
@@ -69,3 +69,12 @@ def compiling_with_xla() -> bool:
     except ImportError:  # pragma: no cover - a TensorFlow that moved the helper
         return True
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def float32_matmul_is_exact() -> bool:
+    """Whether TensorFlow computes float32 matrix products in float32: not where a GPU is
+    visible and TensorFlow-32 execution is enabled (TensorFlow's default), since TF32
+    keeps only 10 bits of each factor's mantissa."""
+    if not tf.config.experimental.tensor_float_32_execution_enabled():
+        return True
+    return not tf.config.list_physical_devices("GPU")

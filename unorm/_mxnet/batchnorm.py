@@ -258,6 +258,9 @@ class BatchNorm(gluon.HybridBlock):  # type: ignore[misc]
             return False
         if autograd.is_recording() or not self.gamma.shape[0]:  # 0: deferred initialisation
             return False
+        if self._active and not self._cached_graph:
+            # A hybridized block builds its graph on its first call; export() needs it.
+            return False
         return bool(np.dtype(x.dtype) == np.dtype(self.gamma.dtype))
 
     def _kernel_inference(self, x: NDArray) -> NDArray:
