@@ -23,7 +23,7 @@ Benchmarks (full size; ``quick`` uses small inputs):
   target bounds the clip's own cost: the step's time over plain SGD's (unorm - native)
   is at most 1.3x the clip's floor (read weights and gradients, write gradients).
 - ``agc_step_xla``: the same, both steps compiled by XLA (``jit_compile=True``, which
-  ``model.fit`` uses by default on TensorFlow). XLA fuses the clip's multiply into SGD's
+  ``model.fit`` uses by default where TensorFlow sees a GPU). XLA fuses the clip's multiply into SGD's
   update, but its CPU reductions (the unit norms) run at a third of the copy bandwidth.
 
 Example:
@@ -134,7 +134,7 @@ def _small_model() -> Any:
 def agc_step(quick: bool, jit_compile: bool = False) -> Benchmark:
     """An ``AGC(SGD)`` update against a plain ``SGD`` update over a model's variables,
     both as ``tf.function``s, compiled by XLA with ``jit_compile`` (what ``model.fit``
-    does with its default ``jit_compile="auto"`` on TensorFlow).
+    does with its default ``jit_compile="auto"`` where TensorFlow sees a GPU).
 
     Example:
         >>> agc_step(quick=True).params["variables"] > 5
