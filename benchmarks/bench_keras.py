@@ -23,8 +23,9 @@ Benchmarks (full size; ``quick`` uses small inputs):
   target bounds the clip's own cost: the step's time over plain SGD's (unorm - native)
   is at most 1.3x the clip's floor (read weights and gradients, write gradients).
 - ``agc_step_xla``: the same, both steps compiled by XLA (``jit_compile=True``, which
-  ``model.fit`` uses by default where TensorFlow sees a GPU). XLA fuses the clip's multiply into SGD's
-  update, but its CPU reductions (the unit norms) run at a third of the copy bandwidth.
+  ``model.fit`` uses by default where TensorFlow sees a GPU). XLA fuses the clip's
+  multiply into SGD's update, but its CPU reductions (the unit norms) run at a third of
+  the copy bandwidth.
 
 Example:
     >>> sorted({b.name for b in benchmarks(quick=True)})
