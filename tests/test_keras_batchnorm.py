@@ -480,8 +480,8 @@ def test_masked_positions_are_left_out_of_the_statistics() -> None:
 
 def test_masked_padding_far_from_the_data_does_not_shift_the_statistics() -> None:
     """Left-padded sequences: the first positions are masked and hold 1e7, far from the
-    values (near 1e4); the statistics of the unmasked values come out as Keras's own
-    two-pass arithmetic gives them, not shifted by a masked value."""
+    values (near 1e4); each feature is shifted by its first kept value, so the statistics
+    of the kept values keep their float32 accuracy."""
     rng = np.random.default_rng(8)
     x = (1e4 + rng.standard_normal((4, 6, 3))).astype(np.float32)
     x[:, :2] = 1e7
@@ -491,8 +491,27 @@ def test_masked_padding_far_from_the_data_does_not_shift_the_statistics() -> Non
     y = np.asarray(ours(x, training=True, mask=mask))
     kept = x[mask].astype(np.float64)
     y_ref, stats = ref.batch_norm_train(kept, eps=ours.eps, axis=-1)
-    np.testing.assert_allclose(y[mask], y_ref, atol=5e-3)  # float32 at a mean of 1e4
+    np.testing.assert_allclose(y[mask], y_ref, atol=3e-5)  # Keras's arithmetic: ~1e-3
     np.testing.assert_allclose(ours.moving_mean.numpy(), stats.mean, rtol=1e-6)
+
+
+def test_masked_channels_first_shifts_by_a_kept_value_of_each_feature() -> None:
+    """axis=1 with a mask over (batch, channel): each channel's statistics are those of
+    its kept rows, shifted by a kept value (channel 2's first row is masked padding)."""
+    rng = np.random.default_rng(9)
+    x = (1e4 + rng.standard_normal((5, 3, 4))).astype(np.float32)
+    mask = np.ones((5, 3), bool)
+    mask[:2, 2] = False
+    x[:2, 2] = -1e7
+    ours = BatchNorm(axis=1, momentum=1.0, running_var="biased")
+    y = np.asarray(ours(x, training=True, mask=mask))
+    for c in range(3):
+        kept = x[mask[:, c], c, :].astype(np.float64)
+        mean, var = kept.mean(), kept.var()
+        np.testing.assert_allclose(ours.moving_mean.numpy()[c], mean, rtol=1e-7)
+        np.testing.assert_allclose(ours.moving_variance.numpy()[c], var, rtol=1e-4)
+        want = (kept - mean) / np.sqrt(var + ours.eps)
+        np.testing.assert_allclose(y[mask[:, c], c, :], want, atol=3e-5)
 
 
 def test_synchronized_outside_a_strategy_is_a_plain_batchnorm() -> None:

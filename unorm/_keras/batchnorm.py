@@ -320,13 +320,17 @@ class BatchNorm(keras.layers.Layer):
         training = bool(training) and self.trainable
         shift = None
         if training or not spec.track_running_stats:
-            if spec.preset != "keras" and mask is None and not self._replicated():
+            if spec.preset != "keras" and not self._replicated():
                 # Shifting each feature by one of its own values keeps float32 statistics
                 # and x - mean accurate at a large mean against the spread (SPEC.md,
                 # numerics): Keras's own arithmetic, kept by preset="keras", loses ~1e-2 at
                 # mean 1e4, std 1. Any per-feature constant is exact; one pass over x.
-                # Not with a mask: the first value may be masked padding, far from the data.
-                x, shift = stats.shift_by_first(x, self._reduce_axes)
+                # With a mask, a kept value: masked padding may be far from the data.
+                if mask is None:
+                    x, shift = stats.shift_by_first(x, self._reduce_axes)
+                else:
+                    axis = normalize_axis(spec.axis, self._rank)
+                    x, shift = stats.shift_by_first_unmasked(x, mask, axis)
             mean, variance, count = self._batch_moments(x, mask)
         else:
             mean = ops.cast(self.moving_mean, dtype)

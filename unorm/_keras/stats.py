@@ -14,7 +14,14 @@ from typing import Any
 import keras
 from keras import ops
 
-__all__ = ["count", "masked_moments", "moments", "shift_by_first", "tensorflow_backend"]
+__all__ = [
+    "count",
+    "masked_moments",
+    "moments",
+    "shift_by_first",
+    "shift_by_first_unmasked",
+    "tensorflow_backend",
+]
 
 
 def tensorflow_backend() -> bool:
@@ -43,6 +50,22 @@ def shift_by_first(x: Any, axes: list[int]) -> tuple[Any, Any]:
     return x - shift, ops.reshape(shift, (-1,))
 
 
+def shift_by_first_unmasked(x: Any, mask: Any, axis: int) -> tuple[Any, Any]:
+    """:func:`shift_by_first` for a masked call: each feature is shifted by its first
+    value that the mask keeps (``mask`` has ``x``'s shape without its last axis and is
+    broadcast over it, as in :func:`masked_moments`); a feature with no kept value is
+    shifted by its first value. ``axis`` is the (non-negative) feature axis."""
+    keep = ops.broadcast_to(ops.expand_dims(ops.cast(mask, "int32"), -1), ops.shape(x))
+    channels = x.shape[axis]
+    values = ops.reshape(ops.moveaxis(x, axis, -1), (-1, channels))
+    kept = ops.reshape(ops.moveaxis(keep, axis, -1), (-1, channels))
+    first = ops.expand_dims(ops.argmax(kept, axis=0), 0)  # the first 1 of each column
+    shift = ops.stop_gradient(ops.take_along_axis(values, first, axis=0))
+    broadcast = [1] * len(x.shape)
+    broadcast[axis] = channels
+    return x - ops.reshape(shift, broadcast), ops.reshape(shift, (-1,))
+
+
 def masked_moments(x: Any, mask: Any, axes: list[int]) -> tuple[Any, Any, Any]:
     """Mean, biased variance and count of the unmasked values of each feature.
 
@@ -50,11 +73,13 @@ def masked_moments(x: Any, mask: Any, axes: list[int]) -> tuple[Any, Any, Any]:
     Keras's layer; the count is a per-feature tensor.
     """
     weights = ops.broadcast_to(ops.cast(ops.expand_dims(mask, -1), x.dtype), ops.shape(x))
-    total = ops.sum(weights, axis=axes)
-    mean = ops.sum(x * weights, axis=axes) / ops.maximum(total, 1.0)
+    # keepdims: the mean must broadcast along the feature axis wherever it is.
+    total = ops.sum(weights, axis=axes, keepdims=True)
+    mean = ops.sum(x * weights, axis=axes, keepdims=True) / ops.maximum(total, 1.0)
     centred = (x - mean) * weights
-    variance = ops.sum(centred * centred, axis=axes) / ops.maximum(total, 1.0)
-    return mean, variance, total
+    variance = ops.sum(centred * centred, axis=axes, keepdims=True) / ops.maximum(total, 1.0)
+    flat = [ops.reshape(t, (-1,)) for t in (mean, variance, total)]
+    return flat[0], flat[1], flat[2]
 
 
 def count(x: Any, axes: list[int]) -> Any:
