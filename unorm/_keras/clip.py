@@ -126,7 +126,7 @@ def _clip_batch(
     packed = [
         i for i, g in enumerate(grads) if many and not unit_axes[i] and _size(g) <= _PACK_LIMIT
     ]
-    alone = [i for i in range(len(grads)) if i not in set(packed)]
+    alone = sorted(set(range(len(grads))) - set(packed))
     w_sq = [unit_sum_squares(weights[i], unit_axes[i]) for i in alone]
     g_sq = [unit_sum_squares(grads[i], unit_axes[i]) for i in alone]
     if packed:

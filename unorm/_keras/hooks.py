@@ -81,8 +81,9 @@ def install(
         out = list(grads)
         dense: list[int] = []
         axes: list[tuple[int, ...]] = []
+        table = settings()
         for k, (grad, variable) in enumerate(zip(grads, variables, strict=True)):
-            setting = settings()[optimizer._get_variable_index(variable)]
+            setting = table[optimizer._get_variable_index(variable)]
             if grad is None or setting.excluded:
                 continue
             if _sparse(grad):

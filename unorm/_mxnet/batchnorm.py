@@ -17,7 +17,7 @@ import numpy as np
 from mxnet import autograd, gluon
 
 from ..spec import BatchNormSpec, normalize_axis
-from .native import affine, constant
+from .native import affine, affine_params
 from .op import OP_TYPE, OpSettings, count_error
 from .stats import layout
 
@@ -265,12 +265,15 @@ class BatchNorm(gluon.HybridBlock):  # type: ignore[misc]
 
     def _kernel_inference(self, x: NDArray) -> NDArray:
         assert self.running_mean is not None and self.running_var is not None  # tracked
-        ctx = x.context
-        channels = self.gamma.shape[0]
-        dtype = np.dtype(self.gamma.dtype)
-        # Off: gamma and beta stay as (fixed) parameters but count as 1 and 0.
-        gamma = self.gamma.data(ctx) if self.spec.scale else constant(1.0, (channels,), dtype, ctx)
-        beta = self.beta.data(ctx) if self.spec.center else constant(0.0, (channels,), dtype, ctx)
+        ctx, spec = x.context, self.spec
+        gamma, beta = affine_params(
+            self.gamma.data(ctx),
+            self.beta.data(ctx),
+            scale=spec.scale,
+            center=spec.center,
+            dtype=np.dtype(self.gamma.dtype),
+            ctx=ctx,
+        )
         # The operator's (P, C, Q) view and kernel, so that the numbers are bit for bit
         # those of the operator's inference pass (MKL-DNN's 4-d kernel rounds otherwise).
         view = layout(tuple(x.shape), normalize_axis(self.spec.axis, x.ndim))

@@ -25,7 +25,7 @@ from mxnet import autograd
 from mxnet.base import _LIB, c_str, check_call
 from mxnet.ndarray.register import _imperative_invoke
 
-__all__ = ["affine", "batchnorm_backward", "constant", "shift", "work_dtype"]
+__all__ = ["affine", "affine_params", "batchnorm_backward", "constant", "shift", "work_dtype"]
 
 NDArray = Any  # mxnet.nd.NDArray; MXNet ships no type information
 
@@ -54,6 +54,18 @@ def constant(value: float, shape: tuple[int, ...], dtype: Any, ctx: Any) -> NDAr
         while len(_cache) > _CACHE_SIZE:
             _cache.popitem(last=False)
     return array
+
+
+def affine_params(
+    gamma: NDArray, beta: NDArray, *, scale: bool, center: bool, dtype: Any, ctx: Any
+) -> tuple[NDArray, NDArray]:
+    """``gamma`` and ``beta`` as :func:`affine` takes them: a layer with ``scale`` or
+    ``center`` off keeps the (fixed) parameter, which then counts as 1 or 0."""
+    channels = gamma.shape[0]
+    return (
+        gamma if scale else constant(1.0, (channels,), dtype, ctx),
+        beta if center else constant(0.0, (channels,), dtype, ctx),
+    )
 
 
 def affine(

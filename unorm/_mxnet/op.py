@@ -43,7 +43,7 @@ import mxnet as mx
 import numpy as np
 
 from ..spec import BatchNormSpec
-from .native import affine, batchnorm_backward, constant, work_dtype
+from .native import affine, affine_params, batchnorm_backward, constant, work_dtype
 from .stats import Stats, batch_stats, channel_sums, layout
 from .sync import exchange, merge
 
@@ -250,11 +250,11 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         # exchange (an NDArray's own .context inside the callback can read cpu(0)).
         self.device = device
 
-    def _params(self, in_data: list[NDArray], channels: int, dtype: Any) -> tuple[Any, Any]:
-        ctx = in_data[0].context
-        gamma = in_data[1] if self.s.scale else constant(1.0, (channels,), dtype, ctx)
-        beta = in_data[2] if self.s.center else constant(0.0, (channels,), dtype, ctx)
-        return gamma, beta
+    def _params(self, in_data: list[NDArray], dtype: Any) -> tuple[Any, Any]:
+        s, ctx = self.s, in_data[0].context
+        return affine_params(
+            in_data[1], in_data[2], scale=s.scale, center=s.center, dtype=dtype, ctx=ctx
+        )
 
     def _stats(self, x: NDArray, axis: int) -> tuple[Stats, NDArray | None, Any]:
         local, centred, centre = batch_stats(x, axis)
@@ -278,7 +278,7 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         before, channels, after = layout(x.shape, s.axis % x.ndim)
         dtype = work_dtype(x.dtype)
         xw = _as_3d(x, dtype, before, channels, after)
-        gamma, beta = self._params(in_data, channels, dtype)
+        gamma, beta = self._params(in_data, dtype)
         target = out_data[1]
         if req[1] == "null":
             target = mx.nd.empty(target.shape, ctx=x.context, dtype=dtype)
@@ -337,7 +337,7 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         mode, count = saved.mode_and_count()
         xw = _as_3d(x, dtype, before, channels, after)
         dyw = _as_3d(dy, dtype, before, channels, after)
-        gamma, _ = self._params(in_data, channels, dtype)
+        gamma, _ = self._params(in_data, dtype)
         if mode != RUNNING and s.num_devices > 1:
             dx, dgamma, dbeta = self._sync_backward(dyw, xw, gamma, saved.mean, saved.var, count, 1)
             _assign(self, in_grad[0], req[0], dx.reshape(x.shape))
