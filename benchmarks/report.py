@@ -4,7 +4,7 @@ Usage: ``python -m benchmarks.report [FILES...] [--out FILE] [--title TITLE]``. 
 given results files (default: every ``benchmarks/results/*.json``) and renders, per file, a
 line naming the machine it ran on (processor, cores, memory, Python and framework versions,
 measured memory bandwidth, date) and a table
-``benchmark | params | unorm | native | ratio | × floor | target``. Prints the Markdown, or
+``benchmark | params | unorm | native | ratio | rounds | × floor | target``. Prints the Markdown, or
 writes it to ``--out``.
 
 Example:
@@ -25,6 +25,7 @@ from .harness import read_results
 __all__ = [
     "format_machine",
     "format_params",
+    "format_round_ratios",
     "format_seconds",
     "format_target",
     "format_targets",
@@ -43,12 +44,14 @@ _EXPLANATION = (
     "*target* is the ratio the backend promises to stay under; where unorm adds work "
     "to the native operation (AGC's clip on top of an optimizer step), it may instead "
     "bound that work's time (unorm − native) against the work's own floor: "
-    "*added 1.2× floor ≤ 1.30*."
+    "*added 1.2× floor ≤ 1.30*. *rounds* is the range of the ratio within each round "
+    "of the alternation (one sample of each side, taken back to back): a wide range, or "
+    "one that leaves 1 out only at one end, says the run was noisy."
 )
 
 _HEADER = (
-    "| benchmark | params | unorm | native | ratio | × floor | target |\n"
-    "|---|---|--:|--:|--:|--:|---|"
+    "| benchmark | params | unorm | native | ratio | rounds | × floor | target |\n"
+    "|---|---|--:|--:|--:|--:|--:|---|"
 )
 
 
@@ -80,6 +83,25 @@ def format_params(params: Mapping[str, Any]) -> str:
         'shape=32×64, dtype=float32'
     """
     return ", ".join(f"{key}={_format_value(value)}" for key, value in params.items())
+
+
+def format_round_ratios(result: Mapping[str, Any]) -> str:
+    """The lowest and highest unorm/native ratio over the rounds of a result (a
+    :meth:`Result.to_dict` with its samples): each round times one sample of each side back
+    to back, so its ratio is the one least touched by slow drift, and their range shows
+    how far a run's noise reaches. ``–`` without samples.
+
+    Example:
+        >>> format_round_ratios({"unorm_samples": [2.0, 2.2, 1.9],
+        ...                      "native_samples": [2.0, 2.0, 2.0]})
+        '0.95-1.10'
+    """
+    unorm, native = result.get("unorm_samples") or [], result.get("native_samples") or []
+    pairs = zip(unorm, native, strict=False)  # equal lengths in every results file
+    ratios = [u / n for u, n in pairs if n > 0]
+    if not ratios:
+        return "–"
+    return f"{min(ratios):.2f}-{max(ratios):.2f}"
 
 
 def format_target(target: float | None, met: bool | None, words: bool = False) -> str:
@@ -166,6 +188,7 @@ def _row(result: Mapping[str, Any]) -> str:
         format_seconds(result["unorm_s"]),
         format_seconds(result["native_s"]),
         f"{result['ratio']:.2f}",
+        format_round_ratios(result),
         "–" if floor is None else f"{floor:.1f}",
         format_targets(result),
     ]

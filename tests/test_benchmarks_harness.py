@@ -212,10 +212,10 @@ def test_report_round_trip_renders_machine_and_table(tmp_path: Path) -> None:
     path = write_results([probe_result()], tmp_path / "numpy.json", machine, 1.23e10)
     text = report.render([path])
     assert text.startswith("## Benchmarks\n")
-    assert "| benchmark | params | unorm | native | ratio | × floor | target |" in text
+    assert "| benchmark | params | unorm | native | ratio | rounds | × floor | target |" in text
     assert (
-        "| bn_probe | shape=2×3, dtype=float32 | 2.00 ms | 1.00 ms | 2.00 | 4.0 | ≤ 1.50 ✗ |"
-        in text
+        "| bn_probe | shape=2×3, dtype=float32 | 2.00 ms | 1.00 ms | 2.00 | 2.00-2.00 | 4.0 "
+        "| ≤ 1.50 ✗ |" in text
     )
     machine_line = next(line for line in text.splitlines() if line.startswith("**numpy**"))
     assert machine["processor"] in machine_line
@@ -225,6 +225,18 @@ def test_report_round_trip_renders_machine_and_table(tmp_path: Path) -> None:
     out = tmp_path / "report.md"
     assert report.main([str(path), "--out", str(out)]) == 0
     assert out.read_text() == text
+
+
+def test_round_ratios_pair_each_round_and_show_an_order_bias() -> None:
+    # Work left running by the first side of a round, timed in the second: every round's
+    # ratio swings with the order although the medians look steady.
+    result = {
+        "unorm_samples": [0.050, 0.052, 0.044, 0.052],
+        "native_samples": [0.037, 0.028, 0.040, 0.026],
+    }
+    assert report.format_round_ratios(result) == "1.10-2.00"
+    assert report.format_round_ratios({"unorm_samples": [1.0], "native_samples": [0.0]}) == "–"
+    assert report.format_round_ratios({}) == "–"
 
 
 def test_read_results_rejects_another_schema(tmp_path: Path) -> None:
