@@ -2,26 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from typing import Any
 
 import numpy as np
 import pytest
 
+from conftest import runs_here  # the environment's framework list (UNORM_RUNS)
 from unorm import reference as ref
 
 pytestmark = pytest.mark.mxnet
 
 
-def _mxnet_runs_here() -> bool:
-    listed = os.environ.get("UNORM_RUNS")
-    if listed is not None:
-        return "mxnet" in listed.split(",")
-    return importlib.util.find_spec("mxnet") is not None
-
-
-if _mxnet_runs_here():  # where MXNet is meant to run, a failing import is an error
+if runs_here("mxnet"):  # where MXNet is meant to run, a failing import is an error
     import mxnet as mx
     from mxnet import autograd, gluon
 

@@ -7,7 +7,6 @@ Runs where MXNet runs (the legacy environment); the ``mxnet`` marker skips it el
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import runs_here  # the environment's framework list (UNORM_RUNS)
 from unorm import port
 from unorm import reference as ref
 from unorm.spec import BatchNormSpec
@@ -26,14 +26,7 @@ from unorm.spec import BatchNormSpec
 pytestmark = pytest.mark.mxnet
 
 
-def _mxnet_runs_here() -> bool:
-    listed = os.environ.get("UNORM_RUNS")
-    if listed is not None:
-        return "mxnet" in listed.split(",")
-    return importlib.util.find_spec("mxnet") is not None
-
-
-if _mxnet_runs_here():  # where MXNet is meant to run, a failing import is an error
+if runs_here("mxnet"):  # where MXNet is meant to run, a failing import is an error
     import mxnet as mx
     from mxnet import autograd, gluon
 

@@ -9,7 +9,6 @@ read when MXNet first needs a workspace, so a fresh process is the reliable way 
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from conftest import runs_here  # the environment's framework list (UNORM_RUNS)
 from unorm import reference as ref
 from unorm.spec import BatchNormSpec
 
@@ -28,14 +28,7 @@ pytestmark = pytest.mark.mxnet
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _mxnet_runs_here() -> bool:
-    listed = os.environ.get("UNORM_RUNS")
-    if listed is not None:
-        return "mxnet" in listed.split(",")
-    return importlib.util.find_spec("mxnet") is not None
-
-
-if _mxnet_runs_here():  # where MXNet is meant to run, a failing import is an error
+if runs_here("mxnet"):  # where MXNet is meant to run, a failing import is an error
     import mxnet as mx
     from mxnet import autograd, gluon
 
@@ -185,7 +178,9 @@ NAMES = [
 
 @pytest.mark.parametrize("name", NAMES)
 def test_sync_scenario(name: str) -> None:
-    env = dict(os.environ, MXNET_CPU_TEMP_COPY="64", UNORM_RUNS="mxnet")
+    # The scenario process imports ``conftest`` (``runs_here``) from the repository root.
+    path = os.pathsep.join(part for part in (str(ROOT), os.environ.get("PYTHONPATH")) if part)
+    env = dict(os.environ, MXNET_CPU_TEMP_COPY="64", UNORM_RUNS="mxnet", PYTHONPATH=path)
     done = subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), name],
         cwd=ROOT,
