@@ -105,6 +105,18 @@ def _refused(net: Any, ckpt: port.Checkpoint, match: str) -> None:
 # -- Gluon -> file -> Gluon ---------------------------------------------------------------
 
 
+@pytest.mark.parametrize("preset", [None, "torch", "keras", "mxnet"])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_operator_attributes_give_back_the_layer_spec(preset: str | None, axis: int) -> None:
+    # An exported graph keeps the spec only as the operator's attributes; reading them
+    # back must give every setting (the preset's name is not an attribute).
+    from unorm._mxnet.op import OpSettings
+
+    spec = BatchNormSpec.from_preset(preset, axis=axis)
+    back = OpSettings.from_attrs(OpSettings.from_spec(spec).attrs()).to_spec()
+    assert dataclasses.replace(back, preset=spec.preset) == spec
+
+
 def test_round_trip_through_a_file_gives_identical_logits(tmp_path: Path) -> None:
     source, dest = _trained(0), _trained(1)
     ckpt = export_model(source, MODELS["lenet_bn"][1])

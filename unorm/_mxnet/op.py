@@ -123,6 +123,22 @@ class OpSettings:
             **extra,
         )
 
+    def to_spec(self) -> BatchNormSpec:
+        """The :class:`BatchNormSpec` these settings carry (the inverse of :meth:`from_spec`,
+        which an exported graph's operator attributes are read back with)."""
+        return BatchNormSpec(
+            eps=self.eps,
+            momentum=self.momentum,
+            axis=self.axis,
+            center=self.center,
+            scale=self.scale,
+            track_running_stats=self.track,
+            running_var="unbiased" if self.unbiased else "biased",
+            skip_nonfinite=self.skip_nonfinite,
+            allow_single_value=self.allow_single_value,
+            update_on=self.update_on,  # type: ignore[arg-type]
+        )
+
     def attrs(self) -> dict[str, str]:
         """String attributes for ``mx.nd.Custom``/``mx.sym.Custom`` (floats round-trip)."""
         out: dict[str, str] = {}

@@ -688,19 +688,7 @@ class _SymbolReader:
 
     def unorm_bn(self, node: Mapping[str, Any]) -> None:
         try:
-            s = OpSettings.from_attrs(_attrs(node))
-            spec = BatchNormSpec(
-                eps=s.eps,
-                momentum=s.momentum,
-                axis=s.axis,
-                center=s.center,
-                scale=s.scale,
-                track_running_stats=s.track,
-                running_var="unbiased" if s.unbiased else "biased",
-                skip_nonfinite=s.skip_nonfinite,
-                allow_single_value=s.allow_single_value,
-                update_on=s.update_on,  # type: ignore[arg-type]
-            )
+            spec = OpSettings.from_attrs(_attrs(node)).to_spec()
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(
                 f"{self.where}: {OP_TYPE} {node['name']!r} has invalid settings: {err}"
