@@ -1,7 +1,8 @@
 """Render benchmark results files as one Markdown section for the README.
 
 Usage: ``python -m benchmarks.report [FILES...] [--out FILE] [--title TITLE]``. Reads the
-given results files (default: every ``benchmarks/results/*.json``) and renders, per file, a
+given results files (default: every results file in ``benchmarks/results/``, skipping other
+JSON there such as ``nf-experiment.json``) and renders, per file, a
 line naming the machine it ran on (processor, cores, memory, Python and framework versions,
 measured memory bandwidth, date) and a table
 ``benchmark | params | unorm | native | ratio | rounds | × floor | target``. Prints the Markdown, or
@@ -32,6 +33,7 @@ __all__ = [
     "main",
     "render",
     "render_file",
+    "results_files",
 ]
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
@@ -218,12 +220,33 @@ def render(paths: Sequence[str | Path], title: str = "## Benchmarks") -> str:
     return "\n\n".join(blocks) + "\n"
 
 
+def results_files(directory: Path) -> list[Path]:
+    """The results files (:func:`~benchmarks.harness.read_results` accepts them) among
+    ``directory``'s ``*.json``, sorted by name; other JSON files there, such as the NF
+    experiment's, are left out.
+
+    Example (not run here, it reads files):
+        >>> results_files(RESULTS_DIR)  # doctest: +SKIP
+        [PosixPath('.../keras.json'), PosixPath('.../mxnet.json'), ...]
+    """
+    found = []
+    for path in sorted(directory.glob("*.json")):
+        try:
+            read_results(path)
+        except ValueError:
+            continue
+        found.append(path)
+    return found
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.report",
         description="Render benchmark results files as a Markdown section.",
     )
-    parser.add_argument("files", nargs="*", type=Path, help="default: benchmarks/results/*.json")
+    parser.add_argument(
+        "files", nargs="*", type=Path, help="default: the results files in benchmarks/results"
+    )
     parser.add_argument("--out", type=Path, default=None, help="write here instead of stdout")
     parser.add_argument("--title", default="## Benchmarks", help="the section heading")
     return parser.parse_args(argv)
@@ -237,7 +260,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         0
     """
     args = _parse_args(argv)
-    paths = args.files or sorted(RESULTS_DIR.glob("*.json"))
+    paths = args.files or results_files(RESULTS_DIR)
     if not paths:
         print(f"error: no results files given and none in {RESULTS_DIR}", file=sys.stderr)
         return 2

@@ -227,6 +227,16 @@ def test_report_round_trip_renders_machine_and_table(tmp_path: Path) -> None:
     assert out.read_text() == text
 
 
+def test_report_default_files_are_the_results_files_only(tmp_path: Path) -> None:
+    machine = machine_info({"numpy": np.__version__})
+    kept = write_results([probe_result()], tmp_path / "numpy.json", machine, 1.23e10)
+    (tmp_path / "experiment.json").write_text(json.dumps({"runs": []}))
+    (tmp_path / "notes.txt").write_text("not json")
+    assert report.results_files(tmp_path) == [kept]
+    # Named explicitly, a file that is not a results file is an error.
+    assert report.main([str(tmp_path / "experiment.json")]) == 2
+
+
 def test_round_ratios_pair_each_round_and_show_an_order_bias() -> None:
     # Work left running by the first side of a round, timed in the second: every round's
     # ratio swings with the order although the medians look steady.

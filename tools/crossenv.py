@@ -6,14 +6,18 @@ only through files under ``results/``:
 - :func:`port_check`: for every ordered pair of frameworks, a network trained briefly in
   the first is ported to the second; eval logits must agree to 1e-4 (part of ``./dev test``).
 - :func:`demo`: LeNet-BN trained with AGC in PyTorch, ported to Keras and MXNet; prints
-  the three test accuracies and the largest logit difference (``./dev demo``).
+  the three test accuracies and the largest logit difference and records them in
+  ``docs/demo.json`` (``./dev demo``).
 - :func:`lockstep`: the same initial state and batches trained for 50 steps in all three;
-  the loss curves are plotted and must agree to 1e-3 relative at the last step
-  (``./dev lockstep``).
+  the loss curves are plotted (``docs/lockstep.png``), the last losses recorded in
+  ``docs/lockstep.json``, and they must agree to 1e-3 relative (``./dev lockstep``).
+
+The README quotes the two ``docs/`` summaries; each run rewrites them.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import subprocess
 from collections.abc import Callable, Mapping
@@ -24,6 +28,12 @@ PORT_TOLERANCE = 1e-4
 LOCKSTEP_TOLERANCE = 1e-3
 
 Log = Callable[[str], None]
+
+
+def _write_summary(path: Path, summary: Mapping[str, object]) -> None:
+    """Write a job's figures, with the UTC time of the run, as the README quotes them."""
+    created = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    path.write_text(json.dumps({"created": created, **summary}, indent=2) + "\n")
 
 
 def _models(python: Path, framework: str, *args: str, cwd: Path) -> str:
@@ -94,15 +104,19 @@ def demo(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 200) ->
          str(out / "losses.json"), "--steps", str(steps)],
         cwd=root, check=True,
     )  # fmt: skip
-    logits = {}
+    logits, accuracy = {}, {}
     for framework in FRAMEWORKS:
         logits[framework] = out / f"logits-{framework}.npy"
         line = _models(
             pythons[framework], framework, "evaluate", str(ckpt), str(logits[framework]), cwd=root
         )
         log(line)
+        # The line reads "<framework>: test accuracy <value>".
+        accuracy[framework] = float(line.rsplit(" ", 1)[-1])
     worst = max(_compare(pythons["torch"], logits["torch"], logits[f], root) for f in FRAMEWORKS)
     log(f"largest logit difference across the three frameworks: {worst:.2e}")
+    summary = {"steps": steps, "test_accuracy": accuracy, "largest_logit_difference": worst}
+    _write_summary(root / "docs" / "demo.json", summary)
     return worst <= PORT_TOLERANCE
 
 
@@ -132,4 +146,6 @@ def lockstep(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 50)
         cwd=root, check=True,
     )  # fmt: skip
     log(f"plot: {image.relative_to(root)}")
+    summary = {"steps": steps, "last_loss": last, "largest_relative_difference": spread}
+    _write_summary(root / "docs" / "lockstep.json", summary)
     return spread <= LOCKSTEP_TOLERANCE

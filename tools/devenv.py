@@ -1,7 +1,7 @@
 """Build the project's environments and run its jobs in them (standard library only).
 
 Two environments, because MXNet 1.9 needs numpy<1.24 while TensorFlow 2.21 needs
-numpy>=1.26 (see DESIGN.md):
+numpy>=1.26 (see README.md, Environments):
 
 - ``current``: PyTorch, Keras 3 + TensorFlow, numpy 2;
 - ``legacy``:  MXNet 1.9.1, PyTorch, numpy 1.23.5.

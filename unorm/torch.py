@@ -13,10 +13,6 @@ Imports PyTorch and nothing of the other frameworks.
   normalizer-free networks.
 - :func:`export_checkpoint`, :func:`load_checkpoint`: the framework-neutral checkpoint
   (:mod:`unorm.port`).
-- :class:`ScaledStdConv2d` (and 1d/3d): Scaled Weight Standardisation for
-  normalizer-free networks.
-- :func:`export_checkpoint`, :func:`load_checkpoint`: the framework-neutral checkpoint
-  (:mod:`unorm.port`).
 
 Example:
     >>> import torch
