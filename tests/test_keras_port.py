@@ -240,8 +240,10 @@ def test_native_batchnorm_keeps_its_semantics_in_unorm_batchnorm() -> None:
 
 def test_native_batchnorm_takes_eps_and_momentum_and_warns_about_the_rest() -> None:
     ours, native = _small(BatchNorm(eps=1e-4, momentum=0.2)), _small(layers.BatchNormalization())
-    with pytest.warns(UserWarning, match=r"running_var='unbiased'.*eval output is unchanged"):
+    with pytest.warns(UserWarning, match=r"running_var='unbiased'.*eval output is unchanged") as w:
         load_checkpoint(native, export_checkpoint(ours))
+    (message,) = [str(item.message) for item in w]
+    assert "skip_nonfinite=True" in message and "allow_single_value=False" in message
     bn = native.layers[1]
     assert (bn.epsilon, bn.momentum) == (1e-4, pytest.approx(0.8))
     x = _batch(2, (3, 5, 5, 2))

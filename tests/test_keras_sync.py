@@ -92,6 +92,43 @@ def _worker() -> dict[str, Any]:
         errors["num_batches_tracked"] = int(layer.num_batches_tracked.numpy())
         out[label] = errors
 
+    # Keras masking: the statistics are those of the values the mask keeps across the
+    # global batch (replicas of 2 and 5 samples keeping different numbers of positions).
+    with strategy.scope():
+        masked_layer = BatchNorm(synchronized=True, momentum=None)
+        masked_layer.build((None, 4, channels))
+
+    @tf.function
+    def masked_step(xs: Any, masks: Any, layer: Any = masked_layer) -> Any:
+        return strategy.run(lambda x_k, m_k: layer(x_k, training=True, mask=m_k), (xs, masks))
+
+    spec = BatchNormSpec(axis=-1, momentum=None)
+    running = ref.init_running_stats(channels)
+    masked = {"y": 0.0}
+    for _ in range(2):
+        x = (rng.standard_normal((7, 4, channels)) * 2 + 1).astype(np.float32)
+        mask = rng.random((7, 4)) < 0.6
+        mask[0, 0] = True  # both replicas keep something
+        mask[2, 0] = True
+        parts = [(x[:2], mask[:2]), (x[2:], mask[2:])]
+        xs = strategy.experimental_distribute_values_from_function(
+            lambda ctx, p=parts: tf.constant(p[ctx.replica_id_in_sync_group][0])
+        )
+        masks = strategy.experimental_distribute_values_from_function(
+            lambda ctx, p=parts: tf.constant(p[ctx.replica_id_in_sync_group][1])
+        )
+        y = masked_step(xs, masks)
+        y_all = np.concatenate([t.numpy() for t in strategy.experimental_local_results(y)])
+        ones, zeros = np.ones(channels, np.float32), np.zeros(channels, np.float32)
+        y_ref, running = ref.batch_norm_step(x[mask], running, spec, ones, zeros, training=True)
+        masked["y"] = max(masked["y"], float(np.abs(y_all[mask] - y_ref).max()))
+    assert running is not None
+    masked["moving_mean"] = float(np.abs(masked_layer.moving_mean.numpy() - running.mean).max())
+    masked["moving_variance"] = float(
+        np.abs(masked_layer.moving_variance.numpy() - running.var).max()
+    )
+    out["masked"] = masked
+
     # AGC inside model.fit: the clip sees the all-reduced gradient of the global batch.
     class Recorder(keras.optimizers.SGD):
         def build(self, var_list: Any) -> None:
@@ -152,6 +189,14 @@ def test_cross_replica_batchnorm_equals_single_device(measured: dict[str, Any], 
     assert errors["dgamma"] < 1e-4 and errors["dbeta"] < 1e-4
     assert errors["moving_mean"] < 1e-6 and errors["moving_variance"] < 1e-5
     assert errors["num_batches_tracked"] == 3
+
+
+def test_masked_cross_replica_statistics_are_those_of_the_kept_values(
+    measured: dict[str, Any],
+) -> None:
+    errors = measured["masked"]
+    assert errors["y"] < 2e-5
+    assert errors["moving_mean"] < 1e-6 and errors["moving_variance"] < 1e-5
 
 
 def test_agc_clips_the_all_reduced_gradient(measured: dict[str, Any]) -> None:

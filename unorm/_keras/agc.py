@@ -48,7 +48,9 @@ class AGC(keras.optimizers.Optimizer):
     Use it wherever an optimizer goes (``model.compile(optimizer=AGC(...))``, custom
     loops with ``apply``/``apply_gradients``); it serialises with the model
     (``get_config``/``from_config``, ``.keras`` files; import ``unorm.keras`` before
-    loading). Learning rate, iterations and variables are the wrapped optimizer's.
+    loading). Learning rate and iterations are the wrapped optimizer's; ``variables`` are
+    this wrapper's own (the base optimizer's iteration and learning rate) followed by the
+    wrapped optimizer's.
 
     The clip runs on the effective gradient, once per update: after loss-scale
     unscaling (``LossScaleOptimizer``, which ``compile`` adds under ``mixed_float16``,

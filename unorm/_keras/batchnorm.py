@@ -32,6 +32,15 @@ def _count_message(count: object, shape: object) -> str:
     )
 
 
+def _concrete_int(value: Any) -> int | None:
+    """``value`` as a Python int where it is concrete (an eager tensor), None where it is
+    only known when a graph runs (a ``tf.function`` or a JAX trace)."""
+    try:
+        return int(value)
+    except TypeError:  # TensorFlow's graph tensors and JAX tracers raise TypeErrors here
+        return None
+
+
 def _tensorflow_backend() -> bool:
     return stats.tensorflow_backend()
 
@@ -75,7 +84,9 @@ class BatchNorm(keras.layers.Layer):
             (``SPEC.md``, Presets).
         synchronized: under a ``tf.distribute`` strategy with several replicas, compute
             the batch statistics over the global batch, merged exactly, so uneven or
-            empty per-replica batches give the single-device result (TensorFlow backend).
+            empty per-replica batches give the single-device result (TensorFlow backend);
+            with a mask, over the values the mask keeps on every replica (Keras's own
+            layer computes masked statistics per replica).
         beta_initializer, gamma_initializer, moving_mean_initializer,
         moving_variance_initializer, beta_regularizer, gamma_regularizer,
         beta_constraint, gamma_constraint: as in ``keras.layers.BatchNormalization``.
@@ -92,10 +103,12 @@ class BatchNorm(keras.layers.Layer):
 
     Errors: a bad setting or input raises ``ValueError`` naming it (``inputs`` of rank
     other than the built one, of another feature count, or of an integer dtype; training
-    on one value per feature unless allowed), before any weight is touched. Where the
-    batch size is only known when the graph runs (a ``tf.function`` traced with a
-    ``None`` batch axis, or a synchronized global batch), that last check is a
-    TensorFlow assertion instead.
+    on one value per feature unless allowed, also where a mask keeps one or none), before
+    any weight is touched. Where the count is only known when the graph runs (a
+    ``tf.function`` traced with a ``None`` batch axis or given a mask, or a synchronized
+    global batch), that last check is a TensorFlow assertion instead; and where no check
+    can fail the call (XLA drops assertions; a JAX-traced function), such a batch leaves
+    the moving statistics unchanged.
 
     Example:
         >>> import numpy as np
@@ -227,10 +240,17 @@ class BatchNorm(keras.layers.Layer):
         self._channels = int(channels)
         self._reduce_axes = [i for i in range(len(shape)) if i != axis]
         per_channel = (self._channels,)
+        # SPEC.md, dtypes: parameters and statistics stay float32 for 16-bit inputs, also
+        # under a plain float16/bfloat16 policy (whose variables Keras's own layer keeps
+        # in 16 bits, where a moving variance can overflow to inf).
+        weight_dtype = None
+        if keras.backend.standardize_dtype(self.variable_dtype) in ("float16", "bfloat16"):
+            weight_dtype = "float32"
         if self.spec.scale:
             self.gamma = self.add_weight(
                 shape=per_channel,
                 name="gamma",
+                dtype=weight_dtype,
                 initializer=self.gamma_initializer,
                 regularizer=self.gamma_regularizer,
                 constraint=self.gamma_constraint,
@@ -241,6 +261,7 @@ class BatchNorm(keras.layers.Layer):
             self.beta = self.add_weight(
                 shape=per_channel,
                 name="beta",
+                dtype=weight_dtype,
                 initializer=self.beta_initializer,
                 regularizer=self.beta_regularizer,
                 constraint=self.beta_constraint,
@@ -251,6 +272,7 @@ class BatchNorm(keras.layers.Layer):
             self.moving_mean = self.add_weight(
                 shape=per_channel,
                 name="moving_mean",
+                dtype=weight_dtype,
                 initializer=self.moving_mean_initializer,
                 trainable=False,
                 autocast=False,
@@ -258,6 +280,7 @@ class BatchNorm(keras.layers.Layer):
             self.moving_variance = self.add_weight(
                 shape=per_channel,
                 name="moving_variance",
+                dtype=weight_dtype,
                 initializer=self.moving_variance_initializer,
                 trainable=False,
                 autocast=False,
@@ -359,34 +382,39 @@ class BatchNorm(keras.layers.Layer):
         return replica_count() > 1
 
     def _batch_moments(self, x: Any, mask: Any) -> tuple[Any, Any, Any]:
-        """Per-feature mean and biased variance of ``x``, and the count they cover."""
+        """Per-feature mean and biased variance of ``x``, and the count they cover (an
+        int, or a tensor: one entry per feature with a mask, a scalar otherwise)."""
         axes = self._reduce_axes
-        if mask is not None:
-            mean, variance, count = stats.masked_moments(x, mask, axes)
-            mean, variance, _ = self._checked(ops.min(count), x.shape, mean, variance)
-            return mean, variance, count
         if self._replicated():
             from .sync import synchronized_moments
 
-            mean, variance, count = synchronized_moments(x, axes)
-            return self._checked(count, x.shape, mean, variance)
-        mean, variance = stats.moments(x, axes)
-        return self._checked(stats.count(x, axes), x.shape, mean, variance)
+            weights = None if mask is None else stats.mask_weights(mask, x, x.dtype)
+            mean, variance, count = synchronized_moments(x, axes, weights)
+        elif mask is not None:
+            mean, variance, count = stats.masked_moments(x, mask, axes)
+        else:
+            mean, variance = stats.moments(x, axes)
+            count = stats.count(x, axes)
+        return self._checked(count, x.shape, mean, variance)
 
     def _checked(self, count: Any, shape: Any, mean: Any, variance: Any) -> tuple[Any, Any, Any]:
-        """Raise unless ``count`` values per feature may be trained on; a count known only
-        at run time gets a graph assertion that ``mean`` and ``variance`` wait for."""
+        """Raise unless ``count`` values per feature (the smallest, for a per-feature
+        count) may be trained on. A count known only when a TensorFlow graph runs gets a
+        graph assertion that ``mean`` and ``variance`` wait for; where not even that can
+        fail the call (XLA drops assertions; a JAX trace), :meth:`_update` leaves the
+        moving statistics alone instead."""
         allow = self.spec.allow_single_value
-        if isinstance(count, int):
-            if count == 0 or (count == 1 and not allow):
-                raise ValueError(_count_message(count, tuple(shape)))
+        smallest = count if isinstance(count, int) else _concrete_int(ops.min(count))
+        if smallest is not None:
+            if smallest == 0 or (smallest == 1 and not allow):
+                raise ValueError(_count_message(smallest, tuple(shape)))
             return mean, variance, count
         if not _tensorflow_backend():
-            return mean, variance, count  # JAX and torch shapes are static: checked above
+            return mean, variance, count
         from .tf_runtime import assert_count
 
         message = _count_message("0" if allow else "1 or fewer", tuple(shape))
-        mean, variance = assert_count(count, allow, message, mean, variance)
+        mean, variance = assert_count(ops.min(count), allow, message, mean, variance)
         return mean, variance, count
 
     def _update(self, mean: Any, variance: Any, count: Any) -> None:
@@ -413,12 +441,20 @@ class BatchNorm(keras.layers.Layer):
         new_mean = old_mean * (1.0 - factor) + mean * factor
         new_var = old_var * (1.0 - factor) + fed * factor
         new_tracked = None if tracked is None else tracked + 1
+        keep = []  # conditions under which this batch may be folded in
         if spec.skip_nonfinite:
-            finite = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(fed)))
-            new_mean = ops.where(finite, new_mean, old_mean)
-            new_var = ops.where(finite, new_var, old_var)
+            keep.append(ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(fed))))
+        if not isinstance(count, int):
+            # A count that no check could reject (under XLA, which drops assertions, or in
+            # a JAX trace): too few values never reach the moving statistics.
+            floor = 0.0 if spec.allow_single_value else 1.0
+            keep.append(ops.greater(ops.min(ops.cast(count, "float32")), floor))
+        if keep:
+            ok = keep[0] if len(keep) == 1 else ops.logical_and(keep[0], keep[1])
+            new_mean = ops.where(ok, new_mean, old_mean)
+            new_var = ops.where(ok, new_var, old_var)
             if tracked is not None:
-                new_tracked = ops.where(finite, new_tracked, tracked)
+                new_tracked = ops.where(ok, new_tracked, tracked)
         self.moving_mean.assign(new_mean)
         self.moving_variance.assign(new_var)
         if tracked is not None:

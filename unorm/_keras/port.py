@@ -587,6 +587,11 @@ def _apply_spec(layer: Any, source: Layer, spec: BatchNormSpec | ScaledWSSpec) -
         lost.append(f"running_var={spec.running_var!r}")
     if spec.update_on != "forward":
         lost.append(f"update_on={spec.update_on!r}")
+    # Keras's layer folds non-finite statistics in and trains on one value per feature.
+    if spec.skip_nonfinite:
+        lost.append("skip_nonfinite=True")
+    if not spec.allow_single_value:
+        lost.append("allow_single_value=False")
     if lost:
         warnings.warn(
             f"{source.name!r}: keras.layers.BatchNormalization cannot express the source's "
@@ -619,7 +624,8 @@ def load_checkpoint(model: Any, ckpt: Checkpoint) -> None:
     its momentum is None (the counter that needs is built with the layer: a mismatch is a
     :class:`~unorm.port.CheckpointError`). A ``keras.layers.BatchNormalization`` takes
     eps and momentum and warns (``UserWarning``) where the source's training semantics
-    (unbiased running variance, ``update_on``, momentum=None) cannot be expressed by it.
+    (unbiased running variance, ``update_on``, momentum=None, skipping non-finite
+    statistics, refusing one value per feature) cannot be expressed by it.
     The model's cached ``predict``/``fit``/``evaluate`` functions are dropped so that they
     retrace with the new settings; retrace your own ``tf.function`` too.
 

@@ -50,7 +50,7 @@ def shift_by_first(x: Any, axes: list[int]) -> tuple[Any, Any]:
     return x - shift, ops.reshape(shift, (-1,))
 
 
-def _mask_weights(mask: Any, x: Any, dtype: Any) -> Any:
+def mask_weights(mask: Any, x: Any, dtype: Any) -> Any:
     """``mask`` (``x``'s shape without its last axis) as 1/0 of ``dtype``, broadcast over
     ``x``'s last axis to ``x``'s shape, as Keras's layer applies it."""
     return ops.broadcast_to(ops.cast(ops.expand_dims(mask, -1), dtype), ops.shape(x))
@@ -61,7 +61,7 @@ def shift_by_first_unmasked(x: Any, mask: Any, axis: int) -> tuple[Any, Any]:
     value that the mask keeps (``mask`` has ``x``'s shape without its last axis and is
     broadcast over it, as in :func:`masked_moments`); a feature with no kept value is
     shifted by its first value. ``axis`` is the (non-negative) feature axis."""
-    keep = _mask_weights(mask, x, "int32")
+    keep = mask_weights(mask, x, "int32")
     channels = x.shape[axis]
     values = ops.reshape(ops.moveaxis(x, axis, -1), (-1, channels))
     kept = ops.reshape(ops.moveaxis(keep, axis, -1), (-1, channels))
@@ -78,7 +78,7 @@ def masked_moments(x: Any, mask: Any, axes: list[int]) -> tuple[Any, Any, Any]:
     ``mask`` has ``x``'s shape without its last axis and is broadcast over it, as in
     Keras's layer; the count is a per-feature tensor.
     """
-    weights = _mask_weights(mask, x, x.dtype)
+    weights = mask_weights(mask, x, x.dtype)
     # keepdims: the mean must broadcast along the feature axis wherever it is.
     total = ops.sum(weights, axis=axes, keepdims=True)
     mean = ops.sum(x * weights, axis=axes, keepdims=True) / ops.maximum(total, 1.0)

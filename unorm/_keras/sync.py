@@ -27,18 +27,29 @@ def replica_count() -> int:
     return 1 if context is None else int(context.num_replicas_in_sync)
 
 
-def synchronized_moments(x: Any, axes: list[int]) -> tuple[Any, Any, Any]:
+def synchronized_moments(x: Any, axes: list[int], weights: Any = None) -> tuple[Any, Any, Any]:
     """Global mean and biased variance over ``axes`` of ``x`` across replicas, and the
-    global count (a float tensor). ``x`` is float32 or wider."""
+    global count (a float tensor). ``x`` is float32 or wider; ``weights`` (1 for kept, 0
+    for masked values, ``x``'s shape), when given, leaves masked values out, and the
+    count is then one per feature."""
     context = tf.distribute.get_replica_context()
-    shape = tf.shape(x, out_type=tf.int64)
-    local_count = tf.cast(tf.reduce_prod(tf.gather(shape, axes)), x.dtype)
+    if weights is None:
+        shape = tf.shape(x, out_type=tf.int64)
+        local_count = tf.cast(tf.reduce_prod(tf.gather(shape, axes)), x.dtype)
+        local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
+    else:
+        local_count = tf.reduce_sum(weights, axis=axes, keepdims=True)
+        local_sum = tf.reduce_sum(x * weights, axis=axes, keepdims=True)
     # keepdims: the mean must broadcast along the feature axis wherever it is (channels
     # first or last), not only when it is the last axis.
-    local_sum = tf.reduce_sum(x, axis=axes, keepdims=True)
     count, total = context.all_reduce(tf.distribute.ReduceOp.SUM, [local_count, local_sum])
     # An empty global batch gives 0/0; the caller's count check reports it.
     mean = tf.math.divide_no_nan(total, count)
-    local_m2 = tf.reduce_sum(tf.math.squared_difference(x, mean), axis=axes)
+    squared = tf.math.squared_difference(x, mean)
+    if weights is not None:
+        squared = squared * weights
+    local_m2 = tf.reduce_sum(squared, axis=axes, keepdims=True)
     m2 = context.all_reduce(tf.distribute.ReduceOp.SUM, local_m2)
-    return tf.reshape(mean, [-1]), tf.math.divide_no_nan(m2, count), count
+    variance = tf.math.divide_no_nan(m2, count)
+    count = count if weights is None else tf.reshape(count, [-1])
+    return tf.reshape(mean, [-1]), tf.reshape(variance, [-1]), count

@@ -29,7 +29,7 @@ def assert_count(count: Any, allow_single_value: bool, message: str, *tensors: A
     with ``allow_single_value``. Whatever is computed from the returned tensors (the
     output, the moving-statistics update) runs only after the check has passed, so a
     failing call changes no state. Under XLA (``jit_compile=True``) assertions are not
-    compiled; shapes are static there, so the Python check has already run.
+    compiled: the layer then guards its update with the same condition instead.
     """
     floor = 0 if allow_single_value else 1
     check = tf.debugging.assert_greater(
