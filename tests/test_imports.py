@@ -1,10 +1,14 @@
-"""``import unorm`` must import no framework (checked in a fresh interpreter)."""
+"""``import unorm`` must import no framework, and ``import unorm.torch`` no framework but
+PyTorch (checked in a fresh interpreter)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
+
+import pytest
 
 FRAMEWORKS = ["torch", "tensorflow", "keras", "mxnet", "jax"]
 
@@ -19,3 +23,11 @@ def test_import_unorm_imports_no_framework() -> None:
     loaded = _modules_after("import unorm, unorm.spec, unorm.reference, unorm.cli, unorm.selfcheck")
     assert "unorm.reference" in loaded  # the probe did import the package
     assert not {m.split(".")[0] for m in loaded} & set(FRAMEWORKS)
+
+
+@pytest.mark.torch
+@pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="PyTorch not installed")
+def test_import_unorm_torch_imports_no_other_framework() -> None:
+    loaded = _modules_after("import unorm.torch")
+    assert "unorm._torch.batchnorm" in loaded and "torch" in loaded  # the probe worked
+    assert not {m.split(".")[0] for m in loaded} & {"keras", "tensorflow", "mxnet"}

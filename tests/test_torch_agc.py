@@ -193,16 +193,86 @@ def test_optimizer_wrapper_step_equals_reference_step() -> None:
 
 
 def test_optimizer_wrapper_works_with_lr_scheduler_and_state_dict() -> None:
+    # The AGC-wrapped SGD against a plain SGD fed the reference's clipped gradients.
+    net, twin = _net(), _net()
+    opt = AGC(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), net, clipping=0.01)
+    plain = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9)
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=1, gamma=0.5) for o in (opt, plain)]
+    axes = {"0.weight": 0, "2.weight": 1, "4.weight": 0}
+    gen = torch.Generator().manual_seed(4)
+
+    def step_both(agc_net: nn.Module, agc_opt: AGC) -> None:
+        x = torch.randn(2, 1, 10, 10, dtype=torch.float64, generator=gen)
+        agc_opt.zero_grad()
+        plain.zero_grad()
+        agc_net(x).pow(2).sum().backward()
+        twin(x).pow(2).sum().backward()
+        weights = {n: p.detach().numpy().copy() for n, p in twin.named_parameters()}
+        grads = {n: p.grad.numpy().copy() for n, p in twin.named_parameters()}
+        clipped = ref.agc_clip_all(grads, weights, axes, clipping=0.01)
+        for n, p in twin.named_parameters():
+            p.grad = torch.from_numpy(clipped[n])
+        agc_opt.step()
+        plain.step()
+
+    for _ in range(2):
+        step_both(net, opt)
+        for sched in scheds:
+            sched.step()
+    assert opt.optimizer.param_groups[0]["lr"] == pytest.approx(0.025)
+    # A fresh wrapped optimizer (other lr) restored from the state dict continues the run.
+    fresh = _net()
+    fresh.load_state_dict(net.state_dict())
+    restored = AGC(torch.optim.SGD(fresh.parameters(), lr=1.0, momentum=0.9), fresh, clipping=0.01)
+    restored.load_state_dict(opt.state_dict())
+    assert restored.param_groups[0]["lr"] == pytest.approx(0.025)
+    for mine, theirs in zip(fresh.parameters(), twin.parameters(), strict=True):
+        np.testing.assert_allclose(
+            restored.state[mine]["momentum_buffer"].numpy(),
+            plain.state[theirs]["momentum_buffer"].numpy(),
+            rtol=1e-12,
+            atol=1e-15,
+        )
+    step_both(fresh, restored)
+    for (name, mine), theirs in zip(fresh.named_parameters(), twin.parameters(), strict=True):
+        np.testing.assert_allclose(
+            mine.detach().numpy(), theirs.detach().numpy(), rtol=1e-12, atol=1e-15, err_msg=name
+        )
+
+
+@pytest.mark.parametrize(
+    ("unit_axes", "message"),
+    [
+        ({"0.weight": (0, -4)}, r"unit_axes must name distinct axes, got \(0, -4\)"),
+        ({"2.weight": 4}, r"unit_axes must be an integer in \[-4, 4\) .*parameter '2.weight'"),
+        (7, r"unit_axes must be an integer in \[-4, 4\) .*parameter '0.weight'"),
+        ((0, 1), "unit_axes must be an int .* a mapping"),
+    ],
+)
+def test_bad_unit_axes_are_refused_before_any_gradient_changes(
+    unit_axes: object, message: str
+) -> None:
     net = _net()
-    inner = torch.optim.Adam(net.parameters(), lr=0.1)
-    opt = AGC(inner, net)
-    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    net(torch.randn(1, 1, 10, 10, dtype=torch.float64)).sum().backward()
-    opt.step()
-    sched.step()
-    assert inner.param_groups[0]["lr"] == pytest.approx(0.05)
-    state = opt.state_dict()
-    assert state == inner.state_dict() and len(state["state"]) == len(list(net.parameters()))
+    grads = _set_grads(net, seed=6, scale=1.0)  # large: every weight would be clipped
+    with pytest.raises(ValueError, match=message):
+        adaptive_clip_grad_(net, unit_axes=unit_axes)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=message):
+        AGC(torch.optim.SGD(net.parameters(), lr=0.1), net, unit_axes=unit_axes)  # type: ignore[arg-type]
+    for name, p in net.named_parameters():
+        np.testing.assert_array_equal(p.grad.numpy(), grads[name], err_msg=name)
+
+
+def test_bad_unit_axes_of_bare_parameters_change_no_gradient() -> None:
+    # The first tensor's axis is fine; the second's duplicate is still found before any clip.
+    a, b = nn.Parameter(torch.ones(2, 3)), nn.Parameter(torch.ones(3, 2))
+    a.grad, b.grad = torch.full((2, 3), 5.0), torch.full((3, 2), 5.0)
+    with pytest.raises(ValueError, match=r"unit_axes must name distinct axes.*'parameters\[1\]'"):
+        adaptive_clip_grad_([a, b], unit_axes={a: 0, b: (0, -2)})
+    assert torch.equal(a.grad, torch.full((2, 3), 5.0))
+    assert torch.equal(b.grad, torch.full((3, 2), 5.0))
+    # Reference check of the same rule (SPEC.md, AGC): a duplicate is an error there too.
+    with pytest.raises(ValueError, match="unit_axes must name distinct axes"):
+        ref.agc_clip(np.ones((3, 2)), np.ones((3, 2)), (0, -2))
 
 
 def test_grad_scaler_unscales_before_clipping_and_skips_inf_steps() -> None:

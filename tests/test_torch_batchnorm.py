@@ -56,11 +56,14 @@ def _run_sequence(
             atol=tol * np.abs(grads.dbeta).max(),
         )
         layer.weight.grad = layer.bias.grad = None
+        # The buffers' own dtype sets their tolerance: float32 state fed by a 16-bit input
+        # is computed in float32 from x_used, so a 16-bit tolerance would hide a biased feed.
+        stat_tol = TOL[layer.running_mean.dtype]
         np.testing.assert_allclose(
-            layer.running_mean.double().numpy(), state.mean, rtol=tol, atol=tol
+            layer.running_mean.double().numpy(), state.mean, rtol=stat_tol, atol=stat_tol
         )
         np.testing.assert_allclose(
-            layer.running_var.double().numpy(), state.var, rtol=tol, atol=tol
+            layer.running_var.double().numpy(), state.var, rtol=stat_tol, atol=stat_tol
         )
         assert int(layer.num_batches_tracked) == state.num_batches_tracked
     layer.eval()
@@ -290,6 +293,90 @@ def test_bad_input_is_named_and_changes_nothing(
         layer(x)
     for k, v in layer.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+@pytest.mark.parametrize("preset", [None, "torch", "keras", "mxnet"])
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("training", [True, False])
+def test_float64_input_into_float32_layer_is_refused_like_native(
+    preset: str | None, momentum: float | None, training: bool
+) -> None:
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    native = torch.nn.BatchNorm2d(3, momentum=momentum).train(training)
+    with pytest.raises(RuntimeError):  # PyTorch's own kernel refuses the mix ...
+        native(x)
+    layer = BatchNorm(3, preset=preset, momentum=momentum).train(training)
+    layer(torch.randn(4, 3, 2, 2))  # a tracked batch, so "unchanged" is not all defaults
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    # ... ours says so before the running statistics or the counter move.
+    with pytest.raises(
+        ValueError, match=r"input must have dtype torch.float32 .*got torch.float64"
+    ):
+        layer(x)
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_dtype_and_device_must_match_the_layer_state() -> None:
+    layer = BatchNorm(3).double()
+    with pytest.raises(
+        ValueError, match=r"input must have dtype torch.float64 .*got torch.float32"
+    ):
+        layer(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"input must be on the layer's device \(cpu\), got meta"):
+        layer(torch.empty(4, 3, dtype=torch.float64, device="meta"))
+    assert int(layer.num_batches_tracked) == 0
+    # Nothing to match without parameters or running statistics: any float dtype is fine,
+    # as for nn.BatchNorm2d(affine=False, track_running_stats=False).
+    bare = BatchNorm(3, affine=False, track_running_stats=False)
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    native = torch.nn.BatchNorm2d(3, affine=False, track_running_stats=False)
+    torch.testing.assert_close(bare(x), native(x))
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_torch_preset_counter_moves_only_after_the_kernel_succeeded(
+    monkeypatch: pytest.MonkeyPatch, momentum: float | None
+) -> None:
+    from types import SimpleNamespace
+
+    from unorm._torch import batchnorm as module
+
+    layer = BatchNorm(3, preset="torch", momentum=momentum)
+    layer(torch.randn(5, 3))
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+
+    def failing_kernel(*_: object, **__: object) -> None:
+        raise RuntimeError("kernel failed")  # e.g. out of memory inside F.batch_norm
+
+    monkeypatch.setattr(module, "F", SimpleNamespace(batch_norm=failing_kernel))
+    with pytest.raises(RuntimeError, match="kernel failed"):
+        layer(torch.randn(5, 3))
+    for k, v in layer.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_cumulative_average_reads_no_counter_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    # momentum=None outside the "torch" preset keeps the factor 1/(n+1) a device tensor.
+    layer = BatchNorm(3, momentum=None).double()
+    xs = [torch.randn(6, 3, dtype=torch.float64) * (i + 1) + i for i in range(3)]
+
+    def refuse(*_: object) -> None:
+        raise AssertionError("host synchronisation")
+
+    with monkeypatch.context() as patch:
+        for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
+            patch.setattr(torch.Tensor, method, refuse)
+        for x in xs:
+            layer(x)
+    state = ref.init_running_stats(3)
+    for x in xs:
+        _, state = ref.batch_norm_step(
+            x.numpy(), state, BatchNormSpec(momentum=None), np.ones(3), np.zeros(3), training=True
+        )
+    np.testing.assert_allclose(layer.running_mean.numpy(), state.mean, rtol=1e-12)
+    np.testing.assert_allclose(layer.running_var.numpy(), state.var, rtol=1e-12)
+    assert int(layer.num_batches_tracked) == state.num_batches_tracked == 3
 
 
 def test_batch_of_one_with_spatial_extent_trains() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,49 @@ def test_native_batchnorm_semantics_travel_with_the_checkpoint() -> None:
     load_checkpoint(ours, export_checkpoint(native))
     assert (ours[1].eps, ours[1].momentum, ours[1].spec.preset) == (1e-3, 0.3, "torch")
     assert not ours[1].spec.skip_nonfinite  # behaves as nn.BatchNorm1d did
+
+
+@pytest.mark.parametrize(
+    ("source", "lost"),
+    [
+        (BatchNorm(4), ["skip_nonfinite=True"]),  # canonical: only the guard is lost
+        (
+            BatchNorm(4, preset="keras"),
+            ["running_var='biased'", "allow_single_value=True"],
+        ),
+        (
+            BatchNorm(4, preset="mxnet"),
+            ["running_var='biased'", "allow_single_value=True", "update_on='backward'"],
+        ),
+    ],
+)
+def test_native_batchnorm_warns_about_every_lost_semantic(
+    source: BatchNorm, lost: list[str]
+) -> None:
+    ckpt = export_checkpoint(nn.Sequential(nn.Linear(3, 4), source))
+    native = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with pytest.warns(UserWarning, match="nn.BatchNorm cannot express") as caught:
+        load_checkpoint(native, ckpt)
+    (message,) = [str(w.message) for w in caught]
+    for item in lost:
+        assert item in message
+    all_lost = ["running_var=", "skip_nonfinite=", "allow_single_value=", "update_on="]
+    assert sum(item in message for item in all_lost) == len(lost)  # and nothing else
+    # What the warning is about: a native layer writes an inf batch into its statistics.
+    native.train()
+    x = torch.randn(5, 3)
+    x[0, 0] = float("inf")
+    native(x)
+    assert not torch.isfinite(native[1].running_mean).all()
+
+
+def test_native_to_native_loads_without_warning() -> None:
+    source = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=None))
+    dest = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_checkpoint(dest, export_checkpoint(source))
+    assert dest[1].momentum is None
 
 
 def test_mismatch_names_both_layers_and_changes_nothing() -> None:

@@ -71,6 +71,36 @@ def _layer_unit(module: nn.Module, pname: str, param: Tensor, qualified: str) ->
     return None
 
 
+def _checked(unit: _Unit, param: Tensor) -> _Unit:
+    """``unit`` once its axes are known to fit ``param`` (in range and distinct, as
+    ``SPEC.md`` asks), so that no bad axis is met mid-clip after other gradients changed."""
+    ndim = param.dim() if unit.view is None else len(unit.view)
+    if unit.axes is None or ndim <= 1:
+        return unit  # one unit, whatever the axes say (SPEC.md, AGC)
+    axes = (unit.axes,) if isinstance(unit.axes, int) else tuple(unit.axes)
+    where = f"parameter {unit.name!r} of shape {tuple(param.shape)}"
+    try:
+        normalised = {normalize_axis(a, ndim, "unit_axes") for a in axes}
+    except ValueError as err:
+        raise ValueError(f"{err} ({where})") from None
+    if len(normalised) != len(axes):
+        # The reference's message (reference._unit_axes), plus which parameter.
+        raise ValueError(f"unit_axes must name distinct axes, got {unit.axes!r} ({where})")
+    return unit
+
+
+def _check_override(override: object) -> None:
+    """Refuse an override of the wrong kind before it is looked into (a tuple would be
+    compared with tensors, a bool taken for an axis)."""
+    if override is None or isinstance(override, Mapping):
+        return
+    if isinstance(override, bool) or not isinstance(override, int):
+        raise ValueError(
+            "unit_axes must be an int (every parameter of rank >= 2), a mapping from "
+            f"parameter name or parameter to axes, or None, got {override!r}"
+        )
+
+
 def _override(override: UnitAxesOverride, name: str, param: Tensor) -> tuple[bool, UnitAxes]:
     if override is None:
         return False, None
@@ -95,6 +125,7 @@ def _check_override_keys(override: UnitAxesOverride, names: set[str], params: se
 def _units_of_module(
     module: nn.Module, override: UnitAxesOverride, skipped: set[int]
 ) -> dict[int, _Unit]:
+    _check_override(override)
     units: dict[int, _Unit] = {}
     for mname, sub in module.named_modules():
         for pname, param in sub.named_parameters(recurse=False):
@@ -111,13 +142,14 @@ def _units_of_module(
                     f"(shape {tuple(param.shape)}) of {type(sub).__name__}; pass "
                     f"unit_axes={{{qualified!r}: <axis>}} or exclude it"
                 )
-            units[id(param)] = unit
+            units[id(param)] = _checked(unit, param)
     names = {u.name for u in units.values()}
     _check_override_keys(override, names, set(units))
     return units
 
 
 def _units_of_params(params: Iterable[Tensor], override: UnitAxesOverride) -> dict[int, _Unit]:
+    _check_override(override)
     units: dict[int, _Unit] = {}
     for i, param in enumerate(params):
         name = f"parameters[{i}]"
@@ -127,7 +159,7 @@ def _units_of_params(params: Iterable[Tensor], override: UnitAxesOverride) -> di
                 f"{name} (shape {tuple(param.shape)}) has rank >= 2 and no unit axis: pass "
                 "the module that owns it (its layers decide the axis), or unit_axes"
             )
-        units[id(param)] = _Unit(name, axes)
+        units[id(param)] = _checked(_Unit(name, axes), param)
     return units
 
 

@@ -3,7 +3,11 @@
 The heavy work is PyTorch's own fused ``F.batch_norm`` kernel wherever its semantics equal
 the spec; only the differences (the non-finite guard, the biased running-variance option,
 the MXNet preset's update-on-backward) are done here, on per-channel tensors, never with
-an extra pass over the input and without host synchronisation.
+an extra pass over the input and without host synchronisation. The one exception is
+PyTorch's own semantics (the ``"torch"`` preset) with ``momentum=None``: its kernel takes
+the cumulative-average factor ``1 / num_batches_tracked`` as a host number, so that is
+read from the device there, exactly as ``nn.BatchNorm*d`` reads it; every other setting
+keeps the factor a tensor.
 """
 
 from __future__ import annotations
@@ -174,6 +178,7 @@ class BatchNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
+        """The settings shown by ``repr(layer)``: the non-default ones and the preset."""
         spec = self.spec
         parts = [f"{self.num_features}"]
         if self.num_dims is not None:
@@ -204,6 +209,7 @@ class BatchNorm(nn.Module):
             )
         if not x.is_floating_point():
             raise ValueError(f"input must have a floating-point dtype, got {x.dtype}")
+        self._check_dtype_and_device(x)
         ax = normalize_axis(self.spec.axis, x.dim())
         if x.shape[ax] != self.num_features:
             raise ValueError(
@@ -211,6 +217,41 @@ class BatchNorm(nn.Module):
                 f"got shape {tuple(x.shape)} with {x.shape[ax]}"
             )
         return ax
+
+    def _check_dtype_and_device(self, x: Tensor) -> None:
+        """Refuse an input PyTorch's kernel would refuse only after the running statistics
+        were handed to it: a dtype other than the parameters' and buffers' (16-bit inputs
+        with float32 state excepted, as ``nn.BatchNorm*d`` allows), or another device."""
+        # The registries directly: nn.Module's attribute lookup costs a microsecond each.
+        buffers = self._buffers
+        state = (buffers.get("running_mean"), buffers.get("running_var"))
+        held = [t for t in (*self._parameters.values(), *state) if t is not None]
+        if not held:
+            return  # nothing to match: no parameters, no running statistics
+        dtype, device = x.dtype, x.device
+        if all(t.dtype == dtype and t.device == device for t in held):
+            return  # the common case, kept cheap: this runs on every call
+        dtypes = {t.dtype for t in held}
+        if dtypes != {x.dtype} and not (x.dtype in _HALF and dtypes == {torch.float32}):
+            if len(dtypes) > 1:
+                want = "one dtype, but the layer's parameters and buffers mix " + ", ".join(
+                    sorted(str(d) for d in dtypes)
+                )
+            elif dtypes == {torch.float32}:
+                want = "dtype torch.float32 (or torch.float16/torch.bfloat16)"
+            else:
+                want = f"dtype {next(iter(dtypes))}"
+            raise ValueError(
+                f"input must have {want} to match the layer's parameters and buffers, got "
+                f"{x.dtype}; convert the input or the layer with .to()"
+            )
+        devices = {t.device for t in held}
+        if devices != {x.device}:
+            want = ", ".join(sorted(str(d) for d in devices))
+            raise ValueError(
+                f"input must be on the layer's device ({want}), got {x.device}; move the "
+                "input or the layer with .to()"
+            )
 
     def _check_count(self, count: int, shape: tuple[int, ...], where: str = "") -> int:
         """Refuse batch statistics of ``count`` values per channel (``SPEC.md``, one value
@@ -227,6 +268,13 @@ class BatchNorm(nn.Module):
     # -- forward -----------------------------------------------------------------------
 
     def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x``: with batch statistics in training (updating the running ones)
+        or with ``track_running_stats=False``, otherwise with the running statistics.
+
+        ``x`` has the layer's dtype (or is 16-bit with float32 state), its device, and
+        ``num_features`` channels on ``axis``; bad input raises ``ValueError`` before
+        any state changes. Returns a tensor of ``x``'s shape, dtype and memory format.
+        """
         ax = self._check_input(x)
         # PyTorch's kernels want channels on axis 1; other axes go through a view.
         x1 = x if ax == 1 else x.movedim(ax, 1)
@@ -292,12 +340,16 @@ class BatchNorm(nn.Module):
         kernel = self._kernel_trains(count)
         if spec.unbiased and not spec.skip_nonfinite and spec.update_on == "forward" and kernel:
             # Exactly nn.BatchNorm*d (the "torch" preset): the fused kernel updates the buffers.
-            tracked.add_(1)
-            factor = 1.0 / float(tracked) if spec.momentum is None else spec.momentum
-            return F.batch_norm(x, rm, rv, self.weight, self.bias, True, factor, spec.eps)
-        if spec.unbiased and spec.update_on == "forward" and kernel:
-            # Canonical: PyTorch's own update arithmetic on copies, kept only if finite.
+            # The kernel wants a host factor (the one sync, as nn.BatchNorm*d has); the counter
+            # moves only once the kernel succeeded, so a failing call changes nothing.
             factor = 1.0 / (float(tracked) + 1) if spec.momentum is None else spec.momentum
+            y = F.batch_norm(x, rm, rv, self.weight, self.bias, True, factor, spec.eps)
+            tracked.add_(1)
+            return y
+        if spec.unbiased and spec.update_on == "forward" and kernel and spec.momentum is not None:
+            # Canonical: PyTorch's own update arithmetic on copies, kept only if finite.
+            # (momentum=None goes through _blend below, whose factor stays on the device.)
+            factor = spec.momentum
             new_mean, new_var = rm.clone(), rv.clone()
             y = F.batch_norm(x, new_mean, new_var, self.weight, self.bias, True, factor, spec.eps)
             self._commit(new_mean, new_var)

@@ -223,7 +223,8 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
     checkpoint's BatchNorm settings (a ported Keras or MXNet layer keeps behaving as it
     did at home, e.g. its eps and momentum); its feature axis stays the model's. A native
     ``nn.BatchNorm*d`` takes eps and momentum and warns where the source's training
-    semantics (running-variance estimator, guard) cannot be expressed by it.
+    semantics (running-variance estimator, non-finite guard, one value per channel,
+    update in backward) cannot be expressed by it.
 
     Example:
         >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
@@ -251,11 +252,22 @@ def _apply_spec(module: nn.Module, layer: Layer, spec: BatchNormSpec | ScaledWSS
     assert isinstance(module, _BatchNorm)
     module.eps = spec.eps
     module.momentum = spec.momentum
-    if spec.running_var != "unbiased" or spec.update_on != "forward":
+    # What nn.BatchNorm*d always does: unbiased feed, no guard (inf/NaN reach the running
+    # statistics), one value per channel refused, update in forward.
+    lost = []
+    if spec.running_var != "unbiased":
+        lost.append(f"running_var={spec.running_var!r}")
+    if spec.skip_nonfinite:
+        lost.append("skip_nonfinite=True")
+    if spec.allow_single_value:
+        lost.append("allow_single_value=True")
+    if spec.update_on != "forward":
+        lost.append(f"update_on={spec.update_on!r}")
+    if lost:
         warnings.warn(
             f"{layer.name!r}: nn.BatchNorm cannot express the source's training semantics "
-            f"(running_var={spec.running_var!r}, update_on={spec.update_on!r}); eval output "
-            "is unchanged, training differs. Use unorm.torch.convert() first.",
+            f"({', '.join(lost)}); eval output is unchanged, training differs. "
+            "Use unorm.torch.convert() first.",
             stacklevel=3,
         )
 

@@ -120,6 +120,12 @@ class SyncBatchNorm(BatchNorm):
         return dist.get_world_size(self.process_group) > 1
 
     def forward(self, x: Tensor) -> Tensor:
+        """Normalise ``x`` as :meth:`BatchNorm.forward` does, with batch statistics merged
+        across the process group's ranks when it has more than one (every rank must call).
+
+        Bad input raises ``ValueError`` before any state changes (the shape and dtype
+        checks before the collective, the global count check right after it).
+        """
         uses_batch = self.training or not self.track_running_stats
         if not uses_batch or not self._synchronised():
             return super().forward(x)

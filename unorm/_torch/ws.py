@@ -76,6 +76,8 @@ class _ScaledStd(nn.Module):
         return standardize_weight(self.weight, self.gain, self.ws)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Convolve ``x`` with :meth:`standardized_weight` (recomputed every call, so the
+        gradient reaches ``weight`` and ``gain``) and ``bias``."""
         out: Tensor = self._conv_forward(x, self.standardized_weight(), self.bias)  # type: ignore[operator]
         return out
 
