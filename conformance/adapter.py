@@ -61,6 +61,7 @@ from .expected import StepValues, WSValues
 
 __all__ = [
     "BACKENDS",
+    "FRAMEWORK_PACKAGES",
     "ROOT",
     "AGCArrays",
     "Adapter",
@@ -71,6 +72,7 @@ __all__ = [
     "WSConfig",
     "load_adapter",
     "load_adapter_module",
+    "missing_packages",
 ]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -264,10 +266,35 @@ class Adapter:
         raise Unsupported(f"{self.name} has no Scaled WS convolution")
 
 
+#: The packages each framework column needs installed, by ``Adapter.framework``: a column
+#: is unavailable only while one of these is missing (Keras runs on TensorFlow here).
+FRAMEWORK_PACKAGES: dict[str, tuple[str, ...]] = {
+    "numpy": ("numpy",),
+    "torch": ("torch",),
+    "keras": ("keras", "tensorflow"),
+    "mxnet": ("mxnet",),
+}
+
+
+def missing_packages(framework: str) -> list[str]:
+    """The packages of ``framework`` (:data:`FRAMEWORK_PACKAGES`) not installed here.
+
+    Example:
+        >>> missing_packages("numpy")
+        []
+    """
+    return [p for p in FRAMEWORK_PACKAGES[framework] if importlib.util.find_spec(p) is None]
+
+
 class UnormModule:
     """Mixin of the columns that run unorm's own layers: ``module()`` is
-    ``module_name`` (e.g. ``unorm.torch``), and the column is unavailable, not failing,
-    while that module cannot be imported."""
+    ``module_name`` (e.g. ``unorm.torch``).
+
+    The column is unavailable only while its framework is not installed. Once it is, a
+    unorm module that fails to import (a renamed symbol, a bad import) is a bug: the
+    ``ImportError`` propagates from :meth:`availability` instead of turning every case
+    into "unavailable", which would let the suite pass with no results for that column.
+    """
 
     module_name = ""
 
@@ -276,13 +303,18 @@ class UnormModule:
         return importlib.import_module(self.module_name)
 
     def availability(self) -> str | None:
+        """None when the column can run; why not while its framework is not installed.
+
+        Raises the unorm module's ``ImportError`` when the framework is installed.
+        """
         missing: str | None = super().availability()  # type: ignore[misc]
         if missing:
             return missing
-        try:
-            self.module()
-        except ImportError as exc:
-            return f"{self.module_name} is not importable yet ({exc})"
+        framework: str = getattr(self, "framework", "numpy")
+        absent = missing_packages(framework)
+        if absent:
+            return f"{', '.join(absent)} not installed here ({self.module_name} needs it)"
+        self.module()
         return None
 
 

@@ -166,7 +166,11 @@ class AGCParam:
 
 @dataclasses.dataclass(frozen=True)
 class AGCCase:
-    """AGC over a few named parameters; ``exclude`` names parameters left unclipped."""
+    """AGC over a few named parameters; ``exclude`` names parameters left unclipped.
+
+    With ``error`` the settings are invalid (``clipping <= 0``, ``eps < 0``, non-finite;
+    ``SPEC.md`` section 5, edge case 8) and every backend must raise ``ValueError``.
+    """
 
     name: str
     params: tuple[AGCParam, ...]
@@ -174,6 +178,7 @@ class AGCCase:
     clipping: float = 0.01
     eps: float = 1e-3
     exclude: tuple[str, ...] = ()
+    error: bool = False
     seed: int = -1
     kind: str = dataclasses.field(default="agc", init=False)
 
@@ -501,6 +506,17 @@ def _agc_cases() -> list[AGCCase]:
             ag(f"agc/dtype/{dtype}/conv", (_kernel("conv", "conv", (6, 3, 3, 3)),), dtype=dtype),
             ag(f"agc/dtype/{dtype}/dense", (_kernel("fc", "dense", (6, 5)),), dtype=dtype),
         ]
+    # Invalid settings must raise ValueError everywhere (SPEC.md section 5, edge case 8).
+    # A missing name in `exclude` is not among them: the Keras and MXNet APIs exclude
+    # variable objects, so an unknown name cannot reach them through their adapters.
+    fc = (_kernel("fc", "dense", (4, 3)),)
+    out += [
+        ag("agc/error/clipping-0", fc, clipping=0.0, error=True),
+        ag("agc/error/clipping-negative", fc, clipping=-0.01, error=True),
+        ag("agc/error/clipping-inf", fc, clipping=float("inf"), error=True),
+        ag("agc/error/eps-negative", fc, eps=-1e-3, error=True),
+        ag("agc/error/eps-nan", fc, eps=float("nan"), error=True),
+    ]
     return out
 
 
@@ -522,6 +538,9 @@ def _error_cases() -> list[ErrorCase]:
         ErrorCase("error/rank1", (3,), num_features=3),
         ErrorCase("error/wrong-features", (4, 5), num_features=3),
         ErrorCase("error/integer-input", (4, 3), num_features=3, dtype="int32"),
+        # The feature axis outside [-r, r) for the input's rank r (SPEC.md, error 3).
+        ErrorCase("error/axis-out-of-range", (4, 3), num_features=3, axis=2),
+        ErrorCase("error/axis-out-of-range-negative", (2, 3, 4, 4), num_features=3, axis=-5),
         ErrorCase("error/unknown-preset", (4, 3), num_features=3, preset="caffe"),
         ErrorCase("error/one-value-per-feature", (1, 3), num_features=3),
         ErrorCase("error/one-value-rank4", (1, 3, 1, 1), num_features=3),

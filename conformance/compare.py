@@ -13,6 +13,11 @@ Non-finite values must sit where the expected ones do. ``nonfinite="exact"`` als
 the same value (NaN for NaN, +inf for +inf: AGC must return them untouched);
 ``"mask"`` only requires non-finiteness (BatchNorm over a NaN batch may give inf or NaN).
 
+``exact`` marks elements that must come back bit for bit (value and sign of zero),
+whatever the tolerance: AGC returns the gradients it leaves alone unchanged (``SPEC.md``
+section 5), so an element whose expected value is its input gradient allows no error.
+An element off there scores infinity.
+
 Example:
     >>> import numpy as np
     >>> from conformance.tolerance import TABLE
@@ -69,8 +74,19 @@ def compare(
     dtype: str,
     tol: Tolerance,
     nonfinite: Literal["exact", "mask"] = "exact",
+    exact: np.ndarray | None = None,
 ) -> Comparison:
-    """Compare ``actual`` (any array-like) with ``expected`` under ``tol`` for ``dtype``."""
+    """Compare ``actual`` (any array-like) with ``expected`` under ``tol`` for ``dtype``;
+    ``exact``, a boolean mask of ``expected``'s shape, marks elements allowed no error.
+
+    Example:
+        >>> one_ulp = np.float32(1) + np.float32(2**-23)
+        >>> tol = Tolerance(rtol=1e-3, scaled_atol=0.0)
+        >>> compare("g", [one_ulp], [1.0], "float32", tol).ok
+        True
+        >>> compare("g", [one_ulp], [1.0], "float32", tol, exact=np.array([True])).note
+        '1 of 1 values that must come back unchanged differ'
+    """
     if actual is None:
         return _failed(quantity, "the backend returned nothing")
     a = np.asarray(actual, dtype=np.float64)
@@ -95,8 +111,19 @@ def compare(
         allowed = tol.rtol * np.abs(ef) + tol.scaled_atol * scale + tol.atol
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(diff == 0, 0.0, diff / allowed)
+    note = ""
+    if exact is not None:
+        strict = np.broadcast_to(np.asarray(exact, dtype=bool), e.shape)[fin_e]
+        # -0.0 == 0.0, so the sign bit is compared separately: bit for bit means both.
+        changed = strict & ((diff != 0) | (np.signbit(af) != np.signbit(ef)))
+        if changed.any():
+            ratio = np.where(changed, math.inf, ratio)
+            note = (
+                f"{int(changed.sum())} of {int(strict.sum())} values that must come back "
+                "unchanged differ"
+            )
     max_abs = float(diff.max())
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     ulps = max_abs / float(dtypes.ulp(scale, dtype))
     score = float(ratio.max())
-    return Comparison(quantity, bool(score <= 1.0), max_abs, max_rel, ulps, score)
+    return Comparison(quantity, bool(score <= 1.0), max_abs, max_rel, ulps, score, note)

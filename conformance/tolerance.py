@@ -8,7 +8,9 @@ with ``(rtol, scaled_atol)`` from :data:`TABLE` (``scaled_atol`` is relative to 
 quantity's largest magnitude, because the rounding errors of reductions grow with it, not
 with each element; ``atol``, an absolute floor, is 0 there). A tolerance with ``max_ulps``
 instead requires every element to be within that many units in the last place of its
-expected value.
+expected value. Whatever the tolerance, AGC values whose expected value is the input
+gradient itself (units left unclipped, excluded parameters) must match bit for bit
+(``exact`` in :func:`conformance.compare.compare`).
 
 Overrides are looked up by case name (shell-style patterns); every override carries the
 reason it exists, and a pattern that matches no case is an error (tested).
@@ -118,10 +120,12 @@ OVERRIDES: tuple[Override, ...] = (
             "float32": Tolerance(rtol=0.0, scaled_atol=0.0, max_ulps=1.0),
             "float64": Tolerance(rtol=0.0, scaled_atol=0.0, max_ulps=1.0),
         },
-        "A unit exactly at the threshold must come back unchanged and units just above it "
-        "are clipped by a factor within 2^-18 of 1; a backend computing the norm in the "
-        "gradient's dtype may round a norm to either side, which changes a value by at "
-        "most one ulp. Anything larger is a wrong threshold or a wrong unit axis.",
+        "Units just above the threshold are clipped by a factor within 2^-18 of 1; a "
+        "backend computing the norm and the factor in the gradient's dtype may round them "
+        "to either side, which changes a clipped value by at most one ulp. Anything larger "
+        "is a wrong threshold or a wrong unit axis. Units at and under the threshold must "
+        "come back unchanged, compared bit for bit whatever this tolerance says "
+        "(execute.py: every AGC value whose expected value is its input gradient).",
     ),
 )
 

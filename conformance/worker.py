@@ -2,7 +2,9 @@
 
 The runner starts ``python -m conformance worker --backend NAME --out FILE`` with the
 backend environment's interpreter. The worker loads the adapter, runs the selected cases
-(every case of an unavailable backend is recorded as ``unavailable`` without running),
+(every case of an unavailable backend is recorded as ``unavailable`` without running,
+and every case of one whose adapter raises while checking its availability, such as a
+unorm module that fails to import, as ``error``),
 applies the backend's xfail file and writes a :class:`~conformance.results.BackendResults`
 file. With ``progress`` it prints ``@@progress DONE TOTAL STATUS CASE`` after each case
 for the runner's progress bar.
@@ -27,7 +29,7 @@ from .cases import all_cases, select
 from .execute import run_case
 from .results import BackendResults, Result
 
-__all__ = ["PROGRESS", "apply_xfail", "run_backend", "run_cases"]
+__all__ = ["PROGRESS", "apply_xfail", "availability", "run_backend", "run_cases"]
 
 #: Prefix of the progress lines a worker prints for the runner.
 PROGRESS = "@@progress"
@@ -48,6 +50,17 @@ def apply_xfail(result: Result, cause: str | None, source: str) -> Result:
     return result
 
 
+def availability(adapter: Adapter) -> tuple[str | None, str | None]:
+    """``(reason, error)``: why the backend is unavailable (None: it is available), and
+    what broke when checking raised instead (a unorm module that fails to import while
+    its framework is installed: every case is then an ``error``, never ``unavailable``).
+    """
+    try:
+        return adapter.availability(), None
+    except Exception as exc:  # reported on every case; the run goes on to the others
+        return None, f"{adapter.name} cannot load: {type(exc).__name__}: {exc}"[:300]
+
+
 def run_cases(
     adapter: Adapter, patterns: Sequence[str] | None = None, callback: Callback | None = None
 ) -> list[Result]:
@@ -55,12 +68,14 @@ def run_cases(
     names = [c.name for c in all_cases()]
     entries = xfail.load(adapter.name, names)
     cases = select(patterns)
-    reason = adapter.availability()
+    reason, broken = availability(adapter)
     results = []
     for i, case in enumerate(cases):
-        if reason is not None:
+        if reason is not None or broken is not None:
             dtype = getattr(case, "dtype", "float32")
-            result = Result(case.name, adapter.name, case.kind, dtype, "unavailable", reason)
+            status = "unavailable" if broken is None else "error"
+            detail = reason if broken is None else broken
+            result = Result(case.name, adapter.name, case.kind, dtype, status, detail or "")
         else:
             result = run_case(adapter, case)
             result = apply_xfail(
@@ -82,9 +97,9 @@ def run_backend(
     """Load backend ``name``'s adapter and run the selected cases (see the module doc)."""
     start = time.perf_counter()
     adapter = load_adapter(name)
-    reason = adapter.availability()
+    reason, broken = availability(adapter)
     versions = {"python": platform.python_version()}
-    versions.update(adapter.versions() if reason is None else {})
+    versions.update(adapter.versions() if reason is None and broken is None else {})
     results = run_cases(adapter, patterns, _print_progress if progress else None)
     return BackendResults(
         backend=name,

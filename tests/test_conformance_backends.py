@@ -1,27 +1,41 @@
 """The conformance cases in-process, on every column whose framework this environment
 runs (``./dev main`` runs them in worker subprocesses, one per backend and environment).
 
-Cross-replica cases are left to the runner: they start helper processes per replica
-(seconds each) and each backend's own tests cover its distributed engine.
+Cross-replica cases start helper processes per replica (4-11 s per case for torch on two
+cores, 62-70 s for all seven; keras about 40 s), so only a representative pair runs here,
+on the torch column (:data:`TORCH_SYNC`); ``./dev main`` runs all of them on every column
+and ``tests/test_keras_sync.py`` covers the Keras engine.
 """
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 
+from conformance import adapter as adapter_module
 from conformance import dtypes
-from conformance.adapter import load_adapter
+from conformance.adapter import Adapter, UnormModule, load_adapter
 from conformance.worker import run_cases
 
 IN_PROCESS = ["bn/*", "agc/*", "error/*", "ws/*"]
 
+#: Cross-replica cases run here on the torch column (in declaration order): replicas
+#: holding one value each (1, 1, 1), whose statistics exist only once merged, and
+#: channels-last over uneven shards with an empty replica (3, 0, 5); both float32. The
+#: other five would cost about 45 s more and repeat these paths (even and uneven shards,
+#: float64).
+TORCH_SYNC = ["sync/one-value-replicas", "sync/axis-last"]
+
 
 def _run(backend: str) -> None:
     adapter = load_adapter(backend)
+    # Unavailable only while the framework is not installed; a unorm module that fails
+    # to import raises here and errors the test.
     reason = adapter.availability()
     if reason is not None and not adapter.native:
-        pytest.skip(reason)  # the unorm backend has not landed here yet
+        pytest.skip(reason)
     assert reason is None, reason
     results = run_cases(adapter, IN_PROCESS)
     assert [r.message() for r in results if r.failed] == []
@@ -55,3 +69,59 @@ def test_torch_rounds_bfloat16_as_numpy_does() -> None:
     values = np.random.default_rng(0).normal(size=1000) * 10.0 ** np.arange(-5, 5).repeat(100)
     torch_rounded = load_adapter("torch-native").round_to(values, "bfloat16")
     np.testing.assert_array_equal(torch_rounded, dtypes.round_bfloat16(values.astype(np.float32)))
+
+
+@pytest.mark.torch
+def test_torch_sync_cases() -> None:
+    results = run_cases(load_adapter("torch"), TORCH_SYNC)
+    assert [(r.case, r.status) for r in results] == [(c, "pass") for c in TORCH_SYNC], [
+        r.message() for r in results
+    ]
+    assert all(r.score is not None and r.score <= 1.0 for r in results)
+
+
+class _Column(UnormModule, Adapter):
+    """A unorm column whose framework is NumPy (always installed) and whose unorm module
+    does not import, as a renamed symbol or a bad import in ``unorm.torch`` would not."""
+
+    name = "broken-column"
+    framework = "numpy"
+    module_name = "unorm._no_such_backend_module"
+
+
+def test_a_column_whose_unorm_module_fails_to_import_errors() -> None:
+    column = _Column()
+    with pytest.raises(ImportError, match=r"unorm\._no_such_backend_module"):
+        column.availability()
+    results = run_cases(column, ["bn/rank2", "agc/rank1"])
+    assert [(r.case, r.status) for r in results] == [("bn/rank2", "error"), ("agc/rank1", "error")]
+    assert all("cannot load: ModuleNotFoundError" in r.detail for r in results)
+    assert all(r.failed for r in results)
+
+
+def test_a_column_whose_framework_is_not_installed_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(
+        adapter_module.FRAMEWORK_PACKAGES, "numpy", ("numpy", "no_such_framework_package")
+    )
+    column = _Column()
+    assert column.availability() == (
+        "no_such_framework_package not installed here (unorm._no_such_backend_module needs it)"
+    )
+    results = run_cases(column, ["bn/rank2"])
+    assert [(r.status, r.failed) for r in results] == [("unavailable", False)]
+
+
+@pytest.mark.torch
+def test_torch_column_with_an_unimportable_unorm_torch_errors(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # None in sys.modules makes `import unorm.torch` raise ImportError while torch itself
+    # imports: the column must error, not report itself unavailable.
+    monkeypatch.setitem(sys.modules, "unorm.torch", None)
+    column = load_adapter("torch")
+    with pytest.raises(ImportError, match=r"unorm\.torch"):
+        column.availability()
+    (result,) = run_cases(column, ["agc/rank1"])
+    assert result.status == "error" and "unorm.torch" in result.detail

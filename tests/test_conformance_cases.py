@@ -105,6 +105,24 @@ def test_sync_and_error_coverage() -> None:
     errors = {c.name for c in CASES if isinstance(c, ErrorCase)}
     assert {"error/rank1", "error/wrong-features", "error/integer-input"} <= errors
     assert {"error/unknown-preset", "error/one-value-per-feature"} <= errors
+    # SPEC.md's BatchNorm error 3: the feature axis outside [-r, r), on both sides.
+    axes = {(c.axis, len(c.shape)) for c in CASES if isinstance(c, ErrorCase)}
+    assert (2, 2) in axes and (-5, 4) in axes
+
+
+def test_agc_error_cases_cover_every_invalid_setting() -> None:
+    bad = {c.name: c for c in CASES if isinstance(c, AGCCase) and c.error}
+    assert all(name.startswith("agc/error/") for name in bad)
+    clippings = {c.clipping for c in bad.values()}
+    assert 0.0 in clippings and any(v < 0 for v in clippings)
+    assert any(v == np.inf for v in clippings)
+    epss = [c.eps for c in bad.values()]
+    assert any(v < 0 for v in epss) and any(np.isnan(v) for v in epss)
+    # Each case has exactly one invalid setting, so the error it raises is that one's.
+    for case in bad.values():
+        clipping_bad = not (np.isfinite(case.clipping) and case.clipping > 0)
+        eps_bad = not (np.isfinite(case.eps) and case.eps >= 0)
+        assert clipping_bad != eps_bad, case.name
 
 
 def test_ws_coverage() -> None:

@@ -94,6 +94,64 @@ def test_a_broken_backend_fails_loudly(adapter, patterns: list[str], quantity: s
         assert "max abs err" in message and r.max_abs is not None and r.max_abs > 0
 
 
+class _NudgesUnclipped(_reference.ReferenceAdapter):
+    """Returns every gradient AGC leaves alone one ulp off: within every float tolerance,
+    but not the "unchanged, bit for bit" that SPEC.md section 5 asks for."""
+
+    name = "broken-unchanged"
+
+    def agc(self, params, *, clipping, eps, exclude):  # type: ignore[no-untyped-def]
+        out = super().agc(params, clipping=clipping, eps=eps, exclude=exclude)
+        for p in params:
+            kept = out[p.name] == p.grad
+            out[p.name] = np.where(kept, np.nextafter(out[p.name], np.inf), out[p.name])
+        return out
+
+
+class _AcceptsBadAGCSettings(_reference.ReferenceAdapter):
+    """Clips with the defaults when given invalid settings instead of raising."""
+
+    name = "broken-agc-settings"
+
+    def agc(self, params, *, clipping, eps, exclude):  # type: ignore[no-untyped-def]
+        try:
+            return super().agc(params, clipping=clipping, eps=eps, exclude=exclude)
+        except ValueError:
+            return super().agc(params, clipping=0.01, eps=1e-3, exclude=exclude)
+
+
+def test_a_backend_accepting_invalid_agc_settings_fails() -> None:
+    results = run_cases(_AcceptsBadAGCSettings(), ["agc/error/*"])
+    assert len(results) == 5
+    for r in results:
+        assert r.status == "fail" and r.detail.startswith("no error raised (clipping="), r
+    # The same cases pass where the settings are checked.
+    assert {r.status for r in run_cases(load_adapter("reference"), ["agc/error/*"])} == {"pass"}
+
+
+@pytest.mark.parametrize(
+    ("case", "quantity", "unchanged"),
+    [
+        # fc.weight (3, 4) is excluded: its 12 values come back as given.
+        ("agc/exclude-classifier", "fc.weight", 12),
+        # Four units of two values: at, just above, just under and far above the threshold;
+        # the unit at it and the one under it (4 values) are left alone.
+        ("agc/threshold", "fc.weight", 4),
+        ("agc/threshold/float64", "fc.weight", 4),
+    ],
+)
+def test_gradients_left_alone_must_be_unchanged_bit_for_bit(
+    case: str, quantity: str, unchanged: int
+) -> None:
+    (result,) = run_cases(_NudgesUnclipped(), [case])
+    assert result.status == "fail"
+    assert f"{quantity}: max abs err" in result.detail
+    assert f"{unchanged} of {unchanged} values that must come back unchanged differ" in (
+        result.detail
+    )
+    assert result.score == np.inf
+
+
 @pytest.mark.parametrize("layout", [layouts.TORCH, layouts.MXNET, layouts.KERAS], ids=str)
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_layouts_agree_with_the_spec_table(layout: layouts.Layout, kind: str) -> None:
@@ -101,6 +159,8 @@ def test_layouts_agree_with_the_spec_table(layout: layouts.Layout, kind: str) ->
     # logical layout and transforming: otherwise a correct backend would be failed.
     for case in select(["agc/*"]):
         assert isinstance(case, AGCCase)
+        if case.error:
+            continue  # invalid settings: nothing is clipped
         inputs = agc_inputs(case)
         for p in case.params:
             if p.kind != kind or not p.shape:

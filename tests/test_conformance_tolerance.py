@@ -99,3 +99,18 @@ def test_missing_or_misshapen_results_fail() -> None:
     assert not c.ok and math.isinf(c.score) and "returned nothing" in c.note
     c = compare("y", np.ones(3), np.ones(2), "float32", TABLE["float32"])
     assert not c.ok and "shape (3,)" in c.note
+
+
+def test_exact_elements_allow_no_error_whatever_the_tolerance() -> None:
+    want = np.array([1.5, 0.0, 3.0])
+    exact = np.array([True, True, False])
+    one_ulp_up = float(np.nextafter(np.float32(1.5), np.float32(2)))
+    assert compare("g", want.copy(), want, "float32", TABLE["float32"], exact=exact).ok
+    # One float32 ulp on an exact element fails; the same 1e-7 on the other one passes.
+    off = compare("g", [one_ulp_up, 0.0, 3.0], want, "float32", TABLE["float32"], exact=exact)
+    assert not off.ok and math.isinf(off.score)
+    assert off.note == "1 of 2 values that must come back unchanged differ"
+    assert compare("g", [1.5, 0.0, 3.0 + 1e-7], want, "float32", TABLE["float32"], exact=exact).ok
+    # Bit for bit includes the sign of zero.
+    signed = compare("g", [1.5, -0.0, 3.0], want, "float32", TABLE["float32"], exact=exact)
+    assert not signed.ok and signed.max_abs == 0.0

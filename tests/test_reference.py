@@ -220,6 +220,89 @@ def test_bad_input_is_named(x: np.ndarray, kwargs: dict[str, int], message: str)
         ref.check_input(x, kwargs.get("axis", 1), kwargs.get("num_features"))
 
 
+_X43 = np.arange(12.0).reshape(4, 3)  # C = 3 on axis 1
+_ONES3 = np.ones(3)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda dy: ref.batch_norm_backward(dy, _X43, _ONES3),
+        lambda dy: ref.batch_norm_inference_backward(dy, _X43, _ONES3, _ONES3, _ONES3),
+    ],
+    ids=["training", "inference"],
+)
+@pytest.mark.parametrize("dy_shape", [(1, 3), (4, 1), (3,), (4, 3, 1)])
+def test_backward_rejects_a_dy_of_another_shape(call, dy_shape: tuple[int, ...]) -> None:
+    # (1, 3) and (4, 1) broadcast against x: without the check dx would come back (1, 3)
+    # with dgamma summed over one row.
+    with pytest.raises(ValueError, match=r"dy must have the input's shape \(4, 3\), got"):
+        call(np.ones(dy_shape))
+
+
+_BAD_PER_FEATURE = [np.ones(1), np.ones(4), np.ones((3, 1)), 1.0]
+
+
+@pytest.mark.parametrize("bad", _BAD_PER_FEATURE, ids=["(1,)", "(4,)", "(3,1)", "scalar"])
+@pytest.mark.parametrize(
+    ("name", "call"),
+    [
+        ("running_mean", lambda v: ref.batch_norm_inference(_X43, v, _ONES3)),
+        ("running_var", lambda v: ref.batch_norm_inference(_X43, _ONES3, v)),
+        ("gamma", lambda v: ref.batch_norm_inference(_X43, _ONES3, _ONES3, v)),
+        ("beta", lambda v: ref.batch_norm_inference(_X43, _ONES3, _ONES3, None, v)),
+        ("gamma", lambda v: ref.batch_norm_train(_X43, v)),
+        ("beta", lambda v: ref.batch_norm_train(_X43, None, v)),
+        ("gamma", lambda v: ref.batch_norm_backward(_X43, _X43, v)),
+        (
+            "running_mean",
+            lambda v: ref.batch_norm_inference_backward(_X43, _X43, v, _ONES3),
+        ),
+        (
+            "running_var",
+            lambda v: ref.batch_norm_inference_backward(_X43, _X43, _ONES3, v),
+        ),
+        (
+            "gamma",
+            lambda v: ref.batch_norm_inference_backward(_X43, _X43, _ONES3, _ONES3, v),
+        ),
+    ],
+)
+def test_per_feature_arrays_must_have_one_value_per_feature(name: str, call, bad) -> None:
+    # A length-1 array would broadcast over all 3 features and give wrong numbers silently.
+    with pytest.raises(ValueError, match=rf"^{name} must have shape \(3,\), .* got shape"):
+        call(bad)
+
+
+def test_channels_last_per_feature_check_uses_the_feature_axis() -> None:
+    x = np.arange(24.0).reshape(2, 3, 4)  # C = 4 on axis -1, 3 on axis 1
+    y = ref.batch_norm_inference(x, np.zeros(4), np.full(4, 4.0), axis=-1, eps=0.0)
+    np.testing.assert_allclose(y, x / 2.0)
+    with pytest.raises(ValueError, match=r"running_mean must have shape \(4,\)"):
+        ref.batch_norm_inference(x, np.zeros(3), np.ones(4), axis=-1)
+
+
+def test_statistics_given_for_another_feature_count_are_rejected() -> None:
+    stats = ref.batch_stats(np.ones((4, 1)), axis=1)
+    with pytest.raises(ValueError, match=r"stats.mean must have shape \(3,\)"):
+        ref.batch_norm_train(_X43, stats=stats)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"clipping": 0.0}, "clipping must be a finite number > 0, got 0.0"),
+        ({"eps": -1.0}, "eps must be a finite number >= 0, got -1.0"),
+    ],
+)
+def test_agc_settings_are_checked_even_when_every_parameter_is_excluded(
+    kwargs: dict[str, float], message: str
+) -> None:
+    grads = {"fc.weight": np.ones((2, 2))}
+    with pytest.raises(ValueError, match=message):
+        ref.agc_clip_all(grads, grads, {"fc.weight": 0}, exclude=["fc.weight"], **kwargs)
+
+
 def test_inference_without_state_is_an_error() -> None:
     with pytest.raises(ValueError, match="needs running statistics"):
         ref.batch_norm_step(np.ones((2, 2)), None, BatchNormSpec(), training=False)

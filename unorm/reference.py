@@ -104,6 +104,29 @@ def _broadcast(v: F64, ndim: int, axis: int) -> F64:
     return v.reshape(shape)
 
 
+def _per_feature(v: ArrayLike, name: str, arr: np.ndarray, ax: int) -> F64:
+    """``v`` as float64 after checking it has shape ``(C,)`` for ``arr``'s feature axis.
+
+    NumPy would broadcast a length-1 (or scalar) array over every feature and silently
+    return the wrong numbers for a layer with more than one feature, so only ``(C,)`` is
+    accepted.
+    """
+    out = _f64(v)
+    channels = arr.shape[ax]
+    if out.shape != (channels,):
+        raise ValueError(
+            f"{name} must have shape ({channels},), one value per feature on axis {ax} of an "
+            f"input of shape {arr.shape}, got shape {out.shape}"
+        )
+    return out
+
+
+def _check_stats(stats: BatchStats, arr: np.ndarray, ax: int) -> BatchStats:
+    _per_feature(stats.mean, "stats.mean", arr, ax)
+    _per_feature(stats.m2, "stats.m2", arr, ax)
+    return stats
+
+
 def check_input(x: ArrayLike, axis: int, num_features: int | None = None) -> tuple[np.ndarray, int]:
     """Validate a BatchNorm input and return it with its normalised feature axis.
 
@@ -195,10 +218,19 @@ def _check_trainable_count(count: int, allow_single_value: bool) -> None:
 def _affine(xhat: F64, gamma: ArrayLike | None, beta: ArrayLike | None, ax: int) -> F64:
     y = xhat
     if gamma is not None:
-        y = y * _broadcast(_f64(gamma), xhat.ndim, ax)
+        y = y * _broadcast(_per_feature(gamma, "gamma", xhat, ax), xhat.ndim, ax)
     if beta is not None:
-        y = y + _broadcast(_f64(beta), xhat.ndim, ax)
+        y = y + _broadcast(_per_feature(beta, "beta", xhat, ax), xhat.ndim, ax)
     return y
+
+
+def _check_dy(dy: ArrayLike, data: F64) -> F64:
+    # A dy that merely broadcasts against x would give a dx of the wrong shape and sums
+    # over the wrong number of values, so the shapes must be equal.
+    grad = _f64(dy)
+    if grad.shape != data.shape:
+        raise ValueError(f"dy must have the input's shape {data.shape}, got {grad.shape}")
+    return grad
 
 
 def _out(y: F64, dtype: DTypeLike) -> np.ndarray:
@@ -221,7 +253,8 @@ def batch_norm_train(
     ``y = gamma * (x - mean) / sqrt(var_biased + eps) + beta`` per feature. ``gamma`` or
     ``beta`` None means 1 or 0 (``scale``/``center`` off). ``stats`` replaces the batch's
     statistics (cross-replica BN passes the merged ones). Returns ``y`` in ``out_dtype``
-    (default: ``x``'s dtype) and the statistics used.
+    (default: ``x``'s dtype) and the statistics used. ``gamma``, ``beta`` and the
+    statistics must have shape ``(C,)`` (``ValueError`` otherwise).
 
     Example:
         >>> y, s = batch_norm_train(np.array([[0.0], [2.0]]), eps=0.0)
@@ -229,7 +262,7 @@ def batch_norm_train(
         ([-1.0, 1.0], [1.0])
     """
     arr, ax = check_input(x, axis)
-    used = batch_stats(arr, ax) if stats is None else stats
+    used = batch_stats(arr, ax) if stats is None else _check_stats(stats, arr, ax)
     _check_trainable_count(used.count, allow_single_value)
     data = arr.astype(np.float64)
     inv_std = 1.0 / np.sqrt(used.var() + eps)
@@ -251,18 +284,19 @@ def batch_norm_inference(
 ) -> np.ndarray:
     """Inference-mode BatchNorm with running statistics.
 
-    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``.
+    ``y = gamma * (x - running_mean) / sqrt(running_var + eps) + beta``. The running
+    statistics, ``gamma`` and ``beta`` must have shape ``(C,)`` (``ValueError`` otherwise).
 
     Example:
         >>> batch_norm_inference(np.array([[3.0]]), [1.0], [4.0], eps=0.0).tolist()
         [[1.0]]
     """
     arr, ax = check_input(x, axis)
+    mean = _per_feature(running_mean, "running_mean", arr, ax)
+    var = _per_feature(running_var, "running_var", arr, ax)
     data = arr.astype(np.float64)
-    inv_std = 1.0 / np.sqrt(_f64(running_var) + eps)
-    xhat = (data - _broadcast(_f64(running_mean), data.ndim, ax)) * _broadcast(
-        inv_std, data.ndim, ax
-    )
+    inv_std = 1.0 / np.sqrt(var + eps)
+    xhat = (data - _broadcast(mean, data.ndim, ax)) * _broadcast(inv_std, data.ndim, ax)
     y = _affine(xhat, gamma, beta, ax)
     return _out(y, arr.dtype if out_dtype is None else out_dtype)
 
@@ -294,7 +328,8 @@ def batch_norm_backward(
     ``scale`` is off (``dgamma`` is None); ``center=False`` makes ``dbeta`` None. ``stats``
     are the (merged) statistics the forward pass used; for cross-replica BN pass the
     merged ones and sum ``sum dy`` / ``sum dy * xhat`` over replicas (:func:`batch_norm_backward`
-    on the concatenated batch gives the same numbers).
+    on the concatenated batch gives the same numbers). ``dy`` must have ``x``'s shape and
+    ``gamma`` shape ``(C,)`` (``ValueError`` otherwise).
 
     Example:
         >>> g = batch_norm_backward(np.ones((2, 1)), np.array([[0.0], [2.0]]))
@@ -302,19 +337,18 @@ def batch_norm_backward(
         ([0.0, 0.0], [2.0])
     """
     arr, ax = check_input(x, axis)
-    used = batch_stats(arr, ax) if stats is None else stats
+    used = batch_stats(arr, ax) if stats is None else _check_stats(stats, arr, ax)
     _check_trainable_count(used.count, allow_single_value=True)
     data = arr.astype(np.float64)
-    grad = _f64(dy)
-    if grad.shape != data.shape:
-        raise ValueError(f"dy must have the input's shape {data.shape}, got {grad.shape}")
+    grad = _check_dy(dy, data)
+    g = None if gamma is None else _per_feature(gamma, "gamma", arr, ax)
     axes = _reduce_axes(data.ndim, ax)
     r = 1.0 / np.sqrt(used.var() + eps)
     xhat = (data - _broadcast(_f64(used.mean), data.ndim, ax)) * _broadcast(r, data.ndim, ax)
     sum_dy = grad.sum(axis=axes)
     sum_dy_xhat = (grad * xhat).sum(axis=axes)
     n = used.count
-    scale = r if gamma is None else r * _f64(gamma)
+    scale = r if g is None else r * g
     dx = _broadcast(scale, data.ndim, ax) * (
         grad
         - _broadcast(sum_dy / n, data.ndim, ax)
@@ -322,7 +356,7 @@ def batch_norm_backward(
     )
     return BatchNormGrads(
         _out(dx, arr.dtype if out_dtype is None else out_dtype),
-        None if gamma is None else sum_dy_xhat,
+        None if g is None else sum_dy_xhat,
         sum_dy if center else None,
     )
 
@@ -342,7 +376,8 @@ def batch_norm_inference_backward(
     """Vector-Jacobian product of inference-mode BatchNorm (running statistics are constants).
 
     ``dx = dy * gamma / sqrt(running_var + eps)``, ``dgamma = sum dy * xhat``,
-    ``dbeta = sum dy``.
+    ``dbeta = sum dy``. ``dy`` must have ``x``'s shape, the running statistics and
+    ``gamma`` shape ``(C,)`` (``ValueError`` otherwise).
 
     Example:
         >>> g = batch_norm_inference_backward(np.ones((1, 1)), [[5.0]], [1.0], [4.0], eps=0.0)
@@ -350,16 +385,19 @@ def batch_norm_inference_backward(
         ([[0.5]], None)
     """
     arr, ax = check_input(x, axis)
+    mean = _per_feature(running_mean, "running_mean", arr, ax)
+    var = _per_feature(running_var, "running_var", arr, ax)
+    g = None if gamma is None else _per_feature(gamma, "gamma", arr, ax)
     data = arr.astype(np.float64)
-    grad = _f64(dy)
+    grad = _check_dy(dy, data)
     axes = _reduce_axes(data.ndim, ax)
-    r = 1.0 / np.sqrt(_f64(running_var) + eps)
-    xhat = (data - _broadcast(_f64(running_mean), data.ndim, ax)) * _broadcast(r, data.ndim, ax)
-    scale = r if gamma is None else r * _f64(gamma)
+    r = 1.0 / np.sqrt(var + eps)
+    xhat = (data - _broadcast(mean, data.ndim, ax)) * _broadcast(r, data.ndim, ax)
+    scale = r if g is None else r * g
     dx = grad * _broadcast(scale, data.ndim, ax)
     return BatchNormGrads(
         _out(dx, arr.dtype if out_dtype is None else out_dtype),
-        None if gamma is None else (grad * xhat).sum(axis=axes),
+        None if g is None else (grad * xhat).sum(axis=axes),
         grad.sum(axis=axes) if center else None,
     )
 
@@ -544,6 +582,8 @@ def agc_clip_all(
         >>> out["w"].tolist()
         [[1e-05]]
     """
+    # Validated up front: with every parameter excluded, agc_clip would never see them.
+    AGCSpec(clipping=clipping, eps=eps)
     missing = [name for name in exclude if name not in grads]
     if missing:
         raise ValueError(f"exclude names parameters that do not exist: {missing}")
