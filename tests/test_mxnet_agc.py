@@ -90,6 +90,88 @@ def test_clip_grad_matches_reference_for_every_layer_kind() -> None:
         np.testing.assert_array_equal(net.collect_params()[name].grad().asnumpy(), grads[name])
 
 
+def test_grouped_conv_transpose_units_do_not_mix_groups() -> None:
+    # Weight (I, O/g, kh, kw) = (4, 3, 2, 2) with g = 2: output channel j of group k is
+    # w[2k:2k+2, j], i.e. [k, :, j] of the view (2, 2, 3, 2, 2) (SPEC.md section 5).
+    layer = gluon.nn.Conv2DTranspose(6, 2, in_channels=4, groups=2, prefix="t_")
+    layer.initialize(mx.init.Normal(0.5))
+    assert unit_axes_of(layer) == {"t_weight": (0, 2)}
+    w = layer.weight.data().asnumpy()
+    rng = np.random.default_rng(5)
+    # Gradient scales differ per group and output channel, over four decades.
+    scales = np.logspace(-3, 1, 6).reshape(2, 1, 3, 1, 1)
+    g = (rng.standard_normal((2, 2, 3, 2, 2)) * scales).reshape(w.shape).astype(np.float32)
+    layer.weight.grad()[:] = g
+    adaptive_clip_grad(layer, clipping=0.05)
+    view = (2, 2, 3, 2, 2)
+    expected = ref.agc_clip(g.reshape(view), w.reshape(view), (0, 2), clipping=0.05)
+    got = layer.weight.grad().asnumpy()
+    np.testing.assert_allclose(got, expected.reshape(w.shape), rtol=1e-6, atol=1e-9)
+    clipped = ~np.all(got.reshape(view) == g.reshape(view), axis=(1, 3, 4))
+    assert clipped.any() and not clipped.all()  # some of the six units clip, some do not
+    # Axis 1 alone (the ungrouped rule) mixes the groups and gives other numbers.
+    assert not np.allclose(got, ref.agc_clip(g, w, 1, clipping=0.05), rtol=1e-3)
+
+
+def _bad_last(kind: str) -> Any:
+    """Two Dense layers, then a parameter whose gradient AGC refuses (last in the dict)."""
+
+    class Counter(gluon.HybridBlock):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(prefix="cnt_")
+            self.c = self.params.get("c", shape=(4,), dtype="int32", init="zeros")
+
+        def hybrid_forward(self, F: Any, x: Any, c: Any) -> Any:
+            return x
+
+    net = gluon.nn.HybridSequential(prefix="b_")
+    with net.name_scope():
+        net.add(gluon.nn.Dense(4, in_units=3), gluon.nn.Dense(4, in_units=4))
+        net.add(Counter() if kind == "dtype" else gluon.nn.Embedding(5, 4, sparse_grad=True))
+    net.initialize(mx.init.Normal(1.0))
+    return net
+
+
+def _dense_grads(net: Any) -> dict[str, list[np.ndarray]]:
+    """The gradients, per device, of the Dense layers (the ones AGC would clip)."""
+    return {
+        n: [g.asnumpy() for g in p.list_grad()]
+        for n, p in net.collect_params().items()
+        if n.startswith("b_dense")
+    }
+
+
+@pytest.mark.parametrize("kind", ["dtype", "sparse"])
+@pytest.mark.parametrize("how", ["function", "step", "update"])
+def test_a_refused_late_gradient_leaves_the_earlier_ones_untouched(kind: str, how: str) -> None:
+    message = "floating-point dtype" if kind == "dtype" else "AGC needs dense gradients"
+    net = _bad_last(kind)
+    ctxs = [mx.cpu(0), mx.cpu(1)] if how == "step" else [mx.cpu(0)]
+    net.collect_params().reset_ctx(ctxs)
+    for i, ctx in enumerate(ctxs):  # large gradients, different per device: all would clip
+        for name, p in net.collect_params().items():
+            if name.startswith("b_dense"):
+                p.grad(ctx)[:] = 100.0 * (i + 1)
+    before = _dense_grads(net)
+    weights = {n: p.data(ctxs[0]).asnumpy() for n, p in net.collect_params().items()}
+    if how == "function":
+        with pytest.raises(ValueError, match=message):
+            adaptive_clip_grad(net, clipping=0.01)
+    else:
+        trainer = AGC(
+            gluon.Trainer(net.collect_params(), "sgd", update_on_kvstore=False), net, clipping=0.01
+        )
+        with pytest.raises(ValueError, match=message):
+            getattr(trainer, how)(2)
+    after = _dense_grads(net)
+    assert before.keys() == after.keys() and len(before) == 4  # both Dense weights and biases
+    for name, arrays in before.items():
+        for old, new in zip(arrays, after[name], strict=True):
+            np.testing.assert_array_equal(new, old, err_msg=name)  # not clipped, not reduced
+    for name, p in net.collect_params().items():
+        np.testing.assert_array_equal(p.data(ctxs[0]).asnumpy(), weights[name], err_msg=name)
+
+
 def test_units_under_the_threshold_and_non_finite_units_keep_their_bits() -> None:
     layer = gluon.nn.Dense(3, in_units=2, use_bias=False, prefix="d_")
     layer.initialize(mx.init.Constant(1.0))
@@ -115,8 +197,11 @@ def _copy_params(src: Any, dst: Any) -> None:
         q.set_data(p.data().copy())
 
 
+@pytest.mark.parametrize("how", ["step", "manual"])
 @pytest.mark.parametrize("loss_kind", ["sum", "mean"])
-def test_agc_step_equals_reference_step(loss_kind: str) -> None:
+def test_agc_step_equals_reference_step(loss_kind: str, how: str) -> None:
+    """``agc.step(n)`` and Gluon's manual ``allreduce_grads(); update(n)`` both take the
+    reference step: plain SGD on the clipped effective gradient."""
     rng = np.random.default_rng(1)
     x = rng.standard_normal((6, 4)).astype(np.float32) * 5
     target = rng.standard_normal((6, 3)).astype(np.float32)
@@ -151,20 +236,29 @@ def test_agc_step_equals_reference_step(loss_kind: str) -> None:
         per_sample = ((net(mx.nd.array(x)) - mx.nd.array(target)) ** 2).sum(axis=1)
         loss = per_sample.sum() if loss_kind == "sum" else per_sample.mean()
     loss.backward()
-    trainer.step(6 if loss_kind == "sum" else 1)
+    batch_size = 6 if loss_kind == "sum" else 1
+    if how == "step":
+        trainer.step(batch_size)
+    else:
+        trainer.allreduce_grads()
+        trainer.update(batch_size)
     for name, p in net.collect_params().items():
         np.testing.assert_allclose(
             p.data().asnumpy(), expected[name[len("r_") :]], rtol=1e-5, atol=1e-6, err_msg=name
         )
 
 
-def test_multi_device_agc_step_equals_one_device() -> None:
+def test_multi_device_agc_step_equals_one_device_and_the_reference() -> None:
     rng = np.random.default_rng(2)
     x = rng.standard_normal((7, 4)).astype(np.float32) * 5
     ctxs = [mx.cpu(0), mx.cpu(1)]
-    multi, single = _regression("m_"), _regression("s_")
+    multi, single, plain = _regression("m_"), _regression("s_"), _regression("u_")
     _copy_params(single, multi)
+    _copy_params(single, plain)
     multi.collect_params().reset_ctx(ctxs)
+    plain_trainer = gluon.Trainer(plain.collect_params(), "sgd", {"learning_rate": 0.1})
+    axes = {"dense0_weight": 0, "dense1_weight": 0}
+    clipped_units = 0
     trainers = [
         AGC(
             gluon.Trainer(
@@ -190,12 +284,40 @@ def test_multi_device_agc_step_equals_one_device() -> None:
         with autograd.record():
             loss = (single(mx.nd.array(x)) ** 2).sum()
         loss.backward()
+        # The reference step from the single-device gradient (effective: 1/7 of it).
+        names = [n[len("s_") :] for n in single.collect_params()]
+        params = list(single.collect_params().values())
+        effective = {n: p.grad().asnumpy() / 7 for n, p in zip(names, params, strict=True)}
+        weights = {n: p.data().asnumpy() for n, p in zip(names, params, strict=True)}
+        clipped = ref.agc_clip_all(effective, weights, axes, clipping=0.01)
+        clipped_units += sum(
+            int(np.any(clipped[n] != effective[n], axis=tuple(range(1, effective[n].ndim))).sum())
+            for n in names
+        )
+        expected = {n: weights[n] - 0.1 * clipped[n] for n in names}
         trainers[1].step(7)
+        with autograd.record():
+            loss = (plain(mx.nd.array(x)) ** 2).sum()
+        loss.backward()
+        plain_trainer.step(7)
+        for name, p in zip(names, multi.collect_params().values(), strict=True):
+            for ctx in ctxs:
+                np.testing.assert_allclose(
+                    p.data(ctx).asnumpy(), expected[name], rtol=1e-5, atol=1e-6, err_msg=name
+                )
+    assert clipped_units > 0
     for p, q in zip(multi.collect_params().values(), single.collect_params().values(), strict=True):
         for ctx in ctxs:
             np.testing.assert_allclose(
                 p.data(ctx).asnumpy(), q.data().asnumpy(), rtol=1e-5, atol=1e-6
             )
+    # Without AGC the same steps end elsewhere: the clipping did something.
+    assert any(
+        not np.allclose(p.data().asnumpy(), q.data().asnumpy(), rtol=1e-3)
+        for p, q in zip(
+            single.collect_params().values(), plain.collect_params().values(), strict=True
+        )
+    )
 
 
 def test_updating_on_the_kvstore_is_refused() -> None:
@@ -206,8 +328,26 @@ def test_updating_on_the_kvstore_is_refused() -> None:
     with autograd.record():
         losses = [net(mx.nd.ones((2, 4), ctx=c)).sum() for c in ctxs]
     autograd.backward(losses)
+    before = {n: [g.asnumpy() for g in p.list_grad()] for n, p in net.collect_params().items()}
     with pytest.raises(ValueError, match="update_on_kvstore=False"):
         trainer.step(4)
+    with pytest.raises(ValueError, match="update_on_kvstore=False"):
+        trainer.update(4)  # the manual form is refused too, before clipping anything
+    for name, p in net.collect_params().items():
+        for old, new in zip(before[name], p.list_grad(), strict=True):
+            np.testing.assert_array_equal(new.asnumpy(), old, err_msg=name)
+
+
+@pytest.mark.parametrize("batch_size", [0, -2, float("nan"), "4"])
+def test_bad_batch_size_raises_before_anything_changes(batch_size: Any) -> None:
+    net = _regression("z_")
+    net.collect_params()["z_dense0_weight"].grad()[:] = 100.0
+    before = net.collect_params()["z_dense0_weight"].grad().asnumpy()
+    trainer = AGC(gluon.Trainer(net.collect_params(), "sgd"), net)
+    for method in (trainer.step, trainer.update):
+        with pytest.raises(ValueError, match="batch_size must be a finite number > 0"):
+            method(batch_size)
+    np.testing.assert_array_equal(net.collect_params()["z_dense0_weight"].grad().asnumpy(), before)
 
 
 def _bilinear() -> Any:

@@ -421,9 +421,10 @@ def test_inference_backward_matches_reference() -> None:
     assert _running(layer).num_batches_tracked == 0
 
 
-def test_deferred_update_on_backward_outside_the_native_preset() -> None:
-    # preset="mxnet" with a cumulative average cannot run MXNet's kernel: unorm's operator
-    # then defers the update to the backward pass itself.
+def test_update_on_backward_with_a_cumulative_average() -> None:
+    # update_on="backward" (preset="mxnet") with momentum=None, which gluon.nn.BatchNorm
+    # cannot express: the operator (which every layer runs) defers the update to its
+    # backward pass and keeps the cumulative average of the batch statistics.
     rng = np.random.default_rng(9)
     x = rng.standard_normal((6, 2)).astype(np.float32)
     layer = BatchNorm(2, preset="mxnet", momentum=None)

@@ -28,6 +28,11 @@ pytestmark = pytest.mark.mxnet
 
 if runs_here("mxnet"):  # where MXNet is meant to run, a failing import is an error
     import mxnet as mx
+
+    # PyTorch is part of the environment that runs MXNet (backends/envs/legacy.txt), so
+    # the ports to and from it are tested there, never skipped. Not runs_here("torch"):
+    # ./dev lists only "mxnet" for that environment, which would skip them every time.
+    import torch
     from mxnet import autograd, gluon
 
     from unorm._mxnet.port import (
@@ -177,7 +182,6 @@ def test_a_mismatched_flatten_from_is_refused_given_an_example() -> None:
 
 
 def _torch_lenet(seed: int) -> Any:
-    torch = pytest.importorskip("torch")
     from unorm.models.torch import lenet_bn as torch_lenet
 
     torch.manual_seed(seed)
@@ -189,14 +193,11 @@ def _torch_lenet(seed: int) -> Any:
 
 
 def _torch_logits(net: Any, x: np.ndarray) -> np.ndarray:
-    import torch
-
     with torch.no_grad():
         return np.asarray(net.eval()(torch.from_numpy(x)).numpy())
 
 
 def test_torch_lenet_ports_to_gluon(tmp_path: Path) -> None:
-    torch = pytest.importorskip("torch")
     from unorm._torch.port import export_checkpoint as torch_export
 
     source = _torch_lenet(0)
@@ -210,7 +211,6 @@ def test_torch_lenet_ports_to_gluon(tmp_path: Path) -> None:
 
 
 def test_gluon_lenet_ports_to_torch(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     from unorm._torch.port import load_checkpoint as torch_load
 
     source = _trained(0)
@@ -289,8 +289,18 @@ def test_fixed_gamma_is_exported_as_ones_and_refused_when_it_is_not() -> None:
 def test_native_gluon_batchnorm_takes_eps_and_momentum_and_warns() -> None:
     source = _randomised(_ours(eps=1e-2, momentum=0.25), 3)
     dest = _native_net()
-    with pytest.warns(UserWarning, match=r"running_var='unbiased'.*skip_nonfinite=True"):
+    # The canonical layer differs from gluon.nn.BatchNorm in every training setting but
+    # momentum (a number here): each one is named.
+    lost = (
+        "running_var='unbiased', skip_nonfinite=True, allow_single_value=False, update_on='forward'"
+    )
+    with pytest.warns(UserWarning) as caught:
         load_checkpoint(dest, export_checkpoint(source))
+    assert [str(w.message) for w in caught if w.category is UserWarning] == [
+        f"'1': gluon.nn.BatchNorm cannot express the source's training semantics ({lost}); "
+        "eval output is unchanged, training differs. Use unorm.mxnet.convert(net, "
+        "preset=None) first."
+    ]
     assert dest[1]._kwargs["eps"] == 1e-2
     assert dest[1]._kwargs["momentum"] == pytest.approx(0.75)
     x = mx.nd.array(_batch(3, (5, 3)))
@@ -575,7 +585,6 @@ def test_no_warning_for_a_canonical_port() -> None:
 
 
 def test_scaled_ws_gain_and_settings_arrive_from_pytorch() -> None:
-    torch = pytest.importorskip("torch")
     from unorm.models.nf import SIGMOID_GAMMA
     from unorm.models.torch import lenet_nf
     from unorm.mxnet import ScaledStdConv2D

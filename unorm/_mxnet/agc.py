@@ -5,7 +5,10 @@ Per output unit ``i`` of a parameter ``W`` with effective gradient ``G``:
 ``G_i <- G_i * max_i / max(||G_i||, 1e-6)`` (SPEC.md section 5). The output-unit axes come
 from the layer owning the parameter (``unorm.spec.output_unit_axes("mxnet", kind, ndim)``):
 Dense ``(units, in)`` and Conv ``(O, I/g, *k)`` axis 0, Conv*DTranspose ``(I, O/g, *k)``
-axis 1, Embedding one unit per row; parameters of rank <= 1 are one unit.
+axis 1, Embedding one unit per row; parameters of rank <= 1 are one unit. A grouped
+transposed convolution (``groups = g > 1``) is clipped on the view ``(g, I/g, O/g, *k)``
+of its weight and gradient with unit axes ``(0, 2)``: axis 1 alone would gather the output
+channels ``j, j + O/g, ...`` of all groups into one unit.
 
 The *effective* gradient is what the optimizer consumes: ``Trainer.step(batch_size)``
 multiplies the stored gradient by ``rescale_grad = 1/batch_size`` (times the Trainer's own
@@ -44,6 +47,8 @@ def _blocks(block: Any) -> Iterator[Any]:
 
 
 def _layer_kind(block: Any) -> str | None:
+    """The SPEC.md layer kind of ``block`` (its weight's layout), or None: not a layer AGC
+    knows."""
     nn = gluon.nn
     if isinstance(block, (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose)):
         return "conv_transpose"
@@ -56,24 +61,50 @@ def _layer_kind(block: Any) -> str | None:
     return None
 
 
+def _groups(layer: Any, kind: str) -> int:
+    """The group count of a transposed convolution; 1 for every other layer."""
+    return int(layer._kwargs.get("num_group", 1)) if kind == "conv_transpose" else 1
+
+
+def _layer_units(block: Any) -> dict[str, tuple[UnitAxes, int]]:
+    """``(unit axes, groups)`` of every weight whose layer AGC knows, by parameter name;
+    ``groups > 1``: the axes are those of the view ``(g, I/g, O/g, *k)``."""
+    units: dict[str, tuple[UnitAxes, int]] = {}
+    for layer in _blocks(block):
+        kind = _layer_kind(layer)
+        if kind is None:
+            continue
+        weight, groups = layer.weight, _groups(layer, kind)
+        if groups > 1:
+            # (I, O/g, *k) viewed as (g, I/g, O/g, *k): output channel j of group k is
+            # [k, :, j], so the unit is indexed by axes 0 and 2 (SPEC.md section 5).
+            units[weight.name] = ((0, 2), groups)
+        else:
+            units[weight.name] = (output_unit_axes("mxnet", kind, len(weight.shape)), 1)
+    return units
+
+
 def unit_axes_of(block: Any) -> dict[str, UnitAxes]:
     """The output-unit axes of every weight whose layer AGC knows, by parameter name.
+
+    The axes come from the owning layer (SPEC.md section 5): Dense, Conv and Embedding
+    axis 0, Conv*DTranspose ``(I, O/g, *k)`` axis 1. A grouped transposed convolution
+    (``groups = g > 1``) reports ``(0, 2)``: axes of its weight *viewed* as
+    ``(g, I/g, O/g, *k)``, which :func:`adaptive_clip_grad` and :class:`AGC` apply when given
+    the Block. As ``unit_axes`` overrides they would apply to the weight itself, so pass the
+    Block, not its ParameterDict, for such layers. Biases (rank 1) are not listed: they are
+    one unit.
 
     Example:
         >>> from mxnet import gluon
         >>> net = gluon.nn.HybridSequential(prefix="net_")
         >>> with net.name_scope():
-        ...     net.add(gluon.nn.Conv2DTranspose(4, 3, in_channels=2), gluon.nn.Dense(3))
+        ...     net.add(gluon.nn.Conv2DTranspose(4, 3, in_channels=2), gluon.nn.Dense(3),
+        ...             gluon.nn.Conv2DTranspose(4, 3, in_channels=2, groups=2))
         >>> unit_axes_of(net)
-        {'net_conv0_weight': 1, 'net_dense0_weight': 0}
+        {'net_conv0_weight': 1, 'net_dense0_weight': 0, 'net_conv1_weight': (0, 2)}
     """
-    axes: dict[str, UnitAxes] = {}
-    for layer in _blocks(block):
-        kind = _layer_kind(layer)
-        if kind is not None:
-            weight = layer.weight
-            axes[weight.name] = output_unit_axes("mxnet", kind, len(weight.shape))
-    return axes
+    return {name: axes for name, (axes, _) in _layer_units(block).items()}
 
 
 def final_classifier(block: Any) -> Any:
@@ -98,13 +129,22 @@ def final_classifier(block: Any) -> Any:
 
 
 class _Target:
-    """One parameter to clip, with its unit axes (None: one unit)."""
+    """One parameter to clip, with its unit axes (None: one unit) and group count: with
+    ``groups > 1`` the axes are those of the view :meth:`view` gives."""
 
-    __slots__ = ("axes", "param")
+    __slots__ = ("axes", "groups", "param")
 
-    def __init__(self, param: Any, axes: UnitAxes) -> None:
+    def __init__(self, param: Any, axes: UnitAxes, groups: int = 1) -> None:
         self.param = param
         self.axes = axes
+        self.groups = groups
+
+    def view(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the weight and gradient are clipped in: ``(I, O/g, *k)`` becomes
+        ``(g, I/g, O/g, *k)``; any other parameter keeps ``shape``."""
+        if self.groups == 1:
+            return shape
+        return (self.groups, shape[0] // self.groups, *shape[1:])
 
 
 def _param_table(params: Any) -> tuple[dict[str, Any], Any]:
@@ -161,12 +201,18 @@ def _resolve(
         if name not in table:
             raise ValueError(f"unit_axes names parameters that do not exist: [{name!r}]")
         overrides[name] = axes
-    known = unit_axes_of(root) if root is not None else {}
+    known = _layer_units(root) if root is not None else {}
     targets = []
     for name, param in table.items():
         if name in skipped or param.grad_req == "null":
             continue
-        axes = overrides.get(name, known.get(name, _MISSING))
+        groups = 1
+        if name in overrides:
+            axes = overrides[name]  # an override names axes of the weight itself
+        elif name in known:
+            axes, groups = known[name]
+        else:
+            axes = _MISSING
         ndim = len(param.shape)
         if axes is _MISSING:
             if ndim > 1:
@@ -175,8 +221,9 @@ def _resolve(
                     "say which axis indexes its output units"
                 )
             axes = None
-        _check_axes(axes, ndim)
-        targets.append(_Target(param, axes))
+        target = _Target(param, axes, groups)
+        _check_axes(axes, len(target.view(tuple(param.shape))))
+        targets.append(target)
     return targets
 
 
@@ -191,20 +238,44 @@ def _check_axes(axes: UnitAxes, ndim: int) -> tuple[int, ...]:
     return tuple(normalised)
 
 
-def _clip(grad: Any, weight: Any, axes: UnitAxes, spec: AGCSpec, rescale: float) -> None:
-    """Clip one gradient array in place (see the module docstring)."""
-    dtype = np.dtype(grad.dtype)
-    if dtype.kind != "f":
-        raise ValueError(f"grad must have a floating-point dtype, got {dtype.name}")
-    if grad.stype != "default":
-        raise ValueError("AGC needs dense gradients; create the layer with sparse_grad=False")
+def _check_grads(targets: list[_Target]) -> None:
+    """Refuse gradients AGC cannot clip, for every target, before any is clipped."""
+    for target in targets:
+        name = target.param.name
+        for grad in target.param.list_grad():
+            dtype = np.dtype(grad.dtype)
+            if dtype.kind != "f":
+                raise ValueError(
+                    f"the gradient of {name!r} must have a floating-point dtype, got {dtype.name}"
+                )
+            if grad.stype != "default":
+                raise ValueError(
+                    f"AGC needs dense gradients, the gradient of {name!r} has storage type "
+                    f"{grad.stype!r}; create the layer with sparse_grad=False"
+                )
+            if target.groups > 1 and grad.shape[0] % target.groups:
+                raise ValueError(
+                    f"the weight of {name!r}, shape {grad.shape}, must have a first axis "
+                    f"divisible by its {target.groups} groups"
+                )
+
+
+def _clip(grad: Any, weight: Any, target: _Target, spec: AGCSpec, rescale: float) -> None:
+    """Clip one gradient array in place (see the module docstring); checked by
+    :func:`_check_grads` first."""
     if grad.size == 0:
         return
-    units = _check_axes(axes, grad.ndim)
-    reduce = tuple(i for i in range(grad.ndim) if i not in units)
+    dtype = np.dtype(grad.dtype)
+    view = target.view(tuple(grad.shape))
+    units = _check_axes(target.axes, len(view))
+    reduce = tuple(i for i in range(len(view)) if i not in units)
     work = np.float64 if dtype == np.float64 else np.float32  # norms in float32 or wider
     g = grad if dtype == work else grad.astype(work)
     w = weight if np.dtype(weight.dtype) == work else weight.astype(work)
+    if view != tuple(grad.shape):
+        # A grouped transposed convolution: reshape is a view of a default-layout array
+        # (parameter gradients are), so writing into it writes the gradient itself.
+        g, w = g.reshape(view), w.reshape(view)
     if reduce:
         g_norm = mx.nd.norm(g, ord=2, axis=reduce, keepdims=True)
         w_norm = mx.nd.norm(w, ord=2, axis=reduce, keepdims=True)
@@ -218,24 +289,27 @@ def _clip(grad: Any, weight: Any, axes: UnitAxes, spec: AGCSpec, rescale: float)
     # Units left alone are multiplied by exactly 1.0, which keeps their bits.
     scale = mx.nd.where(clip, factor, mx.nd.ones_like(factor))
     if dtype == work:
-        mx.nd.broadcast_mul(grad, scale, out=grad)
+        mx.nd.broadcast_mul(g, scale, out=g)  # g is the gradient, in the view's shape
     else:
-        grad[:] = mx.nd.broadcast_mul(g, scale).astype(dtype)
+        grad[:] = mx.nd.broadcast_mul(g, scale).astype(dtype).reshape(grad.shape)
 
 
-def _check_rescale(rescale_grad: object) -> float:
-    if isinstance(rescale_grad, bool) or not isinstance(rescale_grad, numbers.Real):
-        raise ValueError(f"rescale_grad must be a finite number > 0, got {rescale_grad!r}")
-    value = float(rescale_grad)
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"rescale_grad must be a finite number > 0, got {rescale_grad!r}")
-    return value
+def _check_positive(value: object, name: str) -> float:
+    """``value`` as a float, or a ValueError naming ``name`` unless finite and > 0."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return number
 
 
 def _clip_targets(targets: list[_Target], spec: AGCSpec, rescale: float) -> None:
+    """Clip every target's gradient on every device; :func:`_check_grads` ran before, so
+    nothing here refuses a gradient after others were clipped."""
     for target in targets:
         for grad, weight in zip(target.param.list_grad(), target.param.list_data(), strict=True):
-            _clip(grad, weight, target.axes, spec, rescale)
+            _clip(grad, weight, target, spec, rescale)
 
 
 def adaptive_clip_grad(
@@ -258,7 +332,9 @@ def adaptive_clip_grad(
     stored gradient by; norms are those of ``rescale_grad * grad``. Call it between
     ``trainer.allreduce_grads()`` and ``trainer.update(batch_size)`` with
     ``rescale_grad=1/batch_size``, or let :class:`AGC` do it. Parameters with
-    ``grad_req='null'`` are skipped; non-finite unit gradients are left as they are.
+    ``grad_req='null'`` are skipped; non-finite unit gradients are left as they are. Bad
+    arguments and gradients AGC cannot clip (integer dtype, sparse storage) raise
+    ``ValueError`` before any gradient changes.
 
     Example:
         >>> import mxnet as mx
@@ -275,8 +351,10 @@ def adaptive_clip_grad(
         [[0.00849, 0.01131]]
     """
     spec = AGCSpec(clipping=clipping, eps=eps)
-    rescale = _check_rescale(rescale_grad)
-    _clip_targets(_resolve(params, exclude, unit_axes), spec, rescale)
+    rescale = _check_positive(rescale_grad, "rescale_grad")
+    targets = _resolve(params, exclude, unit_axes)
+    _check_grads(targets)
+    _clip_targets(targets, spec, rescale)
 
 
 class AGC:
@@ -288,10 +366,14 @@ class AGC:
     ``trainer.step(batch_size)`` does, with AGC in between: all-reduce the gradients across
     devices, clip ``rescale_grad * grad`` with ``rescale_grad = trainer scale /
     batch_size``, then update. Every device holds the same reduced gradient and clips it
-    the same way. With several devices, create the Trainer with ``update_on_kvstore=False``
-    (otherwise the kvstore updates the weights during the all-reduce, before any clipping).
-    Other attributes (``learning_rate``, ``set_learning_rate``, ``save_states``...) are the
-    trainer's.
+    the same way. Gluon's manual form ``agc.allreduce_grads(); agc.update(batch_size)``
+    clips too: ``update`` clips the (already all-reduced) effective gradient with the same
+    rescale, then updates. With several devices, create the Trainer with
+    ``update_on_kvstore=False`` (otherwise the kvstore updates the weights during the
+    all-reduce, before any clipping); ``step`` and ``update`` refuse it with a
+    ``ValueError``, as they refuse a bad ``batch_size`` or a gradient AGC cannot clip,
+    before any gradient or weight changes. Other attributes (``learning_rate``,
+    ``set_learning_rate``, ``allreduce_grads``, ``save_states``...) are the trainer's.
 
     Example:
         >>> from mxnet import gluon
@@ -316,9 +398,32 @@ class AGC:
         self.spec = AGCSpec(clipping=clipping, eps=eps)
         self._targets = _resolve(params, exclude, unit_axes)
 
+    def _prepare(self, batch_size: float) -> float:
+        """Every check of a step, before anything changes; returns the rescale factor
+        ``trainer scale / batch_size`` the optimizer will apply."""
+        batch = _check_positive(batch_size, "batch_size")
+        scale = getattr(self.trainer, "_scale", 1.0)
+        rescale = _check_positive(scale / batch, "the trainer's scale / batch_size")
+        trainer = self.trainer
+        if hasattr(trainer, "_kv_initialized") and not trainer._kv_initialized:
+            # Gluon settles update_on_kvstore when it creates the kvstore (no gradient or
+            # weight changes); settle it now to refuse it before clipping anything.
+            trainer._init_kvstore()
+        if getattr(trainer, "_kvstore", None) and getattr(trainer, "_update_on_kvstore", False):
+            raise ValueError(
+                "AGC clips between the all-reduce and the update: create the gluon.Trainer "
+                "with update_on_kvstore=False"
+            )
+        _check_grads(self._targets)
+        return rescale
+
     def step(self, batch_size: float, ignore_stale_grad: bool = False) -> None:
-        """All-reduce, clip the effective gradients, update: ``trainer.step`` with AGC."""
-        rescale = _check_rescale(getattr(self.trainer, "_scale", 1.0) / _check_rescale(batch_size))
+        """All-reduce, clip the effective gradients, update: ``trainer.step`` with AGC.
+
+        ``batch_size`` as in ``gluon.Trainer.step``: the optimizer multiplies the gradient
+        by ``trainer scale / batch_size``, and AGC clips that effective gradient.
+        """
+        rescale = self._prepare(batch_size)
         try:
             self.trainer.allreduce_grads()
         except AssertionError as err:  # Gluon's message for update_on_kvstore=True
@@ -326,6 +431,19 @@ class AGC:
                 "AGC clips between the all-reduce and the update: create the gluon.Trainer "
                 "with update_on_kvstore=False"
             ) from err
+        _clip_targets(self._targets, self.spec, rescale)
+        self.trainer.update(batch_size, ignore_stale_grad)
+
+    def update(self, batch_size: float, ignore_stale_grad: bool = False) -> None:
+        """Clip the effective gradients, then update: ``trainer.update`` with AGC.
+
+        For Gluon's manual form ``agc.allreduce_grads(); agc.update(batch_size)`` (e.g. to
+        look at the reduced gradients in between): the gradients are clipped as
+        :meth:`step` clips them (norms of ``trainer scale / batch_size`` times the stored
+        gradient), so the two forms take the same step. Without a preceding all-reduce each
+        device clips its own gradient, as Gluon's ``update`` then updates from it.
+        """
+        rescale = self._prepare(batch_size)
         _clip_targets(self._targets, self.spec, rescale)
         self.trainer.update(batch_size, ignore_stale_grad)
 

@@ -29,22 +29,6 @@ _UNSET: Any = object()  # "momentum not given": None already means the cumulativ
 _FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
-def _native_expressible(spec: BatchNormSpec) -> bool:
-    """Whether MXNet's own BatchNorm kernel has ``spec``'s semantics (``preset="mxnet"``).
-
-    Informative only (:mod:`.port` reads it): every layer runs unorm's operator, because
-    MXNet's kernel gets the inference-mode backward pass wrong (SPEC.md section 2).
-    """
-    return (
-        spec.update_on == "backward"
-        and spec.running_var == "biased"
-        and not spec.skip_nonfinite
-        and spec.allow_single_value
-        and spec.momentum is not None
-        and spec.track_running_stats
-    )
-
-
 def _check_count_arg(name: str, value: object, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -150,7 +134,6 @@ class BatchNorm(gluon.HybridBlock):  # type: ignore[misc]
             overrides["momentum"] = momentum
         #: The layer's settings in unorm's convention (:class:`unorm.spec.BatchNormSpec`).
         self.spec = BatchNormSpec.from_preset(preset, axis=axis, **overrides)
-        self._native = False  # never MXNet's kernel (see _native_expressible); read by .port
         extra = self._sync_extra() or {}
         self._settings = OpSettings.from_spec(self.spec, **extra)
         spec = self.spec

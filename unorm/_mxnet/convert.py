@@ -69,8 +69,14 @@ def convert(block: Any, preset: str | None = "mxnet") -> Any:
     Gluon's numbers (biased running variance, update when backward runs), ``None`` switches
     to the canonical convention (unbiased feed, forward update, guard). Returns ``block``
     (or its replacement when ``block`` itself is a BatchNorm). Hybridize again afterwards if
-    the model was hybridized. ``gluon.nn.BatchNormReLU`` and ``use_global_stats=True``
-    layers are not converted (the latter raises ``ValueError``).
+    the model was hybridized. ``use_global_stats=True`` layers raise ``ValueError``.
+
+    Only layers whose type is exactly ``gluon.nn.BatchNorm`` are replaced; its subclasses
+    are left as they are, without a warning: ``gluon.nn.BatchNormReLU`` (the fused ReLU
+    would be lost) and ``gluon.contrib.nn.SyncBatchNorm``, whose cross-device settings
+    (``num_devices``, the rendezvous key) have no translation here. Put
+    :class:`unorm.mxnet.SyncBatchNorm` (``num_devices=...``, exact merge of uneven
+    slices) in its place by hand.
 
     Example:
         >>> from mxnet import gluon

@@ -41,7 +41,16 @@ def work_dtype(dtype: Any) -> np.dtype[Any]:
 
 
 def constant(value: float, shape: tuple[int, ...], dtype: Any, ctx: Any) -> NDArray:
-    """A cached array of ``shape`` filled with ``value``. Never write into it."""
+    """A cached array of ``shape`` filled with ``value``, on ``ctx``, of ``dtype``.
+
+    The same key returns the same array (the cache keeps the :data:`_CACHE_SIZE` most
+    recently used), so never write into it.
+
+    Example:
+        >>> ones = constant(1.0, (2,), "float32", mx.cpu())
+        >>> ones.asnumpy().tolist(), constant(1.0, (2,), "float32", mx.cpu()) is ones
+        ([1.0, 1.0], True)
+    """
     key = (float(value), tuple(shape), np.dtype(dtype).name, str(ctx))
     with _cache_lock:
         found = _cache.get(key)
@@ -83,6 +92,14 @@ def affine(
 
     ``mean``, ``var``, ``gamma`` and ``beta`` have shape ``(C,)`` and :func:`work_dtype`.
     The kernel reads ``mean`` and ``var`` only (inference mode never updates them).
+    ``out``: write the result there (may be ``x`` itself); returns the result.
+
+    Example:
+        >>> x = mx.nd.array([[1.0, 2.0], [3.0, 6.0]])
+        >>> mean, var = mx.nd.array([2.0, 4.0]), mx.nd.array([1.0, 4.0])
+        >>> gamma, beta = mx.nd.array([1.0, 1.0]), mx.nd.array([0.0, 10.0])
+        >>> affine(x, mean, var, gamma, beta, eps=0.0, axis=1).asnumpy().tolist()
+        [[-1.0, 9.0], [1.0, 11.0]]
     """
     return mx.nd.BatchNorm(
         x,
@@ -99,7 +116,14 @@ def affine(
 
 
 def shift(x: NDArray, by: NDArray, axis: int) -> NDArray:
-    """``x - by`` along ``axis``, exact where ``x`` and ``by`` are close (one native pass)."""
+    """``x - by`` along ``axis``, exact where ``x`` and ``by`` are close (one native pass).
+
+    ``by`` has shape ``(C,)`` and ``x``'s dtype; the result is a new array.
+
+    Example:
+        >>> shift(mx.nd.array([[1.0, 5.0]]), mx.nd.array([1.0, 2.0]), 1).asnumpy().tolist()
+        [[0.0, 3.0]]
+    """
     channels = by.shape[0]
     one = constant(1.0, (channels,), by.dtype, x.context)
     zero = constant(0.0, (channels,), by.dtype, x.context)
@@ -134,6 +158,17 @@ def batchnorm_backward(
     ``batch=(mean, invstd)``: the training formula, gradients flow through the batch mean
     and the biased variance (``invstd = 1/sqrt(var + eps)``). ``running=(mean, var)``: the
     inference formula with running statistics as constants. Give exactly one.
+    ``out`` holds three preallocated arrays of the shapes of ``x``, ``gamma`` and
+    ``gamma``, which are overwritten (MXNet's ``req='write'``).
+
+    Example:
+        >>> x, dy = mx.nd.array([[1.0], [3.0]]), mx.nd.array([[1.0], [1.0]])
+        >>> out = [mx.nd.empty((2, 1)), mx.nd.empty((1,)), mx.nd.empty((1,))]
+        >>> running = (mx.nd.array([0.0]), mx.nd.array([4.0]))  # mean 0, std 2
+        >>> batchnorm_backward(dy, x, mx.nd.array([2.0]), eps=0.0, axis=1, out=out,
+        ...                    running=running)
+        >>> [o.asnumpy().tolist() for o in out]  # dy*gamma/std, sum(dy*x/std), sum(dy)
+        [[[1.0], [1.0]], [2.0], [2.0]]
     """
     channels = gamma.shape[0]
     ctx, dtype = x.context, np.dtype(gamma.dtype)

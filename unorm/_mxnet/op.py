@@ -69,7 +69,21 @@ atexit.register(_drain)
 
 
 def count_error(count: int, allow_single_value: bool) -> ValueError | None:
-    """The error for ``count`` values per channel in batch-statistics mode, or None."""
+    """The error for ``count`` values per channel in batch-statistics mode, or None.
+
+    ``count`` is batch size times spatial size (over all devices for a synchronised
+    layer). Zero values are always an error; one value only with
+    ``allow_single_value=False``. Returned, not raised, so that the caller raises it where
+    it can: the block before any state changes, the operator when the cross-device count
+    is known.
+
+    Example:
+        >>> count_error(1, allow_single_value=True) is None
+        True
+        >>> raise count_error(1, allow_single_value=False)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ValueError: expected more than 1 value per channel to compute batch statistics ...
+    """
     if count == 0 or (count == 1 and not allow_single_value):
         return ValueError(
             f"expected more than 1 value per channel to compute batch statistics (training, "
@@ -87,9 +101,20 @@ def _flag(value: str) -> bool:
 class OpSettings:
     """The operator's settings, carried as string attributes of the graph node.
 
-    Built from a :class:`unorm.spec.BatchNormSpec` (:meth:`from_spec`); ``sync_key`` and
-    ``num_devices`` make it cross-device (``num_devices > 1``), ``timeout`` bounds the wait
-    for the other devices, in seconds.
+    Built from a :class:`unorm.spec.BatchNormSpec` (:meth:`from_spec`), in unorm's
+    convention (``momentum`` weighs the new batch, None for a cumulative average;
+    ``unbiased`` feeds ``n/(n-1)`` times the batch variance to the running variance;
+    ``track`` is ``track_running_stats``). ``sync_key`` and ``num_devices`` make it
+    cross-device (``num_devices > 1``; default ``""`` and 1: one device), ``timeout``
+    (120.0) bounds the wait for the other devices, in seconds. :meth:`attrs` and
+    :meth:`from_attrs` convert to and from the strings a graph node stores.
+
+    Example:
+        >>> settings = OpSettings.from_spec(BatchNormSpec())
+        >>> settings.attrs()["momentum"], settings.attrs()["unbiased"]
+        ('0.1', 'True')
+        >>> OpSettings.from_attrs(settings.attrs()) == settings
+        True
     """
 
     eps: float

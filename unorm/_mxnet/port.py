@@ -315,7 +315,19 @@ def export_checkpoint(model: Any, example: Any = None) -> Checkpoint:
 
 def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:
     """:func:`export_checkpoint` with an example of ``input_shape`` (no batch axis), as
-    ``unorm port`` calls it for the seed networks."""
+    ``unorm port`` calls it for the seed networks.
+
+    ``input_shape`` is one sample's shape in Gluon's channels-first convention, e.g.
+    ``(1, 28, 28)`` for LeNet; a batch axis of 1 is put in front, and only the shape is
+    traced (nothing runs, running statistics stay).
+
+    Example:
+        >>> net = gluon.nn.HybridSequential()
+        >>> net.add(gluon.nn.Conv2D(2, 3, in_channels=1), gluon.nn.Dense(3, in_units=8))
+        >>> net.initialize()
+        >>> export_model(net, (1, 4, 4)).layers[1].attrs["flatten_from"]
+        [2, 2, 2]
+    """
     return export_checkpoint(model, np.zeros((1, *input_shape), np.float32))
 
 
@@ -502,6 +514,8 @@ def _apply_spec(block: Any, layer: Layer, spec: BatchNormSpec | ScaledWSSpec) ->
         lost.append(f"running_var={spec.running_var!r}")
     if spec.skip_nonfinite:
         lost.append("skip_nonfinite=True")
+    if not spec.allow_single_value:  # MXNet's kernel trains on one value per channel
+        lost.append("allow_single_value=False")
     if spec.update_on != "backward":
         lost.append(f"update_on={spec.update_on!r}")
     if lost:
@@ -533,10 +547,11 @@ def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
     behaving as it did at home: eps, momentum, running-variance estimator); its axis,
     ``center``, ``scale`` and ``track_running_stats`` stay the model's. A
     ``gluon.nn.BatchNorm`` takes eps and momentum and warns (``UserWarning``) where the
-    source's training semantics (unbiased running variance, the non-finite guard, forward
-    update, momentum=None) cannot be expressed by it. A layer with ``scale=False``
-    (``center=False``) accepts only a gamma of ones (a beta of zeros). Cached graphs of
-    hybridized blocks are dropped, so the next call runs with the new settings.
+    source's training semantics (unbiased running variance, the non-finite guard, refusing
+    one value per channel, forward update, momentum=None) cannot be expressed by it. A
+    layer with ``scale=False`` (``center=False``) accepts only a gamma of ones (a beta of
+    zeros). Cached graphs of hybridized blocks are dropped, so the next call runs with the
+    new settings.
 
     Example:
         >>> a, b = gluon.nn.Dense(2, in_units=3), gluon.nn.Dense(2, in_units=3)
@@ -808,7 +823,19 @@ def read_native(model: Any, path: str | os.PathLike[str]) -> Any:
     :func:`read_symbol` and loaded with :func:`load_checkpoint` (settings included);
     a ``.params`` file from ``save_parameters`` is checked name by name and shape by shape
     against ``model`` first. A damaged or mismatched file raises
-    :class:`~unorm.port.CheckpointError` and leaves ``model`` unchanged.
+    :class:`~unorm.port.CheckpointError` and leaves ``model`` unchanged. The file kind
+    comes from the name (``-symbol.json`` or ``.params``); any other name is refused.
+
+    Example:
+        >>> import tempfile
+        >>> a, b = gluon.nn.Dense(2, in_units=3), gluon.nn.Dense(2, in_units=3)
+        >>> a.initialize(); b.initialize()
+        >>> path = os.path.join(tempfile.mkdtemp(), "dense.params")
+        >>> write_native(a, path)
+        >>> read_native(b, path) is b
+        True
+        >>> bool((a.weight.data() == b.weight.data()).asnumpy().all())
+        True
     """
     name = os.fspath(path)
     if name.endswith(_SYMBOL_SUFFIX):

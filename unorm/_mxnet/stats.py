@@ -5,10 +5,16 @@ and a standard deviation of 1 leaves no correct digit of the variance (SPEC.md, 
 Here the sums run in BLAS (matrix products with a vector of ones, whose many partial
 accumulators keep float32 sums accurate) and are finished in float64 on the host:
 
-- *rows* (``Q >= ROW_MIN`` values per channel and leading index, e.g. NCHW): per row
-  ``sum(x)`` is ``rows @ ones`` and ``sum(x * x)`` the diagonal of small batched Gram
-  matrices (:data:`GRAM_BLOCK` rows each);
-- *columns* (channels-last, rank 2): ``ones @ x`` and ``ones @ (x * x)``.
+The input is viewed as ``(P, C, Q)`` (:func:`layout`: sizes before, on and after the
+channel axis), and the path depends on ``Q`` alone:
+
+- *rows* (``Q >= ROW_MIN``, e.g. NCHW with ``H * W >= 32``): the ``P * C`` rows of length
+  ``Q``; per row ``sum(x)`` is ``rows @ ones`` and ``sum(x * x)`` the diagonal of small
+  batched Gram matrices (:data:`GRAM_BLOCK` rows each);
+- *columns* (``Q < ROW_MIN``: ``(N, C)`` input, channels-last input of any rank, and
+  channels-first input with small spatial maps): the ``(P, C * Q)`` view, summed down its
+  ``P`` rows as ``ones @ x`` and ``ones @ (x * x)``, then over the ``Q`` columns of each
+  channel on the host.
 
 ``M2 = sum(x^2) - sum(x)^2 / n`` cancels when the mean is large against the spread, so it
 is guarded: where ``sum(x^2) >= CANCELLATION * M2`` the input is shifted by its mean (one
@@ -66,14 +72,35 @@ class Stats:
 
 
 def layout(shape: tuple[int, ...], axis: int) -> tuple[int, int, int]:
-    """``(P, C, Q)``: the sizes before, on and after the feature ``axis`` (non-negative)."""
+    """``(P, C, Q)``: the sizes before, on and after the feature ``axis`` (non-negative).
+
+    Any input reshapes to ``(P, C, Q)`` without moving data, with the channels on axis 1.
+
+    Example:
+        >>> layout((8, 3, 4, 5), 1)  # NCHW
+        (8, 3, 20)
+        >>> layout((8, 4, 5, 3), 3)  # NHWC
+        (160, 3, 1)
+    """
     before = int(np.prod(shape[:axis], dtype=np.int64))
     after = int(np.prod(shape[axis + 1 :], dtype=np.int64))
     return before, shape[axis], after
 
 
 def channel_sums(a: NDArray, b: NDArray, axis: int) -> tuple[F64, F64]:
-    """Per-channel ``sum(a)`` and ``sum(a * b)`` in float64 (BLAS partial sums, host total)."""
+    """Per-channel ``sum(a)`` and ``sum(a * b)`` in float64 (BLAS partial sums, host total).
+
+    ``a`` and ``b`` share a shape and dtype, channels on ``axis`` (non-negative); pass
+    ``b=a`` for the sum of squares. Returns two float64 arrays of shape ``(C,)``, zeros for
+    an empty input. The partial sums are in ``a``'s dtype, the totals in float64 (see the
+    module docstring for the row and column paths).
+
+    Example:
+        >>> x = mx.nd.array([[1.0, 2.0], [3.0, 4.0]])
+        >>> total, squares = channel_sums(x, x, 1)
+        >>> total.tolist(), squares.tolist()
+        ([4.0, 6.0], [10.0, 20.0])
+    """
     p, c, q = layout(a.shape, axis)
     if p * c * q == 0:
         return np.zeros(c), np.zeros(c)
@@ -117,6 +144,16 @@ def batch_stats(x: NDArray, axis: int) -> tuple[Stats, NDArray | None, F64 | Non
     Returns ``(stats, centred, centre)``: when the guarded second pass ran, ``centred`` is
     ``x - centre`` (an NDArray) and ``centre`` the float64 values subtracted; normalising
     ``centred`` with ``stats.mean - centre`` is then more exact than normalising ``x``.
+    Otherwise both are None. ``axis`` is non-negative; ``stats.m2`` is the sum of squared
+    deviations (``stats.var`` the biased variance), an empty input gives ``count=0``.
+
+    Example:
+        >>> stats, centred, centre = batch_stats(mx.nd.array([[1.0, -1.0], [3.0, 1.0]]), 1)
+        >>> stats.count, stats.mean.tolist(), stats.var.tolist(), centred is None
+        (2, [2.0, 0.0], [1.0, 1.0], True)
+        >>> stats, centred, centre = batch_stats(mx.nd.array([[1e4 + 1], [1e4 - 1]]), 1)
+        >>> stats.var.tolist(), centre.tolist()  # a large mean: the second pass ran
+        ([1.0], [10000.0])
     """
     p, c, q = layout(x.shape, axis)
     count = p * q

@@ -51,9 +51,30 @@ def merge(parts: Sequence[Stats]) -> Stats:
 class Rendezvous(Generic[T]):
     """``size`` members meet once per round and each leaves with every member's value.
 
-    A round closes when all members have deposited; values are returned sorted by member
-    name. A member depositing twice in one round is an error (each device must call the
-    layer exactly once per step), and so is waiting longer than ``timeout`` seconds.
+    A round closes when all ``size`` members (distinct names, e.g. the device contexts)
+    have deposited; every member of the round then gets the same list, sorted by member
+    name, and the next deposit opens the next round. Errors:
+
+    - a member depositing again while its deposit of the open round waits is a
+      ``RuntimeError`` (each device must call the layer exactly once per step); the
+      waiting deposit stays;
+    - a member that waits longer than ``timeout`` seconds gets a ``TimeoutError`` and its
+      value is withdrawn: the round stays open with the other deposits, which time out in
+      turn unless the missing members arrive, and the member may deposit again.
+
+    Example:
+        >>> import threading
+        >>> point = Rendezvous(2)
+        >>> got = {}
+        >>> helper = threading.Thread(target=lambda: got.update(b=point.exchange("b", 2, 5.0)))
+        >>> helper.start()
+        >>> got["a"] = point.exchange("a", 1, 5.0)
+        >>> helper.join()
+        >>> got["a"], got["b"]
+        ([1, 2], [1, 2])
+        >>> point.exchange("a", 3, 0.01)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        TimeoutError: synchronised BatchNorm waited 0.01 s for 2 devices, 1 arrived; ...
     """
 
     def __init__(self, size: int) -> None:
@@ -100,7 +121,18 @@ _lock = threading.Lock()
 
 
 def exchange(key: str, phase: str, size: int, member: str, value: T, timeout: float) -> list[T]:
-    """Exchange ``value`` with the other devices of layer ``key`` in ``phase``."""
+    """Exchange ``value`` with the other devices of layer ``key`` in ``phase``.
+
+    One process-wide :class:`Rendezvous` per ``(key, phase)`` (``key``: the layer's unique
+    key; ``phase``: e.g. ``"forward"`` or ``"backward"``, so the two passes never meet each
+    other), created on first use and replaced when ``size`` changes. ``member`` names the
+    device; returns every device's value, sorted by member, after all ``size`` arrived.
+    Raises as :meth:`Rendezvous.exchange` does.
+
+    Example:
+        >>> exchange("doc-layer", "forward", 1, "cpu(0)", 3.0, timeout=1.0)
+        [3.0]
+    """
     with _lock:
         point = _rendezvous.get((key, phase))
         if point is None or point.size != size:
