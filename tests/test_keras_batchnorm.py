@@ -184,6 +184,47 @@ def test_a_plain_16_bit_policy_keeps_float32_weights_and_statistics(policy: str)
     np.testing.assert_allclose(layer.moving_variance.numpy(), want, rtol=1e-5)
 
 
+def _op_types(layer: Any, x: np.ndarray) -> set[str]:
+    traced = tf.function(lambda t: layer(t, training=True)).get_concrete_function(
+        tf.TensorSpec(x.shape, x.dtype)
+    )
+    return {op.type for op in traced.graph.get_operations()}
+
+
+def test_training_runs_the_fused_kernel_where_its_arithmetic_is_the_specs() -> None:
+    x = np.zeros((4, 3, 3, 2), np.float32)
+    assert "FusedBatchNormV3" in _op_types(BatchNorm(), x)
+    assert "FusedBatchNormV3" in _op_types(BatchNorm(axis=1), np.zeros((4, 2, 3, 3), np.float32))
+    assert "FusedBatchNormV3" in _op_types(BatchNorm(), np.zeros((5, 2), np.float32))
+    # Keras's own arithmetic, a middle feature axis, float64: composed from keras.ops.
+    assert "FusedBatchNormV3" not in _op_types(BatchNorm(preset="keras"), x)
+    assert "FusedBatchNormV3" not in _op_types(BatchNorm(axis=2), x)
+    assert "FusedBatchNormV3" not in _op_types(BatchNorm(dtype="float64"), x.astype(np.float64))
+
+
+@pytest.mark.parametrize("axis", [-1, 2])
+def test_fused_and_composed_training_agree_with_the_reference_at_a_large_mean(axis: int) -> None:
+    """axis -1 runs the fused kernel on the centred input, axis 2 the composed form on
+    the input shifted by a value of each feature: both keep float32 accuracy."""
+    rng = np.random.default_rng(6)
+    x = (1e4 + rng.standard_normal((8, 5, 6, 7))).astype(np.float32)
+    dy = rng.standard_normal(x.shape).astype(np.float32)
+    layer = BatchNorm(axis=axis, momentum=0.5)
+    y, grads = _train_call(layer, x, dy)
+    gamma = np.ones(x.shape[axis])
+    y_ref, running = ref.batch_norm_step(
+        x, ref.init_running_stats(x.shape[axis]), BatchNormSpec(axis=axis, momentum=0.5),
+        gamma, np.zeros_like(gamma), training=True,
+    )  # fmt: skip
+    back = ref.batch_norm_backward(dy, x, gamma, eps=1e-5, axis=axis)
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+    np.testing.assert_allclose(grads[0], back.dx, atol=2e-5)
+    np.testing.assert_allclose(grads[1], back.dgamma, atol=1e-4)
+    assert running is not None
+    np.testing.assert_allclose(layer.moving_mean.numpy(), running.mean, rtol=2e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, rtol=1e-5)
+
+
 def test_large_offset_statistics_are_accurate() -> None:
     """Two-pass statistics: a mean of 1e4 does not cost the variance its digits."""
     rng = np.random.default_rng(0)
