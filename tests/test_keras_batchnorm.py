@@ -202,6 +202,26 @@ def test_training_runs_the_fused_kernel_where_its_arithmetic_is_the_specs() -> N
     assert "FusedBatchNormV3" not in _op_types(BatchNorm(dtype="float64"), x.astype(np.float64))
 
 
+@pytest.mark.parametrize("axis", [-1, 1])
+def test_inference_at_a_large_running_mean_keeps_float32_accuracy(axis: int) -> None:
+    """The fused kernel subtracts the running mean before scaling; the composed
+    ``x * s + (beta - mean * s)`` of Keras's own layer (kept by preset="keras") loses
+    1e-3 of y at a running mean of 1e4 against a spread of 1."""
+    rng = np.random.default_rng(7)
+    x = (1e4 + rng.standard_normal((32, 5, 3))).astype(np.float32)
+    layer = BatchNorm(axis=axis, momentum=1.0, running_var="biased")
+    layer(x, training=True)
+    mean, var = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+    want = ref.batch_norm_inference(x, mean, var, eps=1e-5, axis=axis)
+    np.testing.assert_allclose(np.asarray(layer(x)), want, atol=2e-6)
+    graph = (
+        tf.function(lambda t: layer(t, training=False))
+        .get_concrete_function(tf.TensorSpec(x.shape, tf.float32))
+        .graph
+    )
+    assert "FusedBatchNormV3" in {op.type for op in graph.get_operations()}
+
+
 @pytest.mark.parametrize("axis", [-1, 2])
 def test_fused_and_composed_training_agree_with_the_reference_at_a_large_mean(axis: int) -> None:
     """axis -1 runs the fused kernel on the centred input, axis 2 the composed form on

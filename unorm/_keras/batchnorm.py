@@ -96,11 +96,13 @@ class BatchNorm(keras.layers.Layer):
     mean squared deviation from it); under ``mixed_float16``/``mixed_bfloat16`` the
     weights stay float32 and the output has the compute dtype.
 
-    Speed: on TensorFlow, training on float32 statistics with features first or last
-    (no mask, one replica, any preset but ``"keras"``) runs TensorFlow's fused
-    BatchNorm kernel, forward and backward, on the input less its batch mean: half the
-    time of Keras's own layer, which composes a dozen passes over the input
-    (``benchmarks/bench_keras.py``). Other cases compose ``keras.ops``.
+    Speed: on TensorFlow, with float32 statistics and features first or last (no mask,
+    one replica, any preset but ``"keras"``), training runs TensorFlow's fused BatchNorm
+    kernel, forward and backward, on the input less its batch mean: half the time of
+    Keras's own layer, which composes a dozen passes over the input
+    (``benchmarks/bench_keras.py``). Inference runs the same kernel in inference mode,
+    as fast as the composed form and, subtracting the mean before scaling, accurate at
+    a running mean far above the spread. Other cases compose ``keras.ops``.
 
     ``trainable=False`` follows the Keras convention for BatchNormalization: a frozen
     layer runs in inference mode, also when called with ``training=True`` (inside
@@ -367,6 +369,11 @@ class BatchNorm(keras.layers.Layer):
         else:
             mean = ops.cast(self.moving_mean, dtype)
             variance = ops.cast(self.moving_variance, dtype)
+            if self._fusable(x, None, batch_statistics=False):
+                from .tf_runtime import fused_batch_norm_inference
+
+                axis = normalize_axis(spec.axis, self._rank)
+                y = fused_batch_norm_inference(x, axis, gamma, beta, mean, variance, spec.eps)
         if y is None:
             y = ops.batch_normalization(
                 x, mean, variance, axis=spec.axis, offset=beta, scale=gamma, epsilon=spec.eps
@@ -382,18 +389,20 @@ class BatchNorm(keras.layers.Layer):
                 self._update(mean, variance, count)
         return ops.cast(y, self.compute_dtype)
 
-    def _fusable(self, x: Any, mask: Any) -> bool:
-        """Whether batch statistics and output may come from TensorFlow's fused kernel:
-        float32, features first or last, no mask, one replica, not Keras's own arithmetic
-        (``preset="keras"`` keeps it bit for bit), and at least 2 values per feature
-        (the kernel's unbiased variance divides by n - 1), as the count check ensures
-        unless one value is allowed."""
+    def _fusable(self, x: Any, mask: Any, batch_statistics: bool = True) -> bool:
+        """Whether the output (and in training the batch statistics) may come from
+        TensorFlow's fused kernel: float32, features first or last, no mask, one replica,
+        not Keras's own arithmetic (``preset="keras"`` keeps it bit for bit), and at least
+        2 values per feature (the kernel's unbiased variance divides by n - 1), as the
+        count check ensures unless one value is allowed."""
         if not _tensorflow_backend() or mask is not None or self.spec.preset == "keras":
             return False
         if keras.backend.standardize_dtype(x.dtype) != "float32" or self._replicated():
             return False
         if normalize_axis(self.spec.axis, self._rank) not in (1, self._rank - 1):
             return False
+        if not batch_statistics:
+            return True
         count = stats.count(x, self._reduce_axes)
         return not self.spec.allow_single_value or (isinstance(count, int) and count > 1)
 
