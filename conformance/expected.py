@@ -30,6 +30,7 @@ __all__ = [
     "StepValues",
     "WSValues",
     "agc_expected",
+    "agc_left_alone",
     "batchnorm_expected",
     "conv2d",
     "conv2d_backward",
@@ -123,6 +124,26 @@ def agc_expected(case: AGCCase, inputs: AGCInputs) -> dict[str, np.ndarray]:
             exclude=case.exclude,
         )
     return {k: _f64(v) for k, v in out.items()}
+
+
+def agc_left_alone(case: AGCCase, inputs: AGCInputs) -> dict[str, np.ndarray]:
+    """Per parameter, the elements AGC must return unchanged, bit for bit: those of units
+    the reference does not rescale, and every element of an excluded parameter."""
+    out = {}
+    for p in case.params:
+        if p.name in case.exclude:
+            out[p.name] = np.ones(inputs.grads[p.name].shape, bool)
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):
+            clipped = ref.agc_clipped_units(
+                _f64(inputs.grads[p.name]),
+                _f64(inputs.weights[p.name]),
+                logical_unit_axes(p),
+                clipping=case.clipping,
+                eps=case.eps,
+            )
+        out[p.name] = ~clipped
+    return out
 
 
 @dataclasses.dataclass

@@ -202,6 +202,27 @@ def test_training_runs_the_fused_kernel_where_its_arithmetic_is_the_specs() -> N
     assert "FusedBatchNormV3" not in _op_types(BatchNorm(dtype="float64"), x.astype(np.float64))
 
 
+def test_an_input_traced_without_its_feature_count_takes_the_composed_form() -> None:
+    """The fused kernel needs the feature count when traced; without it the layer
+    composes keras.ops, with the same numbers."""
+    layer = BatchNorm(momentum=0.5)
+    layer.build((None, 3))
+    x = np.random.default_rng(8).standard_normal((6, 3)).astype(np.float32)
+    spec = tf.TensorSpec((None, None), tf.float32)
+    train = tf.function(lambda t: layer(t, training=True), input_signature=[spec])
+    infer = tf.function(lambda t: layer(t, training=False), input_signature=[spec])
+    y = train(x).numpy()
+    y_ref, running = ref.batch_norm_step(
+        x, ref.init_running_stats(3), BatchNormSpec(momentum=0.5, axis=-1),
+        np.ones(3), np.zeros(3), training=True,
+    )  # fmt: skip
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+    assert running is not None
+    np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, rtol=1e-5)
+    want = ref.batch_norm_inference(x, running.mean, running.var, eps=1e-5, axis=-1)
+    np.testing.assert_allclose(infer(x).numpy(), want, atol=2e-5)
+
+
 @pytest.mark.parametrize("axis", [-1, 1])
 def test_inference_at_a_large_running_mean_keeps_float32_accuracy(axis: int) -> None:
     """The fused kernel subtracts the running mean before scaling; the composed

@@ -368,3 +368,15 @@ def test_merge_of_only_empty_replicas_is_empty() -> None:
     assert merged.count == 0
     with pytest.raises(ValueError, match="more than 1 value per channel"):
         ref.batch_norm_train(np.ones((0, 2)), stats=merged)
+
+
+def test_agc_clipped_units_are_the_units_agc_clip_rescales() -> None:
+    rng = np.random.default_rng(11)
+    g = rng.standard_normal((6, 5)) * np.array([1e-4, 1.0, 1e-4, 1.0, 1e-4, 1.0])[:, None]
+    w = rng.standard_normal((6, 5))
+    clipped = ref.agc_clipped_units(g, w, 0, clipping=0.01)
+    out = ref.agc_clip(g, w, 0, clipping=0.01)
+    assert clipped[:, 0].tolist() == [False, True, False, True, False, True]
+    assert (clipped == clipped[:, :1]).all()  # whole units
+    np.testing.assert_array_equal(out[~clipped], g[~clipped])
+    assert (out[clipped] != g[clipped]).all()

@@ -379,6 +379,18 @@ def test_cumulative_average_reads_no_counter_on_the_host(monkeypatch: pytest.Mon
     assert int(layer.num_batches_tracked) == state.num_batches_tracked == 3
 
 
+def test_cumulative_average_factor_survives_a_count_beyond_float16() -> None:
+    # A layer forced to 16-bit buffers: 1/(n+1) is taken in float32, not in float16,
+    # where n = 70000 overflows to inf and the factor to 0.
+    layer = BatchNorm(3, momentum=None).half()
+    assert layer.num_batches_tracked is not None
+    layer.num_batches_tracked.fill_(70000)
+    x = torch.full((4, 3), 5.0, dtype=torch.float16) + torch.arange(4.0).half()[:, None]
+    layer(x)
+    # 6.5 / 70001 = 9.29e-5; the float16 factor (a subnormal) keeps about 3 digits.
+    np.testing.assert_allclose(layer.running_mean.numpy(), np.full(3, 6.5 / 70001), rtol=3e-3)
+
+
 def test_batch_of_one_with_spatial_extent_trains() -> None:
     layer = BatchNorm(3, num_dims=4)
     layer(torch.randn(1, 3, 2, 2))

@@ -40,6 +40,7 @@ __all__ = [
     "RunningStats",
     "agc_clip",
     "agc_clip_all",
+    "agc_clipped_units",
     "batch_norm_backward",
     "batch_norm_inference",
     "batch_norm_inference_backward",
@@ -555,11 +556,40 @@ def agc_clip(
     max_norm = settings.clipping * np.maximum(unit_norms(w_in, unit_axes), settings.eps)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite units are left alone
         g_norm = unit_norms(g, unit_axes)
-        clip = np.isfinite(g_norm) & (g_norm > max_norm)
+        clip = _agc_decision(g_norm, max_norm)
         factor = max_norm / np.maximum(g_norm, AGC_GRAD_NORM_FLOOR)
         clipped = np.where(clip, g * factor, g).astype(g_in.dtype)
     # Units under the threshold come back bit for bit, whatever the float64 round trip did.
     return np.where(np.broadcast_to(clip, g_in.shape), clipped, g_in)
+
+
+def _agc_decision(g_norm: F64, max_norm: F64) -> np.ndarray:
+    """Which units AGC rescales: a finite gradient norm strictly above the threshold."""
+    return np.isfinite(g_norm) & (g_norm > max_norm)
+
+
+def agc_clipped_units(
+    grad: ArrayLike,
+    weight: ArrayLike,
+    unit_axes: UnitAxes,
+    *,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+) -> np.ndarray:
+    """Which units :func:`agc_clip` rescales, as a boolean array of ``grad``'s shape (True
+    on every element of a rescaled unit; False where the gradient comes back unchanged).
+
+    Example:
+        >>> agc_clipped_units(np.array([[3.0, 4.0], [0.0, 0.1]]), np.ones((2, 2)), 0,
+        ...                   clipping=0.5).tolist()
+        [[True, True], [False, False]]
+    """
+    settings = AGCSpec(clipping=clipping, eps=eps)
+    g = _f64(grad)
+    max_norm = settings.clipping * np.maximum(unit_norms(weight, unit_axes), settings.eps)
+    with np.errstate(invalid="ignore", over="ignore"):
+        clip = _agc_decision(unit_norms(g, unit_axes), max_norm)
+    return np.broadcast_to(clip, g.shape).copy()
 
 
 def agc_clip_all(

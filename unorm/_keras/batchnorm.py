@@ -399,8 +399,9 @@ class BatchNorm(keras.layers.Layer):
             return False
         if keras.backend.standardize_dtype(x.dtype) != "float32" or self._replicated():
             return False
-        if normalize_axis(self.spec.axis, self._rank) not in (1, self._rank - 1):
-            return False
+        axis = normalize_axis(self.spec.axis, self._rank)
+        if axis not in (1, self._rank - 1) or x.shape[axis] is None:
+            return False  # the kernel wants the feature count when traced
         if not batch_statistics:
             return True
         count = stats.count(x, self._reduce_axes)

@@ -95,7 +95,7 @@ def fused_batch_norm_train(
     mean 1e4, std 1), so the caller centres ``x`` first. At least 2 values per feature.
     """
     y, mean, unbiased = _fused_kernel(x, axis, gamma, beta, None, eps)
-    n = tf.cast(tf.size(x) // int(x.shape[axis]), x.dtype)
+    n = tf.cast(tf.size(x, out_type=tf.int64) // int(x.shape[axis]), x.dtype)
     return y, mean, unbiased * ((n - 1.0) / n)
 
 

@@ -384,7 +384,9 @@ class BatchNorm(nn.Module):
         rm, rv, tracked = self.running_mean, self.running_var, self.num_batches_tracked
         assert rm is not None and rv is not None and tracked is not None
         if self.spec.momentum is None:
-            factor: Tensor | float = 1.0 / (tracked.to(rm.dtype) + 1)
+            # In float32 at least: a count past 65504 overflows a float16 buffer's dtype.
+            wide = torch.promote_types(rm.dtype, torch.float32)
+            factor: Tensor | float = (1.0 / (tracked.to(wide) + 1)).to(rm.dtype)
         else:
             factor = self.spec.momentum
         new_mean = (1 - factor) * rm + factor * batch_mean.to(rm.dtype)
