@@ -553,19 +553,24 @@ def agc_clip(
     if w_in.shape != g_in.shape:
         raise ValueError(f"grad and weight must share a shape, got {g_in.shape} and {w_in.shape}")
     g = g_in.astype(np.float64)
-    max_norm = settings.clipping * np.maximum(unit_norms(w_in, unit_axes), settings.eps)
+    clip, max_norm, g_norm = _agc_units(g, w_in, unit_axes, settings)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite units are left alone
-        g_norm = unit_norms(g, unit_axes)
-        clip = _agc_decision(g_norm, max_norm)
         factor = max_norm / np.maximum(g_norm, AGC_GRAD_NORM_FLOOR)
         clipped = np.where(clip, g * factor, g).astype(g_in.dtype)
     # Units under the threshold come back bit for bit, whatever the float64 round trip did.
     return np.where(np.broadcast_to(clip, g_in.shape), clipped, g_in)
 
 
-def _agc_decision(g_norm: F64, max_norm: F64) -> np.ndarray:
-    """Which units AGC rescales: a finite gradient norm strictly above the threshold."""
-    return np.isfinite(g_norm) & (g_norm > max_norm)
+def _agc_units(
+    g: F64, weight: ArrayLike, unit_axes: UnitAxes, settings: AGCSpec
+) -> tuple[np.ndarray, F64, F64]:
+    """Per unit (kept broadcastable): whether AGC rescales it (a finite gradient norm
+    strictly above the threshold), the threshold and the gradient norm."""
+    max_norm = settings.clipping * np.maximum(unit_norms(weight, unit_axes), settings.eps)
+    with np.errstate(invalid="ignore", over="ignore"):
+        g_norm = unit_norms(g, unit_axes)
+        clip = np.isfinite(g_norm) & (g_norm > max_norm)
+    return clip, max_norm, g_norm
 
 
 def agc_clipped_units(
@@ -584,11 +589,8 @@ def agc_clipped_units(
         ...                   clipping=0.5).tolist()
         [[True, True], [False, False]]
     """
-    settings = AGCSpec(clipping=clipping, eps=eps)
     g = _f64(grad)
-    max_norm = settings.clipping * np.maximum(unit_norms(weight, unit_axes), settings.eps)
-    with np.errstate(invalid="ignore", over="ignore"):
-        clip = _agc_decision(unit_norms(g, unit_axes), max_norm)
+    clip = _agc_units(g, weight, unit_axes, AGCSpec(clipping=clipping, eps=eps))[0]
     return np.broadcast_to(clip, g.shape).copy()
 
 
