@@ -3,8 +3,8 @@ runs (``./dev main`` runs them in worker subprocesses, one per backend and envir
 
 Cross-replica cases start helper processes per replica (4-11 s per case for torch on two
 cores, 62-70 s for all seven; keras about 40 s), so only a representative pair runs here,
-on the torch column (:data:`TORCH_SYNC`); ``./dev main`` runs all of them on every column
-and ``tests/test_keras_sync.py`` covers the Keras engine.
+on the torch and keras columns (:data:`SYNC_PAIR`, about 12 s each); ``./dev main`` runs
+all of them on every column.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ from conformance.worker import run_cases
 
 IN_PROCESS = ["bn/*", "agc/*", "error/*", "ws/*"]
 
-#: Cross-replica cases run here on the torch column (in declaration order): replicas
-#: holding one value each (1, 1, 1), whose statistics exist only once merged, and
-#: channels-last over uneven shards with an empty replica (3, 0, 5); both float32. The
-#: other five would cost about 45 s more and repeat these paths (even and uneven shards,
-#: float64).
-TORCH_SYNC = ["sync/one-value-replicas", "sync/axis-last"]
+#: Cross-replica cases run here on the torch and keras columns (in declaration order):
+#: replicas holding one value each (1, 1, 1), whose statistics exist only once merged,
+#: and channels-last over uneven shards with an empty replica (3, 0, 5); both float32.
+#: The other five would cost about 45 s more per column and repeat these paths (even and
+#: uneven shards, float64).
+SYNC_PAIR = ["sync/one-value-replicas", "sync/axis-last"]
 
 
 def _run(backend: str) -> None:
@@ -71,10 +71,16 @@ def test_torch_rounds_bfloat16_as_numpy_does() -> None:
     np.testing.assert_array_equal(torch_rounded, dtypes.round_bfloat16(values.astype(np.float32)))
 
 
-@pytest.mark.torch
-def test_torch_sync_cases() -> None:
-    results = run_cases(load_adapter("torch"), TORCH_SYNC)
-    assert [(r.case, r.status) for r in results] == [(c, "pass") for c in TORCH_SYNC], [
+@pytest.mark.parametrize(
+    "backend",
+    [
+        pytest.param("torch", marks=pytest.mark.torch),
+        pytest.param("keras", marks=pytest.mark.keras),
+    ],
+)
+def test_sync_cases(backend: str) -> None:
+    results = run_cases(load_adapter(backend), SYNC_PAIR)
+    assert [(r.case, r.status) for r in results] == [(c, "pass") for c in SYNC_PAIR], [
         r.message() for r in results
     ]
     assert all(r.score is not None and r.score <= 1.0 for r in results)
