@@ -506,11 +506,11 @@ def _agc_cases() -> list[AGCCase]:
             ag(f"agc/dtype/{dtype}/conv", (_kernel("conv", "conv", (6, 3, 3, 3)),), dtype=dtype),
             ag(f"agc/dtype/{dtype}/dense", (_kernel("fc", "dense", (6, 5)),), dtype=dtype),
         ]
-    # Invalid settings must raise ValueError everywhere (SPEC.md section 5, edge case 8).
-    # A missing name in `exclude` is not among them: the Keras and MXNet APIs exclude
-    # variable objects, so an unknown name cannot reach them through their adapters.
+    # Invalid settings must raise ValueError everywhere (SPEC.md section 5, edge case 8),
+    # and so must excluding a parameter the model does not have (Excluded parameters).
     fc = (_kernel("fc", "dense", (4, 3)),)
     out += [
+        ag("agc/error/exclude-missing", fc, exclude=("head.weight",), error=True),
         ag("agc/error/clipping-0", fc, clipping=0.0, error=True),
         ag("agc/error/clipping-negative", fc, clipping=-0.01, error=True),
         ag("agc/error/clipping-inf", fc, clipping=float("inf"), error=True),

@@ -122,7 +122,9 @@ def test_agc_error_cases_cover_every_invalid_setting() -> None:
     for case in bad.values():
         clipping_bad = not (np.isfinite(case.clipping) and case.clipping > 0)
         eps_bad = not (np.isfinite(case.eps) and case.eps >= 0)
-        assert clipping_bad != eps_bad, case.name
+        missing = {name for name in case.exclude if name not in {p.name for p in case.params}}
+        assert [clipping_bad, eps_bad, bool(missing)].count(True) == 1, case.name
+    assert any(c.exclude for c in bad.values())  # excluding a parameter the model lacks
 
 
 def test_ws_coverage() -> None:

@@ -209,7 +209,8 @@ class KerasAdapter(UnormModule, KerasBase):
     ) -> dict[str, np.ndarray]:
         holder, variables = build_agc_model(params)
         recorder = _recorder()
-        skip = [variables[name] for name in exclude]
+        # A name the model lacks goes through as a name, which the API must refuse.
+        skip = [variables.get(name, name) for name in exclude]
         opt = self.module().AGC(recorder, holder, clipping=clipping, eps=eps, exclude=skip)
         order = [p.name for p in params]
         grads = [to_tensor(p.grad, p.dtype) for p in params]

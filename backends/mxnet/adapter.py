@@ -240,7 +240,8 @@ class MXNetAdapter(UnormModule, MXNetBase):
         exclude: Sequence[str],
     ) -> dict[str, np.ndarray]:
         block, by_name = build_agc_block(params)
-        skip = [by_name[name] for name in exclude]
+        # A name the block lacks goes through as a name, which the API must refuse.
+        skip = [by_name.get(name, name) for name in exclude]
         self.module().adaptive_clip_grad(block, clipping=clipping, eps=eps, exclude=skip)
         return {p.name: to_numpy(by_name[p.name].grad()) for p in params}
 
