@@ -96,8 +96,8 @@ class BatchNorm(keras.layers.Layer):
     mean squared deviation from it); under ``mixed_float16``/``mixed_bfloat16`` the
     weights stay float32 and the output has the compute dtype.
 
-    Speed: on TensorFlow, with float32 statistics and features first or last (no mask,
-    one replica, any preset but ``"keras"``), training runs TensorFlow's fused BatchNorm
+    Speed: on TensorFlow, with float32 statistics and features last (no mask, one
+    replica, any preset but ``"keras"``), training runs TensorFlow's fused BatchNorm
     kernel, forward and backward, on the input less its batch mean: half the time of
     Keras's own layer, which composes a dozen passes over the input
     (``benchmarks/bench_keras.py``). Inference runs the same kernel in inference mode,
@@ -372,8 +372,7 @@ class BatchNorm(keras.layers.Layer):
             if self._fusable(x, None, batch_statistics=False):
                 from .tf_runtime import fused_batch_norm_inference
 
-                axis = normalize_axis(spec.axis, self._rank)
-                y = fused_batch_norm_inference(x, axis, gamma, beta, mean, variance, spec.eps)
+                y = fused_batch_norm_inference(x, gamma, beta, mean, variance, spec.eps)
         if y is None:
             y = ops.batch_normalization(
                 x, mean, variance, axis=spec.axis, offset=beta, scale=gamma, epsilon=spec.eps
@@ -391,7 +390,7 @@ class BatchNorm(keras.layers.Layer):
 
     def _fusable(self, x: Any, mask: Any, batch_statistics: bool = True) -> bool:
         """Whether the output (and in training the batch statistics) may come from
-        TensorFlow's fused kernel: float32, features first or last, no mask, one replica,
+        TensorFlow's fused kernel: float32, features last, no mask, one replica,
         not Keras's own arithmetic (``preset="keras"`` keeps it bit for bit), and at least
         2 values per feature (the kernel's unbiased variance divides by n - 1), as the
         count check ensures unless one value is allowed."""
@@ -400,8 +399,10 @@ class BatchNorm(keras.layers.Layer):
         if keras.backend.standardize_dtype(x.dtype) != "float32" or self._replicated():
             return False
         axis = normalize_axis(self.spec.axis, self._rank)
-        if axis not in (1, self._rank - 1) or x.shape[axis] is None:
-            return False  # the kernel wants the feature count when traced
+        if axis != self._rank - 1 or x.shape[axis] is None:
+            # Features last (TensorFlow's CPU kernel transposes channels-first input,
+            # 1.2-1.7x slower than the composed form), with their count known when traced.
+            return False
         if not batch_statistics:
             return True
         count = stats.count(x, self._reduce_axes)
@@ -424,8 +425,7 @@ class BatchNorm(keras.layers.Layer):
         if isinstance(count, int):  # refused before the kernel sees the batch
             self._checked(count, x.shape, None, None)
         mean = ops.stop_gradient(ops.mean(x, axis=self._reduce_axes, keepdims=True))
-        axis = normalize_axis(self.spec.axis, self._rank)
-        y, _, variance = fused_batch_norm_train(x - mean, axis, gamma, beta, self.spec.eps)
+        y, _, variance = fused_batch_norm_train(x - mean, gamma, beta, self.spec.eps)
         mean, variance, count = self._checked(count, x.shape, ops.reshape(mean, (-1,)), variance)
         return y, mean, variance, count
 

@@ -50,20 +50,15 @@ def assert_count(count: Any, allow_single_value: bool, message: str, *tensors: A
 
 
 def _fused_kernel(
-    x: Any, axis: int, gamma: Any, beta: Any, stats: tuple[Any, Any] | None, eps: float
+    x: Any, gamma: Any, beta: Any, stats: tuple[Any, Any] | None, eps: float
 ) -> tuple[Any, Any, Any]:
-    """``FusedBatchNormV3`` on float32 ``x`` of any rank with features on ``axis`` (the
-    last or 1): channels-last input is viewed as ``(1, 1, M, C)`` NHWC unless it has rank
-    4, channels-first as ``(N, C, M, 1)`` NCHW (reshapes, not copies). ``stats`` None:
-    training on the batch's statistics; else ``(mean, variance)`` to normalise with.
-    Returns ``y`` in ``x``'s shape and the kernel's mean and variance outputs."""
+    """``FusedBatchNormV3`` on float32 ``x`` of any rank with features on its last axis,
+    viewed as ``(1, 1, M, C)`` NHWC unless it has rank 4 (a reshape, not a copy).
+    ``stats`` None: training on the batch's statistics; else ``(mean, variance)`` to
+    normalise with. Returns ``y`` in ``x``'s shape and the kernel's mean and variance."""
     shape = tf.shape(x)
-    channels = int(x.shape[axis])
-    last = axis == len(x.shape) - 1
-    if last:
-        x4 = x if len(x.shape) == 4 else tf.reshape(x, [1, 1, -1, channels])
-    else:
-        x4 = x if len(x.shape) == 4 else tf.reshape(x, [shape[0], channels, -1, 1])
+    channels = int(x.shape[-1])
+    x4 = x if len(x.shape) == 4 else tf.reshape(x, [1, 1, -1, channels])
     ones = tf.ones([channels], x.dtype)
     y, mean, variance, _, _, _ = tf.raw_ops.FusedBatchNormV3(
         x=x4,
@@ -73,43 +68,42 @@ def _fused_kernel(
         variance=ones if stats is None else stats[1],
         epsilon=eps,
         exponential_avg_factor=1.0,
-        data_format="NHWC" if last else "NCHW",
+        data_format="NHWC",
         is_training=stats is None,
     )
     return tf.reshape(y, shape), mean, variance
 
 
-def fused_batch_norm_train(
-    x: Any, axis: int, gamma: Any, beta: Any, eps: float
-) -> tuple[Any, Any, Any]:
-    """Batch normalisation of float32 ``x`` over every axis but ``axis`` (the last or 1)
-    with its own batch statistics, by ``FusedBatchNormV3``: returns ``y``, the batch mean
-    and the biased batch variance (per feature). ``gamma``/``beta`` None: 1 and 0.
+def fused_batch_norm_train(x: Any, gamma: Any, beta: Any, eps: float) -> tuple[Any, Any, Any]:
+    """Batch normalisation of float32 ``x`` over every axis but the last with its own
+    batch statistics, by ``FusedBatchNormV3``: returns ``y``, the batch mean and the
+    biased batch variance (per feature). ``gamma``/``beta`` None: 1 and 0.
 
     One kernel computes mean, variance and output, and its registered gradient is one
     kernel too, where the composed form (``tf.nn.moments`` plus
     ``tf.nn.batch_normalization``, what Keras's own layer runs) takes a dozen passes over
-    ``x`` (2.5x the time at ResNet shapes on CPU). The kernel's variance is the unbiased
+    ``x`` (2x the time at ResNet shapes on CPU). The kernel's variance is the unbiased
     estimate; the biased one is recovered exactly enough (one rounding). The kernel's
     accuracy is that of ``E[x^2] - E[x]^2`` on some builds (oneDNN loses 1e-2 of ``y`` at
     mean 1e4, std 1), so the caller centres ``x`` first. At least 2 values per feature.
+    Channels-first input is not taken: TensorFlow's CPU kernel transposes it.
     """
-    y, mean, unbiased = _fused_kernel(x, axis, gamma, beta, None, eps)
-    n = tf.cast(tf.size(x, out_type=tf.int64) // int(x.shape[axis]), x.dtype)
+    y, mean, unbiased = _fused_kernel(x, gamma, beta, None, eps)
+    n = tf.cast(tf.size(x, out_type=tf.int64) // int(x.shape[-1]), x.dtype)
     return y, mean, unbiased * ((n - 1.0) / n)
 
 
 def fused_batch_norm_inference(
-    x: Any, axis: int, gamma: Any, beta: Any, mean: Any, variance: Any, eps: float
+    x: Any, gamma: Any, beta: Any, mean: Any, variance: Any, eps: float
 ) -> Any:
     """``(x - mean) / sqrt(variance + eps) * gamma + beta`` for float32 ``x`` with features
-    on ``axis`` (the last or 1), by ``FusedBatchNormV3`` in inference mode.
+    on its last axis, by ``FusedBatchNormV3`` in inference mode.
 
     As fast as ``tf.nn.batch_normalization`` (what Keras's own layer runs), and
     subtracts the mean before scaling: the composed ``x * s + (beta - mean * s)`` loses
     1e-3 of ``y`` at a running mean of 1e4 against a spread of 1, the kernel 4e-7.
     """
-    return _fused_kernel(x, axis, gamma, beta, (mean, variance), eps)[0]
+    return _fused_kernel(x, gamma, beta, (mean, variance), eps)[0]
 
 
 def update_on_backward(y: Any, update: Callable[[], None]) -> Any:
