@@ -33,6 +33,7 @@ from .spec import (
     ScaledWSSpec,
     UnitAxes,
     normalize_axis,
+    normalize_unit_axes,
 )
 
 __all__ = [
@@ -499,16 +500,6 @@ def batch_norm_step(
     return y, running
 
 
-def _unit_axes(ndim: int, unit_axes: UnitAxes) -> tuple[int, ...]:
-    if unit_axes is None or ndim <= 1:
-        return ()
-    axes = (unit_axes,) if isinstance(unit_axes, int) else tuple(unit_axes)
-    normalised = tuple(sorted({normalize_axis(a, ndim, "unit_axes") for a in axes}))
-    if len(normalised) != len(axes):
-        raise ValueError(f"unit_axes must name distinct axes, got {unit_axes!r}")
-    return normalised
-
-
 def unit_norms(w: ArrayLike, unit_axes: UnitAxes) -> F64:
     """Frobenius norm of every output unit of ``w``, in float64, kept broadcastable.
 
@@ -520,7 +511,7 @@ def unit_norms(w: ArrayLike, unit_axes: UnitAxes) -> F64:
         [5.0, 1.0]
     """
     data = _f64(w)
-    keep = _unit_axes(data.ndim, unit_axes)
+    keep = normalize_unit_axes(unit_axes, data.ndim)
     reduce = tuple(i for i in range(data.ndim) if i not in keep)
     norms: F64 = np.sqrt((data * data).sum(axis=reduce, keepdims=True))
     return norms
@@ -638,7 +629,7 @@ def _ws_parts(
     w: F64, unit_axes: UnitAxes, style: str, eps: float
 ) -> tuple[tuple[int, ...], int, F64, F64, F64]:
     """Reduced axes, fan_in, centred weights, per-unit variance and scale of Scaled WS."""
-    keep = _unit_axes(w.ndim, unit_axes)
+    keep = normalize_unit_axes(unit_axes, w.ndim)
     reduce = tuple(i for i in range(w.ndim) if i not in keep)
     fan_in = int(np.prod([w.shape[i] for i in reduce])) if reduce else 1
     if fan_in == 0:

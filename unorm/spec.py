@@ -41,6 +41,7 @@ __all__ = [
     "Unset",
     "given",
     "normalize_axis",
+    "normalize_unit_axes",
     "output_unit_axes",
     "validate_preset",
 ]
@@ -121,6 +122,27 @@ def normalize_axis(axis: object, ndim: int, name: str = "axis") -> int:
     if not -ndim <= index < ndim:
         raise _fail(name, axis, f"an integer in [{-ndim}, {ndim}) for an input of rank {ndim}")
     return index % ndim
+
+
+def normalize_unit_axes(unit_axes: UnitAxes, ndim: int) -> tuple[int, ...]:
+    """AGC's output-unit axes of a tensor of rank ``ndim`` as sorted non-negative indices;
+    ``()`` where the tensor is one unit (``unit_axes`` None, or rank <= 1).
+
+    Raises ``ValueError`` naming ``unit_axes`` for an axis out of range or one named twice
+    (``SPEC.md`` section 5).
+
+    Example:
+        >>> normalize_unit_axes((-1, 0), 4)
+        (0, 3)
+    """
+    if unit_axes is None or ndim <= 1:
+        return ()
+    # One axis may be any integer (a NumPy one too); normalize_axis refuses the rest.
+    listed = tuple(unit_axes) if isinstance(unit_axes, (tuple, list)) else (unit_axes,)
+    normalised = tuple(sorted({normalize_axis(a, ndim, "unit_axes") for a in listed}))
+    if len(normalised) != len(listed):
+        raise ValueError(f"unit_axes must name distinct axes, got {unit_axes!r}")
+    return normalised
 
 
 @dataclasses.dataclass(frozen=True)

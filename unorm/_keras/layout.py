@@ -19,7 +19,7 @@ from typing import Any, TypeAlias
 
 import keras
 
-from ..spec import UnitAxes, normalize_axis, output_unit_axes
+from ..spec import UnitAxes, normalize_unit_axes, output_unit_axes
 
 __all__ = [
     "Exclude",
@@ -172,19 +172,10 @@ def describe(item: Any) -> str:
 
 
 def _normalised(axes: UnitAxes, shape: tuple[int, ...], path: str) -> tuple[int, ...]:
-    if axes is None or len(shape) <= 1:
-        return ()
-    listed = (axes,) if isinstance(axes, int) else tuple(axes)
     try:
-        out = tuple(normalize_axis(a, len(shape), "unit_axes") for a in listed)
-    except ValueError as err:
+        return normalize_unit_axes(axes, len(shape))
+    except ValueError as err:  # the shared message, plus which variable
         raise ValueError(f"{err} (variable {path!r} of shape {shape})") from None
-    if len(set(out)) != len(out):
-        raise ValueError(
-            f"unit_axes must name distinct axes, got {axes!r} for variable {path!r} "
-            f"of shape {shape}"
-        )
-    return tuple(sorted(out))
 
 
 def resolve(

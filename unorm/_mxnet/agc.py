@@ -32,7 +32,13 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes, normalize_axis, output_unit_axes
+from ..spec import (
+    AGC_GRAD_NORM_FLOOR,
+    AGCSpec,
+    UnitAxes,
+    normalize_unit_axes,
+    output_unit_axes,
+)
 
 __all__ = ["AGC", "adaptive_clip_grad", "final_classifier", "unit_axes_of"]
 
@@ -222,20 +228,9 @@ def _resolve(
                 )
             axes = None
         target = _Target(param, axes, groups)
-        _check_axes(axes, len(target.view(tuple(param.shape))))
+        normalize_unit_axes(axes, len(target.view(tuple(param.shape))))
         targets.append(target)
     return targets
-
-
-def _check_axes(axes: UnitAxes, ndim: int) -> tuple[int, ...]:
-    """The sorted non-negative unit axes, or () for one unit."""
-    if axes is None or ndim <= 1:
-        return ()
-    listed = tuple(axes) if isinstance(axes, (tuple, list)) else (axes,)
-    normalised = sorted({normalize_axis(a, ndim, "unit_axes") for a in listed})
-    if len(normalised) != len(listed):
-        raise ValueError(f"unit_axes must name distinct axes, got {axes!r}")
-    return tuple(normalised)
 
 
 def _check_grads(targets: list[_Target]) -> None:
@@ -267,7 +262,7 @@ def _clip(grad: Any, weight: Any, target: _Target, spec: AGCSpec, rescale: float
         return
     dtype = np.dtype(grad.dtype)
     view = target.view(tuple(grad.shape))
-    units = _check_axes(target.axes, len(view))
+    units = normalize_unit_axes(target.axes, len(view))
     reduce = tuple(i for i in range(len(view)) if i not in units)
     work = np.float64 if dtype == np.float64 else np.float32  # norms in float32 or wider
     g = grad if dtype == work else grad.astype(work)

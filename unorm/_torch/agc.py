@@ -19,7 +19,13 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes, normalize_axis, output_unit_axes
+from ..spec import (
+    AGC_GRAD_NORM_FLOOR,
+    AGCSpec,
+    UnitAxes,
+    normalize_unit_axes,
+    output_unit_axes,
+)
 
 __all__ = ["AGC", "ExcludeSpec", "UnitAxesOverride", "adaptive_clip_grad_", "final_classifier"]
 
@@ -75,17 +81,10 @@ def _checked(unit: _Unit, param: Tensor) -> _Unit:
     """``unit`` once its axes are known to fit ``param`` (in range and distinct, as
     ``SPEC.md`` asks), so that no bad axis is met mid-clip after other gradients changed."""
     ndim = param.dim() if unit.view is None else len(unit.view)
-    if unit.axes is None or ndim <= 1:
-        return unit  # one unit, whatever the axes say (SPEC.md, AGC)
-    axes = (unit.axes,) if isinstance(unit.axes, int) else tuple(unit.axes)
-    where = f"parameter {unit.name!r} of shape {tuple(param.shape)}"
     try:
-        normalised = {normalize_axis(a, ndim, "unit_axes") for a in axes}
-    except ValueError as err:
-        raise ValueError(f"{err} ({where})") from None
-    if len(normalised) != len(axes):
-        # The reference's message (reference._unit_axes), plus which parameter.
-        raise ValueError(f"unit_axes must name distinct axes, got {unit.axes!r} ({where})")
+        normalize_unit_axes(unit.axes, ndim)
+    except ValueError as err:  # the shared message, plus which parameter
+        raise ValueError(f"{err} (parameter {unit.name!r} of shape {tuple(param.shape)})") from None
     return unit
 
 
@@ -201,8 +200,7 @@ def final_classifier(model: nn.Module) -> nn.Module:
 def _reduce_dims(unit: _Unit, ndim: int) -> tuple[int, ...] | None:
     if unit.axes is None or ndim <= 1:
         return None
-    axes = (unit.axes,) if isinstance(unit.axes, int) else unit.axes
-    keep = {normalize_axis(a, ndim, "unit_axes") for a in axes}
+    keep = normalize_unit_axes(unit.axes, ndim)
     return tuple(d for d in range(ndim) if d not in keep)
 
 
