@@ -160,3 +160,26 @@ def test_output_unit_axes_table() -> None:
     assert output_unit_axes("keras", "conv", 1) is None  # a bias is one unit
     with pytest.raises(ValueError, match="layer_kind must be one of"):
         output_unit_axes("torch", "lstm", 2)
+
+
+@pytest.mark.parametrize("framework", ["torch", "keras", "mxnet"])
+def test_native_gaps_are_the_settings_a_native_layer_cannot_be_told(framework: str) -> None:
+    assert BatchNormSpec.from_preset(framework, eps=0.1, momentum=0.3).native_gaps(framework) == []
+    canonical = BatchNormSpec(momentum=None).native_gaps(framework)
+    want = {
+        "torch": ["skip_nonfinite=True"],
+        "keras": [
+            "momentum=None",
+            "running_var='unbiased'",
+            "skip_nonfinite=True",
+            "allow_single_value=False",
+        ],
+        "mxnet": [
+            "momentum=None",
+            "running_var='unbiased'",
+            "skip_nonfinite=True",
+            "allow_single_value=False",
+            "update_on='forward'",
+        ],
+    }
+    assert canonical == want[framework]

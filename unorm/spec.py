@@ -230,6 +230,27 @@ class BatchNormSpec:
         base.update(overrides)
         return cls(**base)
 
+    def native_gaps(self, framework: str) -> list[str]:
+        """The training settings of this spec that ``framework``'s own BatchNorm layer
+        cannot be told, as ``name=value`` strings: where it differs from the framework's
+        preset in the running-variance feed, the non-finite guard, one value per feature
+        or when the update runs, and ``momentum=None`` outside PyTorch (Keras's and
+        Gluon's layers have no cumulative average). Eps and a momentum weight translate.
+
+        Example:
+            >>> BatchNormSpec(momentum=None).native_gaps("torch")
+            ['skip_nonfinite=True']
+            >>> BatchNormSpec.from_preset("keras").native_gaps("keras")
+            []
+        """
+        native = PRESETS[validate_preset(framework)]
+        gaps = ["momentum=None"] if self.momentum is None and framework != "torch" else []
+        for name in ("running_var", "skip_nonfinite", "allow_single_value", "update_on"):
+            value = getattr(self, name)
+            if value != native[name]:
+                gaps.append(f"{name}={value!r}")
+        return gaps
+
     @classmethod
     def from_native(cls, framework: str, **native: Any) -> BatchNormSpec:
         """Build the spec that reproduces a framework's own BatchNorm layer.

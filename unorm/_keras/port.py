@@ -578,20 +578,9 @@ def _apply_spec(layer: Any, source: Layer, spec: BatchNormSpec | ScaledWSSpec) -
         layer.spec = spec  # every setting is read through the spec at call time
         return
     layer.epsilon = float(spec.eps)
-    lost = []
-    if spec.momentum is None:
-        lost.append("momentum=None")
-    else:
+    if spec.momentum is not None:
         layer.momentum = 1.0 - spec.momentum  # Keras weighs the old value
-    if spec.running_var != "biased":
-        lost.append(f"running_var={spec.running_var!r}")
-    if spec.update_on != "forward":
-        lost.append(f"update_on={spec.update_on!r}")
-    # Keras's layer folds non-finite statistics in and trains on one value per feature.
-    if spec.skip_nonfinite:
-        lost.append("skip_nonfinite=True")
-    if not spec.allow_single_value:
-        lost.append("allow_single_value=False")
+    lost = spec.native_gaps("keras")
     if lost:
         warnings.warn(
             f"{source.name!r}: keras.layers.BatchNormalization cannot express the source's "

@@ -505,19 +505,9 @@ def _apply_spec(block: Any, layer: Layer, spec: BatchNormSpec | ScaledWSSpec) ->
         block._settings = OpSettings.from_spec(spec, **(block._sync_extra() or {}))
         return
     block._kwargs["eps"] = float(spec.eps)  # Gluon passes _kwargs to its operator
-    lost = []
-    if spec.momentum is None:
-        lost.append("momentum=None")
-    else:
+    if spec.momentum is not None:
         block._kwargs["momentum"] = 1.0 - spec.momentum  # Gluon weighs the old value
-    if spec.running_var != "biased":
-        lost.append(f"running_var={spec.running_var!r}")
-    if spec.skip_nonfinite:
-        lost.append("skip_nonfinite=True")
-    if not spec.allow_single_value:  # MXNet's kernel trains on one value per channel
-        lost.append("allow_single_value=False")
-    if spec.update_on != "backward":
-        lost.append(f"update_on={spec.update_on!r}")
+    lost = spec.native_gaps("mxnet")
     if lost:
         warnings.warn(
             f"{layer.name!r}: gluon.nn.BatchNorm cannot express the source's training "

@@ -252,17 +252,7 @@ def _apply_spec(module: nn.Module, layer: Layer, spec: BatchNormSpec | ScaledWSS
     assert isinstance(module, _BatchNorm)
     module.eps = spec.eps
     module.momentum = spec.momentum
-    # What nn.BatchNorm*d always does: unbiased feed, no guard (inf/NaN reach the running
-    # statistics), one value per channel refused, update in forward.
-    lost = []
-    if spec.running_var != "unbiased":
-        lost.append(f"running_var={spec.running_var!r}")
-    if spec.skip_nonfinite:
-        lost.append("skip_nonfinite=True")
-    if spec.allow_single_value:
-        lost.append("allow_single_value=True")
-    if spec.update_on != "forward":
-        lost.append(f"update_on={spec.update_on!r}")
+    lost = spec.native_gaps("torch")
     if lost:
         warnings.warn(
             f"{layer.name!r}: nn.BatchNorm cannot express the source's training semantics "
