@@ -20,7 +20,7 @@ import dataclasses
 import math
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -146,6 +146,20 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
+def _expect_value_error(call: Callable[[], object], settings: str) -> _Verdict:
+    """Pass when ``call`` raises ``ValueError`` (the spec's error for invalid settings);
+    fail when it raises anything else or nothing (``settings`` names what was invalid)."""
+    try:
+        call()
+    except Unsupported:
+        raise
+    except ValueError as exc:
+        return _Verdict("pass", f"raised {_error_text(exc)}")
+    except Exception as exc:
+        return _Verdict("fail", f"raised {_error_text(exc)}, expected ValueError")
+    return _Verdict("fail", f"no error raised ({settings})")
+
+
 def _run_batchnorm(adapter: Adapter, case: BatchNormCase) -> _Verdict:
     _require_dtype(adapter, case.dtype)
     config = _config(case, len(case.shape))
@@ -232,15 +246,7 @@ def _run_agc(adapter: Adapter, case: AGCCase) -> _Verdict:
         return adapter.agc(arrays, clipping=case.clipping, eps=case.eps, exclude=case.exclude)
 
     if case.error:
-        try:
-            clip()
-        except Unsupported:
-            raise
-        except ValueError as exc:
-            return _Verdict("pass", f"raised {_error_text(exc)}")
-        except Exception as exc:
-            return _Verdict("fail", f"raised {_error_text(exc)}, expected ValueError")
-        return _Verdict("fail", f"no error raised (clipping={case.clipping}, eps={case.eps})")
+        return _expect_value_error(clip, f"clipping={case.clipping}, eps={case.eps}")
     expected = agc_expected(case, inputs)
     alone = agc_left_alone(case, inputs)
     got = clip()
@@ -389,15 +395,7 @@ def _run_ws(adapter: Adapter, case: WSCase) -> _Verdict:
     weight = layout.to_backend("conv", inputs.weight)
     args = (inputs.x, weight, inputs.gain, inputs.bias, inputs.dy)
     if case.error:
-        try:
-            adapter.ws_conv(_ws_config(case), *args)
-        except Unsupported:
-            raise
-        except ValueError as exc:
-            return _Verdict("pass", f"raised {_error_text(exc)}")
-        except Exception as exc:
-            return _Verdict("fail", f"raised {_error_text(exc)}, expected ValueError")
-        return _Verdict("fail", "no error raised (fan_in is 0)")
+        return _expect_value_error(lambda: adapter.ws_conv(_ws_config(case), *args), "fan_in is 0")
     expected = ws_expected(case, inputs)
     got = adapter.ws_conv(_ws_config(case), *args)
     if got.dweight is not None:
