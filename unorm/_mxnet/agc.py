@@ -418,14 +418,8 @@ class AGC:
         ``batch_size`` as in ``gluon.Trainer.step``: the optimizer multiplies the gradient
         by ``trainer scale / batch_size``, and AGC clips that effective gradient.
         """
-        rescale = self._prepare(batch_size)
-        try:
-            self.trainer.allreduce_grads()
-        except AssertionError as err:  # Gluon's message for update_on_kvstore=True
-            raise ValueError(
-                "AGC clips between the all-reduce and the update: create the gluon.Trainer "
-                "with update_on_kvstore=False"
-            ) from err
+        rescale = self._prepare(batch_size)  # refuses update_on_kvstore, Gluon's assertion
+        self.trainer.allreduce_grads()
         _clip_targets(self._targets, self.spec, rescale)
         self.trainer.update(batch_size, ignore_stale_grad)
 
