@@ -3,6 +3,8 @@ differences, NumPy's own variance, and properties checked with hypothesis."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from hypothesis import assume, given
@@ -380,3 +382,18 @@ def test_agc_clipped_units_are_the_units_agc_clip_rescales() -> None:
     assert (clipped == clipped[:, :1]).all()  # whole units
     np.testing.assert_array_equal(out[~clipped], g[~clipped])
     assert (out[clipped] != g[clipped]).all()
+
+
+@pytest.mark.parametrize("clip_fn", [ref.agc_clip, ref.agc_clipped_units])
+@pytest.mark.parametrize(
+    ("grad", "weight", "message"),
+    [
+        (np.ones((2, 3)), np.ones((3, 2)), r"grad and weight must share a shape, got \(2, 3\)"),
+        (np.ones((2, 3), dtype=np.int64), np.ones((2, 3)), "grad must have a floating-point"),
+    ],
+)
+def test_agc_refuses_a_grad_that_does_not_fit(
+    clip_fn: Callable[..., np.ndarray], grad: np.ndarray, weight: np.ndarray, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        clip_fn(grad, weight, 0)

@@ -536,20 +536,25 @@ def agc_clip(
         >>> agc_clip(np.array([[3.0, 4.0]]), np.array([[100.0, 0.0]]), 0, clipping=0.01)
         array([[0.6, 0.8]])
     """
-    settings = AGCSpec(clipping=clipping, eps=eps)
-    g_in = np.asarray(grad)
-    if not np.issubdtype(g_in.dtype, np.floating):
-        raise ValueError(f"grad must have a floating-point dtype, got {g_in.dtype}")
-    w_in = np.asarray(weight)
-    if w_in.shape != g_in.shape:
-        raise ValueError(f"grad and weight must share a shape, got {g_in.shape} and {w_in.shape}")
-    g = g_in.astype(np.float64)
-    clip, max_norm, g_norm = _agc_units(g, w_in, unit_axes, settings)
+    g_in, g = _agc_grad(grad, weight)
+    clip, max_norm, g_norm = _agc_units(g, weight, unit_axes, AGCSpec(clipping=clipping, eps=eps))
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite units are left alone
         factor = max_norm / np.maximum(g_norm, AGC_GRAD_NORM_FLOOR)
         clipped = np.where(clip, g * factor, g).astype(g_in.dtype)
     # Units under the threshold come back bit for bit, whatever the float64 round trip did.
     return np.where(np.broadcast_to(clip, g_in.shape), clipped, g_in)
+
+
+def _agc_grad(grad: ArrayLike, weight: ArrayLike) -> tuple[np.ndarray, F64]:
+    """``grad`` as given and in float64, once it is checked to be floating point and of
+    ``weight``'s shape."""
+    g_in = np.asarray(grad)
+    if not np.issubdtype(g_in.dtype, np.floating):
+        raise ValueError(f"grad must have a floating-point dtype, got {g_in.dtype}")
+    w_shape = np.shape(weight)
+    if w_shape != g_in.shape:
+        raise ValueError(f"grad and weight must share a shape, got {g_in.shape} and {w_shape}")
+    return g_in, g_in.astype(np.float64)
 
 
 def _agc_units(
@@ -580,7 +585,7 @@ def agc_clipped_units(
         ...                   clipping=0.5).tolist()
         [[True, True], [False, False]]
     """
-    g = _f64(grad)
+    g = _agc_grad(grad, weight)[1]
     clip = _agc_units(g, weight, unit_axes, AGCSpec(clipping=clipping, eps=eps))[0]
     return np.broadcast_to(clip, g.shape).copy()
 
