@@ -151,11 +151,12 @@ def test_normalize_axis() -> None:
 
 def test_output_unit_axes_table() -> None:
     assert output_unit_axes("torch", "dense", 2) == 0
-    assert output_unit_axes("keras", "dense", 2) == -1
+    assert output_unit_axes("keras", "dense", 2) == 1
     assert output_unit_axes("torch", "conv_transpose", 4) == 1
     assert output_unit_axes("mxnet", "conv_transpose", 4) == 1
-    assert output_unit_axes("keras", "conv_transpose", 4) == -2
-    assert output_unit_axes("keras", "depthwise_conv", 4) == (-2, -1)
+    assert output_unit_axes("keras", "conv_transpose", 4) == 2
+    assert output_unit_axes("keras", "conv", 3) == 2
+    assert output_unit_axes("keras", "depthwise_conv", 4) == (2, 3)
     assert output_unit_axes("keras", "embedding", 2) == 0
     assert output_unit_axes("keras", "conv", 1) is None  # a bias is one unit
     with pytest.raises(ValueError, match="layer_kind must be one of"):

@@ -27,10 +27,12 @@ import numbers
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from ._core import layer_kinds
+from ._core.registry import plugin, plugin_names, plugins
+
 __all__ = [
     "AGC_GRAD_NORM_FLOOR",
     "LAYER_KINDS",
-    "OUTPUT_UNIT_AXES",
     "PRESETS",
     "UNSET",
     "WS_EPS",
@@ -46,7 +48,8 @@ __all__ = [
     "validate_preset",
 ]
 
-PresetName = Literal["torch", "keras", "mxnet"]
+#: The name of a preset: a backend's name (:func:`unorm._core.registry.plugin_names`).
+PresetName = str
 RunningVarEstimator = Literal["unbiased", "biased"]
 UpdateTime = Literal["forward", "backward"]
 
@@ -267,32 +270,32 @@ class BatchNormSpec:
             0.09999999999999998
         """
         name = validate_preset(framework)
+        declared = plugin(name).native_arguments
         out: dict[str, Any] = {}
         args = dict(native)
-        if name == "torch":
-            if "eps" in args:
-                out["eps"] = args.pop("eps")
-            if "momentum" in args:
+        if declared["eps"] in args:
+            out["eps"] = args.pop(declared["eps"])
+        if "momentum" in args:
+            if declared["momentum_weighs"] == "new":
                 out["momentum"] = args.pop("momentum")
+            else:
+                old_weight = _check_real("momentum", args.pop("momentum"), "a number in [0, 1]")
+                if not 0.0 <= old_weight <= 1.0:
+                    raise _fail("momentum", old_weight, f"a number in [0, 1] ({name} convention)")
+                out["momentum"] = 1.0 - old_weight
+        if declared["affine"]:
             if "affine" in args:
                 affine = _check_bool("affine", args.pop("affine"))
                 out["center"] = out["scale"] = affine
             if "track_running_stats" in args:
                 out["track_running_stats"] = args.pop("track_running_stats")
         else:
-            if "epsilon" in args:
-                out["eps"] = args.pop("epsilon")
-            if "momentum" in args:
-                old_weight = _check_real("momentum", args.pop("momentum"), "a number in [0, 1]")
-                if not 0.0 <= old_weight <= 1.0:
-                    raise _fail("momentum", old_weight, f"a number in [0, 1] ({name} convention)")
-                out["momentum"] = 1.0 - old_weight
             for key in ("center", "scale", "axis"):
                 if key in args:
                     out[key] = args.pop(key)
-            # Keras layers are channels-last by default; presets themselves leave the axis
-            # to the backend, but a native Keras argument set means Keras's default.
-            out.setdefault("axis", -1 if name == "keras" else 1)
+            # Presets themselves leave the axis to the backend, but a native argument set
+            # means the framework's own default (channels-last for Keras).
+            out.setdefault("axis", declared["default_axis"])
             if args.pop("use_global_stats", False):
                 raise _fail("use_global_stats", True, "False (freeze the layer instead)")
         if args:
@@ -301,44 +304,19 @@ class BatchNormSpec:
         return cls.from_preset(name, **out)
 
 
-#: The native presets: each framework's own BatchNorm semantics, as unorm settings.
-#: Sources are cited in ``SPEC.md`` (section *Presets*).
+#: The native presets: each backend's own BatchNorm semantics, as unorm settings, from its
+#: plug-in declaration. Sources are cited in ``SPEC.md`` (section *Presets*).
 PRESETS: Mapping[str, Mapping[str, Any]] = {
-    "torch": {
-        "eps": 1e-5,
-        "momentum": 0.1,
-        "running_var": "unbiased",
-        "skip_nonfinite": False,
-        "allow_single_value": False,
-        "update_on": "forward",
-        "preset": "torch",
-    },
-    "keras": {
-        "eps": 1e-3,
-        "momentum": 1.0 - 0.99,
-        "running_var": "biased",
-        "skip_nonfinite": False,
-        "allow_single_value": True,
-        "update_on": "forward",
-        "preset": "keras",
-    },
-    "mxnet": {
-        "eps": 1e-5,
-        "momentum": 1.0 - 0.9,
-        "running_var": "biased",
-        "skip_nonfinite": False,
-        "allow_single_value": True,
-        "update_on": "backward",
-        "preset": "mxnet",
-    },
+    p.name: {**p.native_preset, "preset": p.name} for p in plugins()
 }
 
 
 def validate_preset(preset: object) -> PresetName:
     """Return ``preset`` if it names a preset; raise ``ValueError`` listing them if not."""
     if not isinstance(preset, str) or preset not in PRESETS:
-        raise _fail("preset", preset, "one of 'keras', 'mxnet', 'torch' or None")
-    return preset  # type: ignore[return-value]
+        listed = ", ".join(repr(name) for name in plugin_names())
+        raise _fail("preset", preset, f"one of {listed} or None")
+    return preset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -406,53 +384,35 @@ class ScaledWSSpec:
 #: index the unit (Keras depthwise kernels), or None for "the whole tensor is one unit".
 UnitAxes = int | tuple[int, ...] | None
 
-#: The layer kinds whose weights AGC knows the layout of.
-LAYER_KINDS = ("dense", "conv", "conv_transpose", "depthwise_conv", "embedding")
+#: The layer kinds whose weights AGC knows the layout of (:mod:`unorm._core.layer_kinds`).
+LAYER_KINDS = layer_kinds.LAYER_KINDS
 
-#: Output-unit axes of each layer kind's weight, per framework layout (``SPEC.md``, AGC).
-OUTPUT_UNIT_AXES: Mapping[str, Mapping[str, UnitAxes]] = {
-    # PyTorch: Linear (out, in); Conv (O, I/g, *k); ConvTranspose (I, O/g, *k);
-    # depthwise is Conv with groups=in, (O, 1, *k); Embedding (num, dim).
-    "torch": {
-        "dense": 0,
-        "conv": 0,
-        "conv_transpose": 1,
-        "depthwise_conv": 0,
-        "embedding": 0,
-    },
-    # MXNet Gluon: Dense (units, in); Conv (O, I/g, *k); Conv*DTranspose (I, O/g, *k).
-    "mxnet": {
-        "dense": 0,
-        "conv": 0,
-        "conv_transpose": 1,
-        "depthwise_conv": 0,
-        "embedding": 0,
-    },
-    # Keras: Dense (in, units); Conv (*k, I/g, O); Conv*DTranspose (*k, O, I);
-    # DepthwiseConv2D (*k, I, M) whose output channel i*M + m is indexed by (I, M).
-    "keras": {
-        "dense": -1,
-        "conv": -1,
-        "conv_transpose": -2,
-        "depthwise_conv": (-2, -1),
-        "embedding": 0,
-    },
-}
+
+def _single(axes: tuple[int, ...]) -> UnitAxes:
+    return axes[0] if len(axes) == 1 else axes
 
 
 def output_unit_axes(framework: str, layer_kind: str, ndim: int) -> UnitAxes:
-    """Return the output-unit axes of a ``layer_kind`` weight of rank ``ndim``.
+    """Return the output-unit axes (non-negative) of a ``layer_kind`` weight of rank
+    ``ndim`` in ``framework``'s layout; one axis as an int, several as a tuple.
 
-    Tensors of rank <= 1 (biases, gains) are one unit: the result is None.
+    Tensors of rank <= 1 (biases, gains) are one unit: the result is None. A grouped
+    transposed convolution's units need its group count:
+    :func:`unorm._core.layer_kinds.unit_plan`.
 
     Example:
         >>> output_unit_axes("keras", "dense", 2)
-        -1
+        1
+        >>> output_unit_axes("keras", "depthwise_conv", 4)
+        (2, 3)
         >>> output_unit_axes("torch", "dense", 1) is None
         True
     """
     fw = validate_preset(framework)
-    kind = _check_choice("layer_kind", layer_kind, LAYER_KINDS)
+    kind = layer_kinds.check_kind(layer_kind)
     if ndim <= 1:
         return None
-    return OUTPUT_UNIT_AXES[fw][kind]
+    layout = plugin(fw).layouts.get(kind)
+    if layout is None:
+        raise ValueError(f"{fw} has no layer of kind {kind!r}")
+    return _single(layout.unit_axes(kind, ndim))
