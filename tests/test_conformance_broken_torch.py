@@ -11,6 +11,7 @@ pytest.importorskip("torch")
 
 from conformance.adapter import load_adapter  # noqa: E402
 from conformance.worker import run_cases  # noqa: E402
+from unorm._core.layer_kinds import KernelLayout  # noqa: E402
 from unorm._torch import agc as torch_agc  # noqa: E402
 from unorm._torch.batchnorm import BatchNorm  # noqa: E402
 
@@ -35,10 +36,8 @@ def test_running_statistics_updated_twice(monkeypatch: pytest.MonkeyPatch) -> No
 
 
 def test_rank_based_agc_axis(monkeypatch: pytest.MonkeyPatch) -> None:
-    real = torch_agc.output_unit_axes
-
-    def rank_rule(framework: str, kind: str, ndim: int) -> Any:
-        return 0 if ndim >= 2 else real(framework, kind, ndim)
-
-    monkeypatch.setattr(torch_agc, "output_unit_axes", rank_rule)
+    # A rank rule takes axis 0 of every weight: a transposed convolution then looks as if
+    # its layout were (O/g, I, *k).
+    rank_rule = {**torch_agc._LAYOUTS, "conv_transpose": KernelLayout("b a k")}
+    monkeypatch.setattr(torch_agc, "_LAYOUTS", rank_rule)
     _assert_fails(["agc/conv_transpose/*"], "")

@@ -135,7 +135,7 @@ def test_exclusion_by_module_name_and_parameter() -> None:
         np.testing.assert_array_equal(net[4].weight.grad.numpy(), grads["4.weight"])
         assert not np.array_equal(net[0].weight.grad.numpy(), grads["0.weight"])
     with pytest.raises(
-        ValueError, match="exclude names no parameter or module of the model: 'head'"
+        ValueError, match=r"exclude names no parameter or layer of the model: \['head'\]"
     ):
         adaptive_clip_grad_(_net(), exclude="head")
 
@@ -152,7 +152,9 @@ def test_unknown_layer_needs_an_explicit_axis() -> None:
         adaptive_clip_grad_(model)
     adaptive_clip_grad_(model, unit_axes={"table": 1})
     torch.testing.assert_close(model.table.grad.norm(dim=0), torch.full((4,), 0.01 * 3**0.5))
-    with pytest.raises(ValueError, match="unit_axes names a parameter that is not clipped"):
+    with pytest.raises(
+        ValueError, match=r"unit_axes names no parameter or layer of the model: \['tabel'\]"
+    ):
         adaptive_clip_grad_(model, unit_axes={"table": 1, "tabel": 1})
     adaptive_clip_grad_(model, exclude="table")  # an excluded parameter needs no axis
 
@@ -160,7 +162,10 @@ def test_unknown_layer_needs_an_explicit_axis() -> None:
 def test_bare_parameters_of_rank_2_need_unit_axes() -> None:
     w = nn.Parameter(torch.ones(2, 3))
     w.grad = torch.ones(2, 3)
-    with pytest.raises(ValueError, match="has rank >= 2 and no unit axis"):
+    with pytest.raises(
+        ValueError,
+        match=r"output-unit axis of parameter 'parameters\[0\]' \(shape \(2, 3\)\), which no",
+    ):
         adaptive_clip_grad_([w])
     adaptive_clip_grad_([w], unit_axes=0)
     torch.testing.assert_close(w.grad.norm(dim=1), torch.full((2,), 0.01 * 3**0.5))
@@ -309,3 +314,36 @@ def test_no_host_synchronisation_per_tensor(monkeypatch: pytest.MonkeyPatch) -> 
     for method in ("item", "__bool__", "tolist", "__float__", "__int__"):
         monkeypatch.setattr(torch.Tensor, method, refuse)
     adaptive_clip_grad_(net, exclude=final_classifier(net))
+
+
+def test_add_param_group_checks_ownership_as_the_constructor_does() -> None:
+    net = _net()
+    body = [p for n, p in net.named_parameters() if not n.startswith("4.")]
+    opt = AGC(torch.optim.SGD(body, lr=0.1), net, exclude="4.bias")
+    stray = nn.Parameter(torch.ones(3, 5, dtype=torch.float64))
+    with pytest.raises(
+        ValueError,
+        match=r"output-unit axis of parameter 'param_groups\[1\]\[0\]' \(shape \(3, 5\)\), "
+        "which no layer of the model owns",
+    ):
+        opt.add_param_group({"params": [stray]})
+    assert len(opt.param_groups) == len(opt.optimizer.param_groups) == 1  # nothing added
+    # The classifier's weight is owned by a Linear: added, it is clipped per output row.
+    opt.add_param_group({"params": [net[4].weight, net[4].bias], "lr": 0.0})
+    assert len(opt.optimizer.param_groups) == 2 and opt.param_groups is opt.optimizer.param_groups
+    grads = _set_grads(net, seed=11, scale=1.0)
+    opt.clip()
+    w = net[4].weight.detach().numpy()
+    expected = ref.agc_clip(grads["4.weight"], w, 0, clipping=0.01, eps=1e-3)
+    np.testing.assert_allclose(net[4].weight.grad.numpy(), expected, rtol=1e-12)
+    np.testing.assert_array_equal(net[4].bias.grad.numpy(), grads["4.bias"])  # excluded
+
+
+def test_unowned_optimizer_parameter_of_rank_1_is_one_unit() -> None:
+    net = nn.Linear(3, 2).double()
+    gain = nn.Parameter(torch.ones(4, dtype=torch.float64))
+    opt = AGC(torch.optim.SGD([*net.parameters(), gain], lr=0.1), net)
+    gain.grad = torch.full((4,), 3.0, dtype=torch.float64)
+    opt.clip()
+    expected = ref.agc_clip(np.full(4, 3.0), np.ones(4), None, clipping=0.01, eps=1e-3)
+    np.testing.assert_allclose(gain.grad.numpy(), expected, rtol=1e-12)

@@ -12,20 +12,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
 from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..spec import (
-    AGC_GRAD_NORM_FLOOR,
-    AGCSpec,
-    UnitAxes,
-    normalize_unit_axes,
-    output_unit_axes,
-)
+from .._core.agc_plan import Param, Resolution, Target, resolve
+from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes
+from .plugin import PLUGIN
 
 __all__ = ["AGC", "ExcludeSpec", "UnitAxesOverride", "adaptive_clip_grad_", "final_classifier"]
 
@@ -41,144 +36,96 @@ _HALF = (torch.float16, torch.bfloat16)
 _ROW_MAJOR_PARAMS = re.compile(
     r"^(in_proj_weight|[qkv]_proj_weight|weight_(ih|hh|hr)_l\d+(_reverse)?)$"
 )
+_LAYOUTS = PLUGIN.layouts
+_ACCEPTED = "parameter or module names, modules or parameters"
 
 
-@dataclass(frozen=True)
-class _Unit:
-    """How to find one parameter's units: an optional view, then the unit axes."""
-
-    name: str
-    axes: UnitAxes
-    view: tuple[int, ...] | None = None
-
-
-def _layer_unit(module: nn.Module, pname: str, param: Tensor, qualified: str) -> _Unit | None:
-    """The unit of ``param`` owned directly by ``module``; None when unknown."""
-    if param.dim() <= 1:
-        return _Unit(qualified, None)
+def _describe(module: nn.Module, pname: str, param: Tensor, qualified: str) -> Param:
+    """``param``, owned directly by ``module``, as the core resolution sees it."""
+    owner = type(module).__name__
+    shape = tuple(param.shape)
     if isinstance(module, _ConvTransposeNd):
-        if pname == "weight" and module.groups > 1:
-            # (I, O/g, *k): output channel j of group k is (k, :, j) of the view
-            # (g, I/g, O/g, *k), so the units span axes 0 and 2 (a rank rule would mix groups).
-            g = module.groups
-            view = (g, param.shape[0] // g, *param.shape[1:])
-            return _Unit(qualified, (0, 2), view)
-        return _Unit(qualified, output_unit_axes("torch", "conv_transpose", param.dim()))
+        return Param(id(param), qualified, shape, owner, "conv_transpose", module.groups)
     if isinstance(module, _ConvNd):
-        return _Unit(qualified, output_unit_axes("torch", "conv", param.dim()))
+        return Param(id(param), qualified, shape, owner, "conv")
     if isinstance(module, (nn.Linear, nn.Bilinear)):
-        return _Unit(qualified, output_unit_axes("torch", "dense", param.dim()))
+        return Param(id(param), qualified, shape, owner, "dense")
     if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
-        return _Unit(qualified, output_unit_axes("torch", "embedding", param.dim()))
+        return Param(id(param), qualified, shape, owner, "embedding")
     if isinstance(module, (nn.MultiheadAttention, nn.RNNBase)) and _ROW_MAJOR_PARAMS.match(pname):
-        return _Unit(qualified, 0)
+        return Param(id(param), qualified, shape, owner, axes=0)
     if isinstance(module, nn.MultiheadAttention) and pname in ("bias_k", "bias_v"):
-        return _Unit(qualified, None)  # (1, 1, E): a bias vector, one unit
-    return None
+        return Param(id(param), qualified, shape, owner, axes=None)  # (1, 1, E): one unit
+    return Param(id(param), qualified, shape, owner)
 
 
-def _checked(unit: _Unit, param: Tensor) -> _Unit:
-    """``unit`` once its axes are known to fit ``param`` (in range and distinct, as
-    ``SPEC.md`` asks), so that no bad axis is met mid-clip after other gradients changed."""
-    ndim = param.dim() if unit.view is None else len(unit.view)
-    try:
-        normalize_unit_axes(unit.axes, ndim)
-    except ValueError as err:  # the shared message, plus which parameter
-        raise ValueError(f"{err} (parameter {unit.name!r} of shape {tuple(param.shape)})") from None
-    return unit
-
-
-def _check_override(override: object) -> None:
-    """Refuse an override of the wrong kind before it is looked into (a tuple would be
-    compared with tensors, a bool taken for an axis)."""
-    if override is None or isinstance(override, Mapping):
-        return
-    if isinstance(override, bool) or not isinstance(override, int):
-        raise ValueError(
-            "unit_axes must be an int (every parameter of rank >= 2), a mapping from "
-            f"parameter name or parameter to axes, or None, got {override!r}"
-        )
-
-
-def _override(override: UnitAxesOverride, name: str, param: Tensor) -> tuple[bool, UnitAxes]:
-    if override is None:
-        return False, None
-    if isinstance(override, int):
-        return (True, override) if param.dim() >= 2 else (False, None)
-    for key in (name, param):
-        if key in override:
-            return True, override[key]
-    return False, None
-
-
-def _check_override_keys(override: UnitAxesOverride, names: set[str], params: set[int]) -> None:
-    if override is None or isinstance(override, int):
-        return
-    for key in override:
-        known = key in names if isinstance(key, str) else id(key) in params
-        if not known:
-            shown = key if isinstance(key, str) else f"tensor of shape {tuple(key.shape)}"
-            raise ValueError(f"unit_axes names a parameter that is not clipped: {shown!r}")
-
-
-def _units_of_module(
-    module: nn.Module, override: UnitAxesOverride, skipped: set[int]
-) -> dict[int, _Unit]:
-    _check_override(override)
-    units: dict[int, _Unit] = {}
+def _module_params(module: nn.Module) -> tuple[list[Param], dict[int, Tensor]]:
+    """Every parameter of ``module`` once (a shared one under its first owner, as
+    ``named_parameters`` does), and the tensors by key."""
+    params: list[Param] = []
+    tensors: dict[int, Tensor] = {}
     for mname, sub in module.named_modules():
         for pname, param in sub.named_parameters(recurse=False):
+            if id(param) in tensors:
+                continue
             qualified = f"{mname}.{pname}" if mname else pname
-            if id(param) in units:
-                continue  # shared parameter: the first owner decides, as named_parameters does
-            forced, axes = _override(override, qualified, param)
-            unit = _Unit(qualified, axes) if forced else _layer_unit(sub, pname, param, qualified)
-            if unit is None and id(param) in skipped:
-                continue  # excluded: its axis does not matter
-            if unit is None:
-                raise ValueError(
-                    f"AGC does not know the output-unit axis of parameter {qualified!r} "
-                    f"(shape {tuple(param.shape)}) of {type(sub).__name__}; pass "
-                    f"unit_axes={{{qualified!r}: <axis>}} or exclude it"
-                )
-            units[id(param)] = _checked(unit, param)
-    names = {u.name for u in units.values()}
-    _check_override_keys(override, names, set(units))
-    return units
+            params.append(_describe(sub, pname, param, qualified))
+            tensors[id(param)] = param
+    return params, tensors
 
 
-def _units_of_params(params: Iterable[Tensor], override: UnitAxesOverride) -> dict[int, _Unit]:
-    _check_override(override)
-    units: dict[int, _Unit] = {}
-    for i, param in enumerate(params):
-        name = f"parameters[{i}]"
-        forced, axes = _override(override, name, param)
-        if not forced and param.dim() >= 2:
-            raise ValueError(
-                f"{name} (shape {tuple(param.shape)}) has rank >= 2 and no unit axis: pass "
-                "the module that owns it (its layers decide the axis), or unit_axes"
-            )
-        units[id(param)] = _checked(_Unit(name, axes), param)
-    return units
+def _matcher(params: list[Param], tensors: dict[int, Tensor]) -> Callable[[Any], list[int] | None]:
+    """How an ``exclude`` item or ``unit_axes`` key names parameters: a module all of its
+    parameters, a tensor itself, a name the parameter or module of that qualified name."""
 
-
-def _excluded_ids(module: nn.Module | None, exclude: ExcludeSpec) -> set[int]:
-    items: list[Any] = [exclude] if isinstance(exclude, (str, nn.Module, Tensor)) else list(exclude)
-    out: set[int] = set()
-    named = dict(module.named_parameters()) if module is not None else {}
-    for item in items:
+    def match(item: Any) -> list[int] | None:
         if isinstance(item, nn.Module):
-            out.update(id(p) for p in item.parameters())
-        elif isinstance(item, Tensor):
-            out.add(id(item))
-        elif isinstance(item, str):
-            hits = [p for n, p in named.items() if n == item or n.startswith(item + ".")]
-            if not hits:
-                raise ValueError(f"exclude names no parameter or module of the model: {item!r}")
-            out.update(id(p) for p in hits)
-        else:
-            raise TypeError(f"exclude items must be names, modules or parameters, got {item!r}")
-    return out
+            owned = {id(p) for p in item.parameters()}
+            return [p.key for p in params if p.key in owned]  # type: ignore[misc]
+        if isinstance(item, Tensor):
+            return [id(item)] if id(item) in tensors else []
+        if isinstance(item, str):
+            return [
+                p.key  # type: ignore[misc]
+                for p in params
+                if p.name == item or p.name.startswith(item + ".")
+            ]
+        return None
+
+    return match
+
+
+def _single(item: object) -> bool:
+    # A module or a tensor is one item although it is iterable.
+    return isinstance(item, (str, nn.Module, Tensor))
+
+
+def _name_of(item: object) -> str:
+    if isinstance(item, Tensor):
+        return f"tensor of shape {tuple(item.shape)}"
+    if isinstance(item, nn.Module):
+        return f"{type(item).__name__} module"
+    return str(item)
+
+
+def _resolve(
+    params: list[Param], tensors: dict[int, Tensor], exclude: ExcludeSpec, unit_axes: object
+) -> Resolution:
+    return resolve(
+        params,
+        _LAYOUTS,
+        match=_matcher(params, tensors),
+        exclude=exclude,
+        unit_axes=unit_axes,
+        single=_single,
+        accepted=_ACCEPTED,
+        name_of=_name_of,
+    )
+
+
+def _bare(tensors: Iterable[Tensor]) -> list[Param]:
+    """Parameters given without their module, named by their position."""
+    return [Param(id(t), f"parameters[{i}]", tuple(t.shape)) for i, t in enumerate(tensors)]
 
 
 def final_classifier(model: nn.Module) -> nn.Module:
@@ -197,18 +144,11 @@ def final_classifier(model: nn.Module) -> nn.Module:
     return linears[-1]
 
 
-def _reduce_dims(unit: _Unit, ndim: int) -> tuple[int, ...] | None:
-    if unit.axes is None or ndim <= 1:
-        return None
-    keep = normalize_unit_axes(unit.axes, ndim)
-    return tuple(d for d in range(ndim) if d not in keep)
-
-
 @torch.no_grad()
-def _clip_one(param: Tensor, grad: Tensor, unit: _Unit, settings: AGCSpec) -> None:
-    g = grad if unit.view is None else grad.view(unit.view)
-    w = param.detach() if unit.view is None else param.detach().view(unit.view)
-    dims = _reduce_dims(unit, g.dim())
+def _clip_one(param: Tensor, grad: Tensor, target: Target, settings: AGCSpec) -> None:
+    g = grad if target.view is None else grad.view(target.view)
+    w = param.detach() if target.view is None else param.detach().view(target.view)
+    dims = target.reduce_axes if target.axes else None  # no unit axes: one unit
     norm_dtype = torch.float32 if g.dtype in _HALF else None
     w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=norm_dtype)
     g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=norm_dtype)
@@ -254,23 +194,23 @@ def adaptive_clip_grad_(
         >>> adaptive_clip_grad_(net, clipping=0.01, exclude=final_classifier(net))
     """
     settings = AGCSpec(clipping=clipping, eps=eps)
-    params: list[Tensor]
     if isinstance(parameters_or_module, nn.Module):
-        skipped = _excluded_ids(parameters_or_module, exclude)
-        units = _units_of_module(parameters_or_module, unit_axes, skipped)
-        params = [*parameters_or_module.parameters()]
+        described, tensors = _module_params(parameters_or_module)
     else:
-        params = (
+        given = (
             [parameters_or_module]
             if isinstance(parameters_or_module, Tensor)
             else list(parameters_or_module)
         )
-        units = _units_of_params(params, unit_axes)
-        skipped = _excluded_ids(None, exclude)
-    for param in params:
-        if param.grad is None or id(param) in skipped:
-            continue
-        _clip_one(param, param.grad, units[id(param)], settings)
+        tensors = {}
+        for tensor in given:
+            tensors.setdefault(id(tensor), tensor)
+        described = _bare(tensors.values())
+    plan = _resolve(described, tensors, exclude, unit_axes)
+    for target in plan.targets:
+        param = tensors[target.key]  # type: ignore[index]
+        if param.grad is not None:
+            _clip_one(param, param.grad, target, settings)
 
 
 class AGC(torch.optim.Optimizer):
@@ -312,32 +252,54 @@ class AGC(torch.optim.Optimizer):
         self.settings = AGCSpec(clipping=clipping, eps=eps)
         self.optimizer = optimizer
         self.module = module
-        self._skipped = _excluded_ids(module, exclude)
-        self._units = _units_of_module(module, unit_axes, self._skipped)
+        self._exclude = exclude
+        self._unit_axes = unit_axes
+        self._params, self._tensors = _module_params(module)
+        self._targets = self._plan(optimizer.param_groups)
         # Initialise the base class's hook machinery over the same group dicts, then
         # share the wrapped optimizer's groups and state, so both always agree.
         super().__init__(optimizer.param_groups, optimizer.defaults)
         self.param_groups = optimizer.param_groups
         self.state = optimizer.state
-        unowned = [
-            tuple(p.shape)
-            for group in self.param_groups
-            for p in group["params"]
-            if id(p) not in self._units and p.dim() >= 2
-        ]
-        if unowned:
-            raise ValueError(
-                f"the optimizer has parameters of rank >= 2 that module does not own: {unowned}"
-            )
+        self._ready = True
+
+    def _plan(self, groups: Iterable[Mapping[str, Any]]) -> dict[int, Target]:
+        """The targets of every parameter of ``groups``, resolved with the module's
+        layers, ``exclude`` and ``unit_axes``; refuses a parameter of rank >= 2 that no
+        layer of the module owns and no ``unit_axes`` entry covers."""
+        extra: dict[int, Tensor] = {}
+        unowned: list[Param] = []
+        for g, group in enumerate(groups):
+            listed = group["params"]
+            for i, tensor in enumerate([listed] if isinstance(listed, Tensor) else listed):
+                if id(tensor) not in self._tensors and id(tensor) not in extra:
+                    extra[id(tensor)] = tensor
+                    unowned.append(
+                        Param(id(tensor), f"param_groups[{g}][{i}]", tuple(tensor.shape))
+                    )
+        params = self._params + unowned
+        plan = _resolve(params, {**self._tensors, **extra}, self._exclude, self._unit_axes)
+        return plan.by_key()  # type: ignore[return-value]
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a parameter group to the wrapped optimizer, after the same checks as the
+        constructor (every parameter's unit axes known); nothing changes if they fail."""
+        if not getattr(self, "_ready", False):  # the base constructor's own groups
+            super().add_param_group(param_group)
+            return
+        targets = self._plan([*self.param_groups, param_group])
+        self.optimizer.add_param_group(param_group)
+        self._targets = targets
+        self.param_groups = self.optimizer.param_groups
 
     def clip(self) -> None:
         """Clip the gradients of the optimizer's parameters in place (AGC)."""
         for group in self.param_groups:
             for param in group["params"]:
-                if param.grad is None or id(param) in self._skipped:
+                target = self._targets.get(id(param))
+                if param.grad is None or target is None:  # no target: excluded
                     continue
-                unit = self._units.get(id(param), _Unit("", None))
-                _clip_one(param, param.grad, unit, self.settings)
+                _clip_one(param, param.grad, target, self.settings)
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Clip, then step the wrapped optimizer. ``closure`` re-evaluates the loss."""

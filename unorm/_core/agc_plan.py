@@ -1,0 +1,250 @@
+"""AGC's parameter resolution, written once for every backend (``SPEC.md`` section 5).
+
+A backend lists the parameters AGC may clip as :class:`Param` records (its own key, a
+qualified name, the shape, the owning layer's kind and group count) and says how an
+``exclude`` item or a ``unit_axes`` key names parameters (a *matcher*). :func:`resolve`
+does the rest, with the same precedence and the same messages everywhere:
+
+1. a parameter named by ``exclude`` is left alone (a layer excludes its weight and bias);
+2. else a ``unit_axes`` mapping entry naming it gives its axes (axes of the tensor
+   itself, never of a grouped view);
+3. else a parameter of rank <= 1 is one unit;
+4. else an int ``unit_axes`` gives the axis of every parameter of rank >= 2;
+5. else the owning layer's kind decides, in the backend's layout
+   (:func:`unorm._core.layer_kinds.unit_plan`, grouped transposed convolutions on their
+   grouped view);
+6. else the backend's own rule for a layer outside the table (:attr:`Param.axes`, e.g.
+   attention projections whose rows are units);
+7. else it is an error naming the parameter, its shape and its layer, and the two ways
+   out (``unit_axes`` or ``exclude``).
+
+Every check runs before any gradient changes: a backend resolves first and clips after.
+
+Example:
+    >>> from unorm._core.layer_kinds import KernelLayout
+    >>> layouts = {"dense": KernelLayout("k b a")}
+    >>> params = [Param("fc/kernel", "fc/kernel", (4, 3), "Dense", "dense"),
+    ...           Param("fc/bias", "fc/bias", (3,), "Dense", "dense")]
+    >>> plan = resolve(params, layouts, match=lambda item: [item] if item in
+    ...                ("fc/kernel", "fc/bias") else [])
+    >>> [(t.name, t.axes) for t in plan.targets]
+    [('fc/kernel', (1,)), ('fc/bias', ())]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import Any
+
+from ..spec import UnitAxes, normalize_unit_axes
+from .layer_kinds import LayoutTable, unit_plan
+
+__all__ = [
+    "NOT_KNOWN",
+    "Matcher",
+    "Param",
+    "Resolution",
+    "Target",
+    "check_unit_axes_type",
+    "describe_shape",
+    "resolve",
+    "unknown_axis_error",
+]
+
+
+class _NotKnown:
+    def __repr__(self) -> str:
+        return "NOT_KNOWN"
+
+
+#: :attr:`Param.axes` of a parameter whose layer has no rule of its own.
+NOT_KNOWN: Any = _NotKnown()
+
+#: Maps one ``exclude`` item or ``unit_axes`` key to the keys of the parameters it names
+#: (empty: it names none); None when the item is of a type the backend does not take.
+Matcher = Callable[[Any], "Sequence[Hashable] | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One parameter as AGC sees it.
+
+    Attributes:
+        key: the backend's handle (``id`` of a tensor, a variable index, a name).
+        name: the qualified name shown in messages (``"features.0.weight"``).
+        shape: the parameter's shape.
+        owner: the owning layer's type name (``"Conv2d"``), or None: no layer of the model
+            owns it (a bare parameter list).
+        kind: the owning layer's kind for this parameter (``"conv"``...), or None: the
+            layer-kind table does not cover it.
+        groups: the layer's group count (used by ``conv_transpose``).
+        axes: the backend's own unit axes for a layer outside the table, or
+            :data:`NOT_KNOWN`.
+    """
+
+    key: Hashable
+    name: str
+    shape: tuple[int, ...]
+    owner: str | None = None
+    kind: str | None = None
+    groups: int = 1
+    axes: UnitAxes | Any = NOT_KNOWN
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """How to clip one parameter: on ``view`` (None: its own shape), units along ``axes``
+    (sorted, non-negative; empty: the whole tensor is one unit)."""
+
+    key: Hashable
+    name: str
+    shape: tuple[int, ...]
+    axes: tuple[int, ...]
+    view: tuple[int, ...] | None = None
+
+    @property
+    def reduce_axes(self) -> tuple[int, ...]:
+        """The axes the norms reduce over (every axis of the clipped shape but the units')."""
+        ndim = len(self.view if self.view is not None else self.shape)
+        return tuple(d for d in range(ndim) if d not in self.axes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Resolution:
+    """What :func:`resolve` decided: a target per parameter to clip, in the order given,
+    and the keys of the excluded ones."""
+
+    targets: tuple[Target, ...]
+    excluded: frozenset[Hashable]
+
+    def by_key(self) -> dict[Hashable, Target]:
+        """The targets keyed by their parameter's key."""
+        return {t.key: t for t in self.targets}
+
+
+def describe_shape(shape: Sequence[int]) -> str:
+    """``shape`` as messages show it: ``(3, 4)``."""
+    return str(tuple(int(d) for d in shape))
+
+
+def unknown_axis_error(param: Param, hint: str = "") -> ValueError:
+    """The error for a parameter of rank >= 2 whose output-unit axis nothing decides;
+    ``hint`` names a further way out the backend offers."""
+    where = (
+        f" of {param.owner}" if param.owner is not None else ", which no layer of the model owns"
+    )
+    return ValueError(
+        f"AGC does not know the output-unit axis of parameter {param.name!r} "
+        f"(shape {describe_shape(param.shape)}){where}; pass "
+        f"unit_axes={{{param.name!r}: <axis>}}{hint} or exclude it"
+    )
+
+
+def check_unit_axes_type(unit_axes: object) -> None:
+    """Refuse a ``unit_axes`` of the wrong kind before it is looked into (a bool would be
+    taken for an axis, a tuple compared with parameters)."""
+    if unit_axes is None or isinstance(unit_axes, Mapping):
+        return
+    if isinstance(unit_axes, bool) or not isinstance(unit_axes, int):
+        raise ValueError(
+            "unit_axes must be an int (the axis of every parameter of rank >= 2), a mapping "
+            f"from parameters to axes, or None, got {unit_axes!r}"
+        )
+
+
+def _items(value: Any, single: Callable[[Any], bool]) -> list[Any]:
+    if single(value) or not isinstance(value, Iterable):
+        return [value]
+    return list(value)
+
+
+def _matched(
+    what: str, items: Iterable[Any], match: Matcher, accepted: str, names: Callable[[Any], str]
+) -> list[tuple[Any, list[Hashable]]]:
+    """Each item with the keys it names; one error listing every item that names none."""
+    out: list[tuple[Any, list[Hashable]]] = []
+    missing: list[str] = []
+    for item in items:
+        keys = match(item)
+        if keys is None:
+            raise ValueError(f"{what} takes {accepted}, got {item!r}")
+        if not keys:
+            missing.append(names(item))
+        out.append((item, list(keys)))
+    if missing:
+        raise ValueError(f"{what} names no parameter or layer of the model: {missing}")
+    return out
+
+
+def _checked(axes: UnitAxes, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
+    try:
+        return normalize_unit_axes(axes, len(shape))
+    except ValueError as err:  # the shared message, plus which parameter
+        raise ValueError(f"{err} (parameter {name!r} of shape {describe_shape(shape)})") from None
+
+
+def resolve(
+    params: Sequence[Param],
+    layouts: LayoutTable,
+    *,
+    match: Matcher,
+    exclude: Any = (),
+    unit_axes: Any = None,
+    single: Callable[[Any], bool] = lambda item: isinstance(item, str),
+    accepted: str = "parameters, layers or their names",
+    name_of: Callable[[Any], str] = str,
+    hint: str = "",
+) -> Resolution:
+    """Decide how AGC treats each of ``params`` (module docstring: the precedence).
+
+    Args:
+        params: the parameters, in the order the backend clips them.
+        layouts: the backend's :class:`~unorm._core.layer_kinds.KernelLayout` per kind.
+        match: how an ``exclude`` item or ``unit_axes`` key names parameters.
+        exclude: one item or an iterable of items (``single`` says which values are one
+            item though iterable, e.g. a name or a layer).
+        unit_axes: None, an int for every parameter of rank >= 2, or a mapping from
+            items to axes.
+        accepted: what ``exclude`` and ``unit_axes`` take, for the message on a bad item.
+        name_of: how an item is shown in messages.
+        hint: a further way out for a parameter nothing gives an axis to (``", pass
+            model=..."``), inserted in that message.
+
+    Raises ``ValueError`` for an item that names no parameter, a bad ``unit_axes``, an
+    axis out of range or repeated, and a parameter nothing gives an axis to.
+    """
+    check_unit_axes_type(unit_axes)
+    excluded: set[Hashable] = set()
+    for _, keys in _matched("exclude", _items(exclude, single), match, accepted, name_of):
+        excluded.update(keys)
+    overrides: dict[Hashable, UnitAxes] = {}
+    if isinstance(unit_axes, Mapping):
+        for item, keys in _matched("unit_axes", unit_axes, match, accepted, name_of):
+            for key in keys:
+                overrides[key] = unit_axes[item]
+    every = unit_axes if isinstance(unit_axes, int) else None
+    targets: list[Target] = []
+    for param in params:
+        if param.key in excluded:
+            continue
+        shape = tuple(int(d) for d in param.shape)
+        if param.key in overrides:
+            axes = _checked(overrides[param.key], shape, param.name)
+            targets.append(Target(param.key, param.name, shape, axes))
+        elif len(shape) <= 1:
+            targets.append(Target(param.key, param.name, shape, ()))
+        elif every is not None:
+            targets.append(Target(param.key, param.name, shape, _checked(every, shape, param.name)))
+        elif param.kind is not None and param.kind in layouts:
+            try:
+                plan = unit_plan(param.kind, layouts[param.kind], shape, param.groups)
+            except ValueError as err:
+                raise ValueError(f"{err} (parameter {param.name!r})") from None
+            targets.append(Target(param.key, param.name, shape, plan.axes, plan.view))
+        elif param.axes is not NOT_KNOWN:
+            axes = _checked(param.axes, shape, param.name)
+            targets.append(Target(param.key, param.name, shape, axes))
+        else:
+            raise unknown_axis_error(param, hint)
+    return Resolution(tuple(targets), frozenset(excluded))
