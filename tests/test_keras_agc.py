@@ -16,7 +16,7 @@ keras = pytest.importorskip("keras")
 tf = pytest.importorskip("tensorflow")
 
 from unorm._keras.clip import clip_gradient, clip_gradients  # noqa: E402
-from unorm.keras import AGC, final_classifier  # noqa: E402
+from unorm.keras import AGC, adaptive_clip_grad, final_classifier, unit_axes_of  # noqa: E402
 
 # Output-unit axes of Keras weights, written out from SPEC.md's table (not from the code).
 KERNEL_AXES = {
@@ -384,9 +384,15 @@ def test_custom_loop_apply_and_names() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({}, "unit_axes has no entry for parameter .*a/kernel.*pass model="),
-        ({"exclude": "nothing_here", "unit_axes": 0}, "exclude names parameters that do not"),
-        ({"unit_axes": {"a/kernel": 0, "c": 1}}, "unit_axes names parameters that do not"),
+        ({}, "output-unit axis of parameter .*a/kernel.*, model= .*or exclude it"),
+        (
+            {"exclude": "nothing_here", "unit_axes": 0},
+            r"exclude names no parameter or layer of the model: \['nothing_here'\]",
+        ),
+        (
+            {"unit_axes": {"a/kernel": 0, "c": 1}},
+            r"unit_axes names no parameter or layer of the model: \['c'\]",
+        ),
         ({"unit_axes": {"a/kernel": (0, -2), "b/kernel": 0}}, "unit_axes must name distinct"),
         ({"unit_axes": {"a/kernel": 2, "b/kernel": 0}}, "unit_axes must be an integer in"),
     ],
@@ -488,3 +494,38 @@ def test_mixed_float16_model_trains_with_agc_and_batchnorm() -> None:
         want = ref.agc_clip(g, w, -1 if g.ndim == 2 else None)
         # float16 forward and backward: the two gradients agree to float16 precision.
         np.testing.assert_allclose(seen.numpy(), want, rtol=2e-2, atol=2e-2 * np.abs(want).max())
+
+
+def test_functional_agc_matches_the_reference_per_layer() -> None:
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 2)),
+            keras.layers.Conv2DTranspose(3, 3, name="up"),
+            keras.layers.Flatten(),
+            keras.layers.Dense(4, name="fc"),
+        ]
+    )
+    variables = list(model.trainable_variables)
+    rng = np.random.default_rng(4)
+    grads = [rng.standard_normal(tuple(v.shape)).astype(np.float32) for v in variables]
+    out = adaptive_clip_grad(grads, variables, model, clipping=0.05, exclude="fc/bias")
+    axes = unit_axes_of(model)
+    # Conv2DTranspose (kh, kw, O, I): O is axis 2; Dense (in, out): axis 1.
+    assert {path.split("/", 1)[1]: a for path, a in axes.items()} == {
+        "up/kernel": 2,
+        "fc/kernel": 1,
+    }
+    for v, g, c in zip(variables, grads, out, strict=True):
+        w = np.array(v.numpy(), np.float64)
+        if v.path.endswith("fc/bias"):
+            np.testing.assert_array_equal(np.asarray(c), g)  # excluded
+            continue
+        unit = {"kernel": 2 if "up" in v.path else 1}.get(v.path.split("/")[-1])
+        want = ref.agc_clip(g.astype(np.float64), w, unit, clipping=0.05, eps=1e-3)
+        np.testing.assert_allclose(np.asarray(c), want, rtol=2e-6, atol=1e-7, err_msg=v.path)
+
+
+def test_a_misspelled_exclude_is_refused_when_the_optimizer_is_made() -> None:
+    model = _dense_model()
+    with pytest.raises(ValueError, match=r"exclude names no parameter or layer .*\['head'\]"):
+        AGC(keras.optimizers.SGD(), model, exclude="head")

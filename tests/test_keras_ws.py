@@ -123,13 +123,13 @@ def test_config_and_saved_model_round_trip(tmp_path: Path) -> None:
 
 
 def test_agc_clips_the_kernel_per_output_channel_and_the_gain_as_one_unit() -> None:
-    from unorm._keras.layout import layer_unit_axes
+    from unorm.keras import unit_axes_of
 
     conv = ScaledStdConv2D(4, 3)
     conv.build((None, 5, 5, 2))
-    axes = layer_unit_axes(conv)
-    assert axes[id(conv.kernel)] == -1  # HWIO: O is the last axis
-    assert id(conv.gain) not in axes  # rank 1: one unit
+    axes = unit_axes_of(conv)
+    assert axes[conv.kernel.path] == 3  # HWIO: O is the last axis
+    assert conv.gain.path not in axes  # rank 1: one unit
 
 
 def test_nf_lenet_trains_in_seconds() -> None:

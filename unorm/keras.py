@@ -10,8 +10,9 @@ backend, everything else also runs on the JAX and torch backends.
   ``synchronized=True`` for exact cross-replica statistics under ``tf.distribute``.
 - :func:`convert`: a copy of a model with its BatchNormalization layers swapped for
   unorm's, weights carried over.
-- :class:`AGC`, :func:`final_classifier`: Adaptive Gradient Clipping as a Keras
-  optimizer wrapper, with output-unit axes read from each variable's layer.
+- :class:`AGC`, :func:`adaptive_clip_grad`, :func:`final_classifier`,
+  :func:`unit_axes_of`: Adaptive Gradient Clipping as a Keras optimizer wrapper and as a
+  function, with output-unit axes read from each variable's layer.
 
 Example:
     >>> import keras
@@ -24,10 +25,10 @@ Example:
 
 from __future__ import annotations
 
-from ._keras.agc import AGC
+from ._keras.agc import AGC, adaptive_clip_grad
 from ._keras.batchnorm import BatchNorm
 from ._keras.convert import convert
-from ._keras.layout import final_classifier
+from ._keras.layout import final_classifier, unit_axes_of
 from ._keras.port import export_checkpoint, load_checkpoint
 from ._keras.ws import ScaledStdConv2D
 
@@ -35,8 +36,10 @@ __all__ = [
     "AGC",
     "BatchNorm",
     "ScaledStdConv2D",
+    "adaptive_clip_grad",
     "convert",
     "export_checkpoint",
     "final_classifier",
     "load_checkpoint",
+    "unit_axes_of",
 ]

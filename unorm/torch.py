@@ -7,8 +7,9 @@ Imports PyTorch and nothing of the other frameworks.
 - :class:`SyncBatchNorm`: the same over ``torch.distributed``, merging per-rank
   statistics exactly (uneven and empty ranks give the single-process result).
 - :func:`convert`: swap a model's native BatchNorm layers for unorm's.
-- :func:`adaptive_clip_grad_`, :class:`AGC`, :func:`final_classifier`: Adaptive Gradient
-  Clipping with output-unit axes taken from each parameter's layer.
+- :func:`adaptive_clip_grad_`, :class:`AGC`, :func:`final_classifier`,
+  :func:`unit_axes_of`: Adaptive Gradient Clipping with output-unit axes taken from each
+  parameter's layer.
 - :class:`ScaledStdConv2d` (and 1d/3d): Scaled Weight Standardisation for
   normalizer-free networks.
 - :func:`export_checkpoint`, :func:`load_checkpoint`: the framework-neutral checkpoint
@@ -27,7 +28,7 @@ Example:
 
 from __future__ import annotations
 
-from ._torch.agc import AGC, adaptive_clip_grad_, final_classifier
+from ._torch.agc import AGC, adaptive_clip_grad_, final_classifier, unit_axes_of
 from ._torch.batchnorm import BatchNorm
 from ._torch.convert import convert
 from ._torch.port import export_checkpoint, load_checkpoint
@@ -46,4 +47,5 @@ __all__ = [
     "export_checkpoint",
     "final_classifier",
     "load_checkpoint",
+    "unit_axes_of",
 ]

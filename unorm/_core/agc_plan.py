@@ -48,6 +48,7 @@ __all__ = [
     "Target",
     "check_unit_axes_type",
     "describe_shape",
+    "layer_unit_axes",
     "resolve",
     "unknown_axis_error",
 ]
@@ -248,3 +249,30 @@ def resolve(
         else:
             raise unknown_axis_error(param, hint)
     return Resolution(tuple(targets), frozenset(excluded))
+
+
+def layer_unit_axes(params: Sequence[Param], layouts: LayoutTable) -> dict[str, UnitAxes]:
+    """The output-unit axes the layers decide for each parameter of rank >= 2 (step 5 and
+    6 of the precedence), by name: one axis as an int, several as a tuple. A grouped
+    transposed convolution's axes are those of its grouped view (:class:`Target`).
+
+    Example:
+        >>> from unorm._core.layer_kinds import KernelLayout
+        >>> layer_unit_axes([Param(0, "up.weight", (4, 2, 3, 3), "ConvTranspose2d",
+        ...                        "conv_transpose", groups=2)], {"conv_transpose":
+        ...                  KernelLayout("a b k")})
+        {'up.weight': (0, 2)}
+    """
+    out: dict[str, UnitAxes] = {}
+    for param in params:
+        shape = tuple(int(d) for d in param.shape)
+        if len(shape) <= 1:
+            continue
+        if param.kind is not None and param.kind in layouts:
+            axes = unit_plan(param.kind, layouts[param.kind], shape, param.groups).axes
+        elif param.axes is not NOT_KNOWN:
+            axes = _checked(param.axes, shape, param.name)
+        else:
+            continue
+        out[param.name] = axes[0] if len(axes) == 1 else axes
+    return out

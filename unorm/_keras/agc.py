@@ -10,9 +10,10 @@ import keras
 
 from ..spec import AGCSpec, UnitAxes
 from . import hooks
+from .clip import clip_gradients
 from .layout import Exclude, UnitAxesOverride, VariableSetting, describe, resolve, short_names
 
-__all__ = ["AGC"]
+__all__ = ["AGC", "adaptive_clip_grad"]
 
 # Base-optimizer arguments that belong on the wrapped optimizer, not on the wrapper.
 _INNER_ONLY = (
@@ -115,6 +116,11 @@ class AGC(keras.optimizers.Optimizer):
         if kwargs:
             raise ValueError(f"AGC got unknown argument(s): {', '.join(sorted(kwargs))}")
         spec = AGCSpec(clipping=clipping, eps=eps)
+        if model is not None and getattr(model, "built", False):
+            # The model is known now: a misspelled exclude or unit_axes name is refused
+            # here rather than at the first training step (build checks the optimizer's
+            # own variables again).
+            resolve(model.trainable_variables, model=model, exclude=exclude, unit_axes=unit_axes)
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             optimizer = keras.optimizers.get(optimizer)
         super().__init__(learning_rate=0.0, name=name)
@@ -247,3 +253,51 @@ def _axes_from_json(axes: Any) -> UnitAxes:
     if isinstance(axes, list):
         return tuple(int(a) for a in axes)
     return axes  # type: ignore[no-any-return]
+
+
+def adaptive_clip_grad(
+    grads: Sequence[Any],
+    variables: Sequence[Any],
+    model: Any = None,
+    clipping: float = 0.01,
+    eps: float = 1e-3,
+    *,
+    exclude: Exclude = (),
+    unit_axes: UnitAxesOverride = None,
+) -> list[Any]:
+    """AGC of ``grads`` against ``variables`` (``SPEC.md`` section 5): the clipped
+    gradients, in order (Keras tensors are immutable, so nothing is clipped in place).
+
+    The functional form of :class:`AGC`, for custom training loops; the same arguments
+    and the same resolution of each variable's output-unit axes (from ``model``'s layers,
+    ``exclude``, ``unit_axes``). Excluded variables' gradients come back as they are.
+    Call it on the effective gradient: after loss-scale unscaling and all-reduce.
+
+    Example:
+        >>> import numpy as np
+        >>> fc = keras.layers.Dense(1, use_bias=False)
+        >>> fc.build((None, 2))
+        >>> _ = fc.kernel.assign(np.ones((2, 1), "float32"))
+        >>> g = np.array([[300.0], [400.0]], "float32")
+        >>> [np.asarray(c).round(5).tolist() for c in adaptive_clip_grad([g], [fc.kernel], fc)]
+        [[[0.00849], [0.01131]]]
+    """
+    spec = AGCSpec(clipping=clipping, eps=eps)
+    grads, variables = list(grads), list(variables)
+    if len(grads) != len(variables):
+        raise ValueError(
+            f"grads and variables must have one entry per variable, got {len(grads)} "
+            f"and {len(variables)}"
+        )
+    settings = resolve(variables, model=model, exclude=exclude, unit_axes=unit_axes)
+    chosen = [k for k, s in enumerate(settings) if not s.excluded and grads[k] is not None]
+    clipped = clip_gradients(
+        [grads[k] for k in chosen],
+        [variables[k] for k in chosen],
+        [settings[k].unit_axes for k in chosen],
+        spec,
+    )
+    out = list(grads)
+    for k, c in zip(chosen, clipped, strict=True):
+        out[k] = c
+    return out

@@ -14,12 +14,15 @@ layer's variables and ``"dense_1/kernel"`` its kernel only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import keras
 
-from ..spec import UnitAxes, normalize_unit_axes, output_unit_axes
+from .._core.agc_plan import Param, layer_unit_axes
+from .._core.agc_plan import resolve as resolve_params
+from ..spec import UnitAxes
+from .plugin import PLUGIN
 
 __all__ = [
     "Exclude",
@@ -29,6 +32,7 @@ __all__ = [
     "path_matches",
     "resolve",
     "short_names",
+    "unit_axes_of",
 ]
 
 #: What ``exclude`` accepts: variables, layers, names (see the module docstring).
@@ -107,19 +111,16 @@ def _all_layers(model: Any) -> list[Any]:
     return list(model._flatten_layers(include_self=True, recursive=True))
 
 
-def layer_unit_axes(model: Any) -> dict[int, UnitAxes]:
-    """Output-unit axes of the weights of every known layer in ``model``, keyed by
-    ``id`` of the variable. Weights of rank <= 1 and of unknown layers are left out."""
-    found: dict[int, UnitAxes] = {}
+def _owners(model: Any) -> dict[int, tuple[str, str]]:
+    """``(layer type, layer kind)`` of every weight of a known layer in ``model``, keyed by
+    ``id`` of the variable."""
+    found: dict[int, tuple[str, str]] = {}
     for layer in _all_layers(model):
         kinds = _layer_kinds(layer)
-        if not kinds:
-            continue
         for variable in layer.weights:
             kind = kinds.get(variable.name)
-            rank = len(variable.shape)
-            if kind is not None and rank >= 2:
-                found[id(variable)] = output_unit_axes("keras", kind, rank)
+            if kind is not None:
+                found.setdefault(id(variable), (type(layer).__name__, kind))
     return found
 
 
@@ -141,27 +142,20 @@ def final_classifier(model: Any) -> Any:
     return dense[-1]
 
 
-def _items(value: Any) -> list[Any]:
-    if isinstance(value, (str, keras.Variable, keras.layers.Layer)):
-        return [value]
-    if isinstance(value, Iterable):
-        return list(value)
-    return [value]
+def _matcher(variables: Sequence[Any]) -> Callable[[Any], list[int] | None]:
+    """Indices of ``variables`` that an item (variable, layer or name) names."""
 
+    def match(item: Any) -> list[int] | None:
+        if isinstance(item, keras.Variable):
+            return [i for i, v in enumerate(variables) if v is item]
+        if isinstance(item, keras.layers.Layer):
+            owned = {id(v) for v in item.weights}
+            return [i for i, v in enumerate(variables) if id(v) in owned]
+        if isinstance(item, str):
+            return [i for i, v in enumerate(variables) if path_matches(item, v.path)]
+        return None
 
-def _selected(item: Any, variables: Sequence[Any]) -> list[int]:
-    """Indices of ``variables`` that ``item`` (variable, layer or name) names."""
-    if isinstance(item, keras.Variable):
-        return [i for i, v in enumerate(variables) if v is item]
-    if isinstance(item, keras.layers.Layer):
-        owned = {id(v) for v in item.weights}
-        return [i for i, v in enumerate(variables) if id(v) in owned]
-    if isinstance(item, str):
-        return [i for i, v in enumerate(variables) if path_matches(item, v.path)]
-    raise ValueError(
-        "exclude and unit_axes take keras Variables, Layers or names (str), "
-        f"got {type(item).__name__}"
-    )
+    return match
 
 
 def describe(item: Any) -> str:
@@ -171,11 +165,31 @@ def describe(item: Any) -> str:
     return str(item)
 
 
-def _normalised(axes: UnitAxes, shape: tuple[int, ...], path: str) -> tuple[int, ...]:
-    try:
-        return normalize_unit_axes(axes, len(shape))
-    except ValueError as err:  # the shared message, plus which variable
-        raise ValueError(f"{err} (variable {path!r} of shape {shape})") from None
+def _single(item: Any) -> bool:
+    return isinstance(item, (str, keras.Variable, keras.layers.Layer))
+
+
+def _params(variables: Sequence[Any], model: Any) -> list[Param]:
+    owners = {} if model is None else _owners(model)
+    params = []
+    for i, variable in enumerate(variables):
+        owner, kind = owners.get(id(variable), (None, None))
+        shape = tuple(int(d) for d in variable.shape)
+        params.append(Param(i, str(variable.path), shape, owner, kind))
+    return params
+
+
+def unit_axes_of(model: Any) -> dict[str, UnitAxes]:
+    """The output-unit axes (non-negative) of every weight of rank >= 2 whose layer AGC
+    knows, by variable path (``SPEC.md`` section 5; Keras kernels ``(..., in, out)``).
+
+    Example:
+        >>> dense = keras.layers.Dense(3, name="fc")
+        >>> dense.build((None, 4))
+        >>> unit_axes_of(dense)
+        {'fc/kernel': 1}
+    """
+    return layer_unit_axes(_params(list(model.weights), model), PLUGIN.layouts)
 
 
 def resolve(
@@ -185,66 +199,28 @@ def resolve(
     exclude: Exclude = (),
     unit_axes: UnitAxesOverride = None,
 ) -> list[VariableSetting]:
-    """How AGC treats each of ``variables`` (in order).
-
-    Precedence per variable: excluded; else an override in ``unit_axes`` (a mapping entry
-    naming it, or one int for every variable of rank >= 2); else the axes of the layer
-    of ``model`` that owns it; a variable of rank <= 1 is one unit. Raises ``ValueError``
-    for an ``exclude``/``unit_axes`` entry that names no variable, and for a variable of
-    rank >= 2 whose layer is unknown and which has no override.
+    """How AGC treats each of ``variables`` (in order), decided by
+    :func:`unorm._core.agc_plan.resolve` with the output-unit axes of the layers of
+    ``model`` that own them. Raises ``ValueError`` for an ``exclude``/``unit_axes`` entry
+    that names no variable, and for a variable of rank >= 2 whose layer is unknown and
+    which has no override.
     """
-    excluded: set[int] = set()
-    missing: list[str] = []
-    for item in _items(exclude):
-        hits = _selected(item, variables)
-        if not hits:
-            missing.append(describe(item))
-        excluded.update(hits)
-    if missing:
-        raise ValueError(f"exclude names parameters that do not exist: {missing}")
-
-    overrides: dict[int, UnitAxes] = {}
-    every: int | None = None
-    if isinstance(unit_axes, int) and not isinstance(unit_axes, bool):
-        every = unit_axes
-    elif isinstance(unit_axes, Mapping):
-        missing = []
-        for key, axes in unit_axes.items():
-            hits = _selected(key, variables)
-            if not hits:
-                missing.append(describe(key))
-            for i in hits:
-                overrides[i] = axes
-        if missing:
-            raise ValueError(f"unit_axes names parameters that do not exist: {missing}")
-    elif unit_axes is not None:
-        raise ValueError(
-            "unit_axes must be an int, a mapping from variables, layers or names to "
-            f"axes, or None, got {unit_axes!r}"
-        )
-
-    from_layers = {} if model is None else layer_unit_axes(model)
-    settings = []
-    for i, variable in enumerate(variables):
-        path = str(variable.path)
-        shape = tuple(int(d) for d in variable.shape)
-        if i in excluded:
-            settings.append(VariableSetting(path, True))
-            continue
-        chosen: UnitAxes
-        if i in overrides:
-            chosen = overrides[i]
-        elif len(shape) <= 1:
-            chosen = None
-        elif every is not None:
-            chosen = every
-        elif id(variable) in from_layers:
-            chosen = from_layers[id(variable)]
-        else:
-            hint = "" if model is not None else "pass model= so AGC can read it from its layer, or "
-            raise ValueError(
-                f"unit_axes has no entry for parameter {path!r} of shape {shape}: {hint}say "
-                "which axis indexes its output units"
-            )
-        settings.append(VariableSetting(path, False, _normalised(chosen, shape, path)))
-    return settings
+    params = _params(variables, model)
+    plan = resolve_params(
+        params,
+        PLUGIN.layouts,
+        match=_matcher(variables),
+        exclude=exclude,
+        unit_axes=unit_axes,
+        single=_single,
+        accepted="keras Variables, Layers or names (str)",
+        name_of=describe,
+        hint="" if model is not None else ", model= (AGC reads the axis from its layer)",
+    )
+    targets = plan.by_key()
+    return [
+        VariableSetting(p.name, False, targets[p.key].axes)
+        if p.key in targets
+        else VariableSetting(p.name, True)
+        for p in params
+    ]

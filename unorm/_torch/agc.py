@@ -18,11 +18,18 @@ import torch
 from torch import Tensor, nn
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from .._core.agc_plan import Param, Resolution, Target, resolve
+from .._core.agc_plan import Param, Resolution, Target, layer_unit_axes, resolve
 from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes
 from .plugin import PLUGIN
 
-__all__ = ["AGC", "ExcludeSpec", "UnitAxesOverride", "adaptive_clip_grad_", "final_classifier"]
+__all__ = [
+    "AGC",
+    "ExcludeSpec",
+    "UnitAxesOverride",
+    "adaptive_clip_grad_",
+    "final_classifier",
+    "unit_axes_of",
+]
 
 #: What ``exclude`` accepts: names of parameters or modules, modules, parameters.
 ExcludeSpec: TypeAlias = str | nn.Module | Tensor | Iterable[str | nn.Module | Tensor]
@@ -126,6 +133,18 @@ def _resolve(
 def _bare(tensors: Iterable[Tensor]) -> list[Param]:
     """Parameters given without their module, named by their position."""
     return [Param(id(t), f"parameters[{i}]", tuple(t.shape)) for i, t in enumerate(tensors)]
+
+
+def unit_axes_of(module: nn.Module) -> dict[str, UnitAxes]:
+    """The output-unit axes (non-negative) of every parameter of rank >= 2 whose layer AGC
+    knows, by qualified name (``SPEC.md`` section 5). A grouped transposed convolution
+    reports the axes of its weight viewed as ``(g, I/g, O/g, *k)``, which AGC clips on.
+
+    Example:
+        >>> unit_axes_of(nn.Sequential(nn.Linear(4, 3), nn.ConvTranspose2d(4, 2, 3, groups=2)))
+        {'0.weight': 0, '1.weight': (0, 2)}
+    """
+    return layer_unit_axes(_module_params(module)[0], _LAYOUTS)
 
 
 def final_classifier(model: nn.Module) -> nn.Module:
