@@ -8,9 +8,20 @@ backends are there, in which environment, with which file endings" without impor
 of them. Everything a backend does runs from the modules the declaration names, imported
 only when used (einops's ``_backends.py`` works the same way).
 
+The standard-library tools (``tools/devenv.py`` runs under a bare ``python3.11``) read
+it too, by putting the repository root on ``sys.path`` and importing this module. That
+executes ``unorm/__init__.py``, which imports only :mod:`unorm.spec`; both, and every
+``plugin`` module, import nothing but the standard library and ``unorm._core`` (NumPy is
+imported inside the functions of :mod:`unorm._core.layer_kinds` that move arrays). So no
+loader that bypasses the package is needed, and the package's own import keeps one path;
+``tests/test_no_framework_names.py`` checks in a subprocess with NumPy blocked that this
+stays true.
+
 Example:
     >>> sorted(p.name for p in plugins())
     ['keras', 'mxnet', 'torch']
+    >>> [p.name for p in plugins_in_order()]
+    ['torch', 'keras', 'mxnet']
     >>> plugin("keras").layouts["dense"].unit_axes("dense", 2)
     (1,)
 """
@@ -27,7 +38,7 @@ from typing import Any
 
 from .layer_kinds import KernelLayout
 
-__all__ = ["BackendPlugin", "plugin", "plugin_names", "plugins"]
+__all__ = ["BackendPlugin", "plugin", "plugin_names", "plugins", "plugins_in_order"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +67,9 @@ class BackendPlugin:
         public_module: the module users import (``unorm.torch``).
         port_module: the module implementing :class:`unorm._core.port_plan.PortBackend`.
         models_module: the module of its seed networks (``MODELS``, ``seed(n)``).
+        order: its place wherever the backends are listed for people or walked in turn
+            (report columns, presets, ``unorm info``, the cross-environment jobs, whose
+            first backend trains the demo); :func:`plugins_in_order` sorts by it.
         marker: the pytest marker of its tests.
     """
 
@@ -72,6 +86,7 @@ class BackendPlugin:
     public_module: str
     port_module: str
     models_module: str
+    order: int
 
     @property
     def marker(self) -> str:
@@ -118,6 +133,11 @@ def _discover() -> dict[str, BackendPlugin]:
 def plugins() -> tuple[BackendPlugin, ...]:
     """Every backend plug-in, sorted by name."""
     return tuple(_discover().values())
+
+
+def plugins_in_order() -> tuple[BackendPlugin, ...]:
+    """Every backend plug-in in its declared :attr:`~BackendPlugin.order` (then by name)."""
+    return tuple(sorted(_discover().values(), key=lambda p: (p.order, p.name)))
 
 
 def plugin_names() -> tuple[str, ...]:

@@ -39,4 +39,5 @@ PLUGIN = BackendPlugin(
     public_module="unorm.keras",
     port_module="unorm._keras.port",
     models_module="unorm.models.keras",
+    order=1,
 )

@@ -40,4 +40,5 @@ PLUGIN = BackendPlugin(
     public_module="unorm.mxnet",
     port_module="unorm._mxnet.port",
     models_module="unorm.models.mxnet",
+    order=2,
 )

@@ -34,4 +34,5 @@ PLUGIN = BackendPlugin(
     public_module="unorm.torch",
     port_module="unorm._torch.port",
     models_module="unorm.models.torch",
+    order=0,
 )
