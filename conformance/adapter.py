@@ -54,6 +54,7 @@ from typing import Any
 
 import numpy as np
 
+from unorm._core.registry import plugins_in_order
 from unorm.spec import BatchNormSpec
 
 from . import dtypes, layouts
@@ -62,6 +63,7 @@ from .expected import StepValues, WSValues
 __all__ = [
     "BACKENDS",
     "FRAMEWORK_PACKAGES",
+    "REFERENCE",
     "ROOT",
     "AGCArrays",
     "Adapter",
@@ -96,19 +98,23 @@ class Backend:
         return ROOT / "backends" / self.name / "adapter.py"
 
 
-#: Every column of the report, in the order shown.
-BACKENDS: dict[str, Backend] = {
-    b.name: b
-    for b in (
-        Backend("reference", "current"),
-        Backend("torch", "current"),
-        Backend("keras", "current"),
-        Backend("mxnet", "legacy"),
-        Backend("torch-native", "current", native=True),
-        Backend("keras-native", "current", native=True),
-        Backend("mxnet-native", "legacy", native=True),
-    )
-}
+#: The column that runs :mod:`unorm.reference` itself, and the environment it runs in.
+REFERENCE = Backend("reference", "current")
+
+
+def _columns() -> tuple[Backend, ...]:
+    """The reference, then every backend's own column, then every native column (a column
+    ending in ``-native``), the backends in their plug-ins' declared order."""
+    declared = [
+        Backend(column, p.environment, native=column.endswith("-native"))
+        for p in plugins_in_order()
+        for column in p.columns
+    ]
+    return (REFERENCE, *sorted(declared, key=lambda b: b.native))
+
+
+#: Every column of the report, in the order shown (:func:`_columns`).
+BACKENDS: dict[str, Backend] = {b.name: b for b in _columns()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,9 +195,10 @@ class WSConfig:
 class Adapter:
     """Base class of every adapter: defaults and the methods a backend overrides.
 
-    Class attributes: ``name`` (the column), ``framework`` (``numpy``, ``torch``,
-    ``keras``, ``mxnet``), ``native`` (a framework's own layer, compared under its preset),
-    ``dtypes`` (the input dtypes it runs), ``layout`` (its AGC weight layout) and
+    Class attributes: ``name`` (the column), ``framework`` (``numpy`` or a plug-in's name:
+    ``torch``, ``keras``, ``mxnet``), ``native`` (a framework's own layer, compared under
+    its preset), ``dtypes`` (the input dtypes it runs), ``layout`` (its AGC weight layout,
+    :mod:`conformance.layouts`; the logical one unless the adapter declares its own) and
     ``absent`` (quantities the backend may not keep, e.g. ``num_batches_tracked``: compared
     only when the adapter returns them).
     """
@@ -200,7 +207,7 @@ class Adapter:
     framework = "numpy"
     native = False
     dtypes: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
-    layout: layouts.Layout = layouts.TORCH
+    layout: layouts.Layout = layouts.LOGICAL
     absent: frozenset[str] = frozenset()
 
     def availability(self) -> str | None:
@@ -266,13 +273,12 @@ class Adapter:
         raise Unsupported(f"{self.name} has no Scaled WS convolution")
 
 
-#: The packages each framework column needs installed, by ``Adapter.framework``: a column
-#: is unavailable only while one of these is missing (Keras runs on TensorFlow here).
+#: The packages each framework column needs installed, by ``Adapter.framework`` (a plug-in's
+#: name, or ``numpy``): a column is unavailable only while one of these is missing (its
+#: plug-in's ``modules``: Keras runs on TensorFlow here).
 FRAMEWORK_PACKAGES: dict[str, tuple[str, ...]] = {
     "numpy": ("numpy",),
-    "torch": ("torch",),
-    "keras": ("keras", "tensorflow"),
-    "mxnet": ("mxnet",),
+    **{p.name: tuple(p.modules) for p in plugins_in_order()},
 }
 
 

@@ -41,7 +41,9 @@ import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
-from unorm.spec import BatchNormSpec, ScaledWSSpec
+from unorm._core.layer_kinds import LOGICAL_UNIT_AXES
+from unorm._core.registry import plugins_in_order
+from unorm.spec import PRESETS, BatchNormSpec, ScaledWSSpec
 
 __all__ = [
     "LOGICAL_UNIT_AXES",
@@ -66,15 +68,6 @@ StepMode = Literal["train", "forward", "eval"]
 #: Settings a case may give on top of its preset: the ones every backend's public
 #: constructor takes (unorm.torch folds ``center``/``scale`` into ``affine``).
 PUBLIC_SETTINGS = ("eps", "momentum", "center", "scale", "track_running_stats")
-
-#: Output-unit axes of each layer kind in the suite's logical layout.
-LOGICAL_UNIT_AXES: dict[str, int | tuple[int, ...]] = {
-    "dense": 0,
-    "conv": 0,
-    "conv_transpose": 1,
-    "depthwise_conv": (0, 1),
-    "embedding": 0,
-}
 
 
 def seed_of(name: str) -> int:
@@ -388,8 +381,8 @@ def _batchnorm_cases() -> list[BatchNormCase]:
         ),
     ]
     # Every preset: its whole sequence, a non-finite batch (no guard), and what it does
-    # with one value per feature (allowed by the keras and mxnet presets).
-    for preset in ("torch", "keras", "mxnet"):
+    # with one value per feature where it allows one (the keras and mxnet presets).
+    for preset in (p.name for p in plugins_in_order()):
         out += [
             bn(
                 f"bn/preset-{preset}/seq",
@@ -411,7 +404,7 @@ def _batchnorm_cases() -> list[BatchNormCase]:
                 steps=(Step("train"), Step("train", "nan"), Step("eval")),
             ),
         ]
-        if preset != "torch":
+        if PRESETS[preset]["allow_single_value"]:
             out.append(bn(f"bn/preset-{preset}/single-value", (1, 3), preset=preset))
     # Dtypes: float64, float16 and bfloat16 on a few shapes (float32 is everywhere above).
     for dtype in ("float64", "float16", "bfloat16"):

@@ -23,7 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from unorm import reference as ref
+from unorm._core.registry import plugins_in_order
 from unorm.spec import BatchNormSpec
+
+from .layouts import LOGICAL
 
 __all__ = ["GOLDEN_PATH", "VERSION", "check_golden", "compute", "golden_inputs", "write_golden"]
 
@@ -71,7 +74,7 @@ def _bn(a: Arrays) -> Arrays:
 
 def _sequence(a: Arrays) -> Arrays:
     out: Arrays = {}
-    for preset in (None, "torch", "keras", "mxnet"):
+    for preset in (None, *(p.name for p in plugins_in_order())):
         spec = BatchNormSpec.from_preset(preset, axis=-1)
         state = ref.init_running_stats(4)
         for x in a["seq/x"]:
@@ -85,10 +88,17 @@ def _sequence(a: Arrays) -> Arrays:
 
 
 def _agc(a: Arrays) -> Arrays:
-    return {
-        "agc/clipped_conv": ref.agc_clip(a["agc/g"], a["agc/w"], 0, clipping=0.01),
-        "agc/clipped_dense_keras": ref.agc_clip(a["agc/dense_g"], a["agc/dense_w"], -1),
-    }
+    out = {"agc/clipped_conv": ref.agc_clip(a["agc/g"], a["agc/w"], 0, clipping=0.01)}
+    # The same dense arrays read in every backend layout whose units are not the logical
+    # ``(out, in)`` rows (Keras's ``(in, out)``): one output per such backend.
+    logical = LOGICAL.kernels["dense"].unit_axes("dense", 2)
+    for p in plugins_in_order():
+        axes = p.layouts["dense"].unit_axes("dense", 2)
+        if axes != logical:
+            out[f"agc/clipped_dense_{p.name}"] = ref.agc_clip(
+                a["agc/dense_g"], a["agc/dense_w"], axes
+            )
+    return out
 
 
 def _merge(a: Arrays) -> Arrays:

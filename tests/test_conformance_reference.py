@@ -19,6 +19,7 @@ from conformance.cases import AGCCase, all_cases, select
 from conformance.data import agc_inputs, logical_unit_axes
 from conformance.worker import run_cases
 from unorm import reference as ref
+from unorm._core.registry import plugin_names
 from unorm.spec import LAYER_KINDS, output_unit_axes
 
 _reference = load_adapter_module("reference")
@@ -154,7 +155,7 @@ def test_gradients_left_alone_must_be_unchanged_bit_for_bit(
     assert result.score == np.inf
 
 
-@pytest.mark.parametrize("layout", [layouts.TORCH, layouts.MXNET, layouts.KERAS], ids=str)
+@pytest.mark.parametrize("layout", [layouts.of(n) for n in plugin_names()], ids=str)
 @pytest.mark.parametrize("kind", LAYER_KINDS)
 def test_layouts_agree_with_the_spec_table(layout: layouts.Layout, kind: str) -> None:
     # Clipping in the backend's layout with SPEC.md's axes must equal clipping in the

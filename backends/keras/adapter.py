@@ -97,7 +97,7 @@ class KerasBase(Adapter):
 
     framework = "keras"
     dtypes = ("float64", "float32", "float16", "bfloat16")
-    layout = layouts.KERAS
+    layout = layouts.of("keras")
     absent = frozenset({"num_batches_tracked"})
 
     def availability(self) -> str | None:

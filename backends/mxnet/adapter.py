@@ -92,7 +92,7 @@ class MXNetBase(Adapter):
 
     framework = "mxnet"
     dtypes = ("float64", "float32", "float16")
-    layout = layouts.MXNET
+    layout = layouts.of("mxnet")
     absent = frozenset({"num_batches_tracked"})
 
     def availability(self) -> str | None:

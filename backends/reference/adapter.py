@@ -63,7 +63,7 @@ class ReferenceAdapter(Adapter):
     name = "reference"
     framework = "numpy"
     dtypes = ("float64", "float32", "float16", "bfloat16")
-    layout = layouts.TORCH
+    layout = layouts.of("torch")
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> _Layer:
         spec = config.spec()

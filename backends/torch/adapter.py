@@ -84,7 +84,7 @@ class TorchBase(Adapter):
 
     framework = "torch"
     dtypes = ("float64", "float32", "float16", "bfloat16")
-    layout = layouts.TORCH
+    layout = layouts.of("torch")
 
     def availability(self) -> str | None:
         try:
