@@ -30,27 +30,17 @@ and back the same way: :func:`load_checkpoint`, then ``model.save(...)``.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 
-from ..port import (
-    Checkpoint,
-    CheckpointError,
-    Layer,
-    describe,
-    match_layers,
-    role_array,
-    ws_settings,
-)
+from .._core.port_plan import COUNTER, ROLES, PortModel, Slot, atomic_file, export, load
+from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
 from . import stats
 from .batchnorm import BatchNorm
@@ -58,21 +48,19 @@ from .ws import ScaledStdConv2D
 
 __all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
 
-# Checkpoint role -> variable of unorm's BatchNorm and of keras.layers.BatchNormalization.
-_BN_ROLES = {
+# Checkpoint role -> variable of a Keras layer (of unorm's BatchNorm and of
+# keras.layers.BatchNormalization for the BatchNorm roles).
+_ATTRS = {
+    "weight": "kernel",
+    "bias": "bias",
+    "gain": "gain",
     "gamma": "gamma",
     "beta": "beta",
     "running_mean": "moving_mean",
     "running_var": "moving_variance",
+    COUNTER: COUNTER,
 }
-_COUNTER = "num_batches_tracked"
 _SUPPORTED = "Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, BatchNorm, BatchNormalization"
-# What _flatten_sources says about a Dense it never met in a graph (a subclassed model).
-_UNKNOWN = "unknown"
-
-# A planned load: the layer, its checkpoint entry, (variable, value) pairs to assign,
-# and the BatchNorm settings to apply once every value is in place.
-_Step = tuple[Any, Layer, list[tuple[Any, np.ndarray]], BatchNormSpec | ScaledWSSpec | None]
 
 
 # -- which layers, in which order -----------------------------------------------------
@@ -324,37 +312,20 @@ def _bn_spec(layer: Any, name: str) -> BatchNormSpec:
         raise CheckpointError(f"layer {name!r}: {err}") from None
 
 
-def _export_bn(layer: Any, name: str) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
-    pairs = [
-        (role, _numpy(getattr(layer, attr)))
-        for role, attr in _BN_ROLES.items()
-        if getattr(layer, attr, None) is not None
-    ]
+def _variables(layer: Any, kind: str) -> list[tuple[str, Any]]:
+    """(role, variable) of every role the layer has, in the planner's order."""
+    found = [(role, getattr(layer, _ATTRS[role], None)) for role in ROLES[kind]]
+    return [(role, v) for role, v in found if v is not None]
+
+
+def _read_bn(layer: Any) -> dict[str, np.ndarray]:
+    out = {role: _numpy(v) for role, v in _variables(layer, "batchnorm") if role != COUNTER}
     if getattr(layer, "moving_mean", None) is not None:
         # Only a momentum=None BatchNorm keeps a counter; the others count nothing.
-        counter = getattr(layer, _COUNTER, None)
+        counter = getattr(layer, COUNTER, None)
         value = 0 if counter is None else _numpy(counter)
-        pairs.append((_COUNTER, np.asarray(value, dtype=np.int64).reshape(())))
-    spec = _bn_spec(layer, name)
-    return pairs, {"spec": dataclasses.asdict(spec), "native": not isinstance(layer, BatchNorm)}
-
-
-def _export_weights(
-    layer: Any, kind: str, flatten: list[int] | None
-) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
-    pairs = [("weight", _kernel_to_canonical(kind, _numpy(layer.kernel), flatten))]
-    if layer.bias is not None:
-        pairs.append(("bias", _numpy(layer.bias)))
-    attrs: dict[str, Any] = {}
-    if kind != "dense":
-        attrs["groups"] = int(getattr(layer, "groups", 1))
-    if flatten is not None:
-        attrs["flatten_from"] = list(flatten)
-    if isinstance(layer, ScaledStdConv2D):
-        # A Scaled WS convolution: its gain and settings travel with it.
-        pairs.append(("gain", _numpy(layer.gain)))
-        attrs["ws"] = {"style": layer.spec.style, "eps": layer.spec.eps}
-    return pairs, attrs
+        out[COUNTER] = np.asarray(value, dtype=np.int64).reshape(())
+    return out
 
 
 def _warn_unread(targets: list[tuple[str, Any, str]], flat: dict[int, Any], model: Any) -> None:
@@ -392,202 +363,104 @@ def export_checkpoint(model: Any) -> Checkpoint:
         >>> ckpt.tensor(ckpt.layers[0], "weight").shape  # Keras's (3, 3, 1, 2), transposed
         (2, 1, 3, 3)
     """
-    targets = _param_layers(model)
-    flat = _flatten_sources(model)
-    _warn_unread(targets, flat, model)
-    layers: list[Layer] = []
-    tensors: dict[str, np.ndarray] = {}
-    for name, layer, kind in targets:
+    adapter = _KerasModel(model)
+    _warn_unread(adapter.layers(), adapter.flat, model)
+    return export(adapter, source="keras")
+
+
+# -- the model as the port planner sees it ---------------------------------------------
+
+
+class _KerasModel(PortModel[Any]):
+    """A built Keras model for :mod:`unorm._core.port_plan`: its layers, their variables
+    (transposed to and from the canonical layout) and their BatchNorm settings."""
+
+    flatten_order_matters = True  # Keras flattens a feature map as (*spatial, C)
+
+    def __init__(self, model: Any) -> None:
+        self._targets = _param_layers(model)
+        self.flat = _flatten_sources(model)
+
+    def layers(self) -> list[tuple[str, Any, str]]:
+        return self._targets
+
+    def slots(self, handle: Any, kind: str) -> dict[str, Slot]:
+        out = {role: Slot(tuple(int(d) for d in v.shape)) for role, v in _variables(handle, kind)}
+        if "weight" in out:
+            out["weight"] = Slot(_canonical_shape(kind, out["weight"].shape))
+        if COUNTER in out:
+            out[COUNTER] = Slot(())  # a scalar in the checkpoint
+        return out
+
+    def read(self, handle: Any, kind: str, flatten_from: list[int] | None) -> dict[str, Any]:
         if kind == "batchnorm":
-            pairs, attrs = _export_bn(layer, name)
-        else:
-            pairs, attrs = _export_weights(layer, kind, flat.get(id(layer)))
-        roles: dict[str, str] = {}
-        for role, value in pairs:
-            key = f"{name}.{role}"
-            tensors[key] = value
-            roles[role] = key
-        layers.append(Layer(name, kind, roles, attrs))
-    return Checkpoint(layers=layers, tensors=tensors, source="keras")
+            return _read_bn(handle)
+        pairs = dict(_variables(handle, kind))
+        out = {"weight": _kernel_to_canonical(kind, _numpy(pairs.pop("weight")), flatten_from)}
+        return out | {role: _numpy(v) for role, v in pairs.items()}
 
+    def to_native(
+        self, handle: Any, kind: str, role: str, value: np.ndarray, flatten_from: list[int] | None
+    ) -> Any:
+        if role == "weight":
+            value = _kernel_from_canonical(kind, value, flatten_from)
+        return _as_dtype(value, getattr(handle, _ATTRS[role]))
 
-# -- load: plan (every check), then assign ---------------------------------------------
+    def assign(self, handle: Any, role: str, value: Any) -> None:
+        getattr(handle, _ATTRS[role]).assign(value)
 
+    def flatten_from(self, handle: Any) -> list[int] | None:
+        found = self.flat.get(id(handle))
+        return list(found) if isinstance(found, list) else None
 
-def _source(ckpt: Checkpoint, layer: Layer, role: str, dst: Any, where: str) -> np.ndarray | None:
-    """The checkpoint's ``role`` array for variable ``dst`` (None: the model has none)."""
-    return role_array(ckpt, layer, role, dst is not None, where)
+    def groups(self, handle: Any) -> int:
+        return int(getattr(handle, "groups", 1))
 
+    def ws_spec(self, handle: Any) -> ScaledWSSpec | None:
+        return handle.spec if isinstance(handle, ScaledStdConv2D) else None
 
-def _checked_shape(role: str, src: np.ndarray, expected: tuple[int, ...], where: str) -> None:
-    if tuple(src.shape) != tuple(expected):
-        raise CheckpointError(
-            f"{where}: {role} shape {tuple(src.shape)} in the checkpoint, "
-            f"{tuple(expected)} in the model"
-        )
+    def batchnorm_spec(self, handle: Any, name: str) -> BatchNormSpec:
+        return _bn_spec(handle, name)
 
+    def native_batchnorm(self, handle: Any) -> bool:
+        return not isinstance(handle, BatchNorm)
 
-def _flatten_for_load(
-    layer: Layer, model_flat: Any, in_features: int, where: str
-) -> list[int] | None:
-    """The ``flatten_from`` to undo for a Dense, after checking it fits the model."""
-    given = layer.attrs.get("flatten_from")
-    if given is None:
-        if isinstance(model_flat, list) and math.prod(model_flat[1:]) > 1:
+    def check_spec(self, handle: Any, spec: BatchNormSpec, where: str) -> None:
+        if not isinstance(handle, BatchNorm):
+            return
+        own = handle.spec
+        has_counter = handle.num_batches_tracked is not None
+        if own.track_running_stats and (spec.momentum is None) != has_counter:
+            # The counter is a weight created at build only for momentum=None, and a built
+            # layer cannot gain or lose a weight (nor would a saved model load back).
+            needed = "momentum=None" if spec.momentum is None else "a numeric momentum"
             raise CheckpointError(
-                f"{where}: the model's dense follows a Flatten of a {model_flat} "
-                "(channels-first) feature map, but the checkpoint records no flatten_from, "
-                "so the order of its input features is unknown; export the source with an "
-                "example input"
+                f"{where}: momentum {spec.momentum} in the checkpoint, {own.momentum} in the "
+                "model: a Keras BatchNorm keeps the num_batches_tracked counter of the "
+                "cumulative average (momentum=None) only when built with it; build the "
+                f"model's layer with {needed}"
             )
-        return None
-    if (
-        not isinstance(given, list)
-        or len(given) < 2
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in given)
-    ):
-        raise CheckpointError(f"{where}: flatten_from must list positive sizes, got {given!r}")
-    if math.prod(given) != in_features:
-        raise CheckpointError(
-            f"{where}: flatten_from {given} ({math.prod(given)} features) in the checkpoint, "
-            f"{in_features} input features in the model"
-        )
-    if isinstance(model_flat, list) and model_flat != given:
-        raise CheckpointError(
-            f"{where}: flatten_from {given} in the checkpoint, {model_flat} in the model "
-            "(channels-first)"
-        )
-    return list(given)
+        if spec.update_on == "backward" and not stats.tensorflow_backend():
+            raise CheckpointError(
+                f"{where}: update_on='backward' in the checkpoint needs the TensorFlow "
+                f"backend, not {keras.backend.backend()!r}"
+            )
 
-
-def _plan_weights(
-    layer: Any, kind: str, source: Layer, ckpt: Checkpoint, model_flat: Any, where: str
-) -> list[tuple[Any, np.ndarray]]:
-    copies = []
-    weight = _source(ckpt, source, "weight", layer.kernel, where)
-    assert weight is not None
-    kernel_shape = tuple(int(d) for d in layer.kernel.shape)
-    _checked_shape("weight", weight, _canonical_shape(kind, kernel_shape), where)
-    groups = source.attrs.get("groups")
-    if kind == "conv" and groups is not None and groups != layer.groups:
-        raise CheckpointError(
-            f"{where}: groups {groups} in the checkpoint, {layer.groups} in the model"
-        )
-    flatten = None
-    if kind == "dense":
-        flatten = _flatten_for_load(source, model_flat, kernel_shape[0], where)
-    kernel = _kernel_from_canonical(kind, weight, flatten)
-    copies.append((layer.kernel, _as_dtype(kernel, layer.kernel)))
-    bias = _source(ckpt, source, "bias", layer.bias, where)
-    if bias is not None:
-        _checked_shape("bias", bias, tuple(layer.bias.shape), where)
-        copies.append((layer.bias, _as_dtype(bias, layer.bias)))
-    gain = _source(ckpt, source, "gain", getattr(layer, "gain", None), where)
-    if gain is not None:
-        _checked_shape("gain", gain, tuple(layer.gain.shape), where)
-        copies.append((layer.gain, _as_dtype(gain, layer.gain)))
-    return copies
-
-
-def _ws_settings(layer: Any, source: Layer, where: str) -> ScaledWSSpec | None:
-    """The Scaled WS settings a ScaledStdConv2D takes from ``source`` (validated first)."""
-    return ws_settings(source, where) if isinstance(layer, ScaledStdConv2D) else None
-
-
-def _bn_settings(layer: Any, source: Layer, where: str) -> BatchNormSpec | None:
-    """The checkpoint's BatchNorm settings as this layer will take them (validated)."""
-    if "spec" not in source.attrs:
-        return None
-    try:
-        spec = BatchNormSpec(**dict(source.attrs["spec"]))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{where}: invalid BatchNorm settings in the checkpoint: {err}"
-        ) from None
-    if not isinstance(layer, BatchNorm):
-        return spec
-    own = layer.spec
-    # The layer's structure stays the model's: its weights were built for these.
-    spec = spec.replace(
-        axis=own.axis,
-        center=own.center,
-        scale=own.scale,
-        track_running_stats=own.track_running_stats,
-    )
-    has_counter = layer.num_batches_tracked is not None
-    if own.track_running_stats and (spec.momentum is None) != has_counter:
-        # The counter is a weight created at build only for momentum=None, and a built
-        # layer cannot gain or lose a weight (nor would a saved model load back).
-        needed = "momentum=None" if spec.momentum is None else "a numeric momentum"
-        raise CheckpointError(
-            f"{where}: momentum {spec.momentum} in the checkpoint, {own.momentum} in the "
-            "model: a Keras BatchNorm keeps the num_batches_tracked counter of the "
-            "cumulative average (momentum=None) only when built with it; build the model's "
-            f"layer with {needed}"
-        )
-    if spec.update_on == "backward" and not stats.tensorflow_backend():
-        raise CheckpointError(
-            f"{where}: update_on='backward' in the checkpoint needs the TensorFlow backend, "
-            f"not {keras.backend.backend()!r}"
-        )
-    return spec
-
-
-def _plan_bn(
-    layer: Any, source: Layer, ckpt: Checkpoint, where: str
-) -> tuple[list[tuple[Any, np.ndarray]], BatchNormSpec | None]:
-    copies = []
-    for role, attr in _BN_ROLES.items():
-        dst: Any = getattr(layer, attr, None)
-        src = _source(ckpt, source, role, dst, where)
-        if src is not None:
-            _checked_shape(role, src, tuple(dst.shape), where)
-            copies.append((dst, _as_dtype(src, dst)))
-    counter = getattr(layer, _COUNTER, None)
-    if counter is not None:  # a model without one does not need the checkpoint's count
-        src = _source(ckpt, source, _COUNTER, counter, where)
-        assert src is not None
-        _checked_shape(_COUNTER, src, (), where)
-        copies.append((counter, _as_dtype(src, counter)))
-    return copies, _bn_settings(layer, source, where)
-
-
-def _plan(model: Any, ckpt: Checkpoint) -> list[_Step]:
-    """Match layers by order and check everything before any weight is assigned."""
-    targets = _param_layers(model)
-    match_layers(ckpt, [k for _, _, k in targets])
-    flat = _flatten_sources(model)
-    plan: list[_Step] = []
-    for index, ((name, layer, kind), source) in enumerate(zip(targets, ckpt.layers, strict=True)):
-        where = f"layer {index}: checkpoint {describe(source, ckpt)} vs model {kind} {name!r}"
-        if kind != source.kind:
-            raise CheckpointError(f"{where}: kinds differ")
-        spec: BatchNormSpec | ScaledWSSpec | None
-        if kind == "batchnorm":
-            copies, spec = _plan_bn(layer, source, ckpt, where)
-        else:
-            model_flat = flat.get(id(layer), _UNKNOWN)
-            copies = _plan_weights(layer, kind, source, ckpt, model_flat, where)
-            spec = _ws_settings(layer, source, where)
-        plan.append((layer, source, copies, spec))
-    return plan
-
-
-def _apply_spec(layer: Any, source: Layer, spec: BatchNormSpec | ScaledWSSpec) -> None:
-    if isinstance(spec, ScaledWSSpec) or isinstance(layer, BatchNorm):
-        layer.spec = spec  # every setting is read through the spec at call time
-        return
-    layer.epsilon = float(spec.eps)
-    if spec.momentum is not None:
-        layer.momentum = 1.0 - spec.momentum  # Keras weighs the old value
-    lost = spec.native_gaps("keras")
-    if lost:
-        warnings.warn(
-            f"{source.name!r}: keras.layers.BatchNormalization cannot express the source's "
-            f"training semantics ({', '.join(lost)}); eval output is unchanged, training "
-            "differs. Use unorm.keras.convert() first.",
-            stacklevel=3,
-        )
+    def set_spec(self, handle: Any, spec: BatchNormSpec | ScaledWSSpec, source: Layer) -> None:
+        if isinstance(spec, ScaledWSSpec) or isinstance(handle, BatchNorm):
+            handle.spec = spec  # every setting is read through the spec at call time
+            return
+        handle.epsilon = float(spec.eps)
+        if spec.momentum is not None:
+            handle.momentum = 1.0 - spec.momentum  # Keras weighs the old value
+        lost = spec.native_gaps("keras")
+        if lost:
+            warnings.warn(
+                f"{source.name!r}: keras.layers.BatchNormalization cannot express the "
+                f"source's training semantics ({', '.join(lost)}); eval output is unchanged, "
+                "training differs. Use unorm.keras.convert() first.",
+                stacklevel=5,  # load_checkpoint's caller
+            )
 
 
 def _forget_traces(model: Any) -> None:
@@ -625,14 +498,8 @@ def load_checkpoint(model: Any, ckpt: Checkpoint) -> None:
         >>> bool(np.array_equal(a.layers[0].kernel.numpy(), b.layers[0].kernel.numpy()))
         True
     """
-    plan = _plan(model, ckpt)
-    for _, _, copies, _ in plan:
-        for variable, value in copies:
-            variable.assign(value)
-    for layer, source, _, spec in plan:
-        if spec is not None:
-            _apply_spec(layer, source, spec)
-    if any(spec is not None for *_, spec in plan):
+    plan = load(_KerasModel(model), ckpt)
+    if any(step.spec is not None for step in plan):
         _forget_traces(model)
 
 
@@ -670,16 +537,9 @@ def read_native(model: Any, path: str | os.PathLike[str]) -> Any:
 
 def write_native(model: Any, path: str | os.PathLike[str]) -> None:
     """Save ``model`` as ``.keras`` or ``.weights.h5`` atomically (temporary file, rename)."""
-    target = Path(path)
-    ending = ".weights.h5" if target.name.endswith(".weights.h5") else ".keras"
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=ending, dir=target.parent)
-    os.close(fd)
-    try:
+    ending = ".weights.h5" if os.fspath(path).endswith(".weights.h5") else ".keras"
+    with atomic_file(path, suffix=ending) as tmp:  # Keras reads the format from the name
         if ending == ".weights.h5":
             model.save_weights(tmp, overwrite=True)
         else:
             model.save(tmp, overwrite=True)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
