@@ -369,7 +369,7 @@ def test_unknown_layers_need_unit_axes() -> None:
     block.initialize(mx.init.Constant(1.0))
     block.w.grad()[:] = 100.0
     with pytest.raises(
-        ValueError, match=r"unit_axes has no entry for parameter 'bil_w' of shape \(2, 3\)"
+        ValueError, match=r"output-unit axis of parameter 'bil_w' \(shape \(2, 3\)\)"
     ):
         adaptive_clip_grad(block)
     adaptive_clip_grad(block.collect_params(), unit_axes={"bil_w": 1}, clipping=0.1)
@@ -380,8 +380,10 @@ def test_unknown_layers_need_unit_axes() -> None:
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"exclude": ["nope"]}, r"exclude names parameters that do not exist: \['nope'\]"),
-        ({"unit_axes": {"nope": 0}}, "unit_axes names parameters that do not exist"),
+        ({"exclude": ["nope"]}, r"exclude names no parameter or layer of the model: \['nope'\]"),
+        ({"unit_axes": {"nope": 0}}, r"unit_axes names no parameter or layer .*\['nope'\]"),
+        ({"unit_axes": True}, "unit_axes must be an int .*, a mapping"),
+        ({"unit_axes": 2}, r"unit_axes must be an integer in \[-2, 2\) .*'e_dense0_weight'"),
         ({"unit_axes": {"e_dense0_weight": (0, -2)}}, "unit_axes must name distinct axes"),
         ({"unit_axes": {"e_dense0_weight": 2}}, "unit_axes must be an integer in"),
         ({"clipping": 0.0}, "clipping must be a finite number > 0, got 0.0"),
@@ -407,3 +409,21 @@ def test_float16_gradients_are_clipped_in_float32() -> None:
     expected = ref.agc_clip(g, np.full((2, 3), 0.5, np.float16), 0, clipping=0.01)
     np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), rtol=1e-3)
     np.testing.assert_array_equal(got[1], g[1])
+
+
+def test_an_int_unit_axes_applies_to_every_parameter_of_rank_2_and_more() -> None:
+    # As on every backend: one axis for every weight, biases stay one unit.
+    net = _regression("i_")
+    params = net.collect_params()
+    rng = np.random.default_rng(8)
+    grads = {}
+    for name, p in params.items():
+        g = rng.standard_normal(p.shape) * 3.0
+        p.grad()[:] = g
+        grads[name] = g
+    weights = {name: p.data().asnumpy().astype(np.float64) for name, p in params.items()}
+    adaptive_clip_grad(net, clipping=0.02, unit_axes=1)
+    for name, p in params.items():
+        axes = 1 if len(p.shape) >= 2 else None
+        want = ref.agc_clip(grads[name], weights[name], axes, clipping=0.02, eps=1e-3)
+        np.testing.assert_allclose(p.grad().asnumpy(), want, rtol=2e-6, err_msg=name)

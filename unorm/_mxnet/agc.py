@@ -25,30 +25,25 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from ..spec import (
-    AGC_GRAD_NORM_FLOOR,
-    AGCSpec,
-    UnitAxes,
-    normalize_unit_axes,
-    output_unit_axes,
-)
+from .._core.agc_plan import Param, Target, layer_unit_axes, resolve
+from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes
+from . import internals
+from .plugin import PLUGIN
 
 __all__ = ["AGC", "adaptive_clip_grad", "final_classifier", "unit_axes_of"]
-
-_MISSING: Any = object()
 
 
 def _blocks(block: Any) -> Iterator[Any]:
     """``block`` and all its descendants, depth first, in registration order."""
     yield block
-    for child in block._children.values():
+    for _, child in internals.children(block):
         yield from _blocks(child)
 
 
@@ -67,27 +62,23 @@ def _layer_kind(block: Any) -> str | None:
     return None
 
 
-def _groups(layer: Any, kind: str) -> int:
-    """The group count of a transposed convolution; 1 for every other layer."""
-    return int(layer._kwargs.get("num_group", 1)) if kind == "conv_transpose" else 1
-
-
-def _layer_units(block: Any) -> dict[str, tuple[UnitAxes, int]]:
-    """``(unit axes, groups)`` of every weight whose layer AGC knows, by parameter name;
-    ``groups > 1``: the axes are those of the view ``(g, I/g, O/g, *k)``."""
-    units: dict[str, tuple[UnitAxes, int]] = {}
-    for layer in _blocks(block):
+def _owners(root: Any) -> dict[str, tuple[str, str, int]]:
+    """``(layer type, kind, groups)`` of every weight whose layer AGC knows, by name."""
+    owners: dict[str, tuple[str, str, int]] = {}
+    for layer in _blocks(root):
         kind = _layer_kind(layer)
-        if kind is None:
-            continue
-        weight, groups = layer.weight, _groups(layer, kind)
-        if groups > 1:
-            # (I, O/g, *k) viewed as (g, I/g, O/g, *k): output channel j of group k is
-            # [k, :, j], so the unit is indexed by axes 0 and 2 (SPEC.md section 5).
-            units[weight.name] = ((0, 2), groups)
-        else:
-            units[weight.name] = (output_unit_axes("mxnet", kind, len(weight.shape)), 1)
-    return units
+        if kind is not None:
+            owners[layer.weight.name] = (type(layer).__name__, kind, internals.groups(layer))
+    return owners
+
+
+def _params(table: Mapping[str, Any], root: Any) -> list[Param]:
+    owners = {} if root is None else _owners(root)
+    out = []
+    for name, param in table.items():
+        owner, kind, groups = owners.get(name, (None, None, 1))
+        out.append(Param(name, name, tuple(param.shape), owner, kind, groups))
+    return out
 
 
 def unit_axes_of(block: Any) -> dict[str, UnitAxes]:
@@ -110,7 +101,7 @@ def unit_axes_of(block: Any) -> dict[str, UnitAxes]:
         >>> unit_axes_of(net)
         {'net_conv0_weight': 1, 'net_dense0_weight': 0, 'net_conv1_weight': (0, 2)}
     """
-    return {name: axes for name, (axes, _) in _layer_units(block).items()}
+    return layer_unit_axes(_params(dict(block.collect_params().items()), block), PLUGIN.layouts)
 
 
 def final_classifier(block: Any) -> Any:
@@ -134,25 +125,6 @@ def final_classifier(block: Any) -> Any:
     return dense[-1]
 
 
-class _Target:
-    """One parameter to clip, with its unit axes (None: one unit) and group count: with
-    ``groups > 1`` the axes are those of the view :meth:`view` gives."""
-
-    __slots__ = ("axes", "groups", "param")
-
-    def __init__(self, param: Any, axes: UnitAxes, groups: int = 1) -> None:
-        self.param = param
-        self.axes = axes
-        self.groups = groups
-
-    def view(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The shape the weight and gradient are clipped in: ``(I, O/g, *k)`` becomes
-        ``(g, I/g, O/g, *k)``; any other parameter keeps ``shape``."""
-        if self.groups == 1:
-            return shape
-        return (self.groups, shape[0] // self.groups, *shape[1:])
-
-
 def _param_table(params: Any) -> tuple[dict[str, Any], Any]:
     """Parameters by name, and the block they came from (or None)."""
     if isinstance(params, gluon.Block):
@@ -173,64 +145,62 @@ def _param_table(params: Any) -> tuple[dict[str, Any], Any]:
     raise ValueError(f"params must be a Block, a ParameterDict or Parameters, got {params!r}")
 
 
-def _excluded(items: Iterable[Any], table: dict[str, Any], root: Any) -> set[str]:
+def _matcher(table: Mapping[str, Any], root: Any) -> Callable[[Any], list[str] | None]:
+    """How an ``exclude`` item or ``unit_axes`` key names parameters: a Block (or a block
+    name) all of its parameters, a Parameter (or a parameter name) itself."""
     blocks = {b.name: b for b in _blocks(root)} if root is not None else {}
-    names: set[str] = set()
-    missing: list[str] = []
-    for item in items:
+
+    def match(item: Any) -> list[str] | None:
         if isinstance(item, gluon.Block):
-            found = list(item.collect_params().keys())
-        elif isinstance(item, gluon.Parameter):
-            found = [item.name]
-        elif isinstance(item, str) and item in table:
-            found = [item]
-        elif isinstance(item, str) and item in blocks:
-            found = list(blocks[item].collect_params().keys())
-        else:
-            missing.append(item if isinstance(item, str) else repr(item))
-            continue
-        missing.extend(n for n in found if n not in table)
-        names.update(found)
-    if missing:
-        raise ValueError(f"exclude names parameters that do not exist: {missing}")
-    return names
+            return [n for n in item.collect_params() if n in table]
+        if isinstance(item, gluon.Parameter):
+            return [item.name] if item.name in table else []
+        if isinstance(item, str):
+            if item in table:
+                return [item]
+            block = blocks.get(item)
+            return [] if block is None else [n for n in block.collect_params() if n in table]
+        return None
+
+    return match
 
 
-def _resolve(
-    params: Any, exclude: Iterable[Any], unit_axes: Mapping[Any, UnitAxes] | None
-) -> list[_Target]:
+def _single(item: Any) -> bool:
+    return isinstance(item, (str, gluon.Block, gluon.Parameter))
+
+
+def _name_of(item: Any) -> str:
+    return str(item.name) if isinstance(item, (gluon.Block, gluon.Parameter)) else str(item)
+
+
+def _resolve(params: Any, exclude: Any, unit_axes: Any) -> list[_Target]:
     table, root = _param_table(params)
-    skipped = _excluded(exclude, table, root)
-    overrides: dict[str, UnitAxes] = {}
-    for key, axes in (unit_axes or {}).items():
-        name = key.name if isinstance(key, gluon.Parameter) else key
-        if name not in table:
-            raise ValueError(f"unit_axes names parameters that do not exist: [{name!r}]")
-        overrides[name] = axes
-    known = _layer_units(root) if root is not None else {}
-    targets = []
-    for name, param in table.items():
-        if name in skipped or param.grad_req == "null":
-            continue
-        groups = 1
-        if name in overrides:
-            axes = overrides[name]  # an override names axes of the weight itself
-        elif name in known:
-            axes, groups = known[name]
-        else:
-            axes = _MISSING
-        ndim = len(param.shape)
-        if axes is _MISSING:
-            if ndim > 1:
-                raise ValueError(
-                    f"unit_axes has no entry for parameter {name!r} of shape {param.shape}: "
-                    "say which axis indexes its output units"
-                )
-            axes = None
-        target = _Target(param, axes, groups)
-        normalize_unit_axes(axes, len(target.view(tuple(param.shape))))
-        targets.append(target)
-    return targets
+    plan = resolve(
+        _params(table, root),
+        PLUGIN.layouts,
+        match=_matcher(table, root),
+        exclude=exclude,
+        unit_axes=unit_axes,
+        single=_single,
+        accepted="Parameters, Blocks or their names",
+        name_of=_name_of,
+    )
+    # Parameters that take no gradient are left alone (as Gluon's optimizers do).
+    return [
+        _Target(table[t.key], t)  # type: ignore[index]
+        for t in plan.targets
+        if table[t.key].grad_req != "null"  # type: ignore[index]
+    ]
+
+
+class _Target:
+    """One parameter to clip and its core target (unit axes, grouped view)."""
+
+    __slots__ = ("param", "plan")
+
+    def __init__(self, param: Any, plan: Target) -> None:
+        self.param = param
+        self.plan = plan
 
 
 def _check_grads(targets: list[_Target]) -> None:
@@ -248,11 +218,6 @@ def _check_grads(targets: list[_Target]) -> None:
                     f"AGC needs dense gradients, the gradient of {name!r} has storage type "
                     f"{grad.stype!r}; create the layer with sparse_grad=False"
                 )
-            if target.groups > 1 and grad.shape[0] % target.groups:
-                raise ValueError(
-                    f"the weight of {name!r}, shape {grad.shape}, must have a first axis "
-                    f"divisible by its {target.groups} groups"
-                )
 
 
 def _clip(grad: Any, weight: Any, target: _Target, spec: AGCSpec, rescale: float) -> None:
@@ -261,9 +226,8 @@ def _clip(grad: Any, weight: Any, target: _Target, spec: AGCSpec, rescale: float
     if grad.size == 0:
         return
     dtype = np.dtype(grad.dtype)
-    view = target.view(tuple(grad.shape))
-    units = normalize_unit_axes(target.axes, len(view))
-    reduce = tuple(i for i in range(len(view)) if i not in units)
+    view = target.plan.view or tuple(grad.shape)
+    reduce = target.plan.reduce_axes if target.plan.axes else tuple(range(len(view)))
     work = np.float64 if dtype == np.float64 else np.float32  # norms in float32 or wider
     g = grad if dtype == work else grad.astype(work)
     w = weight if np.dtype(weight.dtype) == work else weight.astype(work)
@@ -312,8 +276,8 @@ def adaptive_clip_grad(
     clipping: float = 0.01,
     eps: float = 1e-3,
     *,
-    exclude: Iterable[Any] = (),
-    unit_axes: Mapping[Any, UnitAxes] | None = None,
+    exclude: Any = (),
+    unit_axes: int | Mapping[Any, UnitAxes] | None = None,
     rescale_grad: float = 1.0,
 ) -> None:
     """Clip the gradients of ``params`` in place with AGC (SPEC.md section 5).
@@ -386,8 +350,8 @@ class AGC:
         *,
         clipping: float = 0.01,
         eps: float = 1e-3,
-        exclude: Iterable[Any] = (),
-        unit_axes: Mapping[Any, UnitAxes] | None = None,
+        exclude: Any = (),
+        unit_axes: int | Mapping[Any, UnitAxes] | None = None,
     ) -> None:
         self.trainer = trainer
         self.spec = AGCSpec(clipping=clipping, eps=eps)
@@ -397,14 +361,11 @@ class AGC:
         """Every check of a step, before anything changes; returns the rescale factor
         ``trainer scale / batch_size`` the optimizer will apply."""
         batch = _check_positive(batch_size, "batch_size")
-        scale = getattr(self.trainer, "_scale", 1.0)
+        scale = internals.trainer_scale(self.trainer)
         rescale = _check_positive(scale / batch, "the trainer's scale / batch_size")
         trainer = self.trainer
-        if hasattr(trainer, "_kv_initialized") and not trainer._kv_initialized:
-            # Gluon settles update_on_kvstore when it creates the kvstore (no gradient or
-            # weight changes); settle it now to refuse it before clipping anything.
-            trainer._init_kvstore()
-        if getattr(trainer, "_kvstore", None) and getattr(trainer, "_update_on_kvstore", False):
+        internals.ensure_kvstore(trainer)  # settles update_on_kvstore, changes nothing
+        if internals.updates_on_kvstore(trainer):
             raise ValueError(
                 "AGC clips between the all-reduce and the update: create the gluon.Trainer "
                 "with update_on_kvstore=False"

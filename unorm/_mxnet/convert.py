@@ -7,16 +7,17 @@ from typing import Any
 from mxnet import gluon
 
 from ..spec import BatchNormSpec, validate_preset
+from . import internals
 from .batchnorm import BatchNorm
 
 __all__ = ["convert"]
 
 
 def _replacement(old: Any, preset: str | None) -> BatchNorm:
-    kwargs = old._kwargs  # Gluon keeps the layer's operator arguments here
+    kwargs = internals.layer_arguments(old)
     if kwargs.get("use_global_stats"):
         BatchNormSpec.from_native("mxnet", use_global_stats=True)  # raises, naming it
-    center = bool(old.beta._differentiable)  # what Gluon built from center=; not grad_req
+    center = internals.differentiable(old.beta)  # what Gluon built from center=
     scale = not kwargs["fix_gamma"]
     # The new layer asks its ParameterDict for gamma/beta with the grad_req that center and
     # scale imply; a frozen layer's params say 'null', so match them for the hand-over.
@@ -90,16 +91,15 @@ def convert(block: Any, preset: str | None = "mxnet") -> Any:
         validate_preset(preset)
     if type(block) is gluon.nn.BatchNorm:
         return _replacement(block, preset)
-    for name, child in list(block._children.items()):
+    for name, child in internals.children(block):
         if type(child) is gluon.nn.BatchNorm:
             new = _replacement(child, preset)
-            block._children[name] = new
+            internals.replace_child(block, name, new)
             for attr, value in list(vars(block).items()):
                 if value is child:
                     # Block.__setattr__ refuses a change of layer type; this is deliberate.
                     object.__setattr__(block, attr, new)
         else:
             convert(child, preset)
-    if hasattr(block, "_clear_cached_op"):
-        block._clear_cached_op()
+    internals.clear_cached_graph(block)
     return block

@@ -18,6 +18,7 @@ import mxnet as mx
 from mxnet import gluon
 
 from ..spec import ScaledWSSpec
+from . import internals
 
 __all__ = ["ScaledStdConv2D"]
 
@@ -93,10 +94,11 @@ class ScaledStdConv2D(gluon.nn.Conv2D):
     def forward(self, x: Any, *args: Any) -> Any:
         """Check the input's channels (what a deferred weight shape will be), then call."""
         if isinstance(x, mx.nd.NDArray):
-            channels = x.shape[self._kwargs["layout"].find("C")]
-            if channels // self._kwargs["num_group"] == 0:
+            settings = internals.layer_arguments(self)
+            channels = x.shape[settings["layout"].find("C")]
+            if channels // settings["num_group"] == 0:
                 raise _fan_in_error(
-                    f"{channels} input channels in groups={self._kwargs['num_group']} "
+                    f"{channels} input channels in groups={settings['num_group']} "
                     f"(input shape {x.shape})"
                 )
         return super().forward(x, *args)
