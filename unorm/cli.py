@@ -23,15 +23,16 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from . import __version__
+from ._core.registry import plugins_in_order
 
 __all__ = ["FRAMEWORKS", "conformance_root", "environment_name", "framework_status", "main"]
 
-#: Importable module of each framework, and the distribution that carries its version.
-FRAMEWORKS = {
-    "torch": ("torch", "torch"),
-    "keras": ("keras", "keras"),
-    "tensorflow": ("tensorflow", "tensorflow-cpu"),
-    "mxnet": ("mxnet", "mxnet"),
+#: Importable module of each framework, and the distribution that carries its version:
+#: every plug-in's ``modules``, in the plug-ins' order (Keras's include TensorFlow).
+FRAMEWORKS: dict[str, tuple[str, str]] = {
+    module: (module, p.distributions.get(module, module))
+    for p in plugins_in_order()
+    for module in p.modules
 }
 
 _PROBE = "import importlib, sys; m = importlib.import_module(sys.argv[1]); print(m.__version__)"
@@ -132,10 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
         "conformance",
         help="every backend against the reference, in its environment; writes the report",
     )
+    endings = [e for p in plugins_in_order() for e in p.file_endings]
     porting = sub.add_parser(
         "port",
-        help="move a seed network's state between checkpoint files (.pt, .keras, "
-        ".weights.h5, -symbol.json/.params, .safetensors)",
+        help="move a seed network's state between checkpoint files "
+        f"({', '.join(endings)}, .safetensors)",
     )
     porting.add_argument("src", help="the checkpoint to read")
     porting.add_argument("dst", help="the checkpoint to write (replaced atomically)")

@@ -18,25 +18,21 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import os
 from types import ModuleType
 from typing import Any
 
 from . import port
+from ._core.registry import plugin, plugins_in_order
 from .port import Checkpoint, CheckpointError
 
 __all__ = ["FORMATS", "framework_of", "port_file"]
 
-#: File-name endings and the framework whose format they are.
-FORMATS = {
+#: File-name endings and the framework whose format they are: the neutral checkpoint's,
+#: then every plug-in's ``file_endings`` in the plug-ins' order.
+FORMATS: dict[str, str] = {
     ".safetensors": "neutral",
-    ".pt": "torch",
-    ".pth": "torch",
-    ".keras": "keras",
-    ".weights.h5": "keras",
-    "-symbol.json": "mxnet",
-    ".params": "mxnet",
+    **{ending: p.name for p in plugins_in_order() for ending in p.file_endings},
 }
 
 
@@ -58,9 +54,8 @@ def framework_of(path: str | os.PathLike[str]) -> str:
 
 
 def _modules(framework: str) -> tuple[ModuleType, dict[str, Any]]:
-    backend = importlib.import_module(f"unorm._{framework}.port")
-    models = importlib.import_module(f"unorm.models.{framework}").MODELS
-    return backend, models
+    declared = plugin(framework)
+    return declared.load("port"), declared.load("models").MODELS
 
 
 def _network(framework: str, model: str) -> tuple[ModuleType, Any, tuple[int, ...]]:
