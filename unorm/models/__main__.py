@@ -15,7 +15,6 @@ accuracy.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import sys
 from typing import Any
@@ -23,34 +22,20 @@ from typing import Any
 import numpy as np
 
 from .. import port
+from .._core.registry import plugin, plugins_in_order
 from ..progress import ProgressBar
 from .data import digits
 from .training import Recipe, accuracy
 
-FRAMEWORKS = ("torch", "keras", "mxnet")
-
-
-def _seed(framework: str, seed: int) -> None:
-    if framework == "torch":
-        import torch
-
-        torch.manual_seed(seed)
-    elif framework == "keras":
-        import keras
-
-        keras.utils.set_random_seed(seed)
-    else:
-        import mxnet
-
-        mxnet.random.seed(seed)
-        np.random.seed(seed)
+#: The frameworks that have seed networks: every plug-in, in the plug-ins' order.
+FRAMEWORKS = tuple(p.name for p in plugins_in_order())
 
 
 def _network(framework: str, source: str | None, seed: int) -> tuple[Any, Any, Any]:
-    models = importlib.import_module(f"unorm.models.{framework}")
-    backend = importlib.import_module(f"unorm._{framework}.port")
+    declared = plugin(framework)
+    models, backend = declared.load("models"), declared.load("port")
     factory, _ = models.MODELS["lenet_bn"]
-    _seed(framework, seed)
+    models.seed(seed)
     net = factory()
     if source is not None:
         backend.load_checkpoint(net, port.load(source))
@@ -58,6 +43,7 @@ def _network(framework: str, source: str | None, seed: int) -> tuple[Any, Any, A
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command of the module docstring; returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m unorm.models")
     parser.add_argument("framework", choices=FRAMEWORKS)
     sub = parser.add_subparsers(dest="command", required=True)

@@ -30,7 +30,7 @@ from ..progress import ProgressBar
 from .nf import SIGMOID_GAMMA
 from .training import Recipe, batch_indices
 
-__all__ = ["MODELS", "lenet", "lenet_bn", "lenet_nf", "predict", "train"]
+__all__ = ["MODELS", "lenet", "lenet_bn", "lenet_nf", "predict", "seed", "train"]
 
 
 def lenet_bn(preset: str | None = None) -> Any:
@@ -75,6 +75,12 @@ def lenet_bn(preset: str | None = None) -> Any:
         ],
         name="lenet_bn",
     )
+
+
+def seed(n: int) -> None:
+    """Seed Keras's generators (Python's, NumPy's and the backend's), which draw a fresh
+    network's initial weights."""
+    keras.utils.set_random_seed(n)
 
 
 #: The seed networks by name, with the shape of one input (without the batch axis).

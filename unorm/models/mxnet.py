@@ -26,7 +26,16 @@ from ..progress import ProgressBar
 from .nf import SIGMOID_GAMMA
 from .training import Recipe, batch_indices
 
-__all__ = ["MODELS", "ScaledSigmoid", "lenet", "lenet_bn", "lenet_nf", "predict", "train"]
+__all__ = [
+    "MODELS",
+    "ScaledSigmoid",
+    "lenet",
+    "lenet_bn",
+    "lenet_nf",
+    "predict",
+    "seed",
+    "train",
+]
 
 
 def lenet_bn(preset: str | None = None) -> Any:
@@ -113,6 +122,12 @@ def lenet_nf(style: str = "deepmind") -> Any:
         )
     net.initialize()
     return net
+
+
+def seed(n: int) -> None:
+    """Seed MXNet's generator and NumPy's, which draw a fresh network's initial weights."""
+    mx.random.seed(n)
+    np.random.seed(n)
 
 
 #: The seed networks by name, with the shape of one input (without the batch axis).

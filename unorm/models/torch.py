@@ -20,7 +20,16 @@ from ..torch import AGC, BatchNorm, final_classifier
 from .nf import SIGMOID_GAMMA
 from .training import Recipe, batch_indices
 
-__all__ = ["MODELS", "ScaledSigmoid", "lenet", "lenet_bn", "lenet_nf", "predict", "train"]
+__all__ = [
+    "MODELS",
+    "ScaledSigmoid",
+    "lenet",
+    "lenet_bn",
+    "lenet_nf",
+    "predict",
+    "seed",
+    "train",
+]
 
 
 def lenet_bn(preset: str | None = None) -> nn.Sequential:
@@ -76,6 +85,11 @@ def lenet_nf(style: str = "deepmind") -> nn.Sequential:
         ScaledSigmoid(),
         nn.Linear(84, 10),
     )
+
+
+def seed(n: int) -> None:
+    """Seed PyTorch's generator, which draws a fresh network's initial weights."""
+    torch.manual_seed(n)
 
 
 #: The seed networks by name, with the shape of one input (without the batch axis).
