@@ -16,7 +16,10 @@ import os
 import pytest
 from hypothesis import HealthCheck, settings
 
-FRAMEWORK_MODULES = {"torch": "torch", "keras": "keras", "mxnet": "mxnet"}
+from unorm._core.registry import BackendPlugin, plugins_in_order
+
+#: The module each backend's tests need, by plug-in name (its plug-in's first ``modules``).
+FRAMEWORK_MODULES = {p.name: p.modules[0] for p in plugins_in_order()}
 
 settings.register_profile(
     "ci",
@@ -38,12 +41,18 @@ def runs_here(framework: str) -> bool:
     return importlib.util.find_spec(FRAMEWORK_MODULES[framework]) is not None
 
 
+def _own_paths(declared: BackendPlugin) -> tuple[str, ...]:
+    """The library files of one backend: its public module, its private package and its
+    seed networks (the modules its plug-in names)."""
+    public, models = (
+        m.replace(".", "/") + ".py" for m in (declared.public_module, declared.models_module)
+    )
+    return public, declared.package.replace(".", "/"), models
+
+
 # Framework modules of the library: their doctests run where the framework's tests run.
 collect_ignore = [
-    path
-    for fw in FRAMEWORK_MODULES
-    if not runs_here(fw)
-    for path in (f"unorm/{fw}.py", f"unorm/_{fw}", f"unorm/models/{fw}.py")
+    path for p in plugins_in_order() if not runs_here(p.name) for path in _own_paths(p)
 ]
 # Helper scripts of a framework's tests (e.g. tests/torch_sync_worker.py) import it.
 collect_ignore_glob = [f"tests/{fw}_*.py" for fw in FRAMEWORK_MODULES if not runs_here(fw)]

@@ -20,10 +20,22 @@ from __future__ import annotations
 import datetime
 import json
 import subprocess
+import sys
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-FRAMEWORKS = ("torch", "keras", "mxnet")
+_ROOT = Path(__file__).resolve().parent.parent
+if str(_ROOT) not in sys.path:  # the plug-in declarations import only the standard library
+    sys.path.insert(0, str(_ROOT))
+
+from unorm._core.registry import plugins_in_order  # noqa: E402
+
+#: Every backend, in its plug-in's order. The first is home: it trains the demo and draws
+#: the lock-step's initial state, and its environment (which has NumPy and matplotlib)
+#: compares the logits and plots the curves.
+FRAMEWORKS = tuple(p.name for p in plugins_in_order())
+HOME = FRAMEWORKS[0]
+_HOME_TITLE = plugins_in_order()[0].title
 PORT_TOLERANCE = 1e-4
 LOCKSTEP_TOLERANCE = 1e-3
 
@@ -85,7 +97,7 @@ def port_check(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 5
                 continue
             logits = out / f"{source}-on-{target}.npy"
             _models(pythons[target], target, "evaluate", str(ckpt), str(logits), cwd=root)
-            diff = _compare(pythons["torch"], reference, logits, root)
+            diff = _compare(pythons[HOME], reference, logits, root)
             good = diff <= PORT_TOLERANCE
             ok &= good
             verdict = "ok" if good else "FAILED"
@@ -94,13 +106,14 @@ def port_check(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 5
 
 
 def demo(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 200) -> bool:
-    """Train in PyTorch with AGC, port to Keras and MXNet, compare accuracy and logits."""
+    """Train in the home framework (PyTorch) with AGC, port to the others (Keras, MXNet),
+    compare accuracy and logits."""
     out = root / "results" / "demo"
     out.mkdir(parents=True, exist_ok=True)
-    ckpt = out / "lenet-torch.safetensors"
-    log(f"training LeNet-BN with AGC in PyTorch for {steps} steps on the digits")
+    ckpt = out / f"lenet-{HOME}.safetensors"
+    log(f"training LeNet-BN with AGC in {_HOME_TITLE} for {steps} steps on the digits")
     subprocess.run(
-        [str(pythons["torch"]), "-m", "unorm.models", "torch", "train", "-", str(ckpt),
+        [str(pythons[HOME]), "-m", "unorm.models", HOME, "train", "-", str(ckpt),
          str(out / "losses.json"), "--steps", str(steps)],
         cwd=root, check=True,
     )  # fmt: skip
@@ -113,19 +126,19 @@ def demo(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 200) ->
         log(line)
         # The line reads "<framework>: test accuracy <value>".
         accuracy[framework] = float(line.rsplit(" ", 1)[-1])
-    worst = max(_compare(pythons["torch"], logits["torch"], logits[f], root) for f in FRAMEWORKS)
-    log(f"largest logit difference across the three frameworks: {worst:.2e}")
+    worst = max(_compare(pythons[HOME], logits[HOME], logits[f], root) for f in FRAMEWORKS)
+    log(f"largest logit difference across the {len(FRAMEWORKS)} frameworks: {worst:.2e}")
     summary = {"steps": steps, "test_accuracy": accuracy, "largest_logit_difference": worst}
     _write_summary(root / "docs" / "demo.json", summary)
     return worst <= PORT_TOLERANCE
 
 
 def lockstep(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 50) -> bool:
-    """Train from one initial state in all three frameworks; plot and compare the losses."""
+    """Train from one initial state in every framework; plot and compare the losses."""
     out = root / "results" / "lockstep"
     out.mkdir(parents=True, exist_ok=True)
     init = out / "init.safetensors"
-    _models(pythons["torch"], "torch", "init", str(init), cwd=root)
+    _models(pythons[HOME], HOME, "init", str(init), cwd=root)
     curves = {}
     for framework in FRAMEWORKS:
         losses = out / f"losses-{framework}.json"
@@ -137,12 +150,12 @@ def lockstep(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 50)
         )  # fmt: skip
         curves[framework] = json.loads(losses.read_text())["losses"]
     last = {f: c[-1] for f, c in curves.items()}
-    spread = (max(last.values()) - min(last.values())) / abs(last["torch"])
+    spread = (max(last.values()) - min(last.values())) / abs(last[HOME])
     log("loss at step {}: {}".format(steps, ", ".join(f"{f} {v:.6f}" for f, v in last.items())))
     log(f"largest relative difference at step {steps}: {spread:.2e}")
     image = root / "docs" / "lockstep.png"
     subprocess.run(
-        [str(pythons["torch"]), str(root / "tools" / "plot_lockstep.py"), str(out), str(image)],
+        [str(pythons[HOME]), str(root / "tools" / "plot_lockstep.py"), str(out), str(image)],
         cwd=root, check=True,
     )  # fmt: skip
     log(f"plot: {image.relative_to(root)}")

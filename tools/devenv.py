@@ -31,6 +31,14 @@ from pathlib import Path
 import tomllib
 
 ROOT = Path(__file__).resolve().parent.parent
+# The backends come from their plug-in declarations (unorm/_core/registry.py), which import
+# only the standard library: importing them here needs the source tree on the path, not
+# an environment (this script runs under the bare python3.11 that builds them).
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from unorm._core.registry import plugins_in_order  # noqa: E402
+
 VENVS = ROOT / ".venvs"
 MARKER = "unorm-env.json"
 
@@ -43,9 +51,6 @@ class Environment:
     requirements: str
     lock: str
     constraints: tuple[str, ...] = ()
-    # Frameworks whose tests run here. Every framework is run by exactly one environment;
-    # a test skips a framework only in an environment that does not list it.
-    runs: tuple[str, ...] = ()
     lint: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -57,13 +62,18 @@ class Environment:
     def python(self) -> Path:
         return self.path / "bin" / "python"
 
+    @property
+    def runs(self) -> tuple[str, ...]:
+        """Backends whose tests run here: the plug-ins that name this environment (each
+        plug-in names one; a test skips a backend only in an environment not listing it)."""
+        return tuple(p.name for p in plugins_in_order() if p.environment == self.name)
+
 
 ENVIRONMENTS = (
     Environment(
         "current",
         "backends/envs/current.txt",
         "backends/envs/current.lock.txt",
-        runs=("torch", "keras"),
         lint=True,
     ),
     Environment(
@@ -71,11 +81,11 @@ ENVIRONMENTS = (
         "backends/envs/legacy.txt",
         "backends/envs/legacy.lock.txt",
         constraints=("backends/envs/legacy-constraints.txt",),
-        runs=("mxnet",),
     ),
 )
 
-FRAMEWORKS = ("torch", "keras", "mxnet")
+#: Every backend, in its plug-in's order.
+FRAMEWORKS = tuple(p.name for p in plugins_in_order())
 
 
 def log(message: str) -> None:
@@ -172,7 +182,8 @@ def job_env(env: Environment) -> dict[str, str]:
 def test(extra: list[str]) -> int:
     covered = {fw for env in ENVIRONMENTS for fw in env.runs}
     if covered != set(FRAMEWORKS):
-        raise SystemExit(f"[dev] no environment runs the tests of {set(FRAMEWORKS) - covered}")
+        uncovered = sorted(set(FRAMEWORKS) - covered)
+        raise SystemExit(f"[dev] no environment runs the tests of {uncovered}")
     failures: list[str] = []
     for env in ENVIRONMENTS:
         ensure(env)
