@@ -9,7 +9,7 @@ from typing import Any
 import keras
 
 from ..spec import AGCSpec, UnitAxes
-from . import hooks
+from . import hooks, internals
 from .clip import clip_gradients
 from .layout import Exclude, UnitAxesOverride, VariableSetting, describe, resolve, short_names
 
@@ -155,7 +155,7 @@ class AGC(keras.optimizers.Optimizer):
         # Settings follow the variable order of the optimizer that runs the update: the
         # hook finds a variable's setting by that optimizer's own index.
         options.settings = resolve(
-            list(target._trainable_variables),
+            internals.optimizer_variables(target),
             model=options.model,
             exclude=options.exclude,
             unit_axes=options.unit_axes,

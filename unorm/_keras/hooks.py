@@ -25,6 +25,7 @@ from typing import Any
 import keras
 
 from ..spec import AGCSpec
+from . import internals
 from .clip import clip_gradient, clip_gradients
 from .layout import VariableSetting
 
@@ -83,7 +84,7 @@ def install(
         axes: list[tuple[int, ...]] = []
         table = settings()
         for k, (grad, variable) in enumerate(zip(grads, variables, strict=True)):
-            setting = table[optimizer._get_variable_index(variable)]
+            setting = table[internals.variable_index(optimizer, variable)]
             if grad is None or setting.excluded:
                 continue
             if _sparse(grad):
@@ -100,19 +101,24 @@ def install(
         return out
 
     if keras.backend.backend() == "tensorflow":
-        all_reduce = optimizer._all_reduce_sum_gradients
 
-        def all_reduce_then_clip(grads_and_vars: Any) -> list[tuple[Any, Any]]:
-            reduced = list(all_reduce(grads_and_vars))
-            variables = [v for _, v in reduced]
-            return list(zip(clip([g for g, _ in reduced], variables), variables, strict=True))
+        def then_clip(all_reduce: Any) -> Any:
+            def all_reduce_then_clip(grads_and_vars: Any) -> list[tuple[Any, Any]]:
+                reduced = list(all_reduce(grads_and_vars))
+                variables = [v for _, v in reduced]
+                clipped = clip([g for g, _ in reduced], variables)
+                return list(zip(clipped, variables, strict=True))
 
-        object.__setattr__(optimizer, "_all_reduce_sum_gradients", all_reduce_then_clip)
+            return all_reduce_then_clip
+
+        internals.replace_all_reduce(optimizer, then_clip)
     else:
-        update_step = optimizer._backend_update_step
 
-        def clip_then_update(grads: Any, variables: Any, learning_rate: Any) -> Any:
-            return update_step(clip(list(grads), list(variables)), variables, learning_rate)
+        def clip_first(update_step: Any) -> Any:
+            def clip_then_update(grads: Any, variables: Any, learning_rate: Any) -> Any:
+                return update_step(clip(list(grads), list(variables)), variables, learning_rate)
 
-        object.__setattr__(optimizer, "_backend_update_step", clip_then_update)
+            return clip_then_update
+
+        internals.replace_update_step(optimizer, clip_first)
     object.__setattr__(optimizer, _MARK, True)

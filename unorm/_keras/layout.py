@@ -22,6 +22,7 @@ import keras
 from .._core.agc_plan import Param, layer_unit_axes
 from .._core.agc_plan import resolve as resolve_params
 from ..spec import UnitAxes
+from . import internals
 from .plugin import PLUGIN
 
 __all__ = [
@@ -105,17 +106,11 @@ def _layer_kinds(layer: Any) -> dict[str, str]:
     return {}
 
 
-def _all_layers(model: Any) -> list[Any]:
-    # Layer._flatten_layers is the one walk that reaches layers nested in any container
-    # (Sequential, functional, subclassed models, layers holding layers).
-    return list(model._flatten_layers(include_self=True, recursive=True))
-
-
 def _owners(model: Any) -> dict[int, tuple[str, str]]:
     """``(layer type, layer kind)`` of every weight of a known layer in ``model``, keyed by
     ``id`` of the variable."""
     found: dict[int, tuple[str, str]] = {}
-    for layer in _all_layers(model):
+    for layer in internals.all_layers(model):
         kinds = _layer_kinds(layer)
         for variable in layer.weights:
             kind = kinds.get(variable.name)
@@ -136,7 +131,9 @@ def final_classifier(model: Any) -> Any:
         >>> final_classifier(net).name
         'head'
     """
-    dense = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.Dense)]
+    dense = [
+        layer for layer in internals.all_layers(model) if isinstance(layer, keras.layers.Dense)
+    ]
     if not dense:
         raise ValueError(f"model has no Dense layer to exclude, got {type(model).__name__}")
     return dense[-1]

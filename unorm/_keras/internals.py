@@ -1,0 +1,63 @@
+"""Every private attribute of Keras 3 that unorm reads or replaces, in one place.
+
+Keras has no public API for these; each function says what it reaches and why, and
+``tests/test_keras_internals.py`` fails with a clear message if a Keras release renames one.
+Code elsewhere in :mod:`unorm._keras` calls these functions, never the attributes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "all_layers",
+    "inbound_node",
+    "optimizer_variables",
+    "replace_all_reduce",
+    "replace_update_step",
+    "variable_index",
+]
+
+
+def all_layers(model: Any) -> list[Any]:
+    """``model`` and every layer nested in it, in any container (Sequential, functional,
+    subclassed models, layers holding layers): ``Layer._flatten_layers`` is the one walk
+    that reaches them all; ``Model.layers`` lists only the top level."""
+    return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def inbound_node(operation: Any, index: int) -> Any:
+    """The call node ``index`` of ``operation`` in a functional graph
+    (``Operation._inbound_nodes``; a tensor's ``_keras_history`` names the operation and
+    index, and Keras exposes no public walk of the graph)."""
+    return operation._inbound_nodes[index]
+
+
+def optimizer_variables(optimizer: Any) -> list[Any]:
+    """The model variables a built optimizer updates, in its own order
+    (``Optimizer._trainable_variables``; ``Optimizer.variables`` lists its slots instead)."""
+    return list(optimizer._trainable_variables)
+
+
+def variable_index(optimizer: Any, variable: Any) -> int:
+    """The position of ``variable`` in :func:`optimizer_variables`
+    (``Optimizer._get_variable_index``, which Keras keys by the variable's path)."""
+    return int(optimizer._get_variable_index(variable))
+
+
+def replace_all_reduce(optimizer: Any, wrap: Callable[[Any], Any]) -> None:
+    """On this optimizer instance only, replace the TensorFlow update step's
+    ``_all_reduce_sum_gradients(grads_and_vars)`` by ``wrap(original)``: the one call that
+    sees the final gradients (after accumulation and unscaling, all-reduced) with their
+    variables."""
+    original = optimizer._all_reduce_sum_gradients
+    object.__setattr__(optimizer, "_all_reduce_sum_gradients", wrap(original))
+
+
+def replace_update_step(optimizer: Any, wrap: Callable[[Any], Any]) -> None:
+    """On this optimizer instance only, replace ``_backend_update_step(grads, variables,
+    learning_rate)`` by ``wrap(original)``: where the JAX and torch backends hand over the
+    final gradients."""
+    original = optimizer._backend_update_step
+    object.__setattr__(optimizer, "_backend_update_step", wrap(original))
