@@ -17,12 +17,8 @@ because TensorFlow's CPU column reduction (``reduce_sum`` over every axis but th
 runs at about a third of the memory bandwidth and the product near all of it (not
 under XLA, where the plain sum is the faster).
 
-Measured at ResNet-50's kernels on a 2-core CPU and not faster than the product (so not
-used): ``EuclideanNorm`` (1.6x slower), the filter gradient of a grouped or depthwise 1x1
-convolution of the (1, rows, 1, units) view with itself (the sum of squares without the
-squared buffer: equal speed, twice the rounding error), squaring and summing in
-cache-sized row blocks (within noise), and ``FusedBatchNormV3``'s statistics (2x slower).
-The clip's multiply already runs at the speed of a plain elementwise product.
+The clip's multiply runs at the speed of a plain elementwise product. Formulations that
+were measured and not taken are listed in ``benchmarks/README.md``.
 """
 
 from __future__ import annotations
