@@ -28,7 +28,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -38,15 +37,17 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
-from ..port import (
-    Checkpoint,
-    CheckpointError,
-    Layer,
-    describe,
-    match_layers,
-    role_array,
-    ws_settings,
+from .._core.port_plan import (
+    COUNTER,
+    ROLES,
+    PortModel,
+    Slot,
+    atomic_file,
+    check_state_fits,
+    export,
+    load,
 )
+from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
 from .batchnorm import BatchNorm
 from .op import OP_TYPE, OpSettings
@@ -63,13 +64,8 @@ __all__ = [
 
 # Gluon's parameter names are the checkpoint's roles, for both BatchNorm layers.
 _BN_STATS = ("running_mean", "running_var")
-_COUNTER = "num_batches_tracked"
 _SUPPORTED = "Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, BatchNorm"
 _SYMBOL_SUFFIX = "-symbol.json"
-
-# A planned load: the block, its checkpoint entry, (parameter, value) pairs to set, and
-# the BatchNorm settings to apply once every value is in place.
-_Step = tuple[Any, Layer, list[tuple[Any, np.ndarray]], BatchNormSpec | ScaledWSSpec | None]
 
 
 # -- which blocks, in which order -------------------------------------------------------
@@ -241,39 +237,28 @@ def _native_spec(block: Any, name: str) -> BatchNormSpec:
         raise CheckpointError(f"layer {name!r}: {err}") from None
 
 
-def _export_bn(block: Any, name: str) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
-    ours = isinstance(block, BatchNorm)
-    spec = block.spec if ours else _native_spec(block, name)
+def _read_bn(block: Any) -> dict[str, np.ndarray]:
+    center, scale, _ = _own_flags(block)
     gamma, beta = _numpy(block.gamma), _numpy(block.beta)
-    if not spec.scale:
+    if not scale:
         gamma = np.ones_like(gamma)  # MXNet ignores a fixed gamma (fix_gamma): it is 1
-    if ours and not spec.center:
+    if isinstance(block, BatchNorm) and not center:
         beta = np.zeros_like(beta)  # unorm's layer ignores a fixed beta: it is 0
-    pairs = [("gamma", gamma), ("beta", beta)]
+    out = {"gamma": gamma, "beta": beta}
     if getattr(block, "running_mean", None) is not None:
-        pairs += [(role, _numpy(getattr(block, role))) for role in _BN_STATS]
-        counter = getattr(block, _COUNTER, None)
+        out.update({role: _numpy(getattr(block, role)) for role in _BN_STATS})
+        counter = getattr(block, COUNTER, None)
         value = 0 if counter is None else int(_numpy(counter).reshape(-1)[0])
-        pairs.append((_COUNTER, np.asarray(value, dtype=np.int64)))
-    return pairs, {"spec": dataclasses.asdict(spec), "native": not ours}
+        out[COUNTER] = np.asarray(value, dtype=np.int64)
+    return out
 
 
-def _export_weights(
-    block: Any, kind: str, flatten: list[int] | None
-) -> tuple[list[tuple[str, np.ndarray]], dict[str, Any]]:
-    pairs = [("weight", _numpy(block.weight))]
-    if block.bias is not None:
-        pairs.append(("bias", _numpy(block.bias)))
-    attrs: dict[str, Any] = {}
-    if kind != "dense":
-        attrs["groups"] = int(block._kwargs.get("num_group", 1))
-    if flatten is not None:
-        attrs["flatten_from"] = list(flatten)
-    if isinstance(block, ScaledStdConv2D):
-        # A Scaled WS convolution: its gain and settings travel with it.
-        pairs.append(("gain", _numpy(block.gain)))
-        attrs["ws"] = {"style": block.ws.style, "eps": block.ws.eps}
-    return pairs, attrs
+def _params(block: Any, kind: str) -> list[tuple[str, Any]]:
+    """(role, parameter) of every role the block has, in the planner's order."""
+    found = [(role, getattr(block, role, None)) for role in ROLES[kind]]
+    if kind == "batchnorm" and not _own_flags(block)[2]:
+        found = [(role, p) for role, p in found if role not in _BN_STATS]
+    return [(role, p) for role, p in found if p is not None]
 
 
 def export_checkpoint(model: Any, example: Any = None) -> Checkpoint:
@@ -295,22 +280,8 @@ def export_checkpoint(model: Any, example: Any = None) -> Checkpoint:
         >>> [(la.kind, la.attrs.get("flatten_from")) for la in ckpt.layers]
         [('conv', None), ('dense', [2, 2, 2])]
     """
-    targets = _param_layers(model)
     flat = _flatten_shapes(model, _example_shape(example))
-    layers: list[Layer] = []
-    tensors: dict[str, np.ndarray] = {}
-    for name, block, kind in targets:
-        if kind == "batchnorm":
-            pairs, attrs = _export_bn(block, name)
-        else:
-            pairs, attrs = _export_weights(block, kind, flat.get(block.weight.name))
-        roles: dict[str, str] = {}
-        for role, value in pairs:
-            key = f"{name}.{role}"
-            tensors[key] = value
-            roles[role] = key
-        layers.append(Layer(name, kind, roles, attrs))
-    return Checkpoint(layers=layers, tensors=tensors, source="mxnet")
+    return export(_GluonModel(model, flat), source="mxnet")
 
 
 def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:
@@ -331,72 +302,7 @@ def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:
     return export_checkpoint(model, np.zeros((1, *input_shape), np.float32))
 
 
-# -- load: plan (every check), then set --------------------------------------------------
-
-
-def _source(ckpt: Checkpoint, layer: Layer, role: str, present: bool, where: str) -> Any:
-    """The checkpoint's ``role`` array for a model that has (``present``) or lacks it."""
-    return role_array(ckpt, layer, role, present, where)
-
-
-def _checked(role: str, src: np.ndarray, param: Any, where: str) -> tuple[Any, np.ndarray]:
-    """(param, value in the param's shape and dtype) after checking the shape."""
-    expected = tuple(param.shape)
-    fits = tuple(src.shape) == expected
-    if role == _COUNTER:  # a scalar in the checkpoint, shape (1,) in Gluon
-        fits = src.size == 1 and math.prod(expected) == 1
-    if not fits:
-        raise CheckpointError(
-            f"{where}: {role} shape {tuple(src.shape)} in the checkpoint, {expected} in the model"
-        )
-    return param, np.asarray(src, dtype=np.dtype(param.dtype)).reshape(expected)
-
-
-def _flatten_for_load(
-    layer: Layer, model_flat: list[int] | None, in_units: int, where: str
-) -> None:
-    """Check a Dense's ``flatten_from`` against the model (Gluon's order is the canonical
-    one, so nothing is permuted)."""
-    given = layer.attrs.get("flatten_from")
-    if given is None:
-        return
-    if (
-        not isinstance(given, list)
-        or len(given) < 2
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in given)
-    ):
-        raise CheckpointError(f"{where}: flatten_from must list positive sizes, got {given!r}")
-    if math.prod(given) != in_units:
-        raise CheckpointError(
-            f"{where}: flatten_from {given} ({math.prod(given)} features) in the checkpoint, "
-            f"{in_units} input features in the model"
-        )
-    if model_flat is not None and model_flat != given:
-        raise CheckpointError(
-            f"{where}: flatten_from {given} in the checkpoint, {model_flat} in the model "
-            "(channels-first)"
-        )
-
-
-def _plan_weights(
-    block: Any, kind: str, layer: Layer, ckpt: Checkpoint, model_flat: Any, where: str
-) -> list[tuple[Any, np.ndarray]]:
-    weight = _source(ckpt, layer, "weight", True, where)
-    copies = [_checked("weight", weight, block.weight, where)]
-    bias = _source(ckpt, layer, "bias", block.bias is not None, where)
-    if bias is not None:
-        copies.append(_checked("bias", bias, block.bias, where))
-    has_gain = isinstance(block, ScaledStdConv2D)
-    gain = _source(ckpt, layer, "gain", has_gain, where)
-    if gain is not None:
-        copies.append(_checked("gain", gain, block.gain, where))
-    groups = layer.attrs.get("groups")
-    own = block._kwargs.get("num_group", 1) if kind != "dense" else None
-    if own is not None and groups is not None and groups != own:
-        raise CheckpointError(f"{where}: groups {groups} in the checkpoint, {own} in the model")
-    if kind == "dense":
-        _flatten_for_load(layer, model_flat, int(block.weight.shape[1]), where)
-    return copies
+# -- the model as the port planner sees it -------------------------------------------------
 
 
 def _own_flags(block: Any) -> tuple[bool, bool, bool]:
@@ -406,115 +312,78 @@ def _own_flags(block: Any) -> tuple[bool, bool, bool]:
     return bool(block.beta._differentiable), not block._kwargs["fix_gamma"], True
 
 
-def _fixed(
-    role: str, layer: Layer, ckpt: Checkpoint, param: Any, value: float, where: str
-) -> tuple[Any, np.ndarray]:
-    """A gamma or beta the model's layer keeps fixed at ``value``: the checkpoint may
-    only agree with that (or hold none)."""
-    if role in layer.tensors:
-        src = ckpt.tensor(layer, role)
-        param_value = _checked(role, src, param, where)[1]
-        if not np.all(param_value == value):
-            flag = "scale" if role == "gamma" else "center"
-            raise CheckpointError(
-                f"{where}: the model's layer has {flag}=False ({role} fixed at {value:g}), "
-                f"the checkpoint's {role} is not all {value:g}"
-            )
-    return param, np.full(tuple(param.shape), value, dtype=np.dtype(param.dtype))
+class _GluonModel(PortModel[Any]):
+    """A Gluon model for :mod:`unorm._core.port_plan`. Gluon's layouts and flatten order
+    are the canonical ones, so arrays move as they are (cast to each parameter's dtype)."""
 
+    def __init__(self, model: Any, flat: Mapping[str, list[int]]) -> None:
+        self._targets = _param_layers(model)
+        self._flat = flat  # weight name of a Dense -> the map it reads flattened
 
-def _plan_bn(
-    block: Any, layer: Layer, ckpt: Checkpoint, where: str
-) -> tuple[list[tuple[Any, np.ndarray]], BatchNormSpec | None]:
-    center, scale, track = _own_flags(block)
-    copies = []
-    for role, learnt, fill in (("gamma", scale, 1.0), ("beta", center, 0.0)):
-        param = getattr(block, role)
-        if learnt:
-            copies.append(_checked(role, _source(ckpt, layer, role, True, where), param, where))
-        else:
-            copies.append(_fixed(role, layer, ckpt, param, fill, where))
-    for role in _BN_STATS:
-        src = _source(ckpt, layer, role, track, where)
-        if src is not None:
-            copies.append(_checked(role, src, getattr(block, role), where))
-    counter = getattr(block, _COUNTER, None)
-    if counter is not None:  # a model without one does not need the checkpoint's count
-        copies.append(
-            _checked(_COUNTER, _source(ckpt, layer, _COUNTER, True, where), counter, where)
-        )
-    return copies, _bn_settings(block, layer, where)
+    def layers(self) -> list[tuple[str, Any, str]]:
+        return self._targets
 
-
-def _bn_settings(block: Any, layer: Layer, where: str) -> BatchNormSpec | None:
-    """The checkpoint's BatchNorm settings as this block will take them (validated)."""
-    if "spec" not in layer.attrs:
-        return None
-    try:
-        spec = BatchNormSpec(**dict(layer.attrs["spec"]))
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(
-            f"{where}: invalid BatchNorm settings in the checkpoint: {err}"
-        ) from None
-    if not isinstance(block, BatchNorm):
-        return spec
-    own = block.spec
-    # The layer's structure stays the model's: its parameters were built for these.
-    spec = spec.replace(
-        axis=own.axis,
-        center=own.center,
-        scale=own.scale,
-        track_running_stats=own.track_running_stats,
-    )
-    return spec
-
-
-def _plan(model: Any, ckpt: Checkpoint, example_shape: tuple[int, ...] | None) -> list[_Step]:
-    """Match layers by order and check everything before any parameter is set."""
-    targets = _param_layers(model)
-    match_layers(ckpt, [k for _, _, k in targets])
-    flat = _flatten_shapes(model, example_shape)
-    plan: list[_Step] = []
-    for index, ((name, block, kind), layer) in enumerate(zip(targets, ckpt.layers, strict=True)):
-        where = f"layer {index}: checkpoint {describe(layer, ckpt)} vs model {kind} {name!r}"
-        if kind != layer.kind:
-            raise CheckpointError(f"{where}: kinds differ")
-        spec: BatchNormSpec | ScaledWSSpec | None
+    def slots(self, handle: Any, kind: str) -> dict[str, Slot]:
+        out = {role: Slot(tuple(int(d) for d in p.shape)) for role, p in _params(handle, kind)}
         if kind == "batchnorm":
-            copies, spec = _plan_bn(block, layer, ckpt, where)
-        else:
-            model_flat = flat.get(block.weight.name)
-            copies = _plan_weights(block, kind, layer, ckpt, model_flat, where)
-            spec = _ws_settings(block, layer, where)
-        plan.append((block, layer, copies, spec))
-    return plan
+            center, scale, _ = _own_flags(handle)
+            # A gamma (beta) the layer keeps at 1 (0): only that value may come in.
+            for role, learnt, fill in (("gamma", scale, 1.0), ("beta", center, 0.0)):
+                if not learnt:
+                    out[role] = Slot(out[role].shape, fixed=fill)
+            if COUNTER in out:
+                out[COUNTER] = Slot(())  # a scalar in the checkpoint, shape (1,) in Gluon
+        return out
 
+    def read(self, handle: Any, kind: str, flatten_from: list[int] | None) -> dict[str, Any]:
+        if kind == "batchnorm":
+            return _read_bn(handle)
+        return {role: _numpy(p) for role, p in _params(handle, kind)}
 
-def _ws_settings(block: Any, layer: Layer, where: str) -> ScaledWSSpec | None:
-    """The Scaled WS settings a ScaledStdConv2D takes from ``layer`` (validated first)."""
-    return ws_settings(layer, where) if isinstance(block, ScaledStdConv2D) else None
+    def to_native(
+        self, handle: Any, kind: str, role: str, value: np.ndarray, flatten_from: list[int] | None
+    ) -> Any:
+        param = getattr(handle, role)
+        return np.asarray(value, dtype=np.dtype(param.dtype)).reshape(tuple(param.shape))
 
+    def assign(self, handle: Any, role: str, value: Any) -> None:
+        getattr(handle, role).set_data(mx.nd.array(value, dtype=value.dtype))
 
-def _apply_spec(block: Any, layer: Layer, spec: BatchNormSpec | ScaledWSSpec) -> None:
-    if isinstance(spec, ScaledWSSpec):
-        block.ws = spec  # read at trace time: the caller clears cached graphs
-        return
-    if isinstance(block, BatchNorm):
-        block.spec = spec
-        # The operator takes its settings as graph attributes, built from these.
-        block._settings = OpSettings.from_spec(spec, **(block._sync_extra() or {}))
-        return
-    block._kwargs["eps"] = float(spec.eps)  # Gluon passes _kwargs to its operator
-    if spec.momentum is not None:
-        block._kwargs["momentum"] = 1.0 - spec.momentum  # Gluon weighs the old value
-    lost = spec.native_gaps("mxnet")
-    if lost:
-        warnings.warn(
-            f"{layer.name!r}: gluon.nn.BatchNorm cannot express the source's training "
-            f"semantics ({', '.join(lost)}); eval output is unchanged, training differs. "
-            "Use unorm.mxnet.convert(net, preset=None) first.",
-            stacklevel=3,
-        )
+    def flatten_from(self, handle: Any) -> list[int] | None:
+        return self._flat.get(handle.weight.name)
+
+    def groups(self, handle: Any) -> int:
+        return int(handle._kwargs.get("num_group", 1))
+
+    def ws_spec(self, handle: Any) -> ScaledWSSpec | None:
+        return handle.ws if isinstance(handle, ScaledStdConv2D) else None
+
+    def batchnorm_spec(self, handle: Any, name: str) -> BatchNormSpec:
+        return handle.spec if isinstance(handle, BatchNorm) else _native_spec(handle, name)
+
+    def native_batchnorm(self, handle: Any) -> bool:
+        return not isinstance(handle, BatchNorm)
+
+    def set_spec(self, handle: Any, spec: BatchNormSpec | ScaledWSSpec, source: Layer) -> None:
+        if isinstance(spec, ScaledWSSpec):
+            handle.ws = spec  # read at trace time: the caller clears cached graphs
+            return
+        if isinstance(handle, BatchNorm):
+            handle.spec = spec
+            # The operator takes its settings as graph attributes, built from these.
+            handle._settings = OpSettings.from_spec(spec, **(handle._sync_extra() or {}))
+            return
+        handle._kwargs["eps"] = float(spec.eps)  # Gluon passes _kwargs to its operator
+        if spec.momentum is not None:
+            handle._kwargs["momentum"] = 1.0 - spec.momentum  # Gluon weighs the old value
+        lost = spec.native_gaps("mxnet")
+        if lost:
+            warnings.warn(
+                f"{source.name!r}: gluon.nn.BatchNorm cannot express the source's training "
+                f"semantics ({', '.join(lost)}); eval output is unchanged, training differs. "
+                "Use unorm.mxnet.convert(net, preset=None) first.",
+                stacklevel=5,  # load_checkpoint's caller
+            )
 
 
 def _forget_graphs(model: Any) -> None:
@@ -550,13 +419,7 @@ def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
         >>> bool((a.weight.data() == b.weight.data()).asnumpy().all())
         True
     """
-    plan = _plan(model, ckpt, _example_shape(example))
-    for _, _, copies, _ in plan:
-        for param, value in copies:
-            param.set_data(mx.nd.array(value, dtype=value.dtype))
-    for block, layer, _, spec in plan:
-        if spec is not None:
-            _apply_spec(block, layer, spec)
+    load(_GluonModel(model, _flatten_shapes(model, _example_shape(example))), ckpt)
     _forget_graphs(model)
 
 
@@ -687,7 +550,7 @@ class _SymbolReader:
             ("beta", self._array(node, 2, "beta")),
             ("running_mean", self._array(node, 3, "running_mean")),
             ("running_var", self._array(node, 4, "running_var")),
-            (_COUNTER, np.asarray(0, dtype=np.int64)),
+            (COUNTER, np.asarray(0, dtype=np.int64)),
         ]
         self._add(node, "batchnorm", pairs, {"spec": dataclasses.asdict(spec), "native": True})
 
@@ -708,8 +571,8 @@ class _SymbolReader:
                 ("running_mean", self._array(node, 3, "running_mean")),
                 ("running_var", self._array(node, 4, "running_var")),
             ]
-            counter = self._array(node, 5, _COUNTER).reshape(-1)[:1].astype(np.int64)
-            pairs.append((_COUNTER, counter.reshape(())))
+            counter = self._array(node, 5, COUNTER).reshape(-1)[:1].astype(np.int64)
+            pairs.append((COUNTER, counter.reshape(())))
         self._add(node, "batchnorm", pairs, {"spec": dataclasses.asdict(spec), "native": False})
 
     def refuse_if_parameterised(self, node: Mapping[str, Any]) -> None:
@@ -791,16 +654,8 @@ def _read_parameters(model: Any, path: str) -> Any:
             f"through its {_SYMBOL_SUFFIX} file"
         )
     own = model._collect_params_with_prefix()
-    missing = sorted(set(own) - set(arrays))
-    unexpected = sorted(set(arrays) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: names do not fit the model: missing {missing}, unexpected {unexpected}"
-        )
-    for key, value in arrays.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            theirs, ours = tuple(value.shape), tuple(own[key].shape)
-            raise CheckpointError(f"{path}: {key!r} has shape {theirs}, the model's {ours}")
+    shapes = {key: tuple(value.shape) for key, value in arrays.items()}
+    check_state_fits(path, "names", shapes, {key: tuple(p.shape) for key, p in own.items()})
     for key, value in arrays.items():
         own[key].set_data(mx.nd.array(value, dtype=own[key].dtype))
     return model
@@ -834,18 +689,6 @@ def read_native(model: Any, path: str | os.PathLike[str]) -> Any:
     if name.endswith(".params"):
         return _read_parameters(model, name)
     raise CheckpointError(f"{name}: an MXNet file name ends with {_SYMBOL_SUFFIX} or .params")
-
-
-def _replace_all(pairs: list[tuple[str, Path]]) -> None:
-    """Rename each written temporary file over its target (the entry file last)."""
-    for tmp, target in pairs:
-        os.replace(tmp, target)
-
-
-def _temporary(target: Path, suffix: str) -> str:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=target.parent)
-    os.close(fd)
-    return tmp
 
 
 def _save_export(model: Any, symbol_tmp: str, params_tmp: str) -> None:
@@ -890,21 +733,11 @@ def write_native(model: Any, path: str | os.PathLike[str]) -> None:
     target = Path(path)
     if target.name.endswith(_SYMBOL_SUFFIX):
         params = target.with_name(target.name[: -len(_SYMBOL_SUFFIX)] + "-0000.params")
-        written = [(_temporary(params, ".tmp"), params), (_temporary(target, ".tmp"), target)]
-        try:
-            _save_export(model, written[1][0], written[0][0])
-            _replace_all(written)
-        except BaseException:
-            for tmp, _ in written:
-                Path(tmp).unlink(missing_ok=True)
-            raise
+        # The inner file is renamed first: the entry file (the graph) comes last.
+        with atomic_file(target) as symbol_tmp, atomic_file(params) as params_tmp:
+            _save_export(model, symbol_tmp, params_tmp)
         return
     if not target.name.endswith(".params"):
         raise CheckpointError(f"{target}: an MXNet file name ends with {_SYMBOL_SUFFIX} or .params")
-    tmp = _temporary(target, ".tmp")
-    try:
+    with atomic_file(target) as tmp:
         model.save_parameters(tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
