@@ -614,7 +614,7 @@ def agc_clip_all(
     AGCSpec(clipping=clipping, eps=eps)
     missing = [name for name in exclude if name not in grads]
     if missing:
-        raise ValueError(f"exclude names parameters that do not exist: {missing}")
+        raise ValueError(f"exclude names no parameter or layer of the model: {missing}")
     out: dict[str, np.ndarray] = {}
     for name, g in grads.items():
         if name in exclude:
@@ -623,8 +623,8 @@ def agc_clip_all(
         w = np.asarray(weights[name])
         if name not in unit_axes and w.ndim > 1:
             raise ValueError(
-                f"unit_axes has no entry for parameter {name!r} of shape {w.shape}: "
-                "say which axis indexes its output units"
+                f"AGC does not know the output-unit axis of parameter {name!r} (shape "
+                f"{w.shape}); pass unit_axes={{{name!r}: <axis>}} or exclude it"
             )
         out[name] = agc_clip(g, w, unit_axes.get(name), clipping=clipping, eps=eps)
     return out
