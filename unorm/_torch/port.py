@@ -8,11 +8,8 @@ layout is the canonical one, so tensors move as they are; a Linear after a Flatt
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import tempfile
 import warnings
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,27 +18,33 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from ..port import (
-    Checkpoint,
-    CheckpointError,
-    Layer,
-    describe,
-    match_layers,
-    role_array,
-    ws_settings,
+from .._core.port_plan import (
+    COUNTER,
+    ROLES,
+    PortModel,
+    Slot,
+    atomic_file,
+    check_state_fits,
+    export,
+    load,
 )
+from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
 from .batchnorm import BatchNorm
 from .ws import _ScaledStd
 
 __all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
 
-_BN_ROLES = {
+# Checkpoint role -> attribute of a PyTorch module (its BatchNorm's for the BatchNorm roles).
+_ATTRS = {
+    "weight": "weight",
+    "bias": "bias",
+    "gain": "gain",
     "gamma": "weight",
     "beta": "bias",
     "running_mean": "running_mean",
     "running_var": "running_var",
-    "num_batches_tracked": "num_batches_tracked",
+    COUNTER: COUNTER,
 }
 
 
@@ -66,37 +69,46 @@ def _param_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     return out
 
 
-def _bn_spec(module: nn.Module) -> dict[str, Any]:
+def _bn_spec(module: nn.Module, name: str) -> BatchNormSpec:
     if isinstance(module, BatchNorm):
-        return dataclasses.asdict(module.spec)
+        return module.spec
     assert isinstance(module, _BatchNorm)
-    spec = BatchNormSpec.from_native(
-        "torch",
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
-    )
-    return dataclasses.asdict(spec)
+    try:
+        return BatchNormSpec.from_native(
+            "torch",
+            eps=module.eps,
+            momentum=module.momentum,
+            affine=module.affine,
+            track_running_stats=module.track_running_stats,
+        )
+    except ValueError as err:
+        raise CheckpointError(f"layer {name!r}: {err}") from None
 
 
-def _flatten_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[str, list[int]]:
-    """Input shape (without batch) of every Linear fed by a Flatten of a feature map."""
+def _tensors(module: nn.Module, kind: str) -> list[tuple[str, torch.Tensor]]:
+    """(role, parameter or buffer) of every role the module has, in the planner's order."""
+    found = [(role, getattr(module, _ATTRS[role], None)) for role in ROLES[kind]]
+    return [(role, t) for role, t in found if isinstance(t, torch.Tensor)]
+
+
+def _flatten_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[int, list[int]]:
+    """Input shape (without batch) of every Linear (by ``id``) fed by a Flatten of a
+    feature map."""
     if example is None:
         return {}
-    shapes: dict[str, list[int]] = {}
+    shapes: dict[int, list[int]] = {}
     pending: list[list[int]] = []
     hooks = []
-    for name, module in model.named_modules():
+    for module in model.modules():
         if isinstance(module, nn.Flatten):
             hooks.append(
                 module.register_forward_hook(lambda m, i, o: pending.append(list(i[0].shape[1:])))
             )
         elif isinstance(module, nn.Linear):
 
-            def grab(m: nn.Module, i: Any, o: Any, name: str = name) -> None:
+            def grab(m: nn.Module, i: Any, o: Any) -> None:
                 if pending and len(pending[-1]) > 1:
-                    shapes[name] = pending[-1]
+                    shapes[id(m)] = pending[-1]
                 pending.clear()
 
             hooks.append(module.register_forward_hook(grab))
@@ -129,99 +141,89 @@ def export_checkpoint(model: nn.Module, example: torch.Tensor | None = None) -> 
         >>> [(la.kind, la.attrs.get("flatten_from")) for la in ckpt.layers]
         [('conv', None), ('dense', [2, 2, 2])]
     """
-    flat = _flatten_shapes(model, example)
-    layers: list[Layer] = []
-    tensors: dict[str, np.ndarray] = {}
-    for name, module, kind in _param_layers(model):
-        roles: dict[str, str] = {}
-        attrs: dict[str, Any] = {}
-        if kind == "batchnorm":
-            pairs = [(role, getattr(module, attr)) for role, attr in _BN_ROLES.items()]
-            attrs["spec"] = _bn_spec(module)
-            attrs["native"] = not isinstance(module, BatchNorm)
-        else:
-            pairs = [("weight", module.weight), ("bias", getattr(module, "bias", None))]
-            if kind != "dense":
-                attrs["groups"] = int(module.groups)  # type: ignore[arg-type]
-            if isinstance(module, _ScaledStd):
-                # A Scaled WS convolution: its gain and settings travel with it.
-                pairs.append(("gain", module.gain))
-                attrs["ws"] = {"style": module.ws.style, "eps": module.ws.eps}
-            if name in flat:
-                attrs["flatten_from"] = flat[name]
-        for role, value in pairs:
-            if value is not None:
-                key = f"{name}.{role}"
-                tensors[key] = _numpy(value)
-                roles[role] = key
-        layers.append(Layer(name, kind, roles, attrs))
-    return Checkpoint(layers=layers, tensors=tensors, source="torch")
+    return export(_TorchModel(model, _flatten_shapes(model, example)), source="torch")
 
 
-_Step = tuple[
-    nn.Module, Layer, list[tuple[torch.Tensor, np.ndarray]], BatchNormSpec | ScaledWSSpec | None
-]
+class _TorchModel(PortModel[nn.Module]):
+    """A PyTorch model for :mod:`unorm._core.port_plan`. PyTorch's layouts and flatten
+    order are the canonical ones, so tensors move as they are (cast to each one's dtype)."""
 
+    def __init__(self, model: nn.Module, flat: dict[int, list[int]]) -> None:
+        self._targets = _param_layers(model)
+        self._flat = flat  # id of a Linear -> the map it reads flattened
 
-def _target_spec(
-    module: nn.Module, layer: Layer, where: str
-) -> BatchNormSpec | ScaledWSSpec | None:
-    """The settings a BatchNorm or Scaled WS convolution will take from ``layer``
-    (validated before any copy)."""
-    if isinstance(module, _ScaledStd):
-        return ws_settings(layer, where)
-    if layer.kind != "batchnorm" or "spec" not in layer.attrs:
-        return None
-    settings = dict(layer.attrs["spec"])
-    if isinstance(module, BatchNorm):
-        # The model keeps its own axis and structure; the semantics come from the source.
-        settings["axis"] = module.spec.axis
-        settings["center"] = settings["scale"] = module.affine
-        settings["track_running_stats"] = module.track_running_stats
-    try:
-        return BatchNormSpec(**settings)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{where}: invalid BatchNorm settings: {err}") from None
+    def layers(self) -> list[tuple[str, nn.Module, str]]:
+        return self._targets
 
+    def slots(self, handle: nn.Module, kind: str) -> dict[str, Slot]:
+        return {role: Slot(tuple(t.shape)) for role, t in _tensors(handle, kind)}
 
-def _plan(model: nn.Module, ckpt: Checkpoint) -> list[_Step]:
-    """Match layers by order and check every shape before anything is copied."""
-    targets = _param_layers(model)
-    plan = []
-    for (index, layer), (name, module, kind) in zip(
-        match_layers(ckpt, [k for _, _, k in targets]), targets, strict=True
-    ):
-        where = f"layer {index}: checkpoint {describe(layer, ckpt)} vs model {kind} {name!r}"
-        if kind != layer.kind:
-            raise CheckpointError(f"{where}: kinds differ")
-        roles = (
-            _BN_ROLES
-            if kind == "batchnorm"
-            else {"weight": "weight", "bias": "bias", "gain": "gain"}
-        )
-        copies = []
-        for role, attr in roles.items():
-            dst = getattr(module, attr, None)
-            src = role_array(ckpt, layer, role, dst is not None, where)
-            if src is None:
-                continue
-            assert dst is not None
-            if tuple(src.shape) != tuple(dst.shape):
-                raise CheckpointError(
-                    f"{where}: {role} shape {tuple(src.shape)} in the checkpoint, "
-                    f"{tuple(dst.shape)} in the model"
-                )
-            copies.append((dst, src))
-        plan.append((module, layer, copies, _target_spec(module, layer, where)))
-    return plan
+    def read(
+        self, handle: nn.Module, kind: str, flatten_from: list[int] | None
+    ) -> dict[str, np.ndarray]:
+        return {role: _numpy(t) for role, t in _tensors(handle, kind)}
+
+    def to_native(
+        self,
+        handle: nn.Module,
+        kind: str,
+        role: str,
+        value: np.ndarray,
+        flatten_from: list[int] | None,
+    ) -> torch.Tensor:
+        dst = getattr(handle, _ATTRS[role])
+        return torch.from_numpy(np.array(value, order="C")).to(dst.dtype)
+
+    def assign(self, handle: nn.Module, role: str, value: torch.Tensor) -> None:
+        with torch.no_grad():
+            getattr(handle, _ATTRS[role]).copy_(value)
+
+    def flatten_from(self, handle: nn.Module) -> list[int] | None:
+        return self._flat.get(id(handle))
+
+    def groups(self, handle: nn.Module) -> int:
+        return int(handle.groups)  # type: ignore[arg-type]
+
+    def ws_spec(self, handle: nn.Module) -> ScaledWSSpec | None:
+        return handle.ws if isinstance(handle, _ScaledStd) else None
+
+    def batchnorm_spec(self, handle: nn.Module, name: str) -> BatchNormSpec:
+        return _bn_spec(handle, name)
+
+    def native_batchnorm(self, handle: nn.Module) -> bool:
+        return not isinstance(handle, BatchNorm)
+
+    def set_spec(
+        self, handle: nn.Module, spec: BatchNormSpec | ScaledWSSpec, source: Layer
+    ) -> None:
+        if isinstance(spec, ScaledWSSpec):
+            assert isinstance(handle, _ScaledStd)
+            handle.ws = spec
+            return
+        if isinstance(handle, BatchNorm):
+            handle.spec = spec
+            return
+        assert isinstance(handle, _BatchNorm)
+        handle.eps = spec.eps
+        handle.momentum = spec.momentum
+        lost = spec.native_gaps("torch")
+        if lost:
+            warnings.warn(
+                f"{source.name!r}: nn.BatchNorm cannot express the source's training "
+                f"semantics ({', '.join(lost)}); eval output is unchanged, training differs. "
+                "Use unorm.torch.convert() first.",
+                stacklevel=5,  # load_checkpoint's caller
+            )
 
 
 def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
-    """Load ``ckpt`` into ``model`` (layers matched by order, shapes checked first).
+    """Load ``ckpt`` into ``model`` (layers matched by order, everything checked first).
 
-    Nothing is changed unless every layer matches. A unorm :class:`BatchNorm` takes the
-    checkpoint's BatchNorm settings (a ported Keras or MXNet layer keeps behaving as it
-    did at home, e.g. its eps and momentum); its feature axis stays the model's. A native
+    Nothing is changed unless every layer matches: kinds, shapes, conv groups and a
+    Linear's ``flatten_from`` (a valid list of sizes whose product is its input size). A
+    unorm :class:`BatchNorm` takes the checkpoint's BatchNorm settings (a ported Keras or
+    MXNet layer keeps behaving as it did at home, e.g. its eps and momentum); its feature
+    axis, ``affine`` and ``track_running_stats`` stay the model's. A native
     ``nn.BatchNorm*d`` takes eps and momentum and warns where the source's training
     semantics (running-variance estimator, non-finite guard, one value per channel,
     update in backward) cannot be expressed by it.
@@ -232,34 +234,7 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
         >>> bool(torch.equal(a.weight, b.weight))
         True
     """
-    plan = _plan(model, ckpt)
-    with torch.no_grad():
-        for module, layer, copies, spec in plan:
-            for dst, src in copies:
-                dst.copy_(torch.from_numpy(np.array(src, order="C")).to(dst.dtype))
-            if spec is not None:
-                _apply_spec(module, layer, spec)
-
-
-def _apply_spec(module: nn.Module, layer: Layer, spec: BatchNormSpec | ScaledWSSpec) -> None:
-    if isinstance(spec, ScaledWSSpec):
-        assert isinstance(module, _ScaledStd)
-        module.ws = spec
-        return
-    if isinstance(module, BatchNorm):
-        module.spec = spec
-        return
-    assert isinstance(module, _BatchNorm)
-    module.eps = spec.eps
-    module.momentum = spec.momentum
-    lost = spec.native_gaps("torch")
-    if lost:
-        warnings.warn(
-            f"{layer.name!r}: nn.BatchNorm cannot express the source's training semantics "
-            f"({', '.join(lost)}); eval output is unchanged, training differs. "
-            "Use unorm.torch.convert() first.",
-            stacklevel=3,
-        )
+    load(_TorchModel(model, {}), ckpt)
 
 
 def read_native(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -273,32 +248,16 @@ def read_native(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
         raise CheckpointError(f"{path}: not a readable PyTorch state_dict: {err}") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    if missing or unexpected:
-        raise CheckpointError(
-            f"{path}: keys do not fit the model: missing {missing}, unexpected {unexpected}"
-        )
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(own[key].shape):
-            theirs, ours = tuple(value.shape), tuple(own[key].shape)
-            raise CheckpointError(f"{path}: {key!r} has shape {theirs}, the model's {ours}")
+    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    check_state_fits(path, "keys", {key: tuple(value.shape) for key, value in state.items()}, own)
     model.load_state_dict(state)
     return model
 
 
 def write_native(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Save ``model.state_dict()`` to ``path`` atomically (temporary file, then rename)."""
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
+    with atomic_file(path) as tmp:
         torch.save(model.state_dict(), tmp)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def export_model(model: nn.Module, input_shape: tuple[int, ...]) -> Checkpoint:
