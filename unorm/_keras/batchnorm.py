@@ -17,6 +17,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from .._core.settings import BatchNormSettings
 from ..spec import UNSET, BatchNormSpec, Unset, given, normalize_axis
 from . import stats
 
@@ -46,7 +47,7 @@ def _tensorflow_backend() -> bool:
 
 
 @keras.saving.register_keras_serializable(package="unorm")
-class BatchNorm(keras.layers.Layer):
+class BatchNorm(BatchNormSettings, keras.layers.Layer):
     """Batch Normalisation with one meaning on every backend (``SPEC.md``, BatchNorm).
 
     A drop-in for ``keras.layers.BatchNormalization``: the same weights under the same
@@ -202,31 +203,6 @@ class BatchNorm(keras.layers.Layer):
         self._reduce_axes: list[int] = []
 
     # -- the settings, read through the spec so that they cannot drift apart ----------
-
-    @property
-    def axis(self) -> int:
-        """The feature axis, as given."""
-        return self.spec.axis
-
-    @property
-    def eps(self) -> float:
-        """Added to the variance inside the square root."""
-        return self.spec.eps
-
-    @property
-    def momentum(self) -> float | None:
-        """Weight of the new batch statistic; None for the cumulative average."""
-        return self.spec.momentum
-
-    @property
-    def center(self) -> bool:
-        """Whether the layer learns ``beta``."""
-        return self.spec.center
-
-    @property
-    def scale(self) -> bool:
-        """Whether the layer learns ``gamma``."""
-        return self.spec.scale
 
     # -- weights ---------------------------------------------------------------------
 

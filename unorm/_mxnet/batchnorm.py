@@ -16,6 +16,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
+from .._core.settings import BatchNormSettings
 from ..spec import BatchNormSpec, normalize_axis
 from .native import affine, affine_params
 from .op import OP_TYPE, OpSettings, count_error
@@ -35,7 +36,7 @@ def _check_count_arg(name: str, value: object, minimum: int) -> int:
     return int(value)
 
 
-class BatchNorm(gluon.HybridBlock):  # type: ignore[misc]
+class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
     """Batch normalisation with unorm's one meaning per parameter (SPEC.md), for Gluon 1.9.
 
     ``BatchNorm(in_channels=0, num_dims=None, *, axis=1, eps=None, momentum=<unset>,

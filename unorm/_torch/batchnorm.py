@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._core.settings import BatchNormSettings
 from ..spec import UNSET, BatchNormSpec, Unset, given, normalize_axis
 
 __all__ = ["BatchNorm"]
@@ -27,7 +28,7 @@ _LAYOUTS = {2: "(N, C)", 3: "(N, C, L)", 4: "(N, C, H, W)", 5: "(N, C, D, H, W)"
 _HALF = (torch.float16, torch.bfloat16)
 
 
-class BatchNorm(nn.Module):
+class BatchNorm(BatchNormSettings, nn.Module):
     """Batch Normalisation with one meaning on every backend (``SPEC.md``, BatchNorm).
 
     A drop-in for ``nn.BatchNorm1d/2d/3d``: the same state-dict keys (``weight``,
@@ -138,29 +139,9 @@ class BatchNorm(nn.Module):
     # -- the settings, read through the spec so that they cannot drift apart ----------
 
     @property
-    def eps(self) -> float:
-        """Added to the variance inside the square root."""
-        return self.spec.eps
-
-    @property
-    def momentum(self) -> float | None:
-        """Weight of the new batch statistic; None for the cumulative average."""
-        return self.spec.momentum
-
-    @property
     def affine(self) -> bool:
         """Whether the layer learns ``weight`` and ``bias``."""
         return self.spec.scale
-
-    @property
-    def track_running_stats(self) -> bool:
-        """Whether running statistics are kept and used in eval mode."""
-        return self.spec.track_running_stats
-
-    @property
-    def axis(self) -> int:
-        """The feature axis."""
-        return self.spec.axis
 
     def reset_running_stats(self) -> None:
         """Running mean 0, running variance 1, no batch tracked."""
