@@ -144,9 +144,7 @@ class KernelLayout:
     def unit_axes(self, kind: str, ndim: int) -> tuple[int, ...]:
         """The output-unit axes of a rank-``ndim`` ``kind`` weight in this layout."""
         units = _UNIT_TOKENS[check_kind(kind)]
-        return tuple(
-            i for i, held in enumerate(self._logical_positions(ndim)) if units & set(held)
-        )
+        return tuple(i for i, held in enumerate(self._logical_positions(ndim)) if units & set(held))
 
     def _logical_positions(self, ndim: int) -> list[tuple[str, ...]]:
         # The backend rank differs from the logical one where axes merge or a 1 is added.
@@ -196,9 +194,7 @@ def _axis_index(ndim: int) -> dict[str, int]:
 LayoutTable = Mapping[str, KernelLayout]
 
 
-def unit_plan(
-    kind: str, layout: KernelLayout, shape: tuple[int, ...], groups: int = 1
-) -> UnitPlan:
+def unit_plan(kind: str, layout: KernelLayout, shape: tuple[int, ...], groups: int = 1) -> UnitPlan:
     """The output units of a ``kind`` weight of ``shape`` in ``layout`` (module docstring).
 
     Weights of rank <= 1 are one unit. ``groups > 1`` matters only for
