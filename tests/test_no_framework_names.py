@@ -41,12 +41,7 @@ FIXED_FRAMEWORKS = ("torch", "keras", "mxnet", "tensorflow")
 
 #: Names a shared module may still spell, each with why, as (path, value): code outside this
 #: change's reach. An entry that no longer occurs fails :func:`test_exemptions_are_used`.
-EXEMPT: dict[tuple[str, str], str] = {
-    ("unorm/spec.py", "torch"): (
-        "BatchNormSpec.native_gaps asks framework != 'torch' for the cumulative average "
-        "(momentum=None); spec.py is edited elsewhere, and a plug-in field should say it"
-    ),
-}
+EXEMPT: dict[tuple[str, str], str] = {}
 
 
 def _module_path(module: str) -> str:

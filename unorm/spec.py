@@ -247,7 +247,8 @@ class BatchNormSpec:
             []
         """
         native = PRESETS[validate_preset(framework)]
-        gaps = ["momentum=None"] if self.momentum is None and framework != "torch" else []
+        averages = plugin(framework).native_arguments["cumulative_average"]
+        gaps = ["momentum=None"] if self.momentum is None and not averages else []
         for name in ("running_var", "skip_nonfinite", "allow_single_value", "update_on"):
             value = getattr(self, name)
             if value != native[name]:

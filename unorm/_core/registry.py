@@ -58,7 +58,8 @@ class BackendPlugin:
             :meth:`unorm.spec.BatchNormSpec.from_native`: ``"eps"`` or ``"epsilon"``
             names eps, ``momentum_weighs`` is ``"new"`` or ``"old"``, ``affine`` says
             whether one flag stands for center and scale, ``default_axis`` its feature
-            axis.
+            axis, ``cumulative_average`` whether its layer takes ``momentum=None`` (the
+            cumulative average, :meth:`unorm.spec.BatchNormSpec.native_gaps`).
         layouts: layer kind -> :class:`~unorm._core.layer_kinds.KernelLayout` of its
             weights (the kinds it has).
         file_endings: checkpoint file-name endings of its native formats (``.pt``).

@@ -26,6 +26,7 @@ PLUGIN = BackendPlugin(
         "momentum_weighs": "old",
         "affine": False,
         "default_axis": -1,
+        "cumulative_average": False,
     },
     layouts={
         "dense": KernelLayout("k b a"),

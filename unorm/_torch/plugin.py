@@ -21,7 +21,13 @@ PLUGIN = BackendPlugin(
         "allow_single_value": False,
         "update_on": "forward",
     },
-    native_arguments={"eps": "eps", "momentum_weighs": "new", "affine": True, "default_axis": 1},
+    native_arguments={
+        "eps": "eps",
+        "momentum_weighs": "new",
+        "affine": True,
+        "default_axis": 1,
+        "cumulative_average": True,
+    },
     layouts={
         "dense": KernelLayout("a b k"),
         "conv": KernelLayout("a b k"),
