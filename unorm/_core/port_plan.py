@@ -45,6 +45,7 @@ import dataclasses
 import math
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Generic, Protocol, TypeVar
@@ -70,9 +71,12 @@ __all__ = [
     "check_shape",
     "check_state_fits",
     "export",
+    "kind_of",
     "load",
     "match_by_order",
     "plan_load",
+    "present_roles",
+    "warn_native_gaps",
 ]
 
 #: The BatchNorm counter's role. A model's layer that keeps no counter (its momentum is
@@ -220,7 +224,8 @@ class PortModel(Protocol[H]):
 
     def batchnorm_spec(self, handle: H, name: str) -> BatchNormSpec:
         """The BatchNorm layer's settings in unorm's convention (a native layer's through
-        :meth:`~unorm.spec.BatchNormSpec.from_native`); refuses what it cannot express."""
+        :meth:`~unorm.spec.BatchNormSpec.from_native`; the ``ValueError`` of a setting it
+        cannot express becomes a :class:`~unorm.port.CheckpointError` naming ``name``)."""
         raise CheckpointError(f"layer {name!r}: this model has no BatchNorm layers")
 
     def native_batchnorm(self, handle: H) -> bool:
@@ -239,6 +244,31 @@ class PortModel(Protocol[H]):
         """Give the layer the settings planned for it, after every value is written;
         ``source`` is the checkpoint's layer they come from (its name, for warnings)."""
         raise NotImplementedError(f"layer {source.name!r}: this model takes no settings")
+
+
+def kind_of(layer: object, classes: Sequence[tuple[str, type | tuple[type, ...]]]) -> str | None:
+    """The kind of the first ``(kind, classes)`` entry ``layer`` is an instance of, or None
+    (a layer the checkpoint does not describe). Put subclasses first: a framework's
+    transposed convolution is often a subclass of its convolution.
+
+    Example:
+        >>> kind_of(True, [("flag", bool), ("number", int)]), kind_of("x", [("n", int)])
+        ('flag', None)
+    """
+    return next((kind for kind, types in classes if isinstance(layer, types)), None)
+
+
+def present_roles(layer: object, kind: str, attrs: Mapping[str, str]) -> list[tuple[str, Any]]:
+    """(role, attribute) for every role of ``kind`` (:data:`ROLES` order) whose attribute
+    (named by ``attrs``: role -> attribute name) ``layer`` has and is not None.
+
+    Example:
+        >>> class Fc: weight, bias = "W", None
+        >>> present_roles(Fc(), "dense", {"weight": "weight", "bias": "bias", "gain": "gain"})
+        [('weight', 'W')]
+    """
+    found = [(role, getattr(layer, attrs[role], None)) for role in ROLES[kind]]
+    return [(role, value) for role, value in found if value is not None]
 
 
 # -- matching ------------------------------------------------------------------------------
@@ -392,7 +422,7 @@ def _batchnorm_settings(
             f"{where}: invalid BatchNorm settings in the checkpoint: {err}"
         ) from None
     if not model.native_batchnorm(handle):
-        own = model.batchnorm_spec(handle, name)
+        own = _layer_spec(model, handle, name)
         # The layer's structure stays the model's: its parameters were built for these.
         spec = spec.replace(
             axis=own.axis,
@@ -402,6 +432,54 @@ def _batchnorm_settings(
         )
     model.check_spec(handle, spec, where)
     return spec
+
+
+def _layer_spec(model: PortModel[H], handle: H, name: str) -> BatchNormSpec:
+    """The layer's own BatchNorm settings; a native setting unorm cannot express is
+    refused with the layer's name."""
+    try:
+        return model.batchnorm_spec(handle, name)
+    except CheckpointError:
+        raise
+    except ValueError as err:  # from BatchNormSpec.from_native
+        raise CheckpointError(f"layer {name!r}: {err}") from None
+
+
+def warn_native_gaps(
+    spec: BatchNormSpec,
+    framework: str,
+    layer: str,
+    convert: str,
+    source: Layer,
+    stacklevel: int = 6,
+) -> None:
+    """Warn (``UserWarning``) that the framework's own BatchNorm cannot express all of
+    ``spec``, the settings it was given from ``source``; silent when it can.
+
+    ``framework``: the native preset's name (``spec.native_gaps(framework)`` lists what is
+    lost); ``layer``: how the framework's class is called in the message; ``convert``: the
+    call that swaps it for unorm's layer. ``stacklevel`` 6 points at the caller of the
+    backend's ``load_checkpoint`` when called from :meth:`PortModel.set_spec`.
+
+    Example:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     warn_native_gaps(BatchNormSpec(), "mxnet", "Native", "convert()",
+        ...                      Layer("bn", "batchnorm", {}), stacklevel=2)
+        >>> print(caught[0].message)
+        'bn': Native cannot express the source's training semantics (running_var='unbiased',
+        skip_nonfinite=True, allow_single_value=False, update_on='forward'); eval output is
+        unchanged, training differs. Use convert() first.
+    """
+    lost = spec.native_gaps(framework)
+    if lost:
+        warnings.warn(
+            f"{source.name!r}: {layer} cannot express the source's training semantics "
+            f"({', '.join(lost)}); eval output is unchanged, training differs. "
+            f"Use {convert} first.",
+            stacklevel=stacklevel,
+        )
 
 
 # -- plan, apply, export ---------------------------------------------------------------------
@@ -525,7 +603,7 @@ def export(model: PortModel[Any], source: str) -> Checkpoint:
         flatten = model.flatten_from(handle) if kind == "dense" else None
         attrs: dict[str, Any] = {}
         if kind == "batchnorm":
-            spec = model.batchnorm_spec(handle, name)
+            spec = _layer_spec(model, handle, name)
             attrs = {"spec": dataclasses.asdict(spec), "native": model.native_batchnorm(handle)}
         else:
             groups = model.groups(handle) if kind != "dense" else None

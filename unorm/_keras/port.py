@@ -39,7 +39,18 @@ from typing import Any
 import keras
 import numpy as np
 
-from .._core.port_plan import COUNTER, ROLES, PortModel, Slot, atomic_file, export, load
+from .._core.port_plan import (
+    COUNTER,
+    ROLES,
+    PortModel,
+    Slot,
+    atomic_file,
+    export,
+    kind_of,
+    load,
+    present_roles,
+    warn_native_gaps,
+)
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
 from . import stats
@@ -48,35 +59,25 @@ from .ws import ScaledStdConv2D
 
 __all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
 
-# Checkpoint role -> variable of a Keras layer (of unorm's BatchNorm and of
-# keras.layers.BatchNormalization for the BatchNorm roles).
-_ATTRS = {
+_L = keras.layers
+# Checkpoint role -> variable of a Keras layer (unorm's BatchNorm names its variables as
+# keras.layers.BatchNormalization does).
+_ATTRS = {role: role for roles in ROLES.values() for role in roles} | {
     "weight": "kernel",
-    "bias": "bias",
-    "gain": "gain",
-    "gamma": "gamma",
-    "beta": "beta",
     "running_mean": "moving_mean",
     "running_var": "moving_variance",
-    COUNTER: COUNTER,
 }
 _SUPPORTED = "Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, BatchNorm, BatchNormalization"
+# The layers the checkpoint describes (Conv*DTranspose first: they subclass Conv*D).
+_KINDS = [
+    ("conv_transpose", (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose)),
+    ("conv", (_L.Conv1D, _L.Conv2D, _L.Conv3D)),
+    ("dense", _L.Dense),
+    ("batchnorm", (BatchNorm, _L.BatchNormalization)),
+]
 
 
 # -- which layers, in which order -----------------------------------------------------
-
-
-def _kind(layer: Any) -> str | None:
-    layers = keras.layers
-    if isinstance(layer, (layers.Conv1DTranspose, layers.Conv2DTranspose, layers.Conv3DTranspose)):
-        return "conv_transpose"
-    if isinstance(layer, (layers.Conv1D, layers.Conv2D, layers.Conv3D)):
-        return "conv"
-    if isinstance(layer, layers.Dense):
-        return "dense"
-    if isinstance(layer, (BatchNorm, layers.BatchNormalization)):
-        return "batchnorm"
-    return None
 
 
 def _named_layers(model: Any) -> Iterator[tuple[str, Any]]:
@@ -116,7 +117,7 @@ def _param_layers(model: Any) -> list[tuple[str, Any, str]]:
         )
     out = []
     for name, layer in _named_layers(model):
-        kind = _kind(layer)
+        kind = kind_of(layer, _KINDS)
         if kind is not None:
             _check_supported(layer, name, kind)
             out.append((name, layer, kind))
@@ -296,30 +297,21 @@ def _native_axis(layer: Any, name: str) -> int:
     return int(axis)
 
 
-def _bn_spec(layer: Any, name: str) -> BatchNormSpec:
-    if isinstance(layer, BatchNorm):
-        return layer.spec
-    try:
-        return BatchNormSpec.from_native(
-            "keras",
-            momentum=layer.momentum,
-            epsilon=layer.epsilon,
-            center=layer.center,
-            scale=layer.scale,
-            axis=_native_axis(layer, name),
-        )
-    except ValueError as err:
-        raise CheckpointError(f"layer {name!r}: {err}") from None
-
-
-def _variables(layer: Any, kind: str) -> list[tuple[str, Any]]:
-    """(role, variable) of every role the layer has, in the planner's order."""
-    found = [(role, getattr(layer, _ATTRS[role], None)) for role in ROLES[kind]]
-    return [(role, v) for role, v in found if v is not None]
+def _native_spec(layer: Any, name: str) -> BatchNormSpec:
+    return BatchNormSpec.from_native(
+        "keras",
+        momentum=layer.momentum,
+        epsilon=layer.epsilon,
+        center=layer.center,
+        scale=layer.scale,
+        axis=_native_axis(layer, name),
+    )
 
 
 def _read_bn(layer: Any) -> dict[str, np.ndarray]:
-    out = {role: _numpy(v) for role, v in _variables(layer, "batchnorm") if role != COUNTER}
+    out = {
+        role: _numpy(v) for role, v in present_roles(layer, "batchnorm", _ATTRS) if role != COUNTER
+    }
     if getattr(layer, "moving_mean", None) is not None:
         # Only a momentum=None BatchNorm keeps a counter; the others count nothing.
         counter = getattr(layer, COUNTER, None)
@@ -385,7 +377,10 @@ class _KerasModel(PortModel[Any]):
         return self._targets
 
     def slots(self, handle: Any, kind: str) -> dict[str, Slot]:
-        out = {role: Slot(tuple(int(d) for d in v.shape)) for role, v in _variables(handle, kind)}
+        out = {
+            role: Slot(tuple(int(d) for d in v.shape))
+            for role, v in present_roles(handle, kind, _ATTRS)
+        }
         if "weight" in out:
             out["weight"] = Slot(_canonical_shape(kind, out["weight"].shape))
         if COUNTER in out:
@@ -395,7 +390,7 @@ class _KerasModel(PortModel[Any]):
     def read(self, handle: Any, kind: str, flatten_from: list[int] | None) -> dict[str, Any]:
         if kind == "batchnorm":
             return _read_bn(handle)
-        pairs = dict(_variables(handle, kind))
+        pairs = dict(present_roles(handle, kind, _ATTRS))
         out = {"weight": _kernel_to_canonical(kind, _numpy(pairs.pop("weight")), flatten_from)}
         return out | {role: _numpy(v) for role, v in pairs.items()}
 
@@ -420,7 +415,7 @@ class _KerasModel(PortModel[Any]):
         return handle.spec if isinstance(handle, ScaledStdConv2D) else None
 
     def batchnorm_spec(self, handle: Any, name: str) -> BatchNormSpec:
-        return _bn_spec(handle, name)
+        return handle.spec if isinstance(handle, BatchNorm) else _native_spec(handle, name)
 
     def native_batchnorm(self, handle: Any) -> bool:
         return not isinstance(handle, BatchNorm)
@@ -453,14 +448,8 @@ class _KerasModel(PortModel[Any]):
         handle.epsilon = float(spec.eps)
         if spec.momentum is not None:
             handle.momentum = 1.0 - spec.momentum  # Keras weighs the old value
-        lost = spec.native_gaps("keras")
-        if lost:
-            warnings.warn(
-                f"{source.name!r}: keras.layers.BatchNormalization cannot express the "
-                f"source's training semantics ({', '.join(lost)}); eval output is unchanged, "
-                "training differs. Use unorm.keras.convert() first.",
-                stacklevel=5,  # load_checkpoint's caller
-            )
+        native = "keras.layers.BatchNormalization"
+        warn_native_gaps(spec, "keras", native, "unorm.keras.convert()", source)
 
 
 def _forget_traces(model: Any) -> None:

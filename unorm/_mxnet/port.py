@@ -45,7 +45,10 @@ from .._core.port_plan import (
     atomic_file,
     check_state_fits,
     export,
+    kind_of,
     load,
+    present_roles,
+    warn_native_gaps,
 )
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
@@ -66,22 +69,19 @@ __all__ = [
 _BN_STATS = ("running_mean", "running_var")
 _SUPPORTED = "Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, BatchNorm"
 _SYMBOL_SUFFIX = "-symbol.json"
+_NN = gluon.nn
+# The blocks the checkpoint describes (Conv*DTranspose before Conv*D, as in Keras's table).
+_KINDS = [
+    ("conv_transpose", (_NN.Conv1DTranspose, _NN.Conv2DTranspose, _NN.Conv3DTranspose)),
+    ("conv", (_NN.Conv1D, _NN.Conv2D, _NN.Conv3D)),
+    ("dense", _NN.Dense),
+    ("batchnorm", (BatchNorm, _NN.BatchNorm)),
+]
+# Gluon's parameter names are the checkpoint's roles.
+_ATTRS = {role: role for roles in ROLES.values() for role in roles}
 
 
 # -- which blocks, in which order -------------------------------------------------------
-
-
-def _kind(block: Any) -> str | None:
-    nn = gluon.nn
-    if isinstance(block, (nn.Conv1DTranspose, nn.Conv2DTranspose, nn.Conv3DTranspose)):
-        return "conv_transpose"
-    if isinstance(block, (nn.Conv1D, nn.Conv2D, nn.Conv3D)):
-        return "conv"
-    if isinstance(block, nn.Dense):
-        return "dense"
-    if isinstance(block, (BatchNorm, nn.BatchNorm)):
-        return "batchnorm"
-    return None
 
 
 def _blocks(block: Any, name: str = "") -> Iterator[tuple[str, Any]]:
@@ -118,7 +118,7 @@ def _param_layers(model: Any) -> list[tuple[str, Any, str]]:
     out = []
     for path, block in _blocks(model):
         name = path or type(block).__name__
-        kind = _kind(block)
+        kind = kind_of(block, _KINDS)
         if kind is not None:
             _check_initialized(block, name)
             if kind != "batchnorm":
@@ -221,20 +221,17 @@ def _numpy(param: Any) -> np.ndarray:
     return np.array(param.list_data()[0].asnumpy())
 
 
-def _native_spec(block: Any, name: str) -> BatchNormSpec:
+def _native_spec(block: Any) -> BatchNormSpec:
     kwargs = block._kwargs  # Gluon keeps the layer's operator arguments here
-    try:
-        return BatchNormSpec.from_native(
-            "mxnet",
-            momentum=kwargs["momentum"],
-            epsilon=kwargs["eps"],
-            center=bool(block.beta._differentiable),  # what Gluon built from center=
-            scale=not kwargs["fix_gamma"],
-            axis=kwargs["axis"],
-            use_global_stats=bool(kwargs.get("use_global_stats", False)),
-        )
-    except ValueError as err:
-        raise CheckpointError(f"layer {name!r}: {err}") from None
+    return BatchNormSpec.from_native(
+        "mxnet",
+        momentum=kwargs["momentum"],
+        epsilon=kwargs["eps"],
+        center=bool(block.beta._differentiable),  # what Gluon built from center=
+        scale=not kwargs["fix_gamma"],
+        axis=kwargs["axis"],
+        use_global_stats=bool(kwargs.get("use_global_stats", False)),
+    )
 
 
 def _read_bn(block: Any) -> dict[str, np.ndarray]:
@@ -255,10 +252,10 @@ def _read_bn(block: Any) -> dict[str, np.ndarray]:
 
 def _params(block: Any, kind: str) -> list[tuple[str, Any]]:
     """(role, parameter) of every role the block has, in the planner's order."""
-    found = [(role, getattr(block, role, None)) for role in ROLES[kind]]
+    found = present_roles(block, kind, _ATTRS)
     if kind == "batchnorm" and not _own_flags(block)[2]:
-        found = [(role, p) for role, p in found if role not in _BN_STATS]
-    return [(role, p) for role, p in found if p is not None]
+        return [(role, p) for role, p in found if role not in _BN_STATS]
+    return found
 
 
 def export_checkpoint(model: Any, example: Any = None) -> Checkpoint:
@@ -359,7 +356,7 @@ class _GluonModel(PortModel[Any]):
         return handle.ws if isinstance(handle, ScaledStdConv2D) else None
 
     def batchnorm_spec(self, handle: Any, name: str) -> BatchNormSpec:
-        return handle.spec if isinstance(handle, BatchNorm) else _native_spec(handle, name)
+        return handle.spec if isinstance(handle, BatchNorm) else _native_spec(handle)
 
     def native_batchnorm(self, handle: Any) -> bool:
         return not isinstance(handle, BatchNorm)
@@ -376,14 +373,8 @@ class _GluonModel(PortModel[Any]):
         handle._kwargs["eps"] = float(spec.eps)  # Gluon passes _kwargs to its operator
         if spec.momentum is not None:
             handle._kwargs["momentum"] = 1.0 - spec.momentum  # Gluon weighs the old value
-        lost = spec.native_gaps("mxnet")
-        if lost:
-            warnings.warn(
-                f"{source.name!r}: gluon.nn.BatchNorm cannot express the source's training "
-                f"semantics ({', '.join(lost)}); eval output is unchanged, training differs. "
-                "Use unorm.mxnet.convert(net, preset=None) first.",
-                stacklevel=5,  # load_checkpoint's caller
-            )
+        advice = "unorm.mxnet.convert(net, preset=None)"
+        warn_native_gaps(spec, "mxnet", "gluon.nn.BatchNorm", advice, source)
 
 
 def _forget_graphs(model: Any) -> None:

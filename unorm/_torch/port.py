@@ -9,7 +9,6 @@ layout is the canonical one, so tensors move as they are; a Linear after a Flatt
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Any
 
 import numpy as np
@@ -18,16 +17,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
-from .._core.port_plan import (
-    COUNTER,
-    ROLES,
-    PortModel,
-    Slot,
-    atomic_file,
-    check_state_fits,
-    export,
-    load,
-)
+from .._core import port_plan as plan
+from .._core.port_plan import ROLES, PortModel, Slot, kind_of, present_roles
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
 from .batchnorm import BatchNorm
@@ -35,60 +26,36 @@ from .ws import _ScaledStd
 
 __all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
 
-# Checkpoint role -> attribute of a PyTorch module (its BatchNorm's for the BatchNorm roles).
-_ATTRS = {
-    "weight": "weight",
-    "bias": "bias",
-    "gain": "gain",
+# Checkpoint role -> attribute of a PyTorch module: a BatchNorm's gamma is its weight.
+_ATTRS = {role: role for roles in ROLES.values() for role in roles} | {
     "gamma": "weight",
     "beta": "bias",
-    "running_mean": "running_mean",
-    "running_var": "running_var",
-    COUNTER: COUNTER,
 }
 
 
-def _kind(module: nn.Module) -> str | None:
-    if isinstance(module, _ConvTransposeNd):
-        return "conv_transpose"
-    if isinstance(module, _ConvNd):
-        return "conv"
-    if isinstance(module, nn.Linear):
-        return "dense"
-    if isinstance(module, (BatchNorm, _BatchNorm)):
-        return "batchnorm"
-    return None
+# The modules the checkpoint describes (ConvTranspose*d first: they are _ConvNd too).
+_KINDS: list[tuple[str, type | tuple[type, ...]]] = [
+    ("conv_transpose", _ConvTransposeNd),
+    ("conv", _ConvNd),
+    ("dense", nn.Linear),
+    ("batchnorm", (BatchNorm, _BatchNorm)),
+]
 
 
 def _param_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
     out = []
     for name, module in model.named_modules():
-        kind = _kind(module)
+        kind = kind_of(module, _KINDS)
         if kind is not None:
             out.append((name or type(module).__name__, module, kind))
     return out
 
 
-def _bn_spec(module: nn.Module, name: str) -> BatchNormSpec:
-    if isinstance(module, BatchNorm):
-        return module.spec
+def _native_spec(module: nn.Module) -> BatchNormSpec:
     assert isinstance(module, _BatchNorm)
-    try:
-        return BatchNormSpec.from_native(
-            "torch",
-            eps=module.eps,
-            momentum=module.momentum,
-            affine=module.affine,
-            track_running_stats=module.track_running_stats,
-        )
-    except ValueError as err:
-        raise CheckpointError(f"layer {name!r}: {err}") from None
-
-
-def _tensors(module: nn.Module, kind: str) -> list[tuple[str, torch.Tensor]]:
-    """(role, parameter or buffer) of every role the module has, in the planner's order."""
-    found = [(role, getattr(module, _ATTRS[role], None)) for role in ROLES[kind]]
-    return [(role, t) for role, t in found if isinstance(t, torch.Tensor)]
+    # nn.BatchNorm's own argument names are the ones from_native reads for "torch".
+    names = ("eps", "momentum", "affine", "track_running_stats")
+    return BatchNormSpec.from_native("torch", **{n: getattr(module, n) for n in names})
 
 
 def _flatten_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[int, list[int]]:
@@ -141,7 +108,7 @@ def export_checkpoint(model: nn.Module, example: torch.Tensor | None = None) -> 
         >>> [(la.kind, la.attrs.get("flatten_from")) for la in ckpt.layers]
         [('conv', None), ('dense', [2, 2, 2])]
     """
-    return export(_TorchModel(model, _flatten_shapes(model, example)), source="torch")
+    return plan.export(_TorchModel(model, _flatten_shapes(model, example)), source="torch")
 
 
 class _TorchModel(PortModel[nn.Module]):
@@ -156,12 +123,12 @@ class _TorchModel(PortModel[nn.Module]):
         return self._targets
 
     def slots(self, handle: nn.Module, kind: str) -> dict[str, Slot]:
-        return {role: Slot(tuple(t.shape)) for role, t in _tensors(handle, kind)}
+        return {role: Slot(tuple(t.shape)) for role, t in present_roles(handle, kind, _ATTRS)}
 
     def read(
         self, handle: nn.Module, kind: str, flatten_from: list[int] | None
     ) -> dict[str, np.ndarray]:
-        return {role: _numpy(t) for role, t in _tensors(handle, kind)}
+        return {role: _numpy(t) for role, t in present_roles(handle, kind, _ATTRS)}
 
     def to_native(
         self,
@@ -188,7 +155,7 @@ class _TorchModel(PortModel[nn.Module]):
         return handle.ws if isinstance(handle, _ScaledStd) else None
 
     def batchnorm_spec(self, handle: nn.Module, name: str) -> BatchNormSpec:
-        return _bn_spec(handle, name)
+        return handle.spec if isinstance(handle, BatchNorm) else _native_spec(handle)
 
     def native_batchnorm(self, handle: nn.Module) -> bool:
         return not isinstance(handle, BatchNorm)
@@ -206,14 +173,7 @@ class _TorchModel(PortModel[nn.Module]):
         assert isinstance(handle, _BatchNorm)
         handle.eps = spec.eps
         handle.momentum = spec.momentum
-        lost = spec.native_gaps("torch")
-        if lost:
-            warnings.warn(
-                f"{source.name!r}: nn.BatchNorm cannot express the source's training "
-                f"semantics ({', '.join(lost)}); eval output is unchanged, training differs. "
-                "Use unorm.torch.convert() first.",
-                stacklevel=5,  # load_checkpoint's caller
-            )
+        plan.warn_native_gaps(spec, "torch", "nn.BatchNorm", "unorm.torch.convert()", source)
 
 
 def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
@@ -234,7 +194,7 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
         >>> bool(torch.equal(a.weight, b.weight))
         True
     """
-    load(_TorchModel(model, {}), ckpt)
+    plan.load(_TorchModel(model, {}), ckpt)
 
 
 def read_native(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
@@ -249,14 +209,16 @@ def read_native(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a state_dict")
     own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
-    check_state_fits(path, "keys", {key: tuple(value.shape) for key, value in state.items()}, own)
+    plan.check_state_fits(
+        path, "keys", {key: tuple(value.shape) for key, value in state.items()}, own
+    )
     model.load_state_dict(state)
     return model
 
 
 def write_native(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Save ``model.state_dict()`` to ``path`` atomically (temporary file, then rename)."""
-    with atomic_file(path) as tmp:
+    with plan.atomic_file(path) as tmp:
         torch.save(model.state_dict(), tmp)
 
 
