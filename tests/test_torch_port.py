@@ -135,6 +135,7 @@ def test_invalid_batchnorm_settings_are_refused_before_any_copy() -> None:
     bad = port.Checkpoint([ckpt.layers[0], bad_layer], ckpt.tensors, source="torch")
     dest = nn.Sequential(nn.Linear(3, 4), BatchNorm(4))
     before = [p.detach().clone() for p in dest.parameters()]
-    with pytest.raises(port.CheckpointError, match="invalid BatchNorm settings in the checkpoint: eps must be"):
+    message = "invalid BatchNorm settings in the checkpoint: eps must be"
+    with pytest.raises(port.CheckpointError, match=message):
         load_checkpoint(dest, bad)
     assert all(torch.equal(b, p) for b, p in zip(before, dest.parameters(), strict=True))
