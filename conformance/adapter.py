@@ -245,8 +245,11 @@ class Adapter:
         clipping: float,
         eps: float,
         exclude: Sequence[str],
+        unit_axes: Any = None,
     ) -> dict[str, np.ndarray]:
-        """Clipped gradients, by parameter name, in the backend's layout."""
+        """Clipped gradients, by parameter name, in the backend's layout. ``unit_axes`` is
+        passed to the backend's AGC as it is, with a mapping's parameter names turned into
+        the backend's own handles (as ``exclude``'s): the error cases give it."""
         raise Unsupported(f"{self.name} has no AGC")
 
     def sync_bn_step(

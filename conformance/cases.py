@@ -65,6 +65,11 @@ __all__ = [
 
 StepMode = Literal["train", "forward", "eval"]
 
+#: Message fragments of the error cases (what the message names, what it expected).
+_ONE_VALUE = "more than 1 value per channel"
+_CLIPPING = ("clipping", "> 0")
+_EPS = ("eps", ">= 0")
+
 #: Settings a case may give on top of its preset: the ones every backend's public
 #: constructor takes (unorm.torch folds ``center``/``scale`` into ``affine``).
 PUBLIC_SETTINGS = ("eps", "momentum", "center", "scale", "track_running_stats")
@@ -162,7 +167,11 @@ class AGCCase:
     """AGC over a few named parameters; ``exclude`` names parameters left unclipped.
 
     With ``error`` the settings are invalid (``clipping <= 0``, ``eps < 0``, non-finite;
-    ``SPEC.md`` section 5, edge case 8) and every backend must raise ``ValueError``.
+    ``SPEC.md`` section 5, edge case 8; an ``exclude`` or ``unit_axes`` entry naming no
+    parameter, a ``unit_axes`` of the wrong kind or out of range) and every backend must
+    raise ``ValueError`` whose message holds every fragment of ``message`` (what it names
+    and what it expected). ``unit_axes`` is given to the backend as it is;
+    ``unit_axes_by_name`` as a mapping from parameter names to axes.
     """
 
     name: str
@@ -171,7 +180,10 @@ class AGCCase:
     clipping: float = 0.01
     eps: float = 1e-3
     exclude: tuple[str, ...] = ()
+    unit_axes: Any = None
+    unit_axes_by_name: tuple[tuple[str, Any], ...] = ()
     error: bool = False
+    message: tuple[str, ...] = ()
     seed: int = -1
     kind: str = dataclasses.field(default="agc", init=False)
 
@@ -218,7 +230,10 @@ class ErrorCase:
     training forward pass: must raise ``error``.
 
     ``preset`` may name no preset at all (the error is then raised when the layer is
-    built). The state after the failed call must equal the state before it.
+    built). The state after the failed call must equal the state before it. On unorm's
+    own columns the message must hold every fragment of ``message`` (what it names and
+    what it expected: the same mistake gives the same message on every backend); the
+    native columns' messages are their frameworks'.
     """
 
     name: str
@@ -228,6 +243,7 @@ class ErrorCase:
     dtype: str = "float32"
     preset: str | None = None
     error: str = "ValueError"
+    message: tuple[str, ...] = ()
     seed: int = -1
     kind: str = dataclasses.field(default="error", init=False)
 
@@ -503,12 +519,47 @@ def _agc_cases() -> list[AGCCase]:
     # and so must excluding a parameter the model does not have (Excluded parameters).
     fc = (_kernel("fc", "dense", (4, 3)),)
     out += [
-        ag("agc/error/exclude-missing", fc, exclude=("head.weight",), error=True),
-        ag("agc/error/clipping-0", fc, clipping=0.0, error=True),
-        ag("agc/error/clipping-negative", fc, clipping=-0.01, error=True),
-        ag("agc/error/clipping-inf", fc, clipping=float("inf"), error=True),
-        ag("agc/error/eps-negative", fc, eps=-1e-3, error=True),
-        ag("agc/error/eps-nan", fc, eps=float("nan"), error=True),
+        ag(
+            "agc/error/exclude-missing",
+            fc,
+            exclude=("head.weight",),
+            error=True,
+            message=("exclude names no parameter", "head.weight"),
+        ),
+        ag("agc/error/clipping-0", fc, clipping=0.0, error=True, message=_CLIPPING),
+        ag("agc/error/clipping-negative", fc, clipping=-0.01, error=True, message=_CLIPPING),
+        ag("agc/error/clipping-inf", fc, clipping=float("inf"), error=True, message=_CLIPPING),
+        ag("agc/error/eps-negative", fc, eps=-1e-3, error=True, message=_EPS),
+        ag("agc/error/eps-nan", fc, eps=float("nan"), error=True, message=_EPS),
+        # unit_axes (SPEC.md section 5, Output-unit axes): one message per mistake.
+        ag(
+            "agc/error/unit-axes-missing",
+            fc,
+            unit_axes_by_name=(("head.weight", 0),),
+            error=True,
+            message=("unit_axes names no parameter", "head.weight"),
+        ),
+        ag(
+            "agc/error/unit-axes-bool",
+            fc,
+            unit_axes=True,
+            error=True,
+            message=("unit_axes must be an int", "got True"),
+        ),
+        ag(
+            "agc/error/unit-axes-out-of-range",
+            fc,
+            unit_axes_by_name=(("fc.weight", 5),),
+            error=True,
+            message=("unit_axes must be an integer in [-2, 2)", "got 5", "shape"),
+        ),
+        ag(
+            "agc/error/unit-axes-repeated",
+            fc,
+            unit_axes_by_name=(("fc.weight", (0, -2)),),
+            error=True,
+            message=("unit_axes must name distinct axes", "(0, -2)"),
+        ),
     ]
     return out
 
@@ -528,15 +579,35 @@ def _sync_cases() -> list[SyncCase]:
 
 def _error_cases() -> list[ErrorCase]:
     return [
-        ErrorCase("error/rank1", (3,), num_features=3),
-        ErrorCase("error/wrong-features", (4, 5), num_features=3),
-        ErrorCase("error/integer-input", (4, 3), num_features=3, dtype="int32"),
+        ErrorCase("error/rank1", (3,), num_features=3, message=("rank", "(3,)")),
+        ErrorCase("error/wrong-features", (4, 5), num_features=3, message=("3 features", "axis 1")),
+        ErrorCase(
+            "error/integer-input",
+            (4, 3),
+            num_features=3,
+            dtype="int32",
+            message=("floating-point dtype", "int32"),
+        ),
         # The feature axis outside [-r, r) for the input's rank r (SPEC.md, error 3).
-        ErrorCase("error/axis-out-of-range", (4, 3), num_features=3, axis=2),
-        ErrorCase("error/axis-out-of-range-negative", (2, 3, 4, 4), num_features=3, axis=-5),
-        ErrorCase("error/unknown-preset", (4, 3), num_features=3, preset="caffe"),
-        ErrorCase("error/one-value-per-feature", (1, 3), num_features=3),
-        ErrorCase("error/one-value-rank4", (1, 3, 1, 1), num_features=3),
+        ErrorCase(
+            "error/axis-out-of-range", (4, 3), num_features=3, axis=2, message=("axis", "[-2, 2)")
+        ),
+        ErrorCase(
+            "error/axis-out-of-range-negative",
+            (2, 3, 4, 4),
+            num_features=3,
+            axis=-5,
+            message=("axis", "[-4, 4)"),
+        ),
+        ErrorCase(
+            "error/unknown-preset",
+            (4, 3),
+            num_features=3,
+            preset="caffe",
+            message=("preset", "'caffe'"),
+        ),
+        ErrorCase("error/one-value-per-feature", (1, 3), num_features=3, message=(_ONE_VALUE,)),
+        ErrorCase("error/one-value-rank4", (1, 3, 1, 1), num_features=3, message=(_ONE_VALUE,)),
     ]
 
 

@@ -146,14 +146,26 @@ def _error_text(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}"[:300]
 
 
-def _expect_value_error(call: Callable[[], object], settings: str) -> _Verdict:
-    """Pass when ``call`` raises ``ValueError`` (the spec's error for invalid settings);
-    fail when it raises anything else or nothing (``settings`` names what was invalid)."""
+def _missing_fragments(exc: BaseException, message: Sequence[str]) -> list[str]:
+    """The fragments of ``message`` that the error's whole text lacks."""
+    text = str(exc)
+    return [fragment for fragment in message if fragment not in text]
+
+
+def _expect_value_error(
+    call: Callable[[], object], settings: str, message: Sequence[str] = ()
+) -> _Verdict:
+    """Pass when ``call`` raises ``ValueError`` (the spec's error for invalid settings)
+    whose text holds every fragment of ``message``; fail when it raises anything else,
+    nothing, or a message without them (``settings`` names what was invalid)."""
     try:
         call()
     except Unsupported:
         raise
     except ValueError as exc:
+        missing = _missing_fragments(exc, message)
+        if missing:
+            return _Verdict("fail", f"raised {_error_text(exc)}, which does not say {missing}")
         return _Verdict("pass", f"raised {_error_text(exc)}")
     except Exception as exc:
         return _Verdict("fail", f"raised {_error_text(exc)}, expected ValueError")
@@ -242,11 +254,21 @@ def _run_agc(adapter: Adapter, case: AGCCase) -> _Verdict:
         for p in case.params
     ]
 
+    unit_axes = dict(case.unit_axes_by_name) if case.unit_axes_by_name else case.unit_axes
+
     def clip() -> dict[str, np.ndarray]:
-        return adapter.agc(arrays, clipping=case.clipping, eps=case.eps, exclude=case.exclude)
+        return adapter.agc(
+            arrays,
+            clipping=case.clipping,
+            eps=case.eps,
+            exclude=case.exclude,
+            unit_axes=unit_axes,
+        )
 
     if case.error:
-        return _expect_value_error(clip, f"clipping={case.clipping}, eps={case.eps}")
+        return _expect_value_error(
+            clip, f"clipping={case.clipping}, eps={case.eps}, unit_axes={unit_axes}", case.message
+        )
     expected = agc_expected(case, inputs)
     alone = agc_left_alone(case, inputs)
     got = clip()
@@ -360,6 +382,9 @@ def _run_error(adapter: Adapter, case: ErrorCase) -> _Verdict:
         problems.append("no error raised")
     elif not isinstance(raised, ValueError):
         problems.append(f"raised {_error_text(raised)}, expected {case.error}")
+    elif not adapter.native and _missing_fragments(raised, case.message):
+        missing = _missing_fragments(raised, case.message)
+        problems.append(f"raised {_error_text(raised)}, which does not say {missing}")
     if changed and raised is not None:
         problems.append(f"state changed by the failed call: {', '.join(changed)}")
     if not problems:

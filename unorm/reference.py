@@ -42,6 +42,7 @@ __all__ = [
     "agc_clip",
     "agc_clip_all",
     "agc_clipped_units",
+    "agc_unit_axes",
     "batch_norm_backward",
     "batch_norm_inference",
     "batch_norm_inference_backward",
@@ -590,6 +591,47 @@ def agc_clipped_units(
     return np.broadcast_to(clip, g.shape).copy()
 
 
+def agc_unit_axes(
+    shapes: Mapping[str, Sequence[int]],
+    layer_axes: Mapping[str, UnitAxes],
+    unit_axes: object = None,
+) -> dict[str, UnitAxes]:
+    """Each parameter's unit axes under ``SPEC.md`` section 5's precedence, for the
+    parameters that are not excluded: a ``unit_axes`` mapping entry naming it; else one
+    unit at rank <= 1; else an int ``unit_axes`` for every parameter of rank >= 2; else its
+    layer's axes (``layer_axes``). A parameter left without axes is absent from the result
+    (:func:`agc_clip_all` refuses it).
+
+    Raises ``ValueError`` for a ``unit_axes`` that is not None, an int or a mapping, and
+    for a mapping entry that names no parameter.
+
+    Example:
+        >>> agc_unit_axes({"w": (3, 4), "b": (3,)}, {"w": 0}, unit_axes=1)
+        {'w': 1, 'b': None}
+    """
+    by_name = unit_axes if isinstance(unit_axes, Mapping) else {}
+    every = unit_axes if isinstance(unit_axes, int) and not isinstance(unit_axes, bool) else None
+    if unit_axes is not None and not isinstance(unit_axes, Mapping) and every is None:
+        raise ValueError(
+            "unit_axes must be an int (the axis of every parameter of rank >= 2), a "
+            f"mapping from parameters to axes, or None, got {unit_axes!r}"
+        )
+    missing = [name for name in by_name if name not in shapes]
+    if missing:
+        raise ValueError(f"unit_axes names no parameter or layer of the model: {missing}")
+    out: dict[str, UnitAxes] = {}
+    for name, shape in shapes.items():
+        if name in by_name:
+            out[name] = by_name[name]
+        elif len(shape) <= 1:
+            out[name] = None
+        elif every is not None:
+            out[name] = every
+        elif name in layer_axes:
+            out[name] = layer_axes[name]
+    return out
+
+
 def agc_clip_all(
     grads: Mapping[str, ArrayLike],
     weights: Mapping[str, ArrayLike],
@@ -626,6 +668,10 @@ def agc_clip_all(
                 f"AGC does not know the output-unit axis of parameter {name!r} (shape "
                 f"{w.shape}); pass unit_axes={{{name!r}: <axis>}} or exclude it"
             )
+        try:
+            normalize_unit_axes(unit_axes.get(name), w.ndim)
+        except ValueError as err:  # the shared message, plus which parameter
+            raise ValueError(f"{err} (parameter {name!r} of shape {w.shape})") from None
         out[name] = agc_clip(g, w, unit_axes.get(name), clipping=clipping, eps=eps)
     return out
 

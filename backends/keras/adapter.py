@@ -206,12 +206,19 @@ class KerasAdapter(UnormModule, KerasBase):
         clipping: float,
         eps: float,
         exclude: Sequence[str],
+        unit_axes: Any = None,
     ) -> dict[str, np.ndarray]:
         holder, variables = build_agc_model(params)
         recorder = _recorder()
         # A name the model lacks goes through as a name, which the API must refuse.
         skip = [variables.get(name, name) for name in exclude]
-        opt = self.module().AGC(recorder, holder, clipping=clipping, eps=eps, exclude=skip)
+        if isinstance(unit_axes, dict):  # keyed by path: Keras variables are not hashable
+            unit_axes = {
+                variables[n].path if n in variables else n: axes for n, axes in unit_axes.items()
+            }
+        opt = self.module().AGC(
+            recorder, holder, clipping=clipping, eps=eps, exclude=skip, unit_axes=unit_axes
+        )
         order = [p.name for p in params]
         grads = [to_tensor(p.grad, p.dtype) for p in params]
         opt.apply(grads, [variables[n] for n in order])

@@ -238,11 +238,16 @@ class MXNetAdapter(UnormModule, MXNetBase):
         clipping: float,
         eps: float,
         exclude: Sequence[str],
+        unit_axes: Any = None,
     ) -> dict[str, np.ndarray]:
         block, by_name = build_agc_block(params)
         # A name the block lacks goes through as a name, which the API must refuse.
         skip = [by_name.get(name, name) for name in exclude]
-        self.module().adaptive_clip_grad(block, clipping=clipping, eps=eps, exclude=skip)
+        if isinstance(unit_axes, dict):
+            unit_axes = {by_name.get(n, n): axes for n, axes in unit_axes.items()}
+        self.module().adaptive_clip_grad(
+            block, clipping=clipping, eps=eps, exclude=skip, unit_axes=unit_axes
+        )
         return {p.name: to_numpy(by_name[p.name].grad()) for p in params}
 
     def ws_conv(

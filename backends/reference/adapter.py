@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -123,8 +124,15 @@ class ReferenceAdapter(Adapter):
         clipping: float,
         eps: float,
         exclude: Sequence[str],
+        unit_axes: Any = None,
     ) -> dict[str, np.ndarray]:
-        axes = {p.name: output_unit_axes("torch", p.kind, p.weight.ndim) for p in params}
+        layer_axes = {p.name: output_unit_axes("torch", p.kind, p.weight.ndim) for p in params}
+        # The exclusion is checked first, as every backend checks it (SPEC.md section 5).
+        missing = [name for name in exclude if name not in layer_axes]
+        if missing:
+            raise ValueError(f"exclude names no parameter or layer of the model: {missing}")
+        shapes = {p.name: p.weight.shape for p in params if p.name not in exclude}
+        axes = ref.agc_unit_axes(shapes, layer_axes, unit_axes)
         with np.errstate(invalid="ignore", over="ignore"):
             return ref.agc_clip_all(
                 {p.name: p.grad for p in params},

@@ -197,9 +197,10 @@ class TorchAdapter(UnormModule, TorchBase):
         clipping: float,
         eps: float,
         exclude: Sequence[str],
+        unit_axes: Any = None,
     ) -> dict[str, np.ndarray]:
         model = build_agc_model(params)
-        kwargs: dict[str, Any] = {"clipping": clipping, "eps": eps}
+        kwargs: dict[str, Any] = {"clipping": clipping, "eps": eps, "unit_axes": unit_axes}
         if exclude:
             kwargs["exclude"] = list(exclude)
         self.module().adaptive_clip_grad_(model, **kwargs)

@@ -79,7 +79,8 @@ class AGC(keras.optimizers.Optimizer):
             names, e.g. ``final_classifier(model)``. A name matches a run of whole parts
             of a variable's path: ``"dense_1"`` or ``"dense_1/kernel"``.
         unit_axes: overrides: one axis (int) for every variable of rank >= 2, or a
-            mapping from variables, layers or names to axes (int, tuple, or None for
+            mapping from layers or names to axes (a variable by its path: Keras variables
+            are not hashable; int, tuple, or None for
             one unit).
         name: the optimizer's name.
 

@@ -39,7 +39,7 @@ __all__ = [
 #: What ``exclude`` accepts: variables, layers, names (see the module docstring).
 Exclude: TypeAlias = Any
 #: ``unit_axes`` overrides: one axis for every variable of rank >= 2, or per variable
-#: (keyed by variable, layer or name).
+#: (keyed by layer or name; Keras variables are not hashable, so a variable by its path).
 UnitAxesOverride: TypeAlias = int | Mapping[Any, UnitAxes] | None
 
 
