@@ -58,6 +58,12 @@ collect_ignore = [
 collect_ignore_glob = [f"tests/{fw}_*.py" for fw in FRAMEWORK_MODULES if not runs_here(fw)]
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # One marker per backend, from its plug-in, so a new backend needs no pyproject entry.
+    for p in plugins_in_order():
+        config.addinivalue_line("markers", f"{p.marker}: needs {p.title} ({p.name} tests)")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         for fw in FRAMEWORK_MODULES:

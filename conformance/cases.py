@@ -588,7 +588,8 @@ def _error_cases() -> list[ErrorCase]:
             dtype="int32",
             message=("floating-point dtype", "int32"),
         ),
-        # The feature axis outside [-r, r) for the input's rank r (SPEC.md, error 3).
+        # The feature axis outside [-r, r) for the input's rank r (SPEC.md section 2,
+        # *Errors*, item 3).
         ErrorCase(
             "error/axis-out-of-range", (4, 3), num_features=3, axis=2, message=("axis", "[-2, 2)")
         ),

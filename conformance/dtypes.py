@@ -53,7 +53,8 @@ def carrier(dtype: str) -> np.dtype:
 
 
 def param_dtype(dtype: str) -> str:
-    """Dtype of BatchNorm parameters and buffers for inputs of ``dtype`` (SPEC.md, dtype rule 4).
+    """Dtype of BatchNorm parameters and buffers for inputs of ``dtype`` (SPEC.md section 2,
+    *Numerics and dtypes*, rule 4).
 
     Example:
         >>> param_dtype("float64"), param_dtype("float16")

@@ -103,7 +103,7 @@ OVERRIDES: tuple[Override, ...] = (
         {"float32": Tolerance(rtol=3e-3, scaled_atol=3e-3)},
         "Values near 1e4 are stored with an ulp of ~1e-3 and the float32 mean of 1024 of "
         "them carries an error of that order, so y = (x - mean)/std with std 1 is only "
-        "~1e-3 close in float32 with an unshifted two-pass algorithm (SPEC.md, numerics: "
+        "~1e-3 close in float32 with an unshifted two-pass algorithm (SPEC.md section 2, numerics: "
         "PyTorch's Welford reaches 8e-4; unorm.keras, shifting first, 2e-7); "
         "E[x^2]-E[x]^2 gives ~1e-2 and still fails.",
     ),

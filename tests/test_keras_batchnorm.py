@@ -283,7 +283,7 @@ def test_large_offset_statistics_are_accurate() -> None:
 @pytest.mark.parametrize(("loc", "scale"), [(1e4, 1.0), (0.5, 1e-3)])
 def test_large_mean_against_the_spread_keeps_float32_accuracy(loc: float, scale: float) -> None:
     """Outputs and gradients at a mean far above the spread are as accurate as float32
-    inputs allow (SPEC.md, numerics); Keras's own arithmetic, which preset="keras" keeps,
+    inputs allow (SPEC.md section 2, numerics); Keras's own arithmetic, which preset="keras" keeps,
     loses 1e-3 of y's scale and 1e-2 of dgamma's at mean 1e4."""
     rng = np.random.default_rng(3)
     x = (loc + scale * rng.standard_normal((16, 8, 8, 4))).astype(np.float32)

@@ -180,7 +180,7 @@ def test_updates_once_per_call_inside_a_hybridized_parent() -> None:
 
 
 def test_large_mean_keeps_float32_accuracy() -> None:
-    # SPEC.md, numerics: mean 1e4, std 1. MXNet's own kernel loses every digit here.
+    # SPEC.md section 2, numerics: mean 1e4, std 1. MXNet's own kernel loses every digit here.
     rng = np.random.default_rng(3)
     x = (rng.standard_normal((64, 4, 16, 16)) + 1e4).astype(np.float32)
     layer = BatchNorm(4)

@@ -275,7 +275,7 @@ def test_bad_unit_axes_of_bare_parameters_change_no_gradient() -> None:
         adaptive_clip_grad_([a, b], unit_axes={a: 0, b: (0, -2)})
     assert torch.equal(a.grad, torch.full((2, 3), 5.0))
     assert torch.equal(b.grad, torch.full((3, 2), 5.0))
-    # Reference check of the same rule (SPEC.md, AGC): a duplicate is an error there too.
+    # Reference check of the same rule (SPEC.md section 5): a duplicate is an error there too.
     with pytest.raises(ValueError, match="unit_axes must name distinct axes"):
         ref.agc_clip(np.ones((3, 2)), np.ones((3, 2)), (0, -2))
 

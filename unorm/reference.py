@@ -709,7 +709,7 @@ def scaled_weight_standardize(
     style: str = "deepmind",
     eps: float | None = None,
 ) -> np.ndarray:
-    """Scaled Weight Standardisation of one weight (``SPEC.md``, Scaled WS).
+    """Scaled Weight Standardisation of one weight (``SPEC.md`` section 6).
 
     Per output unit ``i`` (statistics over every other axis, ``fan_in`` values, biased
     variance): ``deepmind`` (canonical) ``W_hat = gain (W - mean) / sqrt(max(var fan_in,

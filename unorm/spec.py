@@ -6,7 +6,7 @@ reads every setting from it, so that a value means the same on every backend.
 
 The canonical ("unorm") convention is written out in ``SPEC.md``; this module is its
 parameter table. The presets ``torch``, ``keras`` and ``mxnet`` reproduce each
-framework's native BatchNorm semantics (``SPEC.md``, section *Presets*).
+framework's native BatchNorm semantics (``SPEC.md`` section 4).
 
 Example:
     >>> from unorm.spec import BatchNormSpec
@@ -53,7 +53,7 @@ PresetName = str
 RunningVarEstimator = Literal["unbiased", "biased"]
 UpdateTime = Literal["forward", "backward"]
 
-#: The floor under a unit's gradient norm in AGC's rescale factor (``SPEC.md``, AGC).
+#: The floor under a unit's gradient norm in AGC's rescale factor (``SPEC.md`` section 5).
 AGC_GRAD_NORM_FLOOR = 1e-6
 
 
@@ -306,7 +306,7 @@ class BatchNormSpec:
 
 
 #: The native presets: each backend's own BatchNorm semantics, as unorm settings, from its
-#: plug-in declaration. Sources are cited in ``SPEC.md`` (section *Presets*).
+#: plug-in declaration. Sources are cited in ``SPEC.md`` section 4.
 PRESETS: Mapping[str, Mapping[str, Any]] = {
     p.name: {**p.native_preset, "preset": p.name} for p in plugins()
 }
@@ -349,7 +349,7 @@ class AGCSpec:
 
 WSStyle = Literal["deepmind", "timm"]
 
-#: Default eps of each Scaled Weight Standardisation style (``SPEC.md``, Scaled WS).
+#: Default eps of each Scaled Weight Standardisation style (``SPEC.md`` section 6).
 WS_EPS: Mapping[str, float] = {"deepmind": 1e-4, "timm": 1e-5}
 
 

@@ -1,4 +1,4 @@
-"""``unorm.keras.AGC``: Adaptive Gradient Clipping as a Keras optimizer (``SPEC.md``, AGC;
+"""``unorm.keras.AGC``: Adaptive Gradient Clipping as a Keras optimizer (``SPEC.md`` section 5;
 Brock et al. 2021, arXiv 2102.06171)."""
 
 from __future__ import annotations

@@ -48,7 +48,7 @@ def _tensorflow_backend() -> bool:
 
 @keras.saving.register_keras_serializable(package="unorm")
 class BatchNorm(BatchNormSettings, keras.layers.Layer):
-    """Batch Normalisation with one meaning on every backend (``SPEC.md``, BatchNorm).
+    """Batch Normalisation with one meaning on every backend (``SPEC.md`` section 2).
 
     A drop-in for ``keras.layers.BatchNormalization``: the same weights under the same
     names (``gamma``, ``beta``, ``moving_mean``, ``moving_variance``), so
@@ -82,7 +82,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
             moving statistics change only when a gradient flows back through the output;
             TensorFlow backend only).
         preset: None (canonical), ``"keras"``, ``"torch"`` or ``"mxnet"``
-            (``SPEC.md``, Presets).
+            (``SPEC.md`` section 4).
         synchronized: under a ``tf.distribute`` strategy with several replicas, compute
             the batch statistics over the global batch, merged exactly, so uneven or
             empty per-replica batches give the single-device result (TensorFlow backend);
@@ -224,9 +224,9 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         self._channels = int(channels)
         self._reduce_axes = [i for i in range(len(shape)) if i != axis]
         per_channel = (self._channels,)
-        # SPEC.md, dtypes: parameters and statistics stay float32 for 16-bit inputs, also
-        # under a plain float16/bfloat16 policy (whose variables Keras's own layer keeps
-        # in 16 bits, where a moving variance can overflow to inf).
+        # SPEC.md section 2, *Numerics and dtypes*: parameters and statistics stay float32
+        # for 16-bit inputs, also under a plain float16/bfloat16 policy (whose variables
+        # Keras's own layer keeps in 16 bits, where a moving variance can overflow to inf).
         weight_dtype = None
         if keras.backend.standardize_dtype(self.variable_dtype) in ("float16", "bfloat16"):
             weight_dtype = "float32"
@@ -332,8 +332,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         elif training or not spec.track_running_stats:
             if spec.preset != "keras" and not self._replicated():
                 # Shifting each feature by one of its own values keeps float32 statistics
-                # and x - mean accurate at a large mean against the spread (SPEC.md,
-                # numerics): Keras's own arithmetic, kept by preset="keras", loses ~1e-2 at
+                # and x - mean accurate at a large mean against the spread (SPEC.md section
+                # 2, numerics): Keras's own arithmetic, kept by preset="keras", loses ~1e-2 at
                 # mean 1e4, std 1. Any per-feature constant is exact; one pass over x.
                 # With a mask, a kept value: masked padding may be far from the data.
                 if mask is None:
@@ -451,8 +451,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         return mean, variance, count
 
     def _update(self, mean: Any, variance: Any, count: Any) -> None:
-        """Fold one batch's statistics into the moving ones (``SPEC.md``, Running
-        statistics), in Keras's arithmetic order ``old * (1 - f) + new * f``."""
+        """Fold one batch's statistics into the moving ones (``SPEC.md`` section 2,
+        *Running statistics*), in Keras's arithmetic order ``old * (1 - f) + new * f``."""
         spec = self.spec
         fed = variance
         if spec.unbiased:

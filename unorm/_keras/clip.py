@@ -1,4 +1,4 @@
-"""The AGC clip of gradients, written with ``keras.ops`` (``SPEC.md``, AGC, Definition).
+"""The AGC clip of gradients, written with ``keras.ops`` (``SPEC.md`` section 5, *Definition*).
 
 Per output unit ``i``: ``max_i = clipping * max(||W_i||, eps)``; where
 ``||G_i|| > max_i`` (and finite), ``G_i`` becomes ``G_i * max_i / max(||G_i||, 1e-6)``.

@@ -1,4 +1,5 @@
-"""Where AGC runs inside a Keras optimizer's update (``SPEC.md``, AGC, Where AGC runs).
+"""Where AGC runs inside a Keras optimizer's update (``SPEC.md`` section 5, *Where AGC
+runs in a training step*).
 
 The clip must see the *effective* gradient, the one the update consumes: after loss-scale
 unscaling, after gradient accumulation (once per update, on the accumulated mean), after

@@ -1,6 +1,6 @@
 """Which axes of a Keras variable index its output units, and which variables AGC skips.
 
-The output-unit axes of a weight come from the layer that owns it (``SPEC.md``, AGC,
+The output-unit axes of a weight come from the layer that owns it (``SPEC.md`` section 5,
 Output-unit axes; ``unorm.spec.output_unit_axes("keras", kind, ndim)``), never from the
 tensor's rank: Keras kernels are ``(..., in, out)``, transposed convolutions
 ``(..., out, in)`` and depthwise kernels ``(..., in, multiplier)``.
@@ -123,7 +123,7 @@ def final_classifier(model: Any) -> Any:
     """The last ``Dense`` layer of ``model``: the classifier AGC leaves unclipped
     (Brock et al. 2021), to pass as ``AGC(..., exclude=final_classifier(model))``.
 
-    Excluding the layer excludes both its kernel and its bias (``SPEC.md``, AGC).
+    Excluding the layer excludes both its kernel and its bias (``SPEC.md`` section 5).
 
     Example:
         >>> net = keras.Sequential([keras.Input((4,)), keras.layers.Dense(8, name="body"),

@@ -1,6 +1,6 @@
 """Per-feature batch statistics for :class:`unorm.keras.BatchNorm`, in float32 or wider.
 
-Two passes everywhere (``SPEC.md``, Conventions): the mean, then the mean squared
+Two passes everywhere (``SPEC.md`` section 1): the mean, then the mean squared
 deviation from it, never ``E[x^2] - E[x]^2``. On TensorFlow that is ``ops.moments``
 itself (``tf.nn.moments``), the op Keras's own layer uses, which keeps ``preset="keras"``
 bit-identical to it; Keras's torch backend implements ``ops.moments`` as

@@ -1,4 +1,4 @@
-"""Cross-replica batch statistics under ``tf.distribute`` (``SPEC.md``, Cross-replica).
+"""Cross-replica batch statistics under ``tf.distribute`` (``SPEC.md`` section 3).
 
 Each replica sums its slice; one all-reduce gives the global count and sum, hence the
 global mean; a second pass sums each replica's squared deviations from that global mean

@@ -1,5 +1,5 @@
 """``ScaledStdConv2D``: a Keras 3 convolution with Scaled Weight Standardisation
-(``SPEC.md``, Scaled Weight Standardisation), for normalizer-free networks.
+(``SPEC.md`` section 6), for normalizer-free networks.
 
 Keras kernels are ``(kh, kw, I/groups, O)``: the output unit is the last axis, so the
 statistics of each output channel run over the first three (``fan_in = kh * kw * I/g``).
@@ -72,7 +72,7 @@ class ScaledStdConv2D(keras.layers.Conv2D):
     Args:
         gain_init: start value of the learnable per-output-channel ``gain`` (default 1.0).
         style: ``"deepmind"`` (canonical, ``rsqrt(max(var * fan_in, eps))``) or ``"timm"``
-            (``rsqrt((var + eps) * fan_in)``); see ``SPEC.md``, Scaled WS.
+            (``rsqrt((var + eps) * fan_in)``); see ``SPEC.md`` section 6.
         eps: None (default) takes the style's: 1e-4 (deepmind) or 1e-5 (timm).
 
     The weights are ``kernel`` ``(kh, kw, I/groups, O)``, ``bias`` ``(O,)`` (with

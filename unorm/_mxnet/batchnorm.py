@@ -185,7 +185,8 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         return None
 
     def _check(self, x: NDArray) -> None:
-        """Validate an NDArray input (SPEC.md, *Errors*); raises before any state changes."""
+        """Validate an NDArray input (``SPEC.md`` section 2, *Errors*); raises before any
+        state changes."""
         shape = tuple(x.shape)
         if self._num_dims is not None and len(shape) != self._num_dims:
             raise ValueError(

@@ -1,7 +1,8 @@
 """Accurate per-channel batch statistics ``(n, mean, M2)`` of an MXNet NDArray.
 
 MXNet's own BatchNorm kernels sum in float32 one value at a time, which at a mean of 1e4
-and a standard deviation of 1 leaves no correct digit of the variance (SPEC.md, *Numerics*).
+and a standard deviation of 1 leaves no correct digit of the variance (``SPEC.md`` section
+2, *Numerics and dtypes*).
 Here the sums run in BLAS (matrix products with a vector of ones, whose many partial
 accumulators keep float32 sums accurate) and are finished in float64 on the host:
 

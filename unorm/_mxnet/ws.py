@@ -1,5 +1,5 @@
 """``ScaledStdConv2D``: a Gluon convolution with Scaled Weight Standardisation
-(``SPEC.md``, Scaled Weight Standardisation), for normalizer-free networks.
+(``SPEC.md`` section 6), for normalizer-free networks.
 
 The block is ``gluon.nn.Conv2D`` with one more parameter, ``gain``, and its weight
 standardised per output channel (axis 0 of Gluon's ``(O, I/groups, kh, kw)`` weight; of
@@ -43,7 +43,7 @@ class ScaledStdConv2D(gluon.nn.Conv2D):
     Args:
         gain_init: start value of the learnable per-output-channel ``gain`` (default 1.0).
         style: ``"deepmind"`` (canonical, ``rsqrt(max(var * fan_in, eps))``) or ``"timm"``
-            (``rsqrt((var + eps) * fan_in)``); see ``SPEC.md``, Scaled WS.
+            (``rsqrt((var + eps) * fan_in)``); see ``SPEC.md`` section 6.
         eps: None (default) takes the style's: 1e-4 (deepmind) or 1e-5 (timm).
 
     ``in_channels=0`` (the default) defers the weight's shape to the first call, as in

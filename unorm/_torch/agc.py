@@ -1,4 +1,4 @@
-"""Adaptive Gradient Clipping for PyTorch (``SPEC.md``, AGC; Brock et al. 2021,
+"""Adaptive Gradient Clipping for PyTorch (``SPEC.md`` section 5; Brock et al. 2021,
 arXiv 2102.06171).
 
 The output-unit axis of every parameter comes from the layer that owns it (Linear and
@@ -189,7 +189,7 @@ def adaptive_clip_grad_(
     exclude: ExcludeSpec = (),
     unit_axes: UnitAxesOverride = None,
 ) -> None:
-    """Clip the ``.grad`` of parameters in place, unit-wise (``SPEC.md``, AGC).
+    """Clip the ``.grad`` of parameters in place, unit-wise (``SPEC.md`` section 5).
 
     For each output unit ``i``: ``max_i = clipping * max(||W_i||, eps)``; where
     ``||G_i|| > max_i`` the unit's gradient becomes ``G_i * max_i / max(||G_i||, 1e-6)``.

@@ -29,7 +29,7 @@ _HALF = (torch.float16, torch.bfloat16)
 
 
 class BatchNorm(BatchNormSettings, nn.Module):
-    """Batch Normalisation with one meaning on every backend (``SPEC.md``, BatchNorm).
+    """Batch Normalisation with one meaning on every backend (``SPEC.md`` section 2).
 
     A drop-in for ``nn.BatchNorm1d/2d/3d``: the same state-dict keys (``weight``,
     ``bias``, ``running_mean``, ``running_var``, ``num_batches_tracked``), so native
@@ -48,7 +48,7 @@ class BatchNorm(BatchNormSettings, nn.Module):
             False, batch statistics are used in both modes. Default True.
         axis: the feature axis (default 1, channels-first).
         preset: None (canonical), ``"torch"`` (exactly ``nn.BatchNorm*d``), ``"keras"``
-            or ``"mxnet"``: each framework's native semantics (``SPEC.md``, Presets).
+            or ``"mxnet"``: each framework's native semantics (``SPEC.md`` section 4).
         running_var: ``"unbiased"`` (canonical, n/(n-1)) or ``"biased"`` estimate fed to
             the running variance; default from the preset.
         skip_nonfinite: skip the whole running-statistics update for a batch whose
@@ -235,8 +235,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
             )
 
     def _check_count(self, count: int, shape: tuple[int, ...], where: str = "") -> int:
-        """Refuse batch statistics of ``count`` values per channel (``SPEC.md``, one value
-        per feature); ``where`` says whose values they are (``" across all ranks"``)."""
+        """Refuse batch statistics of ``count`` values per channel (``SPEC.md`` section 2,
+        *One value per feature*); ``where`` says whose values they are (``" across all ranks"``)."""
         if count == 0 or (count == 1 and not self.spec.allow_single_value):
             raise ValueError(
                 f"expected more than 1 value per channel{where} to compute batch statistics "

@@ -1,8 +1,8 @@
 """``unorm.torch.SyncBatchNorm``: cross-replica BatchNorm over ``torch.distributed``.
 
 Each rank computes its shard's (count, mean, M2); one ``all_gather`` brings every rank's
-triple to every rank, which merges them exactly (Chan's k-way merge, ``SPEC.md``,
-Cross-replica BatchNorm) in float64. Uneven shards and empty ranks therefore give the
+triple to every rank, which merges them exactly (Chan's k-way merge, ``SPEC.md``
+section 3) in float64. Uneven shards and empty ranks therefore give the
 single-process result on the concatenated batch. Backward all-reduces ``sum(dy)`` and
 ``sum(dy * xhat)`` once; ``weight``/``bias`` gradients stay local, to be averaged by the
 data-parallel wrapper like every other parameter's (as ``nn.SyncBatchNorm`` does).

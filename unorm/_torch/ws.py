@@ -1,5 +1,5 @@
-"""``ScaledStdConv1d/2d/3d``: convolutions with Scaled Weight Standardisation (``SPEC.md``,
-Scaled Weight Standardisation), for normalizer-free networks."""
+"""``ScaledStdConv1d/2d/3d``: convolutions with Scaled Weight Standardisation (``SPEC.md``
+section 6), for normalizer-free networks."""
 
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ class _ScaledStd(nn.Module):
 
     Takes the convolution's own arguments, plus ``gain_init`` (1.0: the learnable
     per-channel gain's start), ``style`` (``"deepmind"``, canonical, or ``"timm"``) and
-    ``eps`` (None: the style's, 1e-4 or 1e-5); see ``SPEC.md``, Scaled WS.
+    ``eps`` (None: the style's, 1e-4 or 1e-5); see ``SPEC.md`` section 6.
     """
 
     weight: Tensor
