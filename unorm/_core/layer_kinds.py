@@ -47,6 +47,7 @@ if TYPE_CHECKING:  # NumPy is imported where arrays are moved: the registry need
     import numpy as np
 
 __all__ = [
+    "CHANNELS_FIRST_LAYOUTS",
     "LAYER_KINDS",
     "LOGICAL_UNIT_AXES",
     "KernelLayout",
@@ -192,6 +193,16 @@ def _axis_index(ndim: int) -> dict[str, int]:
 
 #: A backend's layouts: layer kind -> :class:`KernelLayout` (kinds it lacks are absent).
 LayoutTable = Mapping[str, KernelLayout]
+
+#: The channels-first layouts of PyTorch and MXNet Gluon, which are the logical ones except
+#: for a depthwise kernel, stored as a grouped convolution's ``(I*M, 1, *k)``.
+CHANNELS_FIRST_LAYOUTS: LayoutTable = {
+    "dense": KernelLayout("a b k"),
+    "conv": KernelLayout("a b k"),
+    "conv_transpose": KernelLayout("a b k"),
+    "depthwise_conv": KernelLayout("ab 1 k"),
+    "embedding": KernelLayout("a b k"),
+}
 
 
 def unit_plan(kind: str, layout: KernelLayout, shape: tuple[int, ...], groups: int = 1) -> UnitPlan:

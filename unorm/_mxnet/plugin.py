@@ -3,7 +3,7 @@ framework."""
 
 from __future__ import annotations
 
-from .._core.layer_kinds import KernelLayout
+from .._core.layer_kinds import CHANNELS_FIRST_LAYOUTS
 from .._core.registry import BackendPlugin
 
 #: Dense (units, in); Conv (O, I/g, *k), depthwise (groups = in) (I*M, 1, *k);
@@ -29,13 +29,7 @@ PLUGIN = BackendPlugin(
         "default_axis": 1,
         "cumulative_average": False,
     },
-    layouts={
-        "dense": KernelLayout("a b k"),
-        "conv": KernelLayout("a b k"),
-        "conv_transpose": KernelLayout("a b k"),
-        "depthwise_conv": KernelLayout("ab 1 k"),
-        "embedding": KernelLayout("a b k"),
-    },
+    layouts=CHANNELS_FIRST_LAYOUTS,
     file_endings=("-symbol.json", ".params"),
     columns=("mxnet", "mxnet-native"),
     public_module="unorm.mxnet",

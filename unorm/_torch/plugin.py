@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .._core.layer_kinds import KernelLayout
+from .._core.layer_kinds import CHANNELS_FIRST_LAYOUTS
 from .._core.registry import BackendPlugin
 
 #: Linear (out, in); Conv (O, I/g, *k); ConvTranspose (I, O/g, *k); a depthwise Conv
@@ -28,13 +28,7 @@ PLUGIN = BackendPlugin(
         "default_axis": 1,
         "cumulative_average": True,
     },
-    layouts={
-        "dense": KernelLayout("a b k"),
-        "conv": KernelLayout("a b k"),
-        "conv_transpose": KernelLayout("a b k"),
-        "depthwise_conv": KernelLayout("ab 1 k"),
-        "embedding": KernelLayout("a b k"),
-    },
+    layouts=CHANNELS_FIRST_LAYOUTS,
     file_endings=(".pt", ".pth"),
     columns=("torch", "torch-native"),
     public_module="unorm.torch",
