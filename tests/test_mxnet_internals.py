@@ -51,3 +51,12 @@ def test_trainer_scale_and_kvstore_settings() -> None:
     local = gluon.Trainer(net.collect_params(), "sgd", update_on_kvstore=False)
     internals.ensure_kvstore(local)
     assert internals.updates_on_kvstore(local) is False
+
+
+def test_own_parameters_and_structural_names() -> None:
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(2, in_units=3))
+    assert internals.own_parameters(net) == {}, "Block._reg_params changed"
+    assert sorted(internals.own_parameters(net[0])) == ["bias", "weight"]
+    keys = sorted(internals.parameters_by_structure(net))
+    assert keys == ["0.bias", "0.weight"], "Block._collect_params_with_prefix changed"

@@ -12,6 +12,7 @@ from typing import Any
 
 __all__ = [
     "all_layers",
+    "history",
     "inbound_node",
     "optimizer_variables",
     "replace_all_reduce",
@@ -25,6 +26,13 @@ def all_layers(model: Any) -> list[Any]:
     subclassed models, layers holding layers): ``Layer._flatten_layers`` is the one walk
     that reaches them all; ``Model.layers`` lists only the top level."""
     return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def history(tensor: Any) -> Any:
+    """Which operation made a symbolic tensor, and which of its calls
+    (``KerasTensor._keras_history``: ``operation``, ``node_index``); None for a tensor no
+    layer made."""
+    return getattr(tensor, "_keras_history", None)
 
 
 def inbound_node(operation: Any, index: int) -> Any:

@@ -53,7 +53,7 @@ from .._core.port_plan import (
 )
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
-from . import stats
+from . import internals, stats
 from .batchnorm import BatchNorm
 from .ws import ScaledStdConv2D
 
@@ -146,10 +146,10 @@ def _graph_nodes(model: Any) -> list[Any]:
     seen: set[int] = set()
     stack = list(outputs)
     while stack:
-        history = getattr(stack.pop(), "_keras_history", None)
+        history = internals.history(stack.pop())
         if history is None or history.operation is None:
             continue
-        node = history.operation._inbound_nodes[history.node_index]
+        node = internals.inbound_node(history.operation, history.node_index)
         if id(node) not in seen:
             seen.add(id(node))
             nodes.append(node)
@@ -179,14 +179,14 @@ def _trace_flatten(tensor: Any, entry: dict[int, Any], dense: str) -> list[int] 
     """
     weighted: str | None = None
     while True:
-        history: Any = getattr(tensor, "_keras_history", None)
+        history: Any = internals.history(tensor)
         op = None if history is None else history.operation
         if op is None or isinstance(op, keras.layers.InputLayer):
             if id(tensor) not in entry:
                 return None
             tensor = entry[id(tensor)]
             continue
-        node = op._inbound_nodes[history.node_index]
+        node = internals.inbound_node(op, history.node_index)
         inputs, outputs = list(node.input_tensors), list(node.output_tensors)
         if isinstance(op, keras.layers.Flatten):
             shape = _flattened_shape(op, inputs[0])

@@ -18,6 +18,7 @@ from mxnet import autograd, gluon
 
 from .._core.settings import BatchNormSettings
 from ..spec import BatchNormSpec, normalize_axis
+from . import internals
 from .native import affine, affine_params
 from .op import OP_TYPE, OpSettings, count_error
 from .stats import layout
@@ -308,7 +309,7 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         ``num_batches_tracked`` stays int64."""
         if np.dtype(dtype).name == "float16":
             dtype = "float32"
-        self._clear_cached_op()
+        internals.clear_cached_graph(self)
         for param in (self.gamma, self.beta, self.running_mean, self.running_var):
             if param is not None:
                 param.cast(dtype)

@@ -17,6 +17,8 @@ __all__ = [
     "ensure_kvstore",
     "groups",
     "layer_arguments",
+    "own_parameters",
+    "parameters_by_structure",
     "replace_child",
     "trainer_scale",
     "updates_on_kvstore",
@@ -27,13 +29,14 @@ def layer_arguments(block: Any) -> dict[str, Any]:
     """The operator arguments a Gluon layer was built with (``kernel``, ``num_group``,
     ``layout``, ``eps``...): Gluon keeps them in ``Block._kwargs`` and has no getter. The
     dict itself is returned: Gluon passes it to the operator on every call, so writing a
-    key (a BatchNorm's ``eps``) changes what the layer computes."""
-    return block._kwargs  # type: ignore[no-any-return]
+    key (a BatchNorm's ``eps``) changes what the layer computes. A block without operator
+    arguments (a container) gives an empty dict."""
+    return getattr(block, "_kwargs", {})  # type: ignore[no-any-return]
 
 
 def groups(block: Any) -> int:
     """A convolution's group count (``num_group``; 1 for layers without one)."""
-    return int(getattr(block, "_kwargs", {}).get("num_group", 1))
+    return int(layer_arguments(block).get("num_group", 1))
 
 
 def children(block: Any) -> Iterator[tuple[str, Any]]:
@@ -54,6 +57,19 @@ def clear_cached_graph(block: Any) -> None:
     settings (``HybridBlock._clear_cached_op``); a plain Block has none."""
     if hasattr(block, "_clear_cached_op"):
         block._clear_cached_op()
+
+
+def own_parameters(block: Any) -> dict[str, Any]:
+    """The parameters a Block registered itself, not its children's
+    (``Block._reg_params``; ``collect_params`` always includes the children's)."""
+    return dict(block._reg_params)
+
+
+def parameters_by_structure(block: Any) -> dict[str, Any]:
+    """Every parameter of ``block`` keyed by its structural name (``"0.weight"``), the keys
+    ``save_parameters`` writes (``Block._collect_params_with_prefix``, which
+    ``load_parameters`` reads with)."""
+    return dict(block._collect_params_with_prefix())
 
 
 def differentiable(param: Any) -> bool:

@@ -52,6 +52,7 @@ from .._core.port_plan import (
 )
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
+from . import internals
 from .batchnorm import BatchNorm
 from .op import OP_TYPE, OpSettings
 from .ws import ScaledStdConv2D
@@ -88,12 +89,12 @@ def _blocks(block: Any, name: str = "") -> Iterator[tuple[str, Any]]:
     """``block`` and its descendants, depth first in registration order, named by path
     (``"0"``, ``"3.1"``: the keys ``save_parameters`` uses)."""
     yield name, block
-    for key, child in block._children.items():
+    for key, child in internals.children(block):
         yield from _blocks(child, f"{name}.{key}" if name else str(key))
 
 
 def _check_initialized(block: Any, name: str) -> None:
-    for param in block._reg_params.values():
+    for param in internals.own_parameters(block).values():
         try:
             param.list_data()
         except Exception:  # Gluon raises RuntimeError or DeferredInitializationError
@@ -105,7 +106,7 @@ def _check_initialized(block: Any, name: str) -> None:
 
 
 def _check_layout(block: Any, name: str) -> None:
-    layout = getattr(block, "_kwargs", {}).get("layout") or "NC"
+    layout = internals.layer_arguments(block).get("layout") or "NC"
     if not str(layout).startswith("NC"):
         raise CheckpointError(
             f"block {name!r} ({type(block).__name__}) uses layout {layout!r}: the "
@@ -124,7 +125,7 @@ def _param_layers(model: Any) -> list[tuple[str, Any, str]]:
             if kind != "batchnorm":
                 _check_layout(block, name)
             out.append((name, block, kind))
-        elif block._reg_params:
+        elif internals.own_parameters(block):
             raise CheckpointError(
                 f"block {name!r} ({type(block).__name__}) has parameters but is not a layer "
                 f"the checkpoint describes ({_SUPPORTED})"
@@ -222,12 +223,12 @@ def _numpy(param: Any) -> np.ndarray:
 
 
 def _native_spec(block: Any) -> BatchNormSpec:
-    kwargs = block._kwargs  # Gluon keeps the layer's operator arguments here
+    kwargs = internals.layer_arguments(block)
     return BatchNormSpec.from_native(
         "mxnet",
         momentum=kwargs["momentum"],
         epsilon=kwargs["eps"],
-        center=bool(block.beta._differentiable),  # what Gluon built from center=
+        center=internals.differentiable(block.beta),  # what Gluon built from center=
         scale=not kwargs["fix_gamma"],
         axis=kwargs["axis"],
         use_global_stats=bool(kwargs.get("use_global_stats", False)),
@@ -306,7 +307,8 @@ def _own_flags(block: Any) -> tuple[bool, bool, bool]:
     """(center, scale, track_running_stats) of a model's BatchNorm."""
     if isinstance(block, BatchNorm):
         return block.spec.center, block.spec.scale, block.spec.track_running_stats
-    return bool(block.beta._differentiable), not block._kwargs["fix_gamma"], True
+    fixed_gamma = internals.layer_arguments(block)["fix_gamma"]
+    return internals.differentiable(block.beta), not fixed_gamma, True
 
 
 class _GluonModel(PortModel[Any]):
@@ -350,7 +352,7 @@ class _GluonModel(PortModel[Any]):
         return self._flat.get(handle.weight.name)
 
     def groups(self, handle: Any) -> int:
-        return int(handle._kwargs.get("num_group", 1))
+        return internals.groups(handle)
 
     def ws_spec(self, handle: Any) -> ScaledWSSpec | None:
         return handle.ws if isinstance(handle, ScaledStdConv2D) else None
@@ -370,9 +372,10 @@ class _GluonModel(PortModel[Any]):
             # The operator takes its settings as graph attributes, built from these.
             handle._settings = OpSettings.from_spec(spec, **(handle._sync_extra() or {}))
             return
-        handle._kwargs["eps"] = float(spec.eps)  # Gluon passes _kwargs to its operator
+        arguments = internals.layer_arguments(handle)  # what Gluon passes its operator
+        arguments["eps"] = float(spec.eps)
         if spec.momentum is not None:
-            handle._kwargs["momentum"] = 1.0 - spec.momentum  # Gluon weighs the old value
+            arguments["momentum"] = 1.0 - spec.momentum  # Gluon weighs the old value
         advice = "unorm.mxnet.convert(net, preset=None)"
         warn_native_gaps(spec, "mxnet", "gluon.nn.BatchNorm", advice, source)
 
@@ -382,7 +385,7 @@ def _forget_graphs(model: Any) -> None:
     hybridized block's graph when it is traced (the next call traces anew)."""
     for _, block in _blocks(model):
         if isinstance(block, gluon.HybridBlock) and not isinstance(block, gluon.SymbolBlock):
-            block._clear_cached_op()
+            internals.clear_cached_graph(block)
 
 
 def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
@@ -644,7 +647,7 @@ def _read_parameters(model: Any, path: str) -> Any:
             f"{path}: holds arg:/aux: parameters (from export or the symbol API): read it "
             f"through its {_SYMBOL_SUFFIX} file"
         )
-    own = model._collect_params_with_prefix()
+    own = internals.parameters_by_structure(model)
     shapes = {key: tuple(value.shape) for key, value in arrays.items()}
     check_state_fits(path, "names", shapes, {key: tuple(p.shape) for key, p in own.items()})
     for key, value in arrays.items():
