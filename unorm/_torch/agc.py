@@ -16,10 +16,10 @@ from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .._core.agc_plan import Param, Resolution, Target, layer_unit_axes, resolve
 from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes
+from . import internals
 from .plugin import PLUGIN
 
 __all__ = [
@@ -51,9 +51,9 @@ def _describe(module: nn.Module, pname: str, param: Tensor, qualified: str) -> P
     """``param``, owned directly by ``module``, as the core resolution sees it."""
     owner = type(module).__name__
     shape = tuple(param.shape)
-    if isinstance(module, _ConvTransposeNd):
+    if isinstance(module, internals.ConvTransposeBase):
         return Param(id(param), qualified, shape, owner, "conv_transpose", module.groups)
-    if isinstance(module, _ConvNd):
+    if isinstance(module, internals.ConvBase):
         return Param(id(param), qualified, shape, owner, "conv")
     if isinstance(module, (nn.Linear, nn.Bilinear)):
         return Param(id(param), qualified, shape, owner, "dense")

@@ -6,8 +6,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from . import internals
 from .batchnorm import BatchNorm
 from .sync import SyncBatchNorm
 
@@ -16,7 +16,7 @@ __all__ = ["convert"]
 _NUM_DIMS = {nn.BatchNorm2d: 4, nn.BatchNorm3d: 5}
 
 
-def _replacement(native: _BatchNorm, preset: str | None) -> BatchNorm:
+def _replacement(native: internals.NativeBatchNorm, preset: str | None) -> BatchNorm:
     # nn.BatchNorm1d takes (N, C) and (N, C, L): no fixed rank. PyTorch's eps and
     # momentum already mean what unorm's do, so they carry over as they are.
     num_dims = _NUM_DIMS.get(type(native))
@@ -66,7 +66,7 @@ def convert(module: nn.Module, preset: str | None = "torch") -> nn.Module:
         >>> type(convert(net)[1]).__name__
         'BatchNorm'
     """
-    if isinstance(module, _BatchNorm):
+    if isinstance(module, internals.NativeBatchNorm):
         return _replacement(module, preset)
     for name, child in list(module.named_children()):
         converted = convert(child, preset)

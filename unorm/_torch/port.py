@@ -14,13 +14,12 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from .._core import port_plan as plan
 from .._core.port_plan import ROLES, PortModel, Slot, kind_of, present_roles
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
+from . import internals
 from .batchnorm import BatchNorm
 from .ws import _ScaledStd
 
@@ -33,12 +32,13 @@ _ATTRS = {role: role for roles in ROLES.values() for role in roles} | {
 }
 
 
-# The modules the checkpoint describes (ConvTranspose*d first: they are _ConvNd too).
+# The modules the checkpoint describes (transposed convolutions first: they are convolutions
+# too).
 _KINDS: list[tuple[str, type | tuple[type, ...]]] = [
-    ("conv_transpose", _ConvTransposeNd),
-    ("conv", _ConvNd),
+    ("conv_transpose", internals.ConvTransposeBase),
+    ("conv", internals.ConvBase),
     ("dense", nn.Linear),
-    ("batchnorm", (BatchNorm, _BatchNorm)),
+    ("batchnorm", (BatchNorm, internals.NativeBatchNorm)),
 ]
 
 
@@ -52,7 +52,7 @@ def _param_layers(model: nn.Module) -> list[tuple[str, nn.Module, str]]:
 
 
 def _native_spec(module: nn.Module) -> BatchNormSpec:
-    assert isinstance(module, _BatchNorm)
+    assert isinstance(module, internals.NativeBatchNorm)
     # nn.BatchNorm's own argument names are the ones from_native reads for "torch".
     names = ("eps", "momentum", "affine", "track_running_stats")
     return BatchNormSpec.from_native("torch", **{n: getattr(module, n) for n in names})
@@ -170,7 +170,7 @@ class _TorchModel(PortModel[nn.Module]):
         if isinstance(handle, BatchNorm):
             handle.spec = spec
             return
-        assert isinstance(handle, _BatchNorm)
+        assert isinstance(handle, internals.NativeBatchNorm)
         handle.eps = spec.eps
         handle.momentum = spec.momentum
         plan.warn_native_gaps(spec, "torch", "nn.BatchNorm", "unorm.torch.convert()", source)
