@@ -8,6 +8,8 @@ backend, everything else also runs on the JAX and torch backends.
 - :class:`BatchNorm`: drop-in for ``keras.layers.BatchNormalization`` (same weight names),
   canonical settings by default, ``preset="keras"`` reproducing Keras's layer exactly,
   ``synchronized=True`` for exact cross-replica statistics under ``tf.distribute``.
+- :class:`ScaledStdConv2D` (and 1D/3D): ``keras.layers.Conv2D`` (``Conv1D``, ``Conv3D``)
+  with Scaled Weight Standardisation and a learnable gain, for normalizer-free networks.
 - :func:`convert`: a copy of a model with its BatchNormalization layers swapped for
   unorm's, weights carried over.
 - :class:`AGC`, :func:`adaptive_clip_grad`, :func:`final_classifier`,
@@ -30,12 +32,14 @@ from ._keras.batchnorm import BatchNorm
 from ._keras.convert import convert
 from ._keras.layout import final_classifier, unit_axes_of
 from ._keras.port import export_checkpoint, load_checkpoint
-from ._keras.ws import ScaledStdConv2D
+from ._keras.ws import ScaledStdConv1D, ScaledStdConv2D, ScaledStdConv3D
 
 __all__ = [
     "AGC",
     "BatchNorm",
+    "ScaledStdConv1D",
     "ScaledStdConv2D",
+    "ScaledStdConv3D",
     "adaptive_clip_grad",
     "convert",
     "export_checkpoint",

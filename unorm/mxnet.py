@@ -10,6 +10,8 @@ loading an exported model (``SymbolBlock.imports``) that contains unorm layers.
 - :class:`SyncBatchNorm`: the cross-device form, with the exact count-weighted merge.
 - :func:`adaptive_clip_grad` and :class:`AGC`: AGC of the effective gradient (after the
   all-reduce and after ``rescale_grad = 1/batch_size``), per output unit of each layer.
+- :class:`ScaledStdConv2D` (and 1D/3D): ``gluon.nn.Conv2D`` (``Conv1D``, ``Conv3D``) with
+  Scaled Weight Standardisation and a learnable gain; hybridizes and exports.
 - :func:`final_classifier`: the classifier to exclude from AGC.
 - :func:`convert`: replace the ``gluon.nn.BatchNorm`` layers of a model, keeping state.
 
@@ -34,12 +36,14 @@ from ._mxnet.agc import AGC, adaptive_clip_grad, final_classifier, unit_axes_of
 from ._mxnet.batchnorm import BatchNorm, SyncBatchNorm
 from ._mxnet.convert import convert
 from ._mxnet.port import export_checkpoint, load_checkpoint
-from ._mxnet.ws import ScaledStdConv2D
+from ._mxnet.ws import ScaledStdConv1D, ScaledStdConv2D, ScaledStdConv3D
 
 __all__ = [
     "AGC",
     "BatchNorm",
+    "ScaledStdConv1D",
     "ScaledStdConv2D",
+    "ScaledStdConv3D",
     "SyncBatchNorm",
     "adaptive_clip_grad",
     "convert",

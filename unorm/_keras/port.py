@@ -55,7 +55,7 @@ from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
 from . import internals, stats
 from .batchnorm import BatchNorm
-from .ws import ScaledStdConv2D
+from .ws import _ScaledStd
 
 __all__ = ["export_checkpoint", "export_model", "load_checkpoint", "read_native", "write_native"]
 
@@ -412,7 +412,7 @@ class _KerasModel(PortModel[Any]):
         return int(getattr(handle, "groups", 1))
 
     def ws_spec(self, handle: Any) -> ScaledWSSpec | None:
-        return handle.spec if isinstance(handle, ScaledStdConv2D) else None
+        return handle.spec if isinstance(handle, _ScaledStd) else None
 
     def batchnorm_spec(self, handle: Any, name: str) -> BatchNormSpec:
         return handle.spec if isinstance(handle, BatchNorm) else _native_spec(handle, name)

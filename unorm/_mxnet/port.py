@@ -55,7 +55,7 @@ from ..spec import BatchNormSpec, ScaledWSSpec
 from . import internals
 from .batchnorm import BatchNorm
 from .op import OP_TYPE, OpSettings
-from .ws import ScaledStdConv2D
+from .ws import _ScaledStd
 
 __all__ = [
     "export_checkpoint",
@@ -355,7 +355,7 @@ class _GluonModel(PortModel[Any]):
         return internals.groups(handle)
 
     def ws_spec(self, handle: Any) -> ScaledWSSpec | None:
-        return handle.ws if isinstance(handle, ScaledStdConv2D) else None
+        return handle.ws if isinstance(handle, _ScaledStd) else None
 
     def batchnorm_spec(self, handle: Any, name: str) -> BatchNormSpec:
         return handle.spec if isinstance(handle, BatchNorm) else _native_spec(handle)
