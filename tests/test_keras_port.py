@@ -436,3 +436,64 @@ def test_nf_lenet_gain_and_settings_travel_between_torch_and_keras() -> None:
     plain = torch.nn.Sequential(*[m for m in lenet() if not isinstance(m, torch.nn.Sigmoid)])
     with pytest.raises(port.CheckpointError, match="the model has no 'gain'"):
         torch_load(plain, torch_export(source))
+
+
+# -- Scaled WS convolutions of every rank ------------------------------------------------
+
+
+def _ws_net(rank: int, **ws: Any) -> Any:
+    from unorm.keras import ScaledStdConv1D, ScaledStdConv2D, ScaledStdConv3D
+
+    cls = {1: ScaledStdConv1D, 2: ScaledStdConv2D, 3: ScaledStdConv3D}[rank]
+    conv = cls(6, 3, groups=2, **ws)
+    return keras.Sequential(
+        [keras.Input((*(5,) * rank, 4)), conv, layers.Flatten(), layers.Dense(3)]
+    )
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+def test_scaled_ws_conv_of_every_rank_round_trips_with_gain_and_settings(
+    tmp_path: Path, rank: int
+) -> None:
+    keras.utils.set_random_seed(rank)
+    source = _ws_net(rank, style="timm", eps=1e-3)
+    source.layers[0].gain.assign(np.linspace(0.5, 2.0, 6).astype("float32"))
+    ckpt = _through_file(export_checkpoint(source), tmp_path / "ws.safetensors")
+    assert [la.kind for la in ckpt.layers] == ["conv", "dense"]
+    conv = ckpt.layers[0]
+    assert set(conv.tensors) == {"weight", "bias", "gain"} and conv.attrs["groups"] == 2
+    assert ckpt.tensor(conv, "weight").shape == (6, 2, *(3,) * rank)  # (O, I/g, *k)
+    dest = _ws_net(rank)  # deepmind, eps 1e-4: the checkpoint's settings replace them
+    load_checkpoint(dest, ckpt)
+    assert dest.layers[0].spec == source.layers[0].spec
+    np.testing.assert_array_equal(dest.layers[0].gain.numpy(), source.layers[0].gain.numpy())
+    x = _batch(7, (2, *(5,) * rank, 4))
+    np.testing.assert_array_equal(_logits(dest, x), _logits(source, x))
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("rank", [1, 3])
+def test_scaled_ws_conv_of_every_rank_matches_torch(rank: int) -> None:
+    torch = pytest.importorskip("torch")
+    from unorm._torch.port import export_checkpoint as torch_export
+    from unorm._torch.port import load_checkpoint as torch_load
+    from unorm.keras import ScaledStdConv1D, ScaledStdConv3D
+    from unorm.torch import ScaledStdConv1d, ScaledStdConv3d
+
+    shape = (*(5,) * rank, 4)
+    cls = {1: ScaledStdConv1D, 3: ScaledStdConv3D}[rank]
+    source = keras.Sequential([keras.Input(shape), cls(6, 3, groups=2, style="timm")])
+    source.layers[0].gain.assign(np.linspace(0.5, 2.0, 6).astype("float32"))
+    dest = {1: ScaledStdConv1d, 3: ScaledStdConv3d}[rank](4, 6, 3, groups=2)
+    torch_load(dest, export_checkpoint(source))
+    assert dest.ws == source.layers[0].spec
+    x = _batch(8, (2, *shape))
+    to_channels_first = (0, rank + 1, *range(1, rank + 1))
+    with torch.no_grad():
+        expected = dest(torch.from_numpy(x.transpose(to_channels_first))).numpy()
+    got = _logits(source, x).transpose(to_channels_first)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    back = keras.Sequential([keras.Input(shape), cls(6, 3, groups=2)])
+    load_checkpoint(back, torch_export(dest))
+    assert back.layers[0].spec == source.layers[0].spec
+    np.testing.assert_allclose(_logits(back, x), _logits(source, x), rtol=1e-6, atol=1e-6)
