@@ -612,3 +612,64 @@ def test_scaled_ws_gain_and_settings_arrive_from_pytorch() -> None:
     x = np.random.default_rng(0).normal(size=(2, 1, 28, 28)).astype("float32")
     want = source.eval()(torch.from_numpy(x)).detach().numpy()
     np.testing.assert_allclose(net(mx.nd.array(x)).asnumpy(), want, atol=1e-4)
+
+
+# -- Scaled WS convolutions of every rank ------------------------------------------------
+
+
+def _ws_net(rank: int, **ws: Any) -> Any:
+    from unorm.mxnet import ScaledStdConv1D, ScaledStdConv2D, ScaledStdConv3D
+
+    cls = {1: ScaledStdConv1D, 2: ScaledStdConv2D, 3: ScaledStdConv3D}[rank]
+    net = gluon.nn.HybridSequential()
+    net.add(cls(6, 3, groups=2, in_channels=4, **ws), gluon.nn.Dense(3, in_units=6 * 3**rank))
+    net.initialize()
+    return net
+
+
+@pytest.mark.parametrize("rank", [1, 2, 3])
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_scaled_ws_conv_of_every_rank_round_trips_with_gain_and_settings(
+    tmp_path: Path, rank: int, hybridize: bool
+) -> None:
+    source = _randomised(_ws_net(rank, style="timm", eps=1e-3), rank)
+    source[0].gain.set_data(mx.nd.array(np.linspace(0.5, 2.0, 6)))
+    ckpt = _through_file(export_checkpoint(source), tmp_path / "ws.safetensors")
+    assert [la.kind for la in ckpt.layers] == ["conv", "dense"]
+    conv = ckpt.layers[0]
+    assert set(conv.tensors) == {"weight", "bias", "gain"} and conv.attrs["groups"] == 2
+    assert ckpt.tensor(conv, "weight").shape == (6, 2, *(3,) * rank)  # (O, I/g, *k)
+    dest = _ws_net(rank)  # deepmind, eps 1e-4: the checkpoint's settings replace them
+    x = _batch(7, (2, 4, *(5,) * rank))
+    if hybridize:
+        dest.hybridize()
+        dest(mx.nd.array(x))  # a graph traced with the old settings, to be dropped
+    load_checkpoint(dest, ckpt)
+    assert dest[0].ws == source[0].ws
+    np.testing.assert_array_equal(dest[0].gain.data().asnumpy(), source[0].gain.data().asnumpy())
+    np.testing.assert_array_equal(_logits(dest, x), _logits(source, x))
+
+
+@pytest.mark.parametrize("rank", [1, 3])
+def test_scaled_ws_conv_of_every_rank_matches_torch(rank: int) -> None:
+    from unorm._torch.port import export_checkpoint as torch_export
+    from unorm._torch.port import load_checkpoint as torch_load
+    from unorm.mxnet import ScaledStdConv1D, ScaledStdConv3D
+    from unorm.torch import ScaledStdConv1d, ScaledStdConv3d
+
+    cls = {1: ScaledStdConv1D, 3: ScaledStdConv3D}[rank]
+    source = cls(6, 3, groups=2, in_channels=4, style="timm")
+    source.initialize()
+    source.gain.set_data(mx.nd.array(np.linspace(0.5, 2.0, 6)))
+    dest = {1: ScaledStdConv1d, 3: ScaledStdConv3d}[rank](4, 6, 3, groups=2)
+    torch_load(dest, export_checkpoint(source))
+    assert dest.ws == source.ws
+    x = _batch(8, (2, 4, *(5,) * rank))
+    with torch.no_grad():
+        expected = dest(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(_logits(source, x), expected, rtol=1e-5, atol=1e-5)
+    back = cls(6, 3, groups=2, in_channels=4)
+    back.initialize()
+    load_checkpoint(back, torch_export(dest))
+    assert back.ws == source.ws
+    np.testing.assert_allclose(_logits(back, x), _logits(source, x), rtol=1e-6, atol=1e-6)
