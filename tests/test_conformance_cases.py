@@ -123,7 +123,9 @@ def test_agc_error_cases_cover_every_invalid_setting() -> None:
         clipping_bad = not (np.isfinite(case.clipping) and case.clipping > 0)
         eps_bad = not (np.isfinite(case.eps) and case.eps >= 0)
         missing = {name for name in case.exclude if name not in {p.name for p in case.params}}
-        assert [clipping_bad, eps_bad, bool(missing)].count(True) == 1, case.name
+        axes_bad = case.unit_axes is not None or bool(case.unit_axes_by_name)
+        assert [clipping_bad, eps_bad, bool(missing), axes_bad].count(True) == 1, case.name
+        assert case.message, f"{case.name}: an error case says what its message must hold"
     assert any(c.exclude for c in bad.values())  # excluding a parameter the model lacks
 
 

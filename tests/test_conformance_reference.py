@@ -55,7 +55,7 @@ class _RankBasedAGC(_reference.ReferenceAdapter):
 
     name = "broken-axis"
 
-    def agc(self, params, *, clipping, eps, exclude):  # type: ignore[no-untyped-def]
+    def agc(self, params, *, clipping, eps, exclude, unit_axes=None):  # type: ignore[no-untyped-def]
         axes = {p.name: 0 for p in params}
         return ref.agc_clip_all(
             {p.name: p.grad for p in params},
@@ -101,8 +101,8 @@ class _NudgesUnclipped(_reference.ReferenceAdapter):
 
     name = "broken-unchanged"
 
-    def agc(self, params, *, clipping, eps, exclude):  # type: ignore[no-untyped-def]
-        out = super().agc(params, clipping=clipping, eps=eps, exclude=exclude)
+    def agc(self, params, *, clipping, eps, exclude, unit_axes=None):  # type: ignore[no-untyped-def]
+        out = super().agc(params, clipping=clipping, eps=eps, exclude=exclude, unit_axes=unit_axes)
         for p in params:
             kept = out[p.name] == p.grad
             out[p.name] = np.where(kept, np.nextafter(out[p.name], np.inf), out[p.name])
@@ -115,9 +115,11 @@ class _AcceptsBadAGCSettings(_reference.ReferenceAdapter):
 
     name = "broken-agc-settings"
 
-    def agc(self, params, *, clipping, eps, exclude):  # type: ignore[no-untyped-def]
+    def agc(self, params, *, clipping, eps, exclude, unit_axes=None):  # type: ignore[no-untyped-def]
         try:
-            return super().agc(params, clipping=clipping, eps=eps, exclude=exclude)
+            return super().agc(
+                params, clipping=clipping, eps=eps, exclude=exclude, unit_axes=unit_axes
+            )
         except ValueError:
             known = [name for name in exclude if name in {p.name for p in params}]
             return super().agc(params, clipping=0.01, eps=1e-3, exclude=known)
@@ -125,11 +127,38 @@ class _AcceptsBadAGCSettings(_reference.ReferenceAdapter):
 
 def test_a_backend_accepting_invalid_agc_settings_fails() -> None:
     results = run_cases(_AcceptsBadAGCSettings(), ["agc/error/*"])
-    assert len(results) == 6
+    assert len(results) == 10
     for r in results:
         assert r.status == "fail" and r.detail.startswith("no error raised (clipping="), r
     # The same cases pass where the settings are checked.
     assert {r.status for r in run_cases(load_adapter("reference"), ["agc/error/*"])} == {"pass"}
+
+
+class _VagueErrors(_reference.ReferenceAdapter):
+    """Refuses every bad setting, but with a message that names nothing."""
+
+    name = "vague-errors"
+
+    def agc(self, params, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            return super().agc(params, **kwargs)
+        except ValueError:
+            raise ValueError("invalid arguments") from None
+
+    def bn_step(self, layer, x, dy, mode):  # type: ignore[no-untyped-def]
+        try:
+            return super().bn_step(layer, x, dy, mode)
+        except ValueError:
+            raise ValueError("invalid input") from None
+
+
+def test_an_error_that_names_nothing_fails() -> None:
+    # The same mistake must give the same message on every backend: the parameter named
+    # and what was expected, not only the exception type.
+    results = run_cases(_VagueErrors(), ["agc/error/*", "error/rank1", "error/integer-input"])
+    assert len(results) == 12
+    for r in results:
+        assert r.status == "fail" and "which does not say" in r.detail, r
 
 
 @pytest.mark.parametrize(
