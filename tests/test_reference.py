@@ -368,8 +368,54 @@ def test_merge_of_only_empty_replicas_is_empty() -> None:
     empty = ref.batch_stats(np.ones((0, 2)), axis=1)
     merged = ref.merge_stats([empty, empty])
     assert merged.count == 0
-    with pytest.raises(ValueError, match="more than 1 value per channel"):
-        ref.batch_norm_train(np.ones((0, 2)), stats=merged)
+    y, used = ref.batch_norm_train(np.ones((0, 2)), stats=merged)  # an empty output
+    assert y.shape == (0, 2) and used.count == 0
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 3, 4), (5, 3, 0), (0, 3, 2, 2), (0, 3, 1, 2, 2)])
+@pytest.mark.parametrize("preset", [None, "torch", "keras", "mxnet"])
+def test_an_empty_training_batch(shape: tuple[int, ...], preset: str | None) -> None:
+    # SPEC.md section 2, *Empty batch*: an empty output; dgamma = dbeta = 0 (sums over
+    # nothing); the state as the spec's empty_batch says.
+    spec = BatchNormSpec.from_preset(preset)
+    x = np.ones(shape, np.float32)
+    gamma, beta = np.full(3, 2.0), np.full(3, 0.5)
+    before = ref.RunningStats(np.array([0.5, 1.0, -2.0]), np.array([2.0, 3.0, 4.0]), 7)
+    y, after = ref.batch_norm_step(x, before, spec, gamma, beta, training=True)
+    assert y.shape == shape and y.dtype == np.float32
+    assert after is not None
+    grads = ref.batch_norm_backward(np.ones(shape), x, gamma)
+    assert grads.dx.shape == shape
+    np.testing.assert_array_equal(grads.dgamma, np.zeros(3))
+    np.testing.assert_array_equal(grads.dbeta, np.zeros(3))
+    if spec.empty_batch == "skip":  # canonical: nothing to learn from
+        assert after is before
+    elif spec.empty_batch == "count":  # PyTorch's layer counts the call, nothing else
+        np.testing.assert_array_equal(after.mean, before.mean)
+        np.testing.assert_array_equal(after.var, before.var)
+        assert after.num_batches_tracked == 8
+    else:  # Keras's and Gluon's layers average in the mean of nothing: NaN
+        assert spec.empty_batch == "nan" and not spec.skip_nonfinite
+        assert np.isnan(after.mean).all() and np.isnan(after.var).all()
+        assert after.num_batches_tracked == 8
+
+
+def test_an_empty_batch_with_the_guard_changes_nothing() -> None:
+    spec = BatchNormSpec(empty_batch="nan")  # NaN statistics, which the guard skips
+    before = ref.init_running_stats(2)
+    _, after = ref.batch_norm_step(np.ones((0, 2)), before, spec, training=True)
+    assert after == before
+
+
+def test_an_empty_batch_counted_changes_the_cumulative_average() -> None:
+    # PyTorch's momentum=None layer counts an empty call, so the next batch weighs 1/3.
+    spec = BatchNormSpec.from_preset("torch", momentum=None)
+    state = ref.init_running_stats(1)
+    _, state = ref.batch_norm_step(np.array([[0.0], [2.0]]), state, spec, training=True)
+    _, state = ref.batch_norm_step(np.ones((0, 1)), state, spec, training=True)
+    _, state = ref.batch_norm_step(np.array([[4.0], [4.0]]), state, spec, training=True)
+    assert state is not None and state.num_batches_tracked == 3
+    np.testing.assert_allclose(state.mean, [(2.0 / 3.0) * 1.0 + (1.0 / 3.0) * 4.0])
 
 
 def test_agc_clipped_units_are_the_units_agc_clip_rescales() -> None:

@@ -168,12 +168,13 @@ def test_native_gaps_are_the_settings_a_native_layer_cannot_be_told(framework: s
     assert BatchNormSpec.from_preset(framework, eps=0.1, momentum=0.3).native_gaps(framework) == []
     canonical = BatchNormSpec(momentum=None).native_gaps(framework)
     want = {
-        "torch": ["skip_nonfinite=True"],
+        "torch": ["skip_nonfinite=True", "empty_batch='skip'"],
         "keras": [
             "momentum=None",
             "running_var='unbiased'",
             "skip_nonfinite=True",
             "allow_single_value=False",
+            "empty_batch='skip'",
         ],
         "mxnet": [
             "momentum=None",
@@ -181,6 +182,7 @@ def test_native_gaps_are_the_settings_a_native_layer_cannot_be_told(framework: s
             "skip_nonfinite=True",
             "allow_single_value=False",
             "update_on='forward'",
+            "empty_batch='skip'",
         ],
     }
     assert canonical == want[framework]

@@ -210,7 +210,9 @@ def merge_stats(parts: Iterable[BatchStats]) -> BatchStats:
 
 
 def _check_trainable_count(count: int, allow_single_value: bool) -> None:
-    if count == 0 or (count == 1 and not allow_single_value):
+    # An empty batch (count 0) is allowed: its output is empty (SPEC.md section 2,
+    # *Empty batch*).
+    if count == 1 and not allow_single_value:
         raise ValueError(
             f"expected more than 1 value per channel to compute batch statistics (training, "
             f"or track_running_stats=False), got {count} (batch size x spatial size); "
@@ -267,11 +269,14 @@ def batch_norm_train(
     arr, ax = check_input(x, axis)
     used = batch_stats(arr, ax) if stats is None else _check_stats(stats, arr, ax)
     _check_trainable_count(used.count, allow_single_value)
+    out = arr.dtype if out_dtype is None else out_dtype
+    if used.count == 0:  # an empty batch: nothing to normalise
+        return _out(np.zeros(arr.shape), out), used
     data = arr.astype(np.float64)
     inv_std = 1.0 / np.sqrt(used.var() + eps)
     xhat = (data - _broadcast(_f64(used.mean), data.ndim, ax)) * _broadcast(inv_std, data.ndim, ax)
     y = _affine(xhat, gamma, beta, ax)
-    return _out(y, arr.dtype if out_dtype is None else out_dtype), used
+    return _out(y, out), used
 
 
 def batch_norm_inference(
@@ -346,6 +351,10 @@ def batch_norm_backward(
     grad = _check_dy(dy, data)
     g = None if gamma is None else _per_feature(gamma, "gamma", arr, ax)
     axes = _reduce_axes(data.ndim, ax)
+    if used.count == 0:  # an empty batch: empty dx, sums over nothing are 0
+        zeros = np.zeros(arr.shape[ax])
+        dx0 = _out(np.zeros(arr.shape), arr.dtype if out_dtype is None else out_dtype)
+        return BatchNormGrads(dx0, None if g is None else zeros, zeros.copy() if center else None)
     r = 1.0 / np.sqrt(used.var() + eps)
     xhat = (data - _broadcast(_f64(used.mean), data.ndim, ax)) * _broadcast(r, data.ndim, ax)
     sum_dy = grad.sum(axis=axes)
@@ -447,6 +456,25 @@ def update_running_stats(
     )
 
 
+def _empty_batch_update(running: RunningStats, spec: BatchNormSpec) -> RunningStats:
+    """The running statistics after an empty training batch (``spec.empty_batch``)."""
+    if spec.empty_batch == "skip":
+        return running
+    if spec.empty_batch == "count":
+        return running._replace(num_batches_tracked=running.num_batches_tracked + 1)
+    # "nan": the mean and variance of no values are 0/0, fed like any batch's.
+    nothing = np.full(np.shape(running.mean), np.nan)
+    if spec.skip_nonfinite:
+        return running
+    tracked = running.num_batches_tracked + 1
+    f = 1.0 / tracked if spec.momentum is None else float(spec.momentum)
+    return RunningStats(
+        (1.0 - f) * _f64(running.mean) + f * nothing,
+        (1.0 - f) * _f64(running.var) + f * nothing,
+        tracked,
+    )
+
+
 def batch_norm_step(
     x: ArrayLike,
     running: RunningStats | None,
@@ -461,8 +489,9 @@ def batch_norm_step(
 
     Follows the spec's mode rules: in training, normalise with batch statistics and update
     the running ones (unless ``track_running_stats`` is off; with ``update_on="backward"``
-    only when ``backward_ran``); in inference, normalise with running statistics, or with
-    batch statistics when ``track_running_stats`` is off.
+    only when ``backward_ran``; an empty batch as ``spec.empty_batch`` says); in inference,
+    normalise with running statistics, or with batch statistics when
+    ``track_running_stats`` is off.
 
     Example:
         >>> spec = BatchNormSpec()
@@ -486,6 +515,8 @@ def batch_norm_step(
             return y, running
         if spec.update_on == "backward" and not backward_ran:
             return y, running
+        if stats.count == 0:
+            return y, _empty_batch_update(running, spec)
         return y, update_running_stats(
             running,
             stats,

@@ -52,6 +52,7 @@ __all__ = [
 PresetName = str
 RunningVarEstimator = Literal["unbiased", "biased"]
 UpdateTime = Literal["forward", "backward"]
+EmptyBatch = Literal["skip", "count", "nan"]
 
 #: The floor under a unit's gradient norm in AGC's rescale factor (``SPEC.md`` section 5).
 AGC_GRAD_NORM_FLOOR = 1e-6
@@ -171,6 +172,11 @@ class BatchNormSpec:
             True (the Keras and MXNet layers accept it silently).
         update_on: ``"forward"``. When running statistics are updated: in the training
             forward pass (canonical) or only when backward runs (MXNet's CPU kernel).
+        empty_batch: ``"skip"``. What a training batch of zero values per feature does
+            (its output is empty either way): ``"skip"`` changes no state (canonical),
+            ``"count"`` only counts it in ``num_batches_tracked`` (PyTorch's layer),
+            ``"nan"`` feeds the statistics of no values, NaN, to the update like any
+            batch's (Keras's and Gluon's layers; the non-finite guard then skips it).
         preset: None, or the name of the preset the spec was built from.
 
     Example:
@@ -188,6 +194,7 @@ class BatchNormSpec:
     skip_nonfinite: bool = True
     allow_single_value: bool = False
     update_on: UpdateTime = "forward"
+    empty_batch: EmptyBatch = "skip"
     preset: PresetName | None = None
 
     def __post_init__(self) -> None:
@@ -205,6 +212,7 @@ class BatchNormSpec:
         _check_bool("allow_single_value", self.allow_single_value)
         _check_choice("running_var", self.running_var, ("unbiased", "biased"))
         _check_choice("update_on", self.update_on, ("forward", "backward"))
+        _check_choice("empty_batch", self.empty_batch, ("skip", "count", "nan"))
         if self.preset is not None:
             validate_preset(self.preset)
 
@@ -236,20 +244,22 @@ class BatchNormSpec:
     def native_gaps(self, framework: str) -> list[str]:
         """The training settings of this spec that ``framework``'s own BatchNorm layer
         cannot be told, as ``name=value`` strings: where it differs from the framework's
-        preset in the running-variance feed, the non-finite guard, one value per feature
-        or when the update runs, and ``momentum=None`` outside PyTorch (Keras's and
-        Gluon's layers have no cumulative average). Eps and a momentum weight translate.
+        preset in the running-variance feed, the non-finite guard, one value per feature,
+        when the update runs or what an empty batch does, and ``momentum=None`` outside
+        PyTorch (Keras's and Gluon's layers have no cumulative average). Eps and a
+        momentum weight translate.
 
         Example:
             >>> BatchNormSpec(momentum=None).native_gaps("torch")
-            ['skip_nonfinite=True']
+            ['skip_nonfinite=True', "empty_batch='skip'"]
             >>> BatchNormSpec.from_preset("keras").native_gaps("keras")
             []
         """
         native = PRESETS[validate_preset(framework)]
         averages = plugin(framework).native_arguments["cumulative_average"]
         gaps = ["momentum=None"] if self.momentum is None and not averages else []
-        for name in ("running_var", "skip_nonfinite", "allow_single_value", "update_on"):
+        names = ("running_var", "skip_nonfinite", "allow_single_value", "update_on", "empty_batch")
+        for name in names:
             value = getattr(self, name)
             if value != native[name]:
                 gaps.append(f"{name}={value!r}")

@@ -20,6 +20,7 @@ PLUGIN = BackendPlugin(
         "skip_nonfinite": False,
         "allow_single_value": True,
         "update_on": "forward",
+        "empty_batch": "nan",
     },
     native_arguments={
         "eps": "epsilon",

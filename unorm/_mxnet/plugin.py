@@ -21,6 +21,7 @@ PLUGIN = BackendPlugin(
         "skip_nonfinite": False,
         "allow_single_value": True,
         "update_on": "backward",
+        "empty_batch": "nan",
     },
     native_arguments={
         "eps": "epsilon",

@@ -20,6 +20,7 @@ PLUGIN = BackendPlugin(
         "skip_nonfinite": False,
         "allow_single_value": False,
         "update_on": "forward",
+        "empty_batch": "count",
     },
     native_arguments={
         "eps": "eps",
