@@ -270,11 +270,11 @@ class BatchNormSpec:
         """Build the spec that reproduces a framework's own BatchNorm layer.
 
         ``native`` takes the framework's own argument names and conventions:
-        PyTorch ``eps``, ``momentum`` (new-value weight or None), ``affine``,
-        ``track_running_stats``; Keras ``epsilon``, ``momentum`` (old-value weight),
-        ``center``, ``scale``, ``axis``; MXNet Gluon ``epsilon``, ``momentum``
-        (old-value weight), ``center``, ``scale``, ``axis``,
-        ``use_global_stats`` (not supported: raises).
+        PyTorch ``eps``, ``momentum`` (new-value weight or None), ``affine``, ``bias``
+        (``bias=False``: a scale and no shift), ``track_running_stats``; Keras
+        ``epsilon``, ``momentum`` (old-value weight), ``center``, ``scale``, ``axis``;
+        MXNet Gluon ``epsilon``, ``momentum`` (old-value weight), ``center``, ``scale``,
+        ``axis``, ``use_global_stats`` (not supported: raises).
 
         Example:
             >>> BatchNormSpec.from_native("mxnet", momentum=0.9, epsilon=1e-5).momentum
@@ -295,9 +295,12 @@ class BatchNormSpec:
                     raise _fail("momentum", old_weight, f"a number in [0, 1] ({name} convention)")
                 out["momentum"] = 1.0 - old_weight
         if declared["affine"]:
-            if "affine" in args:
-                affine = _check_bool("affine", args.pop("affine"))
-                out["center"] = out["scale"] = affine
+            affine = _check_bool("affine", args.pop("affine", True))
+            bias = _check_bool("bias", args.pop("bias", True))  # nn.BatchNorm*d(bias=False)
+            if not (affine and bias):
+                out["center"] = False
+            if not affine:
+                out["scale"] = False
             if "track_running_stats" in args:
                 out["track_running_stats"] = args.pop("track_running_stats")
         else:

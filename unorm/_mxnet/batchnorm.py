@@ -42,7 +42,7 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
 
     ``BatchNorm(in_channels=0, num_dims=None, *, axis=1, eps=None, momentum=<unset>,
     center=None, scale=None, preset=None, track_running_stats=None, running_var=None,
-    skip_nonfinite=None, allow_single_value=None, update_on=None)``. Arguments left at
+    skip_nonfinite=None, allow_single_value=None, update_on=None, empty_batch=None)``. Arguments left at
     None (``momentum``: left out) take the preset's value, or the canonical default with
     ``preset=None``: ``eps=1e-5``; ``momentum=0.1``, the weight of the **new** batch
     statistic (Gluon's own ``momentum=0.9`` weighs the old value), ``None`` for a cumulative
@@ -111,6 +111,7 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         skip_nonfinite: bool | None = None,
         allow_single_value: bool | None = None,
         update_on: str | None = None,
+        empty_batch: str | None = None,
         beta_initializer: Any = "zeros",
         gamma_initializer: Any = "ones",
         running_mean_initializer: Any = "zeros",
@@ -130,6 +131,7 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
             "skip_nonfinite": skip_nonfinite,
             "allow_single_value": allow_single_value,
             "update_on": update_on,
+            "empty_batch": empty_batch,
         }
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if momentum is not _UNSET:

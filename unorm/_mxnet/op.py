@@ -72,19 +72,21 @@ def count_error(count: int, allow_single_value: bool) -> ValueError | None:
     """The error for ``count`` values per channel in batch-statistics mode, or None.
 
     ``count`` is batch size times spatial size (over all devices for a synchronised
-    layer). Zero values are always an error; one value only with
-    ``allow_single_value=False``. Returned, not raised, so that the caller raises it where
-    it can: the block before any state changes, the operator when the cross-device count
-    is known.
+    layer). One value is an error with ``allow_single_value=False``; zero values are not
+    (an empty batch, SPEC.md section 2, *Empty batch*). Returned, not raised, so that the
+    caller raises it where it can: the block before any state changes, the operator when
+    the cross-device count is known.
 
     Example:
         >>> count_error(1, allow_single_value=True) is None
+        True
+        >>> count_error(0, allow_single_value=False) is None
         True
         >>> raise count_error(1, allow_single_value=False)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ValueError: expected more than 1 value per channel to compute batch statistics ...
     """
-    if count == 0 or (count == 1 and not allow_single_value):
+    if count == 1 and not allow_single_value:
         return ValueError(
             f"expected more than 1 value per channel to compute batch statistics (training, "
             f"or track_running_stats=False), got {count} (batch size x spatial size); "
@@ -104,7 +106,9 @@ class OpSettings:
     Built from a :class:`unorm.spec.BatchNormSpec` (:meth:`from_spec`), in unorm's
     convention (``momentum`` weighs the new batch, None for a cumulative average;
     ``unbiased`` feeds ``n/(n-1)`` times the batch variance to the running variance;
-    ``track`` is ``track_running_stats``). ``sync_key`` and ``num_devices`` make it
+    ``track`` is ``track_running_stats``; ``empty_batch`` is what an empty training batch
+    does to the state, default ``"skip"`` also for graphs exported before the setting
+    existed). ``sync_key`` and ``num_devices`` make it
     cross-device (``num_devices > 1``; default ``""`` and 1: one device), ``timeout``
     (120.0) bounds the wait for the other devices, in seconds. :meth:`attrs` and
     :meth:`from_attrs` convert to and from the strings a graph node stores.
@@ -127,6 +131,7 @@ class OpSettings:
     center: bool
     scale: bool
     axis: int
+    empty_batch: str = "skip"
     sync_key: str = ""
     num_devices: int = 1
     timeout: float = 120.0
@@ -145,6 +150,7 @@ class OpSettings:
             center=spec.center,
             scale=spec.scale,
             axis=spec.axis,
+            empty_batch=spec.empty_batch,
             **extra,
         )
 
@@ -162,6 +168,7 @@ class OpSettings:
             skip_nonfinite=self.skip_nonfinite,
             allow_single_value=self.allow_single_value,
             update_on=self.update_on,  # type: ignore[arg-type]
+            empty_batch=self.empty_batch,  # type: ignore[arg-type]
         )
 
     def attrs(self) -> dict[str, str]:
@@ -187,6 +194,7 @@ class OpSettings:
             center=_flag(attrs["center"]),
             scale=_flag(attrs["scale"]),
             axis=int(attrs["axis"]),
+            empty_batch=attrs.get("empty_batch", "skip"),
             sync_key=attrs.get("sync_key", ""),
             num_devices=int(attrs.get("num_devices", "1")),
             timeout=float(attrs.get("timeout", "120.0")),
@@ -225,17 +233,29 @@ class _Saved:
 
 
 class _Update:
-    """A running-statistics update decided on the host: skip it, or its weight and terms."""
+    """A running-statistics update decided on the host: skip it, or its weight and terms.
+
+    An empty batch (``count == 0``) follows ``empty_batch`` (SPEC.md section 2, *Empty
+    batch*): ``"skip"`` changes nothing, ``"count"`` only counts the batch, ``"nan"`` feeds
+    the statistics of no values (NaN), which the non-finite guard then skips.
+    """
 
     def __init__(self, aux: list[NDArray], mean: Any, var: Any, count: int, s: OpSettings) -> None:
+        empty = count == 0
+        #: Count the batch without changing the running statistics (``"count"``).
+        self.count_only = empty and s.empty_batch == "count"
+        if empty:
+            mean = var = np.full(np.shape(mean), np.nan)  # 0/0: the statistics of nothing
         fed = var * (count / (count - 1)) if s.unbiased and count > 1 else var
         with np.errstate(invalid="ignore", over="ignore"):
             finite = bool(np.isfinite(mean).all() and np.isfinite(fed).all())
         # The whole update is skipped on a non-finite batch, num_batches_tracked included.
-        self.skip = s.skip_nonfinite and not finite
+        self.skip = (empty and s.empty_batch == "skip") or (
+            not self.count_only and s.skip_nonfinite and not finite
+        )
         if s.momentum is not None:
             self.weight = s.momentum
-        elif self.skip:
+        elif self.skip or self.count_only:
             self.weight = 0.0
         else:  # cumulative average: weight 1/(k+1) after k updates
             self.weight = 1.0 / (int(aux[2].asnumpy()[0]) + 1)
@@ -247,9 +267,10 @@ class _Update:
         """``running = (1 - f) * running + term`` on the device, then count the batch."""
         if self.skip:
             return
-        keep = 1.0 - self.weight
-        mx.nd.elemwise_add(aux[0] * keep, mean_term, out=aux[0])
-        mx.nd.elemwise_add(aux[1] * keep, var_term, out=aux[1])
+        if not self.count_only:
+            keep = 1.0 - self.weight
+            mx.nd.elemwise_add(aux[0] * keep, mean_term, out=aux[0])
+            mx.nd.elemwise_add(aux[1] * keep, var_term, out=aux[1])
         counter = aux[2]
         counter += 1
 

@@ -44,6 +44,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
         momentum: weight of the *new* batch statistic in the running average (default
             0.1, PyTorch's own convention); None gives the cumulative average.
         affine: learn ``weight`` (gamma) and ``bias`` (beta). Default True.
+        bias: with ``affine``, learn ``bias`` too (default True); ``bias=False`` learns a
+            scale and no shift, as ``nn.BatchNorm*d(bias=False)`` (``center=False``).
         track_running_stats: keep running statistics and use them in eval mode; when
             False, batch statistics are used in both modes. Default True.
         axis: the feature axis (default 1, channels-first).
@@ -87,6 +89,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
         running_var: str | Unset = UNSET,
         skip_nonfinite: bool | Unset = UNSET,
         allow_single_value: bool | Unset = UNSET,
+        empty_batch: str | Unset = UNSET,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -97,9 +101,11 @@ class BatchNorm(BatchNormSettings, nn.Module):
             isinstance(num_dims, bool) or not isinstance(num_dims, int) or num_dims < 2
         ):
             raise ValueError(f"num_dims must be an integer >= 2 or None, got {num_dims!r}")
+        if not isinstance(bias, bool):
+            raise ValueError(f"bias must be True or False, got {bias!r}")
         self.spec = BatchNormSpec.from_preset(
             preset,
-            center=affine,
+            center=affine and bias,
             scale=affine,
             track_running_stats=track_running_stats,
             axis=axis,
@@ -109,6 +115,7 @@ class BatchNorm(BatchNormSettings, nn.Module):
                 running_var=running_var,
                 skip_nonfinite=skip_nonfinite,
                 allow_single_value=allow_single_value,
+                empty_batch=empty_batch,
             ),
         )
         if num_dims is not None:
@@ -119,11 +126,13 @@ class BatchNorm(BatchNormSettings, nn.Module):
             "device": device,
             "dtype": torch.float32 if dtype in _HALF else dtype,
         }
-        if affine:
+        if self.spec.scale:
             self.weight = nn.Parameter(torch.empty(num_features, **factory))
-            self.bias = nn.Parameter(torch.empty(num_features, **factory))
         else:
             self.register_parameter("weight", None)
+        if self.spec.center:
+            self.bias = nn.Parameter(torch.empty(num_features, **factory))
+        else:
             self.register_parameter("bias", None)
         if track_running_stats:
             self.register_buffer("running_mean", torch.zeros(num_features, **factory))
@@ -154,8 +163,9 @@ class BatchNorm(BatchNormSettings, nn.Module):
     def reset_parameters(self) -> None:
         """Reset the running statistics; ``weight`` to 1 and ``bias`` to 0."""
         self.reset_running_stats()
-        if self.weight is not None and self.bias is not None:
+        if self.weight is not None:
             nn.init.ones_(self.weight)
+        if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def extra_repr(self) -> str:
@@ -165,6 +175,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
         if self.num_dims is not None:
             parts.append(f"num_dims={self.num_dims}")
         parts += [f"eps={spec.eps}", f"momentum={spec.momentum}", f"affine={self.affine}"]
+        if spec.scale and not spec.center:
+            parts.append("bias=False")
         parts.append(f"track_running_stats={spec.track_running_stats}")
         if spec.axis != 1:
             parts.append(f"axis={spec.axis}")
@@ -237,7 +249,7 @@ class BatchNorm(BatchNormSettings, nn.Module):
     def _check_count(self, count: int, shape: tuple[int, ...], where: str = "") -> int:
         """Refuse batch statistics of ``count`` values per channel (``SPEC.md`` section 2,
         *One value per feature*); ``where`` says whose values they are (``" across all ranks"``)."""
-        if count == 0 or (count == 1 and not self.spec.allow_single_value):
+        if count == 1 and not self.spec.allow_single_value:  # count 0: an empty batch
             raise ValueError(
                 f"expected more than 1 value per channel{where} to compute batch statistics "
                 f"(training, or track_running_stats=False), got {count} (batch size x "
@@ -262,7 +274,9 @@ class BatchNorm(BatchNormSettings, nn.Module):
         updating = self.training and self.track_running_stats
         if self.training or not self.track_running_stats:
             count = self._check_count(x1.numel() // self.num_features, tuple(x.shape))
-            if updating:
+            if count == 0:
+                y = self._empty(x1, updating)
+            elif updating:
                 y = self._train_and_update(x1, count)
             else:
                 y = self._normalise(x1, None, None, training=True, count=count)
@@ -300,13 +314,52 @@ class BatchNorm(BatchNormSettings, nn.Module):
         var, mean = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
         xhat = (xs - mean) * torch.rsqrt(var + self.eps)
         shape = [1, -1] + [1] * (x.dim() - 2)
-        if self.weight is not None and self.bias is not None:
-            xhat = xhat * self.weight.view(shape) + self.bias.view(shape)
+        if self.weight is not None:
+            xhat = xhat * self.weight.view(shape)
+        if self.bias is not None:
+            xhat = xhat + self.bias.view(shape)
         if mean_out is not None and var_out is not None:
             with torch.no_grad():
                 mean_out.copy_(mean.reshape(-1))
                 var_out.copy_(var.reshape(-1) * (count / (count - 1) if count > 1 else 0.0))
         return xhat.to(x.dtype)
+
+    def _empty(self, x: Tensor, updating: bool) -> Tensor:
+        """An empty batch (``SPEC.md`` section 2, *Empty batch*): an empty output through
+        the affine parameters, so their gradients are the zero sums over nothing; the state
+        as ``empty_batch`` says, when an update would run."""
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        y = x
+        if self.weight is not None:
+            y = y * self.weight.view(shape)
+        if self.bias is not None:
+            y = y + self.bias.view(shape)
+        y = y.to(x.dtype)
+        return self._after_empty(y) if updating else y
+
+    def _after_empty(self, y: Tensor) -> Tensor:
+        """Apply ``empty_batch`` to the state, now or (``update_on="backward"``) when
+        backward reaches ``y``."""
+        rm, tracked = self.running_mean, self.num_batches_tracked
+        assert rm is not None and tracked is not None
+        rule = self.spec.empty_batch
+        if rule == "skip":
+            return y
+        if rule == "nan":  # the statistics of no values, fed as any batch's
+            nothing = torch.full_like(rm, float("nan"))
+            return self._update_running(y, nothing, nothing.clone())
+        if self.spec.update_on == "backward":
+            if y.requires_grad:
+                y.register_hook(lambda grad: self._count_empty(grad))  # type: ignore[no-untyped-call]
+            return y
+        self._count_empty(None)
+        return y
+
+    @torch.no_grad()
+    def _count_empty(self, grad: Tensor | None) -> Tensor | None:
+        assert self.num_batches_tracked is not None
+        self.num_batches_tracked.add_(1)
+        return grad
 
     def _kernel_trains(self, count: int) -> bool:
         """Whether PyTorch's fused kernel accepts this training batch: it refuses one

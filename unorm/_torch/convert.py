@@ -31,6 +31,7 @@ def _replacement(native: internals.NativeBatchNorm, preset: str | None) -> Batch
         eps=native.eps,
         momentum=native.momentum,
         affine=native.affine,
+        bias=native.bias is not None or not native.affine,  # nn.BatchNorm*d(bias=False)
         track_running_stats=native.track_running_stats,
         preset=preset,
         device=ref.device if ref is not None else None,

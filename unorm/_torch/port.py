@@ -55,7 +55,9 @@ def _native_spec(module: nn.Module) -> BatchNormSpec:
     assert isinstance(module, internals.NativeBatchNorm)
     # nn.BatchNorm's own argument names are the ones from_native reads for "torch".
     names = ("eps", "momentum", "affine", "track_running_stats")
-    return BatchNormSpec.from_native("torch", **{n: getattr(module, n) for n in names})
+    native = {n: getattr(module, n) for n in names}
+    native["bias"] = module.bias is not None or not module.affine  # bias=False: no shift
+    return BatchNormSpec.from_native("torch", **native)
 
 
 def _flatten_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[int, list[int]]:

@@ -60,7 +60,8 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         total, mean64, m2_64 = _merge(torch.stack(rows), channels)
         count = int(total.item())  # one host sync per call, as nn.SyncBatchNorm has too
         layer._check_count(count, tuple(x.shape), " across all ranks")
-        var64 = m2_64 / count
+        layer._global_count = count  # an empty global batch follows empty_batch (SPEC.md)
+        var64 = m2_64 / count if count else torch.full_like(m2_64, float("nan"))
         # The running variance is fed the estimate over the *global* count (SPEC.md).
         fed64 = m2_64 / (count - 1) if layer.spec.unbiased and count > 1 else var64
         mean_s, var_s = mean64.to(stat_dtype), var64.to(stat_dtype)
@@ -113,6 +114,7 @@ class SyncBatchNorm(BatchNorm):
     def __init__(self, num_features: int, *args: Any, process_group: Any = None, **kwargs: Any):
         super().__init__(num_features, *args, **kwargs)
         self.process_group = process_group
+        self._global_count = -1  # the merged count of the last synchronised call
 
     def _synchronised(self) -> bool:
         if not (dist.is_available() and dist.is_initialized()):
@@ -135,7 +137,9 @@ class SyncBatchNorm(BatchNorm):
             x1, self.weight, self.bias, self.spec.eps, self.process_group, self
         )
         y = cast(Tensor, y)
-        if self.training and self.track_running_stats:
+        if self.training and self.track_running_stats and self._global_count == 0:
+            y = self._after_empty(y)
+        elif self.training and self.track_running_stats:
             assert self.running_mean is not None
             dtype = self.running_mean.dtype
             y = self._update_running(y, mean64.to(dtype), fed64.to(dtype))
