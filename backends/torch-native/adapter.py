@@ -36,13 +36,14 @@ class TorchNativeAdapter(_torch.TorchBase):
 
     def native_spec(self, config: LayerConfig) -> BatchNormSpec:
         spec = config.spec()
-        if spec.center != spec.scale:
-            raise Unsupported("nn.BatchNorm*d has one `affine` flag for gamma and beta")
+        if spec.center and not spec.scale:
+            raise Unsupported("nn.BatchNorm*d has no shift without a scale (affine, bias)")
         native = BatchNormSpec.from_native(
             "torch",
             eps=spec.eps,
             momentum=spec.momentum,
-            affine=spec.center,
+            affine=spec.scale,
+            bias=spec.center or not spec.scale,
             track_running_stats=spec.track_running_stats,
         )
         return native.replace(axis=spec.axis)
@@ -57,7 +58,8 @@ class TorchNativeAdapter(_torch.TorchBase):
             config.num_features,
             eps=spec.eps,
             momentum=spec.momentum,
-            affine=spec.center,
+            affine=spec.scale,
+            bias=spec.center or not spec.scale,
             track_running_stats=spec.track_running_stats,
         )
         axis = config.axis % config.ndim if config.ndim >= 2 else 1

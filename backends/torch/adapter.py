@@ -160,15 +160,15 @@ class TorchBase(Adapter):
             return exchange.run_helper(SYNC_WORKER, request)
 
 
-def _affine(settings: dict[str, Any]) -> bool | None:
-    """``affine`` for ``center``/``scale`` settings (None: neither given); unorm.torch has
-    one flag for gamma and beta, so differing values are unsupported."""
+def _affine(settings: dict[str, Any]) -> dict[str, bool]:
+    """``affine`` and ``bias`` for ``center``/``scale`` settings (empty: neither given):
+    PyTorch's layers learn gamma alone with ``bias=False``, and have no beta without gamma."""
     if "center" not in settings and "scale" not in settings:
-        return None
+        return {}
     center, scale = settings.get("center", True), settings.get("scale", True)
-    if center != scale:
-        raise Unsupported("unorm.torch.BatchNorm has one `affine` flag (gamma and beta)")
-    return bool(center)
+    if center and not scale:
+        raise Unsupported("PyTorch's BatchNorm has no shift without a scale (affine, bias)")
+    return {"affine": bool(scale), "bias": bool(center) or not scale}
 
 
 class TorchAdapter(UnormModule, TorchBase):
@@ -184,9 +184,7 @@ class TorchAdapter(UnormModule, TorchBase):
         for key in ("eps", "momentum", "track_running_stats"):
             if key in settings:
                 kwargs[key] = settings[key]
-        affine = _affine(settings)
-        if affine is not None:
-            kwargs["affine"] = affine
+        kwargs.update(_affine(settings))
         layer = self.module().BatchNorm(config.num_features, **kwargs)
         return self.built(layer, layer, config, gamma, beta)
 
