@@ -34,7 +34,8 @@ def _layer(request):  # type: ignore[no-untyped-def]
             config.num_features,
             eps=spec.eps,
             momentum=spec.momentum,
-            affine=spec.center,
+            affine=spec.scale,
+            bias=spec.center or not spec.scale,
             track_running_stats=spec.track_running_stats,
         )
     else:
@@ -45,13 +46,15 @@ def _layer(request):  # type: ignore[no-untyped-def]
             k: settings[k] for k in ("eps", "momentum", "track_running_stats") if k in settings
         }
         if "center" in settings or "scale" in settings:
-            kwargs["affine"] = settings.get("center", True)
+            kwargs["affine"] = settings.get("scale", True)
+            kwargs["bias"] = settings.get("center", True) or not kwargs["affine"]
         layer = SyncBatchNorm(config.num_features, axis=config.axis, preset=config.preset, **kwargs)
     if config.param_dtype == "float64":
         layer = layer.double()
     with torch.no_grad():
         if layer.weight is not None:
             layer.weight.copy_(torch.from_numpy(request.gamma))
+        if layer.bias is not None:
             layer.bias.copy_(torch.from_numpy(request.beta))
     return layer
 
@@ -67,15 +70,12 @@ def _rank(rank: int, port: int, request_path: str, folder: str) -> None:
     y = layer(x)
     y.backward(torch.from_numpy(request.dys[rank]))
     out = {"y": y.detach().numpy(), "dx": x.grad.numpy()}
-    grads = [
-        p.grad if p.grad is not None else torch.zeros_like(p)
-        for p in (layer.weight, layer.bias)
-        if p is not None
-    ]
-    for g in grads:
+    for key, p in (("dgamma", layer.weight), ("dbeta", layer.bias)):
+        if p is None:
+            continue
+        g = p.grad if p.grad is not None else torch.zeros_like(p)
         dist.all_reduce(g)  # what the data-parallel wrapper does with parameter gradients
-    if layer.weight is not None:
-        out["dgamma"], out["dbeta"] = grads[0].numpy(), grads[1].numpy()
+        out[key] = g.numpy()
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         value = getattr(layer, name, None)
         if value is not None:

@@ -81,6 +81,12 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         update_on: ``"forward"`` (default), or ``"backward"`` (the ``mxnet`` preset:
             moving statistics change only when a gradient flows back through the output;
             TensorFlow backend only).
+        empty_batch: what a training batch of zero values per feature (no samples, or a
+            spatial size of 0) does to the moving statistics; its output is empty and its
+            ``gamma``/``beta`` gradients are 0 either way: ``"skip"`` (canonical) nothing,
+            ``"count"`` (``"torch"``) only counts it in ``num_batches_tracked``, ``"nan"``
+            (``"keras"``, ``"mxnet"``) feeds the NaN statistics of no values, as Keras's
+            layer does (``SPEC.md`` section 2, *Empty batch*).
         preset: None (canonical), ``"keras"``, ``"torch"`` or ``"mxnet"``
             (``SPEC.md`` section 4).
         synchronized: under a ``tf.distribute`` strategy with several replicas, compute
@@ -143,6 +149,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         skip_nonfinite: bool | Unset = UNSET,
         allow_single_value: bool | Unset = UNSET,
         update_on: str | Unset = UNSET,
+        empty_batch: str | Unset = UNSET,
         preset: str | None = None,
         synchronized: bool = False,
         beta_initializer: Any = "zeros",
@@ -169,6 +176,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 skip_nonfinite=skip_nonfinite,
                 allow_single_value=allow_single_value,
                 update_on=update_on,
+                empty_batch=empty_batch,
             ),
         )
         if not isinstance(synchronized, bool):
@@ -511,6 +519,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 "skip_nonfinite": spec.skip_nonfinite,
                 "allow_single_value": spec.allow_single_value,
                 "update_on": spec.update_on,
+                "empty_batch": spec.empty_batch,
                 "preset": spec.preset,
                 "synchronized": self.synchronized,
                 "beta_initializer": keras.initializers.serialize(self.beta_initializer),

@@ -295,15 +295,20 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         # the next layer) may be held in a blocked layout, which MXNet 1.9 does not convert
         # for a CustomOp: the operator would read garbage. Ordinary operators that keep
         # the values get the layout converted by MXNet (and run in place when there is
-        # nothing to convert): a reshape before the operator for its input; after it, for
-        # the gradient, a reshape when called imperatively and an expand_dims/squeeze pair
-        # in a graph, whose executor skips the reshape's backward.
-        data = F.reshape(x, shape=(-2,))
-        outputs = F.Custom(
-            data, gamma, beta, *states, op_type=OP_TYPE, name="fwd", **self._settings.attrs()
-        )
+        # nothing to convert): called imperatively, a reshape before the operator for its
+        # input and after it for the gradient; in a graph, an expand_dims/squeeze pair on
+        # both sides (the executor skips a reshape's backward, and MKL-DNN's reshape fails
+        # on an empty array, which the graph must accept under NumPy shape semantics).
+        # An empty NDArray has no layout to convert and skips the reshapes.
+        attrs = self._settings.attrs()
         if F is mx.nd:
+            if not x.size:
+                return F.Custom(x, gamma, beta, *states, op_type=OP_TYPE, name="fwd", **attrs)[0]
+            data = F.reshape(x, shape=(-2,))
+            outputs = F.Custom(data, gamma, beta, *states, op_type=OP_TYPE, name="fwd", **attrs)
             return F.reshape(outputs[0], shape=(-2,))
+        data = F.squeeze(F.expand_dims(x, axis=0), axis=0)
+        outputs = F.Custom(data, gamma, beta, *states, op_type=OP_TYPE, name="fwd", **attrs)
         return F.squeeze(F.expand_dims(outputs[0], axis=0), axis=0)
 
     def cast(self, dtype: Any) -> None:

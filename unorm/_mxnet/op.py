@@ -302,6 +302,16 @@ def _as_3d(a: NDArray, dtype: Any, before: int, channels: int, after: int) -> ND
     return a.reshape((before, channels, after))
 
 
+def _shape_semantics(x: NDArray) -> contextlib.AbstractContextManager[Any]:
+    """MXNet's NumPy shape semantics for an empty input, none needed otherwise.
+
+    An empty array exists only under those semantics, and the setting is per thread: the
+    thread that created ``x`` had it on, but a CustomOp runs on MXNet's worker threads,
+    where every operator on ``x`` (a cast, a copy) would read its 0 as "unknown" and fail.
+    """
+    return contextlib.nullcontext() if x.size else mx.util.np_shape(True)
+
+
 class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
     """Forward and backward of unorm's BatchNorm (see the module docstring)."""
 
@@ -328,6 +338,17 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         return merge(parts), None, None
 
     def forward(
+        self,
+        is_train: bool,
+        req: list[str],
+        in_data: list[NDArray],
+        out_data: list[NDArray],
+        aux: list[NDArray],
+    ) -> None:
+        with _shape_semantics(in_data[0]):
+            self._forward(is_train, req, in_data, out_data, aux)
+
+    def _forward(
         self,
         is_train: bool,
         req: list[str],
@@ -382,6 +403,18 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
                 _assign(self, out_data[0], req[0], y.reshape(x.shape))
 
     def backward(
+        self,
+        req: list[str],
+        out_grad: list[NDArray],
+        in_data: list[NDArray],
+        out_data: list[NDArray],
+        in_grad: list[NDArray],
+        aux: list[NDArray],
+    ) -> None:
+        with _shape_semantics(in_data[0]):
+            self._backward(req, out_grad, in_data, out_data, in_grad, aux)
+
+    def _backward(
         self,
         req: list[str],
         out_grad: list[NDArray],
