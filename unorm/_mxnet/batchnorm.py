@@ -187,6 +187,12 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
     def _sync_extra(self) -> dict[str, Any] | None:
         return None
 
+    def _channels(self) -> int:
+        """The channel count, 0 while deferred initialisation has not inferred it (Gluon
+        writes an unknown size as 0, or as -1 under NumPy shape semantics)."""
+        shape = self.gamma.shape
+        return max(int(shape[0]), 0) if shape else 0
+
     def _check(self, x: NDArray) -> None:
         """Validate an NDArray input (``SPEC.md`` section 2, *Errors*); raises before any
         state changes."""
@@ -205,7 +211,7 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
             raise ValueError(f"input must have a floating-point dtype, got {dtype.name}")
         axis = normalize_axis(self.spec.axis, len(shape))
         channels = shape[axis]
-        expected = self.gamma.shape[0] if self.gamma.shape else 0
+        expected = self._channels()
         if expected and channels != expected:
             raise ValueError(
                 f"input must have {expected} features on axis {self.spec.axis}, "
@@ -244,7 +250,7 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         float32)."""
         if not self.spec.track_running_stats or autograd.is_training():
             return False
-        if autograd.is_recording() or not self.gamma.shape[0]:  # 0: deferred initialisation
+        if autograd.is_recording() or not self._channels():  # deferred initialisation
             return False
         if self._active and not self._cached_graph:
             # A hybridized block builds its graph on its first call; export() needs it.
@@ -323,7 +329,7 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
 
     def __repr__(self) -> str:
         spec = self.spec
-        channels = self.gamma.shape[0] if self.gamma.shape else 0
+        channels = self._channels()
         return (
             f"{type(self).__name__}(in_channels={channels or None}, axis={spec.axis}, "
             f"eps={spec.eps!r}, momentum={spec.momentum!r}, center={spec.center}, "
