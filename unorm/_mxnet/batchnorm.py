@@ -42,13 +42,14 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
 
     ``BatchNorm(in_channels=0, num_dims=None, *, axis=1, eps=None, momentum=<unset>,
     center=None, scale=None, preset=None, track_running_stats=None, running_var=None,
-    skip_nonfinite=None, allow_single_value=None, update_on=None, empty_batch=None)``. Arguments left at
-    None (``momentum``: left out) take the preset's value, or the canonical default with
-    ``preset=None``: ``eps=1e-5``; ``momentum=0.1``, the weight of the **new** batch
-    statistic (Gluon's own ``momentum=0.9`` weighs the old value), ``None`` for a cumulative
-    average; ``axis=1`` (channels first); running variance fed ``n/(n-1)`` times the batch
-    variance; a batch with non-finite statistics updates nothing; training on one value
-    per channel is a ``ValueError``.
+    skip_nonfinite=None, allow_single_value=None, update_on=None, empty_batch=None)``.
+    Arguments left at None (``momentum``: left out) take the preset's value, or the
+    canonical default with ``preset=None``: ``eps=1e-5``; ``momentum=0.1``, the weight of
+    the **new** batch statistic (Gluon's own ``momentum=0.9`` weighs the old value),
+    ``None`` for a cumulative average; ``axis=1`` (channels first); running variance fed
+    ``n/(n-1)`` times the batch variance; a batch with non-finite statistics updates
+    nothing; training on one value per channel is a ``ValueError``; an empty batch changes
+    no state.
 
     ``in_channels=0`` infers the channel count from the first input; ``num_dims`` (2 for
     ``(N, C)``, 4 for ``(N, C, H, W)``, or None for any rank >= 2) makes other ranks a
@@ -77,6 +78,16 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
     before later reads of its auxiliary states, so with ``update_on="backward"`` read the
     running statistics after a synchronisation (``mx.nd.waitall()``, or after
     ``trainer.step``, which waits for the gradients); later forward calls are ordered.
+
+    An empty batch (no sample, or a spatial size of 0) exists in MXNet 1.x only under NumPy
+    shape semantics (``mx.util.set_np_shape(True)``, ``mx.util.np_shape(True)``); without
+    them MXNet itself refuses such an array. Under them the output is empty, the input
+    gradient empty, the ``gamma``/``beta`` gradients 0, and a training call changes the
+    state as ``empty_batch`` says (SPEC.md section 2, *Empty batch*): canonical
+    ``"skip"`` nothing, ``preset="torch"`` (``"count"``) only ``num_batches_tracked``,
+    ``preset="keras"``/``"mxnet"`` (``"nan"``) running statistics NaN (with
+    ``update_on="backward"`` when backward runs, as ``gluon.nn.BatchNorm`` does; Gluon's
+    own ``gamma`` gradient is NaN there) unless ``skip_nonfinite`` skips the update.
 
     Errors (``ValueError``, raised before anything changes): input rank below 2 or other
     than ``num_dims``, a non-floating dtype, ``axis`` out of range, a channel count other
@@ -351,8 +362,10 @@ class SyncBatchNorm(BatchNorm):
     ``sum(dy * xhat)``; ``gamma``/``beta`` gradients stay per device and are summed by the
     Trainer's all-reduce like every other parameter. Every device updates its copy of the
     running statistics with the merged statistics. Any feature ``axis`` works. A device
-    shard is never empty: MXNet 1.x reads a 0 dimension as "unknown", so no operator runs
-    on an empty array and ``split_and_load`` refuses more devices than rows.
+    shard is empty only under NumPy shape semantics (without them MXNet 1.x reads a 0
+    dimension as "unknown", and ``split_and_load`` refuses more devices than rows); such a
+    shard contributes nothing, and when every shard is empty the call is an empty batch
+    (see :class:`BatchNorm`), the same on every device.
 
     The devices meet inside MXNet's CustomOp worker threads: issue every device's call
     before waiting on any result (as data-parallel loops do) and run backward on all
