@@ -5,6 +5,7 @@ Runs where MXNet runs (the legacy environment); the ``mxnet`` marker skips it el
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -502,3 +503,207 @@ def test_save_and_load_parameters_round_trip(tmp_path: Path) -> None:
     _assert_state_equal(_state(layer), _state(other))
     x = mx.nd.array(rng.standard_normal((4, 3)))
     np.testing.assert_array_equal(layer(x).asnumpy(), other(x).asnumpy())
+
+
+# -- Empty batch (SPEC.md section 2, *Empty batch*) ----------------------------------------
+#
+# An array with a 0 in its shape exists in MXNet 1.x only under NumPy shape semantics; the
+# fixture turns them on for one test and restores the setting afterwards.
+
+
+@pytest.fixture
+def np_shape() -> Iterator[None]:
+    with mx.util.np_shape(True):
+        yield
+
+
+EMPTY_SHAPES = {"rank2": ((0, 3), (6, 3)), "rank4": ((0, 3, 4, 4), (2, 3, 4, 4))}
+EMPTY_SETTINGS: dict[str, dict[str, Any]] = {
+    "canonical": {},
+    "torch": {"preset": "torch"},
+    "torch_cumulative": {"preset": "torch", "momentum": None},
+    "keras": {"preset": "keras"},
+    "mxnet": {"preset": "mxnet"},
+    "mxnet_guarded": {"preset": "mxnet", "skip_nonfinite": True},
+}
+
+
+def _empty_layer(kwargs: dict[str, Any], hybridize: bool) -> tuple[Any, BatchNormSpec]:
+    layer = BatchNorm(3, **kwargs)
+    layer.initialize()
+    if hybridize:
+        layer.hybridize()
+    return layer, BatchNormSpec.from_preset(
+        kwargs.get("preset"), axis=1, **{k: v for k, v in kwargs.items() if k != "preset"}
+    )
+
+
+def _empty_step(layer: Any, shape: tuple[int, ...], backward: bool = True) -> tuple[Any, Any]:
+    """One recorded training call on an empty batch; the parameter gradients are filled
+    with 7 first, so that a backward pass that wrote nothing shows."""
+    xs = mx.nd.zeros(shape)
+    xs.attach_grad()
+    for param in (layer.gamma, layer.beta):
+        if param.grad_req != "null":
+            param.grad()[:] = 7.0
+    with autograd.record():
+        y = layer(xs)
+    if backward:
+        y.backward(mx.nd.zeros(shape))
+    mx.nd.waitall()  # update_on="backward" is not ordered before plain reads
+    return y, xs.grad
+
+
+def _assert_running(layer: Any, want: ref.RunningStats) -> None:
+    mx.nd.waitall()
+    got = _running(layer)
+    np.testing.assert_allclose(got.mean, want.mean, rtol=1e-6, atol=1e-6)  # NaN == NaN
+    np.testing.assert_allclose(got.var, want.var, rtol=1e-6, atol=1e-6)
+    assert got.num_batches_tracked == want.num_batches_tracked
+
+
+@pytest.mark.usefixtures("np_shape")
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize("shapes", list(EMPTY_SHAPES.values()), ids=list(EMPTY_SHAPES))
+@pytest.mark.parametrize("name", list(EMPTY_SETTINGS))
+def test_empty_batch_matches_reference(
+    name: str, shapes: tuple[tuple[int, ...], tuple[int, ...]], hybridize: bool
+) -> None:
+    """A batch, an empty one, a batch: outputs, gradients and state as the reference."""
+    empty, full = shapes
+    rng = np.random.default_rng(20)
+    layer, spec = _empty_layer(EMPTY_SETTINGS[name], hybridize)
+    gamma, beta = rng.uniform(0.5, 1.5, 3), rng.uniform(-0.5, 0.5, 3)
+    layer.gamma.set_data(mx.nd.array(gamma))
+    layer.beta.set_data(mx.nd.array(beta))
+    running = ref.init_running_stats(3)
+    x = (rng.standard_normal(full) * 2 + 1).astype(np.float32)
+    _train_step(layer, x, rng.standard_normal(full).astype(np.float32))
+    _, running = ref.batch_norm_step(x, running, spec, gamma, beta, training=True)
+    _assert_running(layer, running)
+
+    y, dx = _empty_step(layer, empty)
+    y_ref, running = ref.batch_norm_step(
+        np.zeros(empty, np.float32), running, spec, gamma, beta, training=True
+    )
+    grads = ref.batch_norm_backward(np.zeros(empty), np.zeros(empty, np.float32), gamma)
+    assert y.shape == y_ref.shape == empty and np.dtype(y.dtype) == y_ref.dtype
+    assert dx.shape == empty and np.dtype(dx.dtype) == np.float32
+    np.testing.assert_array_equal(layer.gamma.grad().asnumpy(), grads.dgamma)  # 0, not 7
+    np.testing.assert_array_equal(layer.beta.grad().asnumpy(), grads.dbeta)
+    _assert_running(layer, running)
+    expected_count = {"canonical": 1, "mxnet_guarded": 1}.get(name, 2)
+    assert running.num_batches_tracked == expected_count  # the reference says so too
+    assert np.isnan(running.mean).all() == (name in ("keras", "mxnet"))
+
+    # The next batch continues from that state (a cumulative average counts the empty call).
+    x = (rng.standard_normal(full) - 0.5).astype(np.float32)
+    dy = rng.standard_normal(full).astype(np.float32)
+    y, dx = _train_step(layer, x, dy)
+    y_ref, running = ref.batch_norm_step(x, running, spec, gamma, beta, training=True)
+    grads = ref.batch_norm_backward(dy, x, gamma, eps=spec.eps, axis=1)
+    np.testing.assert_allclose(y, y_ref, **F32)
+    np.testing.assert_allclose(dx, grads.dx, **F32)
+    _assert_running(layer, running)
+
+
+@pytest.mark.usefixtures("np_shape")
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize("name", ["torch", "keras", "mxnet"])
+def test_empty_batch_without_backward(name: str, hybridize: bool) -> None:
+    """update_on="backward" (mxnet): a training forward on an empty batch without backward
+    changes nothing, as any of its calls; the keras preset's NaN comes in the forward."""
+    layer, spec = _empty_layer(EMPTY_SETTINGS[name], hybridize)
+    running = ref.init_running_stats(3)
+    for shape in EMPTY_SHAPES["rank2"][0], EMPTY_SHAPES["rank4"][0]:
+        _empty_step(layer, shape, backward=False)
+        with autograd.train_mode():  # not recorded
+            assert layer(mx.nd.zeros(shape)).shape == shape
+        for _ in range(2):
+            _, running = ref.batch_norm_step(
+                np.zeros(shape), running, spec, training=True, backward_ran=False
+            )
+    _assert_running(layer, running)
+    assert running.num_batches_tracked == {"torch": 4, "keras": 4, "mxnet": 0}[name]
+
+
+@pytest.mark.usefixtures("np_shape")
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+def test_empty_batch_in_inference_and_without_running_stats(hybridize: bool) -> None:
+    rng = np.random.default_rng(21)
+    layer, _ = _empty_layer({"preset": "torch"}, hybridize)
+    layer.running_mean.set_data(mx.nd.array(rng.normal(size=3)))
+    layer.gamma.set_data(mx.nd.array(rng.uniform(0.5, 1.5, 3)))
+    layer(mx.nd.ones((2, 3)))  # a hybridized block builds its graph on its first call
+    before = _state(layer)
+    for shape in EMPTY_SHAPES["rank2"][0], EMPTY_SHAPES["rank4"][0]:
+        assert layer(mx.nd.zeros(shape)).shape == shape  # MXNet's kernel, directly
+        xs = mx.nd.zeros(shape)
+        xs.attach_grad()
+        layer.gamma.grad()[:] = 7.0
+        with autograd.record(train_mode=False):  # the operator's inference pass
+            y = layer(xs)
+        y.backward(mx.nd.zeros(shape))
+        assert y.shape == xs.grad.shape == shape
+        np.testing.assert_array_equal(layer.gamma.grad().asnumpy(), np.zeros(3))
+    _assert_state_equal(before, _state(layer))
+    batch_only, _ = _empty_layer({"track_running_stats": False}, hybridize)
+    for train in (False, True):
+        with autograd.record(train_mode=train):
+            y = batch_only(mx.nd.zeros((0, 3, 2)))
+        assert y.shape == (0, 3, 2)
+
+
+@pytest.mark.usefixtures("np_shape")
+@pytest.mark.parametrize("name", ["canonical", "torch", "mxnet"])
+def test_empty_batch_inside_a_hybridized_parent(name: str) -> None:
+    net = gluon.nn.HybridSequential()
+    # (Not an Activation: MXNet's MKL-DNN kernels refuse empty arrays.)
+    net.add(BatchNorm(3, **EMPTY_SETTINGS[name]), gluon.nn.HybridLambda(lambda F, x: 2 * x))
+    net.initialize()
+    net.hybridize()
+    spec = net[0].spec
+    running = ref.init_running_stats(3)
+    for shape in EMPTY_SHAPES["rank2"][0], EMPTY_SHAPES["rank4"][0]:
+        xs = mx.nd.zeros(shape)
+        xs.attach_grad()
+        with autograd.record():
+            y = net(xs)
+        y.backward(mx.nd.zeros(shape))
+        assert y.shape == xs.grad.shape == shape
+        np.testing.assert_array_equal(net[0].gamma.grad().asnumpy(), np.zeros(3))
+        _, running = ref.batch_norm_step(np.zeros(shape), running, spec, training=True)
+    _assert_running(net[0], running)
+    assert running.num_batches_tracked == {"canonical": 0, "torch": 2, "mxnet": 2}[name]
+
+
+@pytest.mark.usefixtures("np_shape")
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize("shape", [(8, 3), (4, 3, 6, 6)], ids=["rank2", "rank4"])
+def test_non_empty_batches_under_numpy_shape_semantics(
+    shape: tuple[int, ...], hybridize: bool
+) -> None:
+    layer = BatchNorm(shape[1], num_dims=len(shape))
+    layer.initialize()
+    if hybridize:
+        layer.hybridize()
+    _run_against_reference(layer, BatchNormSpec(), shape, seed=30 + len(shape))
+
+
+@pytest.mark.usefixtures("np_shape")
+def test_deferred_channel_count_under_numpy_shape_semantics() -> None:
+    # Gluon writes the unknown channel count as -1 under NumPy shape semantics (0 without).
+    layer = BatchNorm()
+    layer.initialize()
+    assert "in_channels=None" in repr(layer)
+    with autograd.train_mode():
+        layer(mx.nd.ones((4, 6, 3)))
+    assert layer.gamma.shape == (6,)
+    assert _running(layer).num_batches_tracked == 1
+
+
+def test_without_numpy_shape_semantics_mxnet_refuses_an_empty_array() -> None:
+    # So nothing reaches the layer: an empty batch needs NumPy shape semantics in MXNet 1.x.
+    assert not mx.util.is_np_shape()
+    with pytest.raises(mx.base.MXNetError):
+        mx.nd.zeros((0, 3)).asnumpy()

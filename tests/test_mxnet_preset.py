@@ -97,6 +97,67 @@ def test_preset_mxnet_inference_backward_holds_running_stats_constant() -> None:
     np.testing.assert_allclose(xs.grad.asnumpy(), expected.dx, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])
+@pytest.mark.parametrize(
+    ("empty", "full"), [((0, 4), (6, 4)), ((0, 4, 5, 5), (3, 4, 5, 5))], ids=["rank2", "rank4"]
+)
+def test_preset_mxnet_empty_batch_matches_gluon_batchnorm(
+    empty: tuple[int, ...], full: tuple[int, ...], hybridize: bool
+) -> None:
+    """Under NumPy shape semantics (the only place MXNet 1.x has an empty array) Gluon's
+    layer turns its running statistics to NaN when backward runs on an empty batch, and so
+    does the preset (SPEC.md section 2, *Empty batch*), counting the batch. The gamma
+    gradient is 0 (a sum over nothing), where Gluon's is NaN (SPEC.md section 4)."""
+    rng = np.random.default_rng(4)
+    with mx.util.np_shape(True):
+        ours = BatchNorm(4, preset="mxnet")
+        native = gluon.nn.BatchNorm(in_channels=4)
+        for layer in (ours, native):
+            layer.initialize()
+            if hybridize:
+                layer.hybridize()
+        x = (rng.standard_normal(full) * 2 + 1).astype(np.float32)
+        dy = rng.standard_normal(full).astype(np.float32)
+        for a, b in zip(_step(ours, x, dy), _step(native, x, dy), strict=True):
+            np.testing.assert_allclose(a, b, **CLOSE)
+        before, native_before = _values(ours), _values(native)
+        assert np.isfinite(before["running_var"]).all() and not (before["running_var"] == 1).all()
+        nothing = np.zeros(empty, np.float32)
+        # A training forward without backward changes nothing, on both.
+        outputs = [_step(layer, nothing, nothing, backward=False)[0] for layer in (ours, native)]
+        assert outputs[0].shape == outputs[1].shape == empty
+        for layer, values in ((ours, before), (native, native_before)):
+            for name, value in _values(layer).items():
+                np.testing.assert_array_equal(value, values[name], err_msg=name)
+        for layer in (ours, native):
+            layer.gamma.grad()[:] = 7.0
+        got, want = _step(ours, nothing, nothing), _step(native, nothing, nothing)
+        for a, b in zip(got[:2], want[:2], strict=True):  # y, dx: empty
+            assert a.shape == b.shape == empty and a.dtype == b.dtype
+        np.testing.assert_array_equal(got[3], want[3])  # dbeta: 0 on both
+        np.testing.assert_array_equal(got[3], np.zeros(4))
+        np.testing.assert_array_equal(got[2], np.zeros(4))  # dgamma: 0, Gluon's NaN
+        assert np.isnan(want[2]).all()
+        values = _values(ours)
+        for name, value in _values(native).items():
+            if name.startswith("running"):
+                assert np.isnan(value).all() and np.isnan(values[name]).all(), name
+            else:  # gamma, beta: unchanged (no optimizer step here)
+                np.testing.assert_allclose(values[name], value, err_msg=name, **CLOSE)
+        assert int(values["num_batches_tracked"][0]) == 2
+        running = ref.RunningStats(before["running_mean"], before["running_var"], 1)
+        _, want_state = ref.batch_norm_step(nothing, running, ours.spec, training=True)
+        np.testing.assert_array_equal(values["running_mean"], want_state.mean)  # NaN
+        assert want_state.num_batches_tracked == 2
+        # Inference with NaN statistics: NaN on both, as the reference says.
+        x = rng.standard_normal(full).astype(np.float32)
+        y_ref = ref.batch_norm_step(x, want_state, ours.spec, training=False)[0]
+        assert np.isnan(y_ref).all()
+        np.testing.assert_array_equal(
+            ours(mx.nd.array(x)).asnumpy(), native(mx.nd.array(x)).asnumpy()
+        )
+
+
 def test_preset_mxnet_is_gluons_native_arguments() -> None:
     layer = BatchNorm(3, preset="mxnet")
     assert layer.spec == BatchNormSpec.from_native("mxnet", momentum=0.9, epsilon=1e-5)
