@@ -152,6 +152,57 @@ def split_and_load_training() -> None:
 
 
 @_scenario
+def an_empty_shard() -> None:
+    """Under NumPy shape semantics a device's shard may be empty: it contributes nothing."""
+    with mx.util.np_shape(True):
+        _against_one_device([4, 0, 3], hybridize=False)
+        _against_one_device([0, 5, 2], hybridize=True)
+
+
+@_scenario
+def every_shard_empty() -> None:
+    """Every device's shard empty: an empty batch (SPEC.md section 2, *Empty batch*) on
+    every device alike, after a step with values (for state worth keeping)."""
+    rng = np.random.default_rng(5)
+    ctxs = _contexts(2)
+    with mx.util.np_shape(True):
+        for preset, hybridize in [(None, False), ("torch", True), ("mxnet", False)]:
+            layer = SyncBatchNorm(3, num_devices=2, preset=preset)
+            layer.initialize(ctx=ctxs)
+            if hybridize:
+                layer.hybridize()
+            spec = layer.spec
+            running = ref.init_running_stats(3)
+            for sizes in ([3, 2], [0, 0]):
+                x = (rng.standard_normal((sum(sizes), 3, 4)) + 1.0).astype(np.float32)
+                parts = _split(x, sizes, ctxs)
+                for part in parts:
+                    part.attach_grad()
+                for g in layer.gamma.list_grad():
+                    g[:] = 7.0
+                with autograd.record():
+                    ys = [layer(part) for part in parts]
+                autograd.backward(ys, _split(np.ones_like(x), sizes, ctxs))
+                mx.nd.waitall()
+                _, running = ref.batch_norm_step(x, running, spec, training=True)
+                for y, part, size in zip(ys, parts, sizes, strict=True):
+                    assert y.shape == part.grad.shape == (size, 3, 4)
+                for ctx in ctxs:
+                    state = [layer.running_mean, layer.running_var]
+                    got = [p.data(ctx).asnumpy() for p in state]
+                    np.testing.assert_allclose(got[0], running.mean, rtol=1e-6, atol=1e-6)
+                    np.testing.assert_allclose(got[1], running.var, rtol=1e-6)
+                    count = int(layer.num_batches_tracked.data(ctx).asnumpy()[0])
+                    assert count == running.num_batches_tracked
+                    if not sum(sizes):
+                        np.testing.assert_array_equal(layer.gamma.grad(ctx).asnumpy(), 0.0)
+                        np.testing.assert_array_equal(layer.beta.grad(ctx).asnumpy(), 0.0)
+            want = {None: 1, "torch": 2, "mxnet": 2}[preset]
+            assert running.num_batches_tracked == want
+            assert np.isnan(running.mean).all() == (preset == "mxnet")
+
+
+@_scenario
 def missing_device_times_out() -> None:
     layer = SyncBatchNorm(2, num_devices=2, timeout=0.5)
     layer.initialize(ctx=_contexts(2))
@@ -172,6 +223,8 @@ NAMES = [
     "uneven_channels_last",
     "even_hybridized",
     "split_and_load_training",
+    "an_empty_shard",
+    "every_shard_empty",
     "missing_device_times_out",
 ]
 
