@@ -68,17 +68,29 @@ def cell_text(r: Result) -> str:
     return text
 
 
+def _ran(data: Sequence[BackendResults]) -> int:
+    return sum(r.status not in ("unavailable", "unsupported") for d in data for r in d.results)
+
+
 def exit_code(data: Sequence[BackendResults]) -> int:
-    """1 when any result fails the run (fail, error, xpass), else 0."""
-    return int(any(r.failed for d in data for r in d.results))
+    """1 when any result fails the run (fail, error, xpass) or when nothing ran at all
+    (every backend unavailable: a run that checked nothing proves nothing), else 0."""
+    return int(any(r.failed for d in data for r in d.results) or _ran(data) == 0)
 
 
 def verdict(data: Sequence[BackendResults]) -> str:
     """The one-line outcome of the run."""
     failing = [r for d in data for r in d.results if r.failed]
-    ran = sum(r.status not in ("unavailable", "unsupported") for d in data for r in d.results)
+    ran = _ran(data)
     if failing:
         return f"FAILED: {len(failing)} failing result(s) of {ran} run"
+    if ran == 0:
+        missing = sorted({d.environment for d in data if not d.available})
+        where = f" (environment {', '.join(missing)} not found)" if missing else ""
+        return (
+            f"FAILED: nothing ran{where}; build the environments with ./dev env, or point "
+            "at an interpreter with --python ENV=PATH"
+        )
     return f"PASSED: no failing result of {ran} run"
 
 

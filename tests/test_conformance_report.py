@@ -87,6 +87,18 @@ def test_exit_status_counts_only_real_failures() -> None:
     assert report.exit_code(data) == 1
 
 
+def test_a_run_that_ran_nothing_fails_and_says_why() -> None:
+    data = _synthetic()
+    for d in data:
+        d.available = False
+        for r in d.results:
+            r.status = "unavailable"
+    assert report.exit_code(data) == 1
+    line = report.verdict(data)
+    assert line.startswith("FAILED: nothing ran (environment ")
+    assert "--python ENV=PATH" in line
+
+
 def test_markdown_has_summary_sections_and_matrix() -> None:
     md = report.render_markdown(_synthetic(), image="conformance-report.png")
     assert md.startswith("# unorm conformance report")

@@ -669,3 +669,398 @@ def test_synchronized_outside_a_strategy_is_a_plain_batchnorm() -> None:
     np.testing.assert_array_equal(sync(x, training=True), plain(x, training=True))
     np.testing.assert_array_equal(sync.moving_variance.numpy(), plain.moving_variance.numpy())
     assert BatchNorm.from_config(sync.get_config()).synchronized
+
+
+# -- an empty batch (SPEC.md section 2, *Empty batch*) -----------------------------------
+
+# How a training step is run: eagerly; in a tf.function traced for each shape (the layer
+# sees the shape, empty or not); in one traced with every axis but the features unknown
+# (the layer learns the size only when the graph runs); and both under XLA.
+MODES = ["eager", "function", "function-unknown", "xla", "xla-unknown"]
+
+
+def _stepper(layer: Any, mode: str, rank: int, axis: int = -1) -> Any:
+    """A training step ``(x, dy[, mask]) -> (y, [dx, *trainable weight gradients])`` of
+    ``layer`` (built for ``rank`` with the feature axis ``axis``), run as ``mode`` says."""
+
+    def step(x: Any, dy: Any, mask: Any = None) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True, mask=mask)
+            loss = tf.reduce_sum(tf.cast(y, tf.float32) * dy)
+        return y, tape.gradient(loss, [x, *layer.trainable_weights])
+
+    if mode == "eager":
+        return step
+    jit = mode.startswith("xla")
+    if not mode.endswith("unknown"):
+        return tf.function(step, jit_compile=jit)
+    shape: list[int | None] = [None] * rank
+    shape[axis] = layer.moving_mean.shape[0] if layer.moving_mean is not None else 3
+    spec = tf.TensorSpec(shape, tf.float32)
+    return tf.function(step, jit_compile=jit, input_signature=[spec, spec])
+
+
+def _numpy(values: list[Any]) -> list[Any]:
+    return [None if v is None else np.asarray(v) for v in values]
+
+
+# rank: (a batch, an empty one), features last; rank 3's is empty in its spatial axis.
+EMPTY = {2: ((8, 3), (0, 3)), 3: ((4, 5, 3), (4, 0, 3)), 4: ((2, 4, 4, 3), (0, 4, 4, 3))}
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_keras_preset_on_an_empty_batch_is_keras_layer(rank: int, mode: str) -> None:
+    """Keras's layer on an empty batch: an empty output, moving statistics of NaN from
+    then on (the mean and variance of nothing are fed). preset="keras" computes the same
+    outputs, input gradients and moving statistics; its gamma gradient is 0 (SPEC.md
+    section 2), where Keras's layer's is NaN (section 4 lists that difference)."""
+    full, empty = EMPTY[rank]
+    native = keras.layers.BatchNormalization()
+    ours = BatchNorm(preset="keras")
+    for layer in (native, ours):
+        layer.build(full)
+        _set_affine(layer, np.random.default_rng(9))
+    steps = {id(layer): _stepper(layer, mode, rank) for layer in (native, ours)}
+    rng = np.random.default_rng(rank)
+    for shape in (full, empty, full, empty, full):
+        x = tf.constant(_batch(rng, shape, -1))
+        dy = tf.constant(rng.standard_normal(shape).astype(np.float32))
+        y_native, g_native = steps[id(native)](x, dy)
+        y_ours, g_ours = steps[id(ours)](x, dy)
+        y_ours, g_ours, g_native = np.asarray(y_ours), _numpy(g_ours), _numpy(g_native)
+        assert y_ours.shape == shape and y_ours.dtype == np.float32
+        np.testing.assert_array_equal(y_ours, y_native)
+        np.testing.assert_array_equal(g_ours[0], g_native[0])  # dx (empty, or equal)
+        np.testing.assert_array_equal(g_ours[2], g_native[2])  # dbeta
+        if shape == empty:
+            np.testing.assert_array_equal(g_ours[1], np.zeros(3))  # dgamma: a sum over nothing
+            assert np.isnan(g_native[1]).all()  # Keras's: 0 times the NaN statistics
+        else:
+            np.testing.assert_array_equal(g_ours[1], g_native[1])
+        np.testing.assert_array_equal(ours.moving_mean.numpy(), native.moving_mean.numpy())
+        np.testing.assert_array_equal(ours.moving_variance.numpy(), native.moving_variance.numpy())
+    assert np.isnan(ours.moving_mean.numpy()).all()
+    x = _batch(rng, full, -1)
+    np.testing.assert_array_equal(ours(x, training=False), native(x, training=False))
+
+
+def _spec_layer(spec: BatchNormSpec) -> Any:
+    """unorm.keras.BatchNorm with every setting of ``spec``."""
+    names = (
+        "eps",
+        "momentum",
+        "center",
+        "scale",
+        "track_running_stats",
+        "running_var",
+        "skip_nonfinite",
+        "allow_single_value",
+        "update_on",
+        "empty_batch",
+    )
+    return BatchNorm(spec.axis, preset=spec.preset, **{n: getattr(spec, n) for n in names})
+
+
+def _follow_reference(
+    spec: BatchNormSpec, shapes: list[tuple[int, ...]], mode: str, seed: int = 0
+) -> None:
+    """Train on batches of ``shapes`` (some empty) and check outputs, gradients and
+    state against the reference after each step, then inference."""
+    layer = _spec_layer(spec)
+    full = next(s for s in shapes if 0 not in s)
+    layer.build(full)
+    rng = np.random.default_rng(seed)
+    gamma, beta = _set_affine(layer, rng)
+    step = _stepper(layer, mode, len(full), spec.axis)
+    channels = full[spec.axis]
+    running = ref.init_running_stats(channels) if spec.track_running_stats else None
+    for shape in shapes:
+        x = _batch(rng, shape, spec.axis)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        y, grads = step(tf.constant(x), tf.constant(dy))
+        y, grads = np.asarray(y), _numpy(grads)
+        y_ref, running = ref.batch_norm_step(x, running, spec, gamma, beta, training=True)
+        back = ref.batch_norm_backward(dy, x, gamma, eps=spec.eps, axis=spec.axis)
+        assert y.shape == shape and y.dtype == np.float32
+        np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(grads[0], back.dx, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(grads[1], back.dgamma, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(grads[2], back.dbeta, atol=1e-4, rtol=1e-4)
+        if running is not None:
+            np.testing.assert_allclose(layer.moving_mean.numpy(), running.mean, *STATE_TOL[::-1])
+            np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, *STATE_TOL[::-1])
+            if layer.num_batches_tracked is not None:
+                assert int(layer.num_batches_tracked.numpy()) == running.num_batches_tracked
+    for shape in {full, *shapes}:
+        x = _batch(rng, shape, spec.axis)
+        y_ref, _ = ref.batch_norm_step(x, running, spec, gamma, beta, training=False)
+        y = np.asarray(layer(x, training=False))
+        assert y.shape == shape
+        np.testing.assert_allclose(y, y_ref, atol=2e-5, rtol=2e-5)
+
+
+# Settings whose empty batch differs: the presets (torch and canonical with the cumulative
+# average, whose count the empty batch changes or not), and the rules off their presets.
+EMPTY_SETTINGS = {
+    "canonical": BatchNormSpec(momentum=None),
+    "torch": BatchNormSpec.from_preset("torch", momentum=None),
+    "keras": BatchNormSpec.from_preset("keras"),
+    "mxnet": BatchNormSpec.from_preset("mxnet"),
+    "nan-guarded": BatchNormSpec(empty_batch="nan"),
+    "count": BatchNormSpec(momentum=None, empty_batch="count"),
+    "no-running-stats": BatchNormSpec(track_running_stats=False),
+}
+# (axis, a batch, an empty one): features last and first, empty in samples or in space.
+EMPTY_LAYOUTS = [
+    (-1, (2, 4, 4, 3), (0, 4, 4, 3)),
+    (-1, (4, 5, 3), (4, 0, 3)),
+    (1, (4, 3, 5), (0, 3, 5)),
+    (1, (2, 3, 4, 4), (2, 3, 4, 0)),
+]
+
+
+@pytest.mark.parametrize("layout", range(len(EMPTY_LAYOUTS)))
+@pytest.mark.parametrize("settings", list(EMPTY_SETTINGS))
+def test_an_empty_batch_follows_the_reference(settings: str, layout: int) -> None:
+    axis, full, empty = EMPTY_LAYOUTS[layout]
+    spec = EMPTY_SETTINGS[settings].replace(axis=axis)
+    _follow_reference(spec, [full, empty, full, empty, full], "eager", seed=layout)
+
+
+@pytest.mark.parametrize("mode", MODES[1:])
+@pytest.mark.parametrize("settings", ["canonical", "torch", "keras", "mxnet", "count"])
+def test_an_empty_batch_in_a_graph_follows_the_reference(settings: str, mode: str) -> None:
+    """Features last in float32: canonical and torch take the fused kernel, also where
+    the batch size is only known when the graph runs (a guarded branch then)."""
+    spec = EMPTY_SETTINGS[settings].replace(axis=-1)
+    _follow_reference(spec, [(2, 4, 4, 3), (0, 4, 4, 3), (4, 4, 4, 3), (0, 4, 4, 3)], mode)
+
+
+@pytest.mark.parametrize("mode", ["function-unknown", "xla-unknown"])
+def test_an_empty_channels_first_batch_of_unknown_size_follows_the_reference(mode: str) -> None:
+    spec = BatchNormSpec(axis=1, momentum=None, empty_batch="count")
+    _follow_reference(spec, [(4, 3, 5), (0, 3, 5), (2, 3, 6), (4, 3, 0), (3, 3, 2)], mode)
+
+
+def test_an_empty_batch_is_empty_in_inference_too() -> None:
+    layer = BatchNorm(momentum=None)
+    layer(np.ones((4, 3), np.float32), training=True)
+    before = [w.numpy().copy() for w in layer.weights]
+    xt = tf.zeros((0, 3))
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        y = layer(xt, training=False)
+        loss = tf.reduce_sum(y)
+    grads = tape.gradient(loss, [xt, *layer.trainable_weights])
+    assert tuple(y.shape) == (0, 3)
+    assert tuple(grads[0].shape) == (0, 3)
+    for g in grads[1:]:
+        np.testing.assert_array_equal(g, np.zeros(3))
+    for a, b in zip(layer.weights, before, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("preset", [None, "torch", "keras"])
+def test_fit_through_an_empty_batch_follows_the_reference(jit_compile: bool, preset: Any) -> None:
+    """model.fit on batches of 8, 0 and 8 (a detection head's image without proposals)."""
+    rng = np.random.default_rng(11)
+    kwargs: dict[str, Any] = {} if preset == "keras" else {"momentum": None}
+    layer = BatchNorm(preset=preset, **kwargs)
+    model = keras.Sequential([keras.Input((5, 3)), layer])
+    model.compile(optimizer=keras.optimizers.SGD(0.0), loss="mse", jit_compile=jit_compile)
+    batches = [_batch(rng, (n, 5, 3), -1) for n in (8, 0, 8)]
+    data = tf.data.Dataset.from_generator(
+        lambda: ((b, np.zeros_like(b)) for b in batches),
+        output_signature=(tf.TensorSpec((None, 5, 3), tf.float32),) * 2,
+    ).apply(tf.data.experimental.assert_cardinality(len(batches)))
+    model.fit(data, shuffle=False, verbose=0)
+    spec = BatchNormSpec.from_preset(preset, axis=-1, **kwargs)
+    running = ref.init_running_stats(3)
+    for b in batches:
+        _, running = ref.batch_norm_step(b, running, spec, np.ones(3), np.zeros(3), training=True)
+    assert running is not None
+    np.testing.assert_allclose(layer.moving_mean.numpy(), running.mean, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, rtol=1e-5, atol=1e-6)
+    if layer.num_batches_tracked is not None:
+        assert int(layer.num_batches_tracked.numpy()) == running.num_batches_tracked
+    assert np.isfinite(layer.gamma.numpy()).all()  # a zero gradient over the empty batch
+
+
+# -- a mask that keeps nothing: Keras's arithmetic under preset="keras" ------------------
+
+
+# (axis, input shape, mask): a batch the mask keeps nothing of, at ranks 2, 3 and 4; a
+# feature it keeps nothing of (a mask along the feature axis), at ranks 2 (features on
+# axis 0), 3 and 4 (features on axis 1); one kept value (Keras divides by 1 + 1e-7).
+def _masks() -> dict[str, tuple[int, tuple[int, ...], np.ndarray]]:
+    feature3 = np.ones((4, 3), bool)
+    feature3[:, 1] = False
+    feature3[2:, 2] = False
+    feature4 = np.ones((2, 3, 4), bool)
+    feature4[:, 0] = False
+    one = np.zeros((4, 5), bool)
+    one[2, 3] = True
+    return {
+        "nothing-rank2": (-1, (6, 3), np.zeros(6, bool)),
+        "nothing-rank3": (-1, (4, 5, 3), np.zeros((4, 5), bool)),
+        "nothing-rank4": (-1, (2, 3, 4, 3), np.zeros((2, 3, 4), bool)),
+        "feature-rank2": (0, (3, 4), np.array([True, False, True])),
+        "feature-rank3": (1, (4, 3, 5), feature3),
+        "feature-rank4": (1, (2, 3, 4, 5), feature4),
+        "one-kept-rank3": (-1, (4, 5, 3), one),
+    }
+
+
+MASKS = _masks()
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize("case", list(MASKS))
+def test_keras_preset_on_a_mask_keeping_nothing_is_keras_layer(case: str, mode: str) -> None:
+    """Keras's layer divides the masked sums by count + 1e-7: a feature the mask keeps
+    nothing of has mean 0 and variance 0, so its outputs are x / sqrt(eps) (times gamma,
+    plus beta) and its moving statistics decay towards 0. preset="keras" computes the same
+    numbers, bit for bit, over several steps, and so do inference and the gradients."""
+    axis, shape, mask = MASKS[case]
+    native = keras.layers.BatchNormalization(axis=axis)
+    ours = BatchNorm(axis, preset="keras")
+    for layer in (native, ours):
+        layer.build(shape)
+        _set_affine(layer, np.random.default_rng(9))
+    steps = [_stepper(layer, mode, len(shape), axis) for layer in (native, ours)]
+    rng = np.random.default_rng(len(shape))
+    masks = [mask, np.ones_like(mask), mask]  # nothing kept, all kept, nothing kept
+    for m in masks:
+        x = tf.constant(_batch(rng, shape, axis))
+        dy = tf.constant(rng.standard_normal(shape).astype(np.float32))
+        (y_native, g_native), (y_ours, g_ours) = (step(x, dy, tf.constant(m)) for step in steps)
+        assert np.isfinite(np.asarray(y_native)).all()
+        np.testing.assert_array_equal(y_ours, y_native)
+        for a, b in zip(_numpy(g_ours), _numpy(g_native), strict=True):
+            np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(ours.moving_mean.numpy(), native.moving_mean.numpy())
+        np.testing.assert_array_equal(ours.moving_variance.numpy(), native.moving_variance.numpy())
+    x = _batch(rng, shape, axis)
+    np.testing.assert_array_equal(ours(x, training=False), native(x, training=False))
+
+
+def test_keras_preset_masked_feature_is_keras_arithmetic_in_numbers() -> None:
+    """What Keras's arithmetic is, in numbers: a feature the mask keeps nothing of is
+    normalised with mean 0 and variance 0, and those are fed to the moving statistics."""
+    axis, shape, mask = MASKS["feature-rank3"]
+    x = _batch(np.random.default_rng(2), shape, axis)
+    layer = BatchNorm(axis, preset="keras")
+    y = np.asarray(layer(x, training=True, mask=mask))
+    np.testing.assert_allclose(y[:, 1], x[:, 1] / np.sqrt(1e-3), rtol=1e-6)
+    assert layer.moving_mean.numpy()[1] == 0.0
+    np.testing.assert_allclose(layer.moving_variance.numpy()[1], 0.99, rtol=1e-7)
+    kept = x[:2, 2].ravel().astype(np.float64)  # feature 2: its first two rows are kept
+    np.testing.assert_allclose(layer.moving_mean.numpy()[2], 0.01 * kept.mean(), rtol=1e-5)
+    np.testing.assert_allclose(
+        layer.moving_variance.numpy()[2], 0.99 + 0.01 * kept.var(), rtol=1e-5
+    )
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "function-unknown", "xla-unknown"])
+@pytest.mark.parametrize("rank", [2, 3, 4])
+def test_keras_preset_on_an_empty_masked_batch_is_keras_layer(rank: int, mode: str) -> None:
+    """A mask on an empty batch: Keras's masked arithmetic feeds 0 and 0 (0 / (0 + 1e-7)),
+    not NaN, and preset="keras" does the same."""
+    full, empty = EMPTY[rank]
+    native = keras.layers.BatchNormalization()
+    ours = BatchNorm(preset="keras")
+    for layer in (native, ours):
+        layer.build(full)
+    steps = [_stepper(layer, mode, rank) for layer in (native, ours)]
+    rng = np.random.default_rng(rank)
+    for shape in (full, empty, full):
+        x = tf.constant(_batch(rng, shape, -1))
+        dy = tf.constant(rng.standard_normal(shape).astype(np.float32))
+        mask = tf.constant(rng.random(shape[:-1]) < 0.7)
+        if mode.endswith("unknown"):
+            spec = tf.TensorSpec([None] * (rank - 1) + [3], tf.float32)
+            mspec = tf.TensorSpec([None] * (rank - 1), tf.bool)
+            traced = [
+                tf.function(s.python_function, input_signature=[spec, spec, mspec]) for s in steps
+            ]
+            results = [t(x, dy, mask) for t in traced]
+        else:
+            results = [s(x, dy, mask) for s in steps]
+        (y_native, g_native), (y_ours, g_ours) = results
+        np.testing.assert_array_equal(y_ours, y_native)
+        np.testing.assert_array_equal(_numpy(g_ours)[0], _numpy(g_native)[0])
+        np.testing.assert_array_equal(ours.moving_mean.numpy(), native.moving_mean.numpy())
+        np.testing.assert_array_equal(ours.moving_variance.numpy(), native.moving_variance.numpy())
+    assert np.isfinite(ours.moving_variance.numpy()).all()
+
+
+@pytest.mark.parametrize("preset", [None, "torch", "mxnet"])
+@pytest.mark.parametrize("case", ["nothing-rank3", "feature-rank3", "feature-rank4"])
+def test_other_settings_refuse_a_mask_keeping_nothing(preset: Any, case: str) -> None:
+    """The canonical convention (and the other presets) refuse a feature the mask keeps
+    nothing of, eagerly and in a graph, and change no state."""
+    axis, shape, mask = MASKS[case]
+    layer = BatchNorm(axis, preset=preset)
+    rng = np.random.default_rng(5)
+    layer(_batch(rng, shape, axis), training=True)
+    before = [w.numpy().copy() for w in layer.weights]
+    x = _batch(rng, shape, axis)
+    with pytest.raises(ValueError, match="got 0 "):
+        layer(x, training=True, mask=mask)
+    # In a graph the masked count is known only when it runs: a TensorFlow assertion.
+    unknown_x = [None] * len(shape)
+    unknown_x[axis] = 3
+    unknown = [tf.TensorSpec(unknown_x), tf.TensorSpec([None] * (len(shape) - 1), bool)]
+    for signature in (None, unknown):
+        graph = tf.function(lambda t, m: layer(t, training=True, mask=m), signature)
+        with pytest.raises(tf.errors.InvalidArgumentError, match="more than 1 value"):
+            graph(x, mask)
+    for a, b in zip(layer.weights, before, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b)
+
+
+@pytest.mark.parametrize("mode", ["eager", "function", "function-unknown", "xla-unknown"])
+@pytest.mark.parametrize("preset", [None, "torch", "mxnet"])
+def test_a_masked_empty_batch_is_an_empty_batch(preset: Any, mode: str) -> None:
+    """A mask on an empty batch (every setting but preset="keras"): the empty batch of
+    SPEC.md, the state as empty_batch says; between empty batches, masked batches (of a
+    size known only when the graph runs, in the unknown modes) give the reference's
+    numbers on the rows their mask keeps."""
+    kwargs: dict[str, Any] = {"momentum": None} if preset != "mxnet" else {}
+    spec = BatchNormSpec.from_preset(preset, axis=1, **kwargs)
+    layer = _spec_layer(spec)
+    layer.build((4, 3, 5))
+    rng = np.random.default_rng(6)
+    gamma, beta = _set_affine(layer, rng)
+    running = ref.init_running_stats(3)
+    step = _stepper(layer, mode, 3, 1)
+    if mode.endswith("unknown"):
+        spec_x = tf.TensorSpec([None, 3, None], tf.float32)
+        spec_m = tf.TensorSpec([None, 3], tf.bool)
+        step = tf.function(
+            step.python_function,
+            jit_compile=mode.startswith("xla"),
+            input_signature=[spec_x, spec_x, spec_m],
+        )
+    for n in (4, 0, 6, 0, 5):
+        x = _batch(rng, (n, 3, 5), 1)
+        dy = rng.standard_normal(x.shape).astype(np.float32)
+        rows = np.arange(n) % 3 != 0  # the first row is masked padding
+        mask = np.repeat(rows[:, None], 3, axis=1)
+        dy[~rows] = 0.0  # the loss of the kept rows only
+        y, grads = step(tf.constant(x), tf.constant(dy), tf.constant(mask))
+        y, grads = np.asarray(y), _numpy(grads)
+        y_ref, running = ref.batch_norm_step(x[rows], running, spec, gamma, beta, training=True)
+        back = ref.batch_norm_backward(dy[rows], x[rows], gamma, eps=spec.eps, axis=1)
+        assert y.shape == x.shape
+        np.testing.assert_allclose(y[rows], y_ref, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(grads[0][rows], back.dx, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(grads[1], back.dgamma, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(grads[2], back.dbeta, atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), running.mean, *STATE_TOL[::-1])
+        np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, *STATE_TOL[::-1])
+        if layer.num_batches_tracked is not None:
+            assert int(layer.num_batches_tracked.numpy()) == running.num_batches_tracked

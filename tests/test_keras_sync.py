@@ -92,6 +92,71 @@ def _worker() -> dict[str, Any]:
         errors["num_batches_tracked"] = int(layer.num_batches_tracked.numpy())
         out[label] = errors
 
+    # Every replica's shard empty: the empty batch of SPEC.md section 2 (an empty output,
+    # gamma and beta gradients of 0, the state as empty_batch says), between real batches.
+    for label, preset in (
+        ("empty_canonical", None),
+        ("empty_torch", "torch"),
+        ("empty_keras", "keras"),
+    ):
+        kwargs: dict[str, Any] = {} if preset == "keras" else {"momentum": None}
+        with strategy.scope():
+            empty_layer = BatchNorm(synchronized=True, preset=preset, **kwargs)
+            empty_layer.build((None, 4, channels))
+            empty_layer.gamma.assign(gamma)
+            empty_layer.beta.assign(beta)
+
+        @tf.function
+        def empty_step(xs: Any, dys: Any, layer: Any = empty_layer) -> Any:
+            def replica(x_k: Any, dy_k: Any) -> Any:
+                with tf.GradientTape() as tape:
+                    tape.watch(x_k)
+                    y_k = layer(x_k, training=True)
+                    loss = tf.reduce_sum(y_k * dy_k)
+                return (y_k, *tape.gradient(loss, [x_k, layer.gamma, layer.beta]))
+
+            return strategy.run(replica, args=(xs, dys))
+
+        spec = BatchNormSpec.from_preset(preset, axis=-1, **kwargs)
+        running = ref.init_running_stats(channels)
+        found = {"y": 0.0, "dgamma": 0.0, "dbeta": 0.0, "shapes": True, "state": True}
+        for split in ([2, 5], [0, 0], [3, 4], [0, 0], [4, 1]):
+            x = (rng.standard_normal((sum(split), 4, channels)) * 2 + 1).astype(np.float32)
+            dy = rng.standard_normal(x.shape).astype(np.float32)
+            bounds = np.cumsum([0, *split])
+            parts = [(x[a:b], dy[a:b]) for a, b in itertools.pairwise(bounds)]
+            xs = strategy.experimental_distribute_values_from_function(
+                lambda ctx, p=parts: tf.constant(p[ctx.replica_id_in_sync_group][0])
+            )
+            dys = strategy.experimental_distribute_values_from_function(
+                lambda ctx, p=parts: tf.constant(p[ctx.replica_id_in_sync_group][1])
+            )
+            y, dx, dgamma, dbeta = empty_step(xs, dys)
+            local = strategy.experimental_local_results
+            y_all = np.concatenate([t.numpy() for t in local(y)])
+            dx_all = np.concatenate([t.numpy() for t in local(dx)])
+            dgamma_sum = sum(t.numpy() for t in local(dgamma))
+            dbeta_sum = sum(t.numpy() for t in local(dbeta))
+            y_ref, running = ref.batch_norm_step(x, running, spec, gamma, beta, training=True)
+            back = ref.batch_norm_backward(dy, x, gamma, eps=spec.eps, axis=-1)
+            assert running is not None
+            found["shapes"] &= y_all.shape == x.shape and dx_all.shape == x.shape
+            if x.size:
+                found["y"] = max(found["y"], float(np.abs(y_all - y_ref).max()))
+            found["dgamma"] = max(found["dgamma"], float(np.abs(dgamma_sum - back.dgamma).max()))
+            found["dbeta"] = max(found["dbeta"], float(np.abs(dbeta_sum - back.dbeta).max()))
+            for got, want in (
+                (empty_layer.moving_mean, running.mean),
+                (empty_layer.moving_variance, running.var),
+            ):
+                close = np.allclose(got.numpy(), want, rtol=1e-5, atol=1e-6, equal_nan=True)
+                found["state"] &= bool(close)
+            if empty_layer.num_batches_tracked is not None:
+                tracked = int(empty_layer.num_batches_tracked.numpy())
+                found["state"] &= tracked == running.num_batches_tracked
+        found["nan"] = bool(np.isnan(empty_layer.moving_mean.numpy()).all())
+        out[label] = found
+
     # Keras masking: the statistics are those of the values the mask keeps across the
     # global batch (replicas of 2 and 5 samples keeping different numbers of positions).
     with strategy.scope():
@@ -189,6 +254,17 @@ def test_cross_replica_batchnorm_equals_single_device(measured: dict[str, Any], 
     assert errors["dgamma"] < 1e-4 and errors["dbeta"] < 1e-4
     assert errors["moving_mean"] < 1e-6 and errors["moving_variance"] < 1e-5
     assert errors["num_batches_tracked"] == 3
+
+
+@pytest.mark.parametrize("preset", ["canonical", "torch", "keras"])
+def test_every_replica_empty_is_the_empty_batch(measured: dict[str, Any], preset: str) -> None:
+    """All shards empty: an empty output, zero gamma/beta gradients and the state of the
+    reference (canonical: unchanged; torch: counted; keras: NaN), between real batches."""
+    found = measured[f"empty_{preset}"]
+    assert found["shapes"] and found["state"]
+    assert found["y"] < 2e-5
+    assert found["dgamma"] < 1e-4 and found["dbeta"] < 1e-4
+    assert found["nan"] == (preset == "keras")
 
 
 def test_masked_cross_replica_statistics_are_those_of_the_kept_values(

@@ -46,6 +46,24 @@ def _tensorflow_backend() -> bool:
     return stats.tensorflow_backend()
 
 
+def _no_gradient_where(empty: Any, *params: Any) -> tuple[Any, ...]:
+    """``params`` (None stays None) as they are, but passing no gradient where the bool
+    tensor ``empty`` holds: an empty batch's ``gamma``/``beta`` gradients are then 0, not
+    the NaN that the statistics of no values would make of them. ``empty`` None: as given."""
+    if empty is None:
+        return params
+    return tuple(None if p is None else ops.where(empty, ops.stop_gradient(p), p) for p in params)
+
+
+def _either(empty: Any, when_empty: bool, otherwise: Any) -> Any:
+    """A condition that is ``when_empty`` where the bool tensor ``empty`` holds and
+    ``otherwise`` elsewhere (None: always true); None where it is always true."""
+    if when_empty:
+        return None if otherwise is None else ops.logical_or(empty, otherwise)
+    nonempty = ops.logical_not(empty)
+    return nonempty if otherwise is None else ops.logical_and(nonempty, otherwise)
+
+
 @keras.saving.register_keras_serializable(package="unorm")
 class BatchNorm(BatchNormSettings, keras.layers.Layer):
     """Batch Normalisation with one meaning on every backend (``SPEC.md`` section 2).
@@ -317,7 +335,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
 
         ``mask`` (Keras masking, shape ``inputs.shape[:-1]``) leaves masked positions out
         of the batch statistics, as in Keras's layer; ``n`` is then the number of
-        unmasked values per feature.
+        unmasked values per feature. A batch of no values (``SPEC.md`` section 2, *Empty
+        batch*) gives an empty output and changes the state as ``empty_batch`` says.
         """
         self._check_inputs(inputs)
         if mask is not None and len(mask.shape) != self._rank - 1:
@@ -333,11 +352,18 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         beta = None if self.beta is None else ops.cast(self.beta, dtype)
         # Keras convention: a frozen BatchNorm runs in inference mode.
         training = bool(training) and self.trainable
+        batch = training or not spec.track_running_stats
+        # preset="keras" computes a masked batch in Keras's arithmetic, whatever the mask
+        # keeps (SPEC.md section 2, *Empty batch*); every other setting counts what it keeps.
+        keras_mask = mask is not None and spec.preset == "keras"
+        if batch and self._static_empty(x, keras_mask):
+            return self._empty_batch(x, gamma, beta, training)
         shift = None
         y = None
-        if (training or not spec.track_running_stats) and self._fusable(x, mask):
-            y, mean, variance, count = self._fused_statistics(x, gamma, beta)
-        elif training or not spec.track_running_stats:
+        empty = None  # a bool tensor where the batch may be empty, known only when it runs
+        if batch and self._fusable(x, mask):
+            y, mean, variance, count, empty = self._fused_statistics(x, gamma, beta)
+        elif batch:
             if spec.preset != "keras" and not self._replicated():
                 # Shifting each feature by one of its own values keeps float32 statistics
                 # and x - mean accurate at a large mean against the spread (SPEC.md section
@@ -349,7 +375,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 else:
                     axis = normalize_axis(spec.axis, self._rank)
                     x, shift = stats.shift_by_first_unmasked(x, mask, axis)
-            mean, variance, count = self._batch_moments(x, mask)
+            mean, variance, count, empty = self._batch_moments(x, mask)
+            gamma, beta = _no_gradient_where(empty, gamma, beta)
         else:
             mean = ops.cast(self.moving_mean, dtype)
             variance = ops.cast(self.moving_variance, dtype)
@@ -364,13 +391,68 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         if shift is not None:
             mean = mean + shift  # the running mean is of the unshifted input
         if training and spec.track_running_stats:
+
+            def update() -> None:
+                self._update(mean, variance, count, empty, keras_mask)
+
             if spec.update_on == "backward":
                 from .tf_runtime import update_on_backward
 
-                y = update_on_backward(y, lambda: self._update(mean, variance, count))
+                y = update_on_backward(y, update)
             else:
-                self._update(mean, variance, count)
+                update()
         return ops.cast(y, self.compute_dtype)
+
+    # -- an empty batch (SPEC.md section 2, *Empty batch*) ----------------------------
+
+    def _static_empty(self, x: Any, keras_mask: bool) -> bool:
+        """Whether ``x`` is known, from its static shape, to hold no value per feature
+        (no samples, or a spatial size of 0), and is handled as an empty batch.
+
+        Not across replicas (another replica may hold values), and not for a masked
+        ``preset="keras"`` batch that feeds the statistics of no values (Keras's masked
+        arithmetic makes them 0, not NaN). A shape known only when the graph runs takes
+        the guarded branch of :meth:`_update` instead."""
+        size = stats.count(x, self._reduce_axes)
+        if not isinstance(size, int) or size != 0 or self._replicated():
+            return False
+        return not (keras_mask and self.spec.empty_batch == "nan")
+
+    def _empty_batch(self, x: Any, gamma: Any, beta: Any, training: bool) -> Any:
+        """The output of an empty batch, ``x * gamma + beta`` (empty, so ``dx`` is empty
+        and the ``gamma``/``beta`` gradients are the sums over nothing, 0), and its effect
+        on the state in training, as ``empty_batch`` says."""
+        axis = normalize_axis(self.spec.axis, self._rank)
+        broadcast = [1] * self._rank
+        broadcast[axis] = self._channels
+        y = x
+        if gamma is not None:
+            y = y * ops.reshape(gamma, broadcast)
+        if beta is not None:
+            y = y + ops.reshape(beta, broadcast)
+        if training and self.spec.track_running_stats:
+            if self.spec.update_on == "backward":
+                from .tf_runtime import update_on_backward
+
+                y = update_on_backward(y, self._update_empty)
+            else:
+                self._update_empty()
+        return ops.cast(y, self.compute_dtype)
+
+    def _update_empty(self) -> None:
+        """``empty_batch`` applied to the state: ``"skip"`` nothing, ``"count"`` one more
+        batch tracked, ``"nan"`` the NaN statistics of no values folded in like any
+        batch's (which the non-finite guard skips)."""
+        spec = self.spec
+        tracked = self.num_batches_tracked
+        if spec.empty_batch == "count":
+            if tracked is not None:
+                tracked.assign(tracked + 1)
+        elif spec.empty_batch == "nan" and not spec.skip_nonfinite:
+            nothing = ops.full((self._channels,), float("nan"), dtype=self.moving_mean.dtype)
+            self._update(nothing, nothing, 0, None, keras_mask=False)
+
+    # -- batch statistics ------------------------------------------------------------
 
     def _fusable(self, x: Any, mask: Any, batch_statistics: bool = True) -> bool:
         """Whether the output (and in training the batch statistics) may come from
@@ -392,26 +474,34 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         count = stats.count(x, self._reduce_axes)
         return not self.spec.allow_single_value or (isinstance(count, int) and count > 1)
 
-    def _fused_statistics(self, x: Any, gamma: Any, beta: Any) -> tuple[Any, Any, Any, Any]:
-        """Output, batch mean, biased batch variance and count from TensorFlow's fused
-        kernel (see :meth:`_fusable`), run on ``x`` less its mean.
+    def _fused_statistics(self, x: Any, gamma: Any, beta: Any) -> tuple[Any, ...]:
+        """Output, batch mean, biased batch variance, count and the empty flag (see
+        :meth:`_checked`) from TensorFlow's fused kernel (see :meth:`_fusable`), run on
+        ``x`` less its mean.
 
         The mean is a separate float32 reduction (the one ``tf.nn.moments`` makes), which
         is also the running mean's source: the fused kernel sums in a fixed order that
         loses a few more digits of the mean (1e-6 of the spread at 4096 values per
         feature), and on oneDNN builds its variance is ``E[x^2] - E[x]^2``, harmless on
         centred input but not at a mean of 1e4 against a spread of 1. Subtracting the
-        mean is a constant to autodiff: the kernel's own gradient is the layer's.
+        mean is a constant to autodiff: the kernel's own gradient is the layer's. A batch
+        size known only when the graph runs may be 0: ``gamma`` and ``beta`` then reach
+        the kernel as constants (under XLA its ``gamma`` gradient over nothing is NaN), so
+        their gradients are 0.
         """
         from .tf_runtime import fused_batch_norm_train
 
         count = stats.count(x, self._reduce_axes)
+        empty = self._empty_flag(count, keras_mask=False)
         if isinstance(count, int):  # refused before the kernel sees the batch
-            self._checked(count, x.shape, None, None)
+            self._checked(count, count, empty, x.shape, None, None, masked=False)
+        gamma, beta = _no_gradient_where(empty, gamma, beta)
         mean = ops.stop_gradient(ops.mean(x, axis=self._reduce_axes, keepdims=True))
         y, _, variance = fused_batch_norm_train(x - mean, gamma, beta, self.spec.eps)
-        mean, variance, count = self._checked(count, x.shape, ops.reshape(mean, (-1,)), variance)
-        return y, mean, variance, count
+        mean, variance = self._checked(
+            count, count, empty, x.shape, ops.reshape(mean, (-1,)), variance, masked=False
+        )
+        return y, mean, variance, count, empty
 
     def _replicated(self) -> bool:
         """Whether the batch statistics are merged across replicas (whose shifts would
@@ -422,45 +512,92 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
 
         return replica_count() > 1
 
-    def _batch_moments(self, x: Any, mask: Any) -> tuple[Any, Any, Any]:
-        """Per-feature mean and biased variance of ``x``, and the count they cover (an
-        int, or a tensor: one entry per feature with a mask, a scalar otherwise)."""
+    def _batch_moments(self, x: Any, mask: Any) -> tuple[Any, Any, Any, Any]:
+        """Per-feature mean and biased variance of ``x``, the count they cover (an int,
+        or a tensor: one entry per feature with a mask, a scalar otherwise), and the
+        empty flag (see :meth:`_empty_flag`)."""
         axes = self._reduce_axes
+        keras_mask = mask is not None and self.spec.preset == "keras"
         if self._replicated():
             from .sync import synchronized_moments
 
             weights = None if mask is None else stats.mask_weights(mask, x, x.dtype)
-            mean, variance, count = synchronized_moments(x, axes, weights)
+            mean, variance, count, size = synchronized_moments(x, axes, weights)
+        elif keras_mask:
+            mean, variance, count = stats.keras_masked_moments(x, mask, axes)
+            size = stats.count(x, axes)
         elif mask is not None:
             mean, variance, count = stats.masked_moments(x, mask, axes)
+            size = stats.count(x, axes)
         else:
             mean, variance = stats.moments(x, axes)
-            count = stats.count(x, axes)
-        return self._checked(count, x.shape, mean, variance)
+            count = size = stats.count(x, axes)
+        empty = self._empty_flag(size, keras_mask)
+        if keras_mask:  # Keras's arithmetic takes any count, none included
+            return mean, variance, count, empty
+        mean, variance = self._checked(
+            count, size, empty, x.shape, mean, variance, masked=mask is not None
+        )
+        return mean, variance, count, empty
 
-    def _checked(self, count: Any, shape: Any, mean: Any, variance: Any) -> tuple[Any, Any, Any]:
+    def _empty_flag(self, size: Any, keras_mask: bool) -> Any:
+        """Where ``size`` (values per feature by shape; for a synchronized batch, over
+        every replica) is only known when the graph runs, a bool tensor: whether the batch
+        is empty, for :meth:`_update`'s guarded branch. None where the batch is known not
+        to be empty, and for a masked ``preset="keras"`` batch that feeds the statistics
+        of no values (Keras's masked arithmetic gives them, 0)."""
+        if isinstance(size, int) or (keras_mask and self.spec.empty_batch == "nan"):
+            return None
+        return ops.equal(size, 0)
+
+    def _checked(
+        self,
+        count: Any,
+        size: Any,
+        empty: Any,
+        shape: Any,
+        mean: Any,
+        variance: Any,
+        *,
+        masked: bool,
+    ) -> tuple[Any, Any]:
         """Raise unless ``count`` values per feature (the smallest, for a per-feature
-        count) may be trained on. A count known only when a TensorFlow graph runs gets a
-        graph assertion that ``mean`` and ``variance`` wait for; where not even that can
-        fail the call (XLA drops assertions; a JAX trace), :meth:`_update` leaves the
-        moving statistics alone instead."""
+        count) may be trained on: one needs ``allow_single_value``, none is an error
+        under a mask that keeps nothing of a nonempty batch (``size`` values per
+        feature), and an empty batch (``empty``, see :meth:`_empty_flag`) passes. A count
+        known only when a TensorFlow graph runs gets a graph assertion that ``mean`` and
+        ``variance`` wait for; where not even that can fail the call (XLA drops
+        assertions; a JAX trace), :meth:`_update` leaves the moving statistics alone
+        instead."""
         allow = self.spec.allow_single_value
+        floor = 0 if allow else 1
         smallest = count if isinstance(count, int) else _concrete_int(ops.min(count))
-        if smallest is not None:
-            if smallest == 0 or (smallest == 1 and not allow):
+        known_size = size if isinstance(size, int) else _concrete_int(size)
+        if smallest is not None and known_size is not None:
+            if known_size > 0 and smallest <= floor:
                 raise ValueError(_count_message(smallest, tuple(shape)))
-            return mean, variance, count
-        if not _tensorflow_backend():
-            return mean, variance, count
+            return mean, variance
+        if not _tensorflow_backend() or (allow and not masked):
+            return mean, variance  # 0 values is the empty batch, 1 is allowed
         from .tf_runtime import assert_count
 
-        message = _count_message("0" if allow else "1 or fewer", tuple(shape))
-        mean, variance = assert_count(ops.min(count), allow, message, mean, variance)
-        return mean, variance, count
+        least = ops.min(count)
+        if empty is not None:  # an empty batch passes
+            least = ops.where(empty, ops.cast(floor + 1, least.dtype), least)
+        told = "0" if allow else "1 or fewer" if masked else "1"
+        message = _count_message(told, tuple(shape))
+        mean, variance = assert_count(least, allow, message, mean, variance)
+        return mean, variance
 
-    def _update(self, mean: Any, variance: Any, count: Any) -> None:
+    # -- moving statistics -----------------------------------------------------------
+
+    def _update(self, mean: Any, variance: Any, count: Any, empty: Any, keras_mask: bool) -> None:
         """Fold one batch's statistics into the moving ones (``SPEC.md`` section 2,
-        *Running statistics*), in Keras's arithmetic order ``old * (1 - f) + new * f``."""
+        *Running statistics*), in Keras's arithmetic order ``old * (1 - f) + new * f``.
+
+        ``empty`` (a bool tensor, see :meth:`_empty_flag`) selects, when the graph runs,
+        what ``empty_batch`` does instead; ``keras_mask``: Keras's masked arithmetic, whose
+        statistics are folded in whatever the count."""
         spec = self.spec
         fed = variance
         if spec.unbiased:
@@ -482,20 +619,30 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         new_mean = old_mean * (1.0 - factor) + mean * factor
         new_var = old_var * (1.0 - factor) + fed * factor
         new_tracked = None if tracked is None else tracked + 1
-        keep = []  # conditions under which this batch may be folded in
+        keep = None  # when this batch may be folded in (None: always)
         if spec.skip_nonfinite:
-            keep.append(ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(fed))))
-        if not isinstance(count, int):
+            keep = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(fed)))
+        if not isinstance(count, int) and not keras_mask:
             # A count that no check could reject (under XLA, which drops assertions, or in
             # a JAX trace): too few values never reach the moving statistics.
             floor = 0.0 if spec.allow_single_value else 1.0
-            keep.append(ops.greater(ops.min(ops.cast(count, "float32")), floor))
-        if keep:
-            ok = keep[0] if len(keep) == 1 else ops.logical_and(keep[0], keep[1])
-            new_mean = ops.where(ok, new_mean, old_mean)
-            new_var = ops.where(ok, new_var, old_var)
-            if tracked is not None:
-                new_tracked = ops.where(ok, new_tracked, tracked)
+            enough = ops.greater(ops.min(ops.cast(count, "float32")), floor)
+            keep = enough if keep is None else ops.logical_and(keep, enough)
+        fold = counted = keep
+        if empty is not None:
+            # A batch size known only when the graph runs: empty_batch, as a guarded branch.
+            nan = spec.empty_batch == "nan" and not spec.skip_nonfinite
+            fold = _either(empty, nan, keep)
+            counted = _either(empty, nan or spec.empty_batch == "count", keep)
+            if nan:  # the statistics of no values (0/0), whatever the kernel made of them
+                nothing = ops.full_like(new_mean, float("nan"))
+                new_mean = ops.where(empty, nothing, new_mean)
+                new_var = ops.where(empty, nothing, new_var)
+        if fold is not None:
+            new_mean = ops.where(fold, new_mean, old_mean)
+            new_var = ops.where(fold, new_var, old_var)
+        if tracked is not None and counted is not None:
+            new_tracked = ops.where(counted, new_tracked, tracked)
         self.moving_mean.assign(new_mean)
         self.moving_variance.assign(new_var)
         if tracked is not None:

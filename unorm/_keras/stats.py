@@ -16,6 +16,7 @@ from keras import ops
 
 __all__ = [
     "count",
+    "keras_masked_moments",
     "masked_moments",
     "moments",
     "shift_by_first",
@@ -44,9 +45,13 @@ def shift_by_first(x: Any, axes: list[int]) -> tuple[Any, Any]:
     per-feature vector). The shift is a constant to autodiff, so gradients through the
     shifted tensor are those through ``x``; statistics of the shifted tensor are those of
     ``x`` (the mean less the shift) but keep their float32 digits when the mean is large
-    against the spread. An empty batch gives an empty shift and an empty result."""
+    against the spread. An empty batch gives the shift 0 and an empty result."""
     first = tuple(slice(0, 1) if i in axes else slice(None) for i in range(len(x.shape)))
     shift = ops.stop_gradient(x[first])
+    if any(x.shape[i] is None or x.shape[i] == 0 for i in axes):
+        # A batch that may be empty (its size known only when the graph runs): the sum of
+        # its one first value, or of none, keeps the shift one value per feature.
+        shift = ops.sum(shift, axis=axes, keepdims=True)
     return x - shift, ops.reshape(shift, (-1,))
 
 
@@ -60,13 +65,25 @@ def shift_by_first_unmasked(x: Any, mask: Any, axis: int) -> tuple[Any, Any]:
     """:func:`shift_by_first` for a masked call: each feature is shifted by its first
     value that the mask keeps (``mask`` has ``x``'s shape without its last axis and is
     broadcast over it, as in :func:`masked_moments`); a feature with no kept value is
-    shifted by its first value. ``axis`` is the (non-negative) feature axis."""
+    shifted by its first value, an empty batch by 0. ``axis`` is the (non-negative)
+    feature axis."""
     keep = mask_weights(mask, x, "int32")
     channels = x.shape[axis]
     values = ops.reshape(ops.moveaxis(x, axis, -1), (-1, channels))
     kept = ops.reshape(ops.moveaxis(keep, axis, -1), (-1, channels))
-    first = ops.expand_dims(ops.argmax(kept, axis=0), 0)  # the first 1 of each column
-    shift = ops.stop_gradient(ops.take_along_axis(values, first, axis=0))
+    if values.shape[0] is not None and values.shape[0] > 0:
+        first = ops.expand_dims(ops.argmax(kept, axis=0), 0)  # the first 1 of each column
+        shift = ops.stop_gradient(ops.take_along_axis(values, first, axis=0))
+    else:
+        # The row count may be 0 when the graph runs, where argmax and gather fail (also
+        # in an untaken branch under XLA): the first kept row by a minimum, its value by
+        # a sum that is 0 over no rows. One more pass, only where the size is unknown.
+        rows = ops.shape(values)[0]
+        index = ops.expand_dims(ops.arange(rows), -1)
+        first = ops.min(ops.where(kept > 0, index, rows), axis=0, keepdims=True)
+        first = ops.where(ops.equal(first, rows), 0, first)
+        picked = ops.where(ops.equal(index, first), values, ops.zeros_like(values))
+        shift = ops.stop_gradient(ops.sum(picked, axis=0, keepdims=True))
     broadcast = [1] * len(x.shape)
     broadcast[axis] = channels
     return x - ops.reshape(shift, broadcast), ops.reshape(shift, (-1,))
@@ -84,6 +101,21 @@ def masked_moments(x: Any, mask: Any, axes: list[int]) -> tuple[Any, Any, Any]:
     mean = ops.sum(x * weights, axis=axes, keepdims=True) / ops.maximum(total, 1.0)
     centred = (x - mean) * weights
     variance = ops.sum(centred * centred, axis=axes, keepdims=True) / ops.maximum(total, 1.0)
+    flat = [ops.reshape(t, (-1,)) for t in (mean, variance, total)]
+    return flat[0], flat[1], flat[2]
+
+
+def keras_masked_moments(x: Any, mask: Any, axes: list[int]) -> tuple[Any, Any, Any]:
+    """Mean, biased variance and count of the unmasked values of each feature in the
+    arithmetic of ``keras.layers.BatchNormalization`` (its ``_moments``), op for op:
+    sums over the kept values divided by ``count + keras.config.epsilon()``, so a feature
+    the mask keeps nothing of has mean 0 and variance 0 (``preset="keras"``)."""
+    kept = ops.cast(ops.broadcast_to(ops.expand_dims(mask, axis=-1), ops.shape(x)), "bool")
+    total = ops.sum(ops.cast(kept, x.dtype), axes, keepdims=True)
+    denominator = total + keras.config.epsilon()
+    mean = ops.sum(ops.where(kept, x, 0), axes, keepdims=True) / denominator
+    squared = ops.square(ops.where(kept, x - mean, 0))
+    variance = ops.sum(squared, axes, keepdims=True) / denominator
     flat = [ops.reshape(t, (-1,)) for t in (mean, variance, total)]
     return flat[0], flat[1], flat[2]
 
