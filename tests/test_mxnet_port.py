@@ -292,7 +292,8 @@ def test_native_gluon_batchnorm_takes_eps_and_momentum_and_warns() -> None:
     # The canonical layer differs from gluon.nn.BatchNorm in every training setting but
     # momentum (a number here): each one is named.
     lost = (
-        "running_var='unbiased', skip_nonfinite=True, allow_single_value=False, update_on='forward'"
+        "running_var='unbiased', skip_nonfinite=True, allow_single_value=False, "
+        "update_on='forward', empty_batch='skip'"
     )
     with pytest.warns(UserWarning) as caught:
         load_checkpoint(dest, export_checkpoint(source))

@@ -53,14 +53,20 @@ def test_native_batchnorm_semantics_travel_with_the_checkpoint() -> None:
 @pytest.mark.parametrize(
     ("source", "lost"),
     [
-        (BatchNorm(4), ["skip_nonfinite=True"]),  # canonical: only the guard is lost
+        # canonical: the guard and what an empty batch does are lost
+        (BatchNorm(4), ["skip_nonfinite=True", "empty_batch='skip'"]),
         (
             BatchNorm(4, preset="keras"),
-            ["running_var='biased'", "allow_single_value=True"],
+            ["running_var='biased'", "allow_single_value=True", "empty_batch='nan'"],
         ),
         (
             BatchNorm(4, preset="mxnet"),
-            ["running_var='biased'", "allow_single_value=True", "update_on='backward'"],
+            [
+                "running_var='biased'",
+                "allow_single_value=True",
+                "update_on='backward'",
+                "empty_batch='nan'",
+            ],
         ),
     ],
 )
@@ -74,7 +80,13 @@ def test_native_batchnorm_warns_about_every_lost_semantic(
     (message,) = [str(w.message) for w in caught]
     for item in lost:
         assert item in message
-    all_lost = ["running_var=", "skip_nonfinite=", "allow_single_value=", "update_on="]
+    all_lost = [
+        "running_var=",
+        "skip_nonfinite=",
+        "allow_single_value=",
+        "update_on=",
+        "empty_batch=",
+    ]
     assert sum(item in message for item in all_lost) == len(lost)  # and nothing else
     # What the warning is about: a native layer writes an inf batch into its statistics.
     native.train()

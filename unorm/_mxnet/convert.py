@@ -42,7 +42,8 @@ def _replacement(old: Any, preset: str | None) -> BatchNorm:
 
 def _build(old: Any, kwargs: Any, center: bool, scale: bool, preset: str | None) -> BatchNorm:
     return BatchNorm(
-        old.gamma.shape[0] if old.gamma.shape else 0,
+        # Unknown channels are 0 (or -1 under MXNet's NumPy shape semantics): deferred.
+        max(old.gamma.shape[0], 0) if old.gamma.shape else 0,
         axis=kwargs["axis"],
         eps=kwargs["eps"],
         momentum=1.0 - kwargs["momentum"],  # Gluon's momentum weighs the old value
