@@ -378,6 +378,17 @@ def _batchnorm_cases() -> list[BatchNormCase]:
             (6, 3, 5),
             steps=(Step("eval"), Step("train"), Step("eval")),
         ),
+        # An empty batch (SPEC.md section 2, *Empty batch*): an empty output, zero gamma
+        # and beta gradients, no state change in the canonical convention.
+        bn("bn/empty/rank2", (0, 3), steps=(Step("train"), Step("train"), Step("eval"))),
+        bn("bn/empty/rank4", (0, 3, 2, 2), steps=(Step("train"), Step("eval"))),
+        bn("bn/empty/spatial", (4, 3, 0), steps=(Step("train"), Step("eval"))),
+        bn(
+            "bn/empty/momentum-none",
+            (0, 3, 2),
+            settings=_s(momentum=None),
+            steps=(Step("train"), Step("train"), Step("eval")),
+        ),
         # A non-finite batch: the guard keeps every running statistic as it was.
         bn(
             "bn/nonfinite/nan",
@@ -420,6 +431,15 @@ def _batchnorm_cases() -> list[BatchNormCase]:
                 steps=(Step("train"), Step("train", "nan"), Step("eval")),
             ),
         ]
+        # An empty batch as the framework's own layer treats it (empty_batch).
+        out.append(
+            bn(
+                f"bn/preset-{preset}/empty",
+                (0, 3, 2, 2),
+                preset=preset,
+                steps=(Step("train"), Step("train"), Step("eval")),
+            )
+        )
         if PRESETS[preset]["allow_single_value"]:
             out.append(bn(f"bn/preset-{preset}/single-value", (1, 3), preset=preset))
     # Dtypes: float64, float16 and bfloat16 on a few shapes (float32 is everywhere above).

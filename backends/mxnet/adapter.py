@@ -133,6 +133,13 @@ class MXNetBase(Adapter):
         )
 
     def bn_step(self, layer: Built, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+        if 0 in x.shape:
+            # MXNet 1.x holds an empty array only under its NumPy shape semantics.
+            with mx().util.np_shape(True):
+                return self._bn_step(layer, x, dy, mode)
+        return self._bn_step(layer, x, dy, mode)
+
+    def _bn_step(self, layer: Built, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
         autograd = mx().autograd
         xt = to_nd(x)
         if dy is not None:
