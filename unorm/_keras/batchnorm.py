@@ -134,14 +134,21 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
     ``fit``), using and never updating its moving statistics. (With
     ``track_running_stats=False`` there are none; batch statistics are used.)
 
+    Empty batch: a batch of no values per feature (no samples, or a spatial size of 0;
+    under ``synchronized=True``, every replica's shard empty) is not an error: its output
+    is empty, its ``gamma``/``beta`` gradients are 0, and ``empty_batch`` says what it does
+    to the state, eagerly, in a ``tf.function`` and under XLA alike.
+
     Errors: a bad setting or input raises ``ValueError`` naming it (``inputs`` of rank
     other than the built one, of another feature count, or of an integer dtype; training
-    on one value per feature unless allowed, also where a mask keeps one or none), before
-    any weight is touched. Where the count is only known when the graph runs (a
-    ``tf.function`` traced with a ``None`` batch axis or given a mask, or a synchronized
-    global batch), that last check is a TensorFlow assertion instead; and where no check
-    can fail the call (XLA drops assertions; a JAX-traced function), such a batch leaves
-    the moving statistics unchanged.
+    on one value per feature unless allowed, also where a mask keeps one or none of a
+    nonempty batch), before any weight is touched. Where the count is only known when the
+    graph runs (a ``tf.function`` traced with a ``None`` batch axis or given a mask, or a
+    synchronized global batch), that last check is a TensorFlow assertion instead; and
+    where no check can fail the call (XLA drops assertions; a JAX-traced function), such a
+    batch leaves the moving statistics unchanged. ``preset="keras"`` takes a mask that
+    keeps nothing of a feature as Keras's layer does: with Keras's masked arithmetic (sums
+    over ``count + 1e-7``), that feature's mean and variance are 0 and are fed as such.
 
     Example:
         >>> import numpy as np
