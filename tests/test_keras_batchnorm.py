@@ -575,7 +575,13 @@ def test_fit_updates_running_stats_as_the_reference(jit_compile: bool, preset: A
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{}, {"preset": "keras"}, {"momentum": None, "axis": 1}, {"preset": "mxnet", "eps": 0.1}],
+    [
+        {},
+        {"preset": "keras"},
+        {"momentum": None, "axis": 1},
+        {"preset": "mxnet", "eps": 0.1},
+        {"preset": "keras", "empty_batch": "count"},
+    ],
 )
 def test_config_round_trip(kwargs: dict[str, Any]) -> None:
     layer = BatchNorm(**kwargs)
@@ -1064,3 +1070,30 @@ def test_a_masked_empty_batch_is_an_empty_batch(preset: Any, mode: str) -> None:
         np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, *STATE_TOL[::-1])
         if layer.num_batches_tracked is not None:
             assert int(layer.num_batches_tracked.numpy()) == running.num_batches_tracked
+
+
+@pytest.mark.parametrize("signature", [False, True])
+def test_keras_preset_masked_empty_batch_follows_an_empty_batch_rule_given(
+    signature: bool,
+) -> None:
+    """preset="keras" with another empty_batch rule: a masked empty batch follows that
+    rule (skip: nothing; count: counted), and the preset's own "nan" feeds Keras's zeros."""
+    got = {}
+    for rule in ("skip", "count", "nan"):
+        layer = BatchNorm(preset="keras", empty_batch=rule, momentum=None)
+        layer.build((None, 5, 3))
+        specs = [tf.TensorSpec([None, 5, 3]), tf.TensorSpec([None, 5], tf.bool)]
+        step = tf.function(
+            lambda x, m, layer=layer: layer(x, training=True, mask=m),
+            input_signature=specs if signature else None,
+        )
+        step(tf.ones((2, 5, 3)) * tf.range(3.0), tf.ones((2, 5), bool))
+        y = step(tf.zeros((0, 5, 3)), tf.zeros((0, 5), bool))
+        assert tuple(y.shape) == (0, 5, 3)
+        got[rule] = (layer.moving_mean.numpy(), int(layer.num_batches_tracked.numpy()))
+    np.testing.assert_allclose(got["skip"][0], [0.0, 1.0, 2.0], rtol=1e-6)
+    assert got["skip"][1] == 1
+    np.testing.assert_allclose(got["count"][0], [0.0, 1.0, 2.0], rtol=1e-6)
+    assert got["count"][1] == 2
+    np.testing.assert_allclose(got["nan"][0], [0.0, 0.5, 1.0], rtol=1e-6)  # 0 fed
+    assert got["nan"][1] == 2
