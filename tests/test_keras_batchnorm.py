@@ -850,16 +850,28 @@ def test_an_empty_channels_first_batch_of_unknown_size_follows_the_reference(mod
     _follow_reference(spec, [(4, 3, 5), (0, 3, 5), (2, 3, 6), (4, 3, 0), (3, 3, 2)], mode)
 
 
-def test_an_empty_batch_is_empty_in_inference_too() -> None:
-    layer = BatchNorm(momentum=None)
+@pytest.mark.parametrize("unknown", [False, True])
+@pytest.mark.parametrize("preset", [None, "keras"])
+def test_an_empty_batch_is_empty_in_inference_too(preset: Any, unknown: bool) -> None:
+    """Inference on an empty batch: an empty output, zero gamma/beta gradients (also
+    from the NaN moving statistics an empty training batch left under preset="keras"),
+    no state change."""
+    layer = BatchNorm(preset=preset)
     layer(np.ones((4, 3), np.float32), training=True)
+    layer(np.ones((0, 3), np.float32), training=True)
+    assert np.isnan(layer.moving_mean.numpy()).all() == (preset == "keras")
     before = [w.numpy().copy() for w in layer.weights]
-    xt = tf.zeros((0, 3))
-    with tf.GradientTape() as tape:
-        tape.watch(xt)
-        y = layer(xt, training=False)
-        loss = tf.reduce_sum(y)
-    grads = tape.gradient(loss, [xt, *layer.trainable_weights])
+
+    def infer(x: Any) -> Any:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=False)
+            loss = tf.reduce_sum(y)
+        return y, tape.gradient(loss, [x, *layer.trainable_weights])
+
+    if unknown:
+        infer = tf.function(infer, input_signature=[tf.TensorSpec([None, 3], tf.float32)])
+    y, grads = infer(tf.zeros((0, 3)))
     assert tuple(y.shape) == (0, 3)
     assert tuple(grads[0].shape) == (0, 3)
     for g in grads[1:]:

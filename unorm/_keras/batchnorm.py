@@ -362,8 +362,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         batch = training or not spec.track_running_stats
         # preset="keras" computes a masked batch in Keras's arithmetic, whatever the mask
         # keeps (SPEC.md section 2, *Empty batch*); every other setting counts what it keeps.
-        keras_mask = mask is not None and spec.preset == "keras"
-        if batch and self._static_empty(x, keras_mask):
+        keras_mask = batch and mask is not None and spec.preset == "keras"
+        if self._static_empty(x, batch, keras_mask):
             return self._empty_batch(x, gamma, beta, training)
         shift = None
         y = None
@@ -387,6 +387,10 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         else:
             mean = ops.cast(self.moving_mean, dtype)
             variance = ops.cast(self.moving_variance, dtype)
+            size = stats.count(x, self._reduce_axes)
+            if not isinstance(size, int):
+                # Maybe empty: zero gamma/beta gradients, also from NaN moving statistics.
+                gamma, beta = _no_gradient_where(ops.equal(size, 0), gamma, beta)
             if self._fusable(x, None, batch_statistics=False):
                 from .tf_runtime import fused_batch_norm_inference
 
@@ -412,16 +416,17 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
 
     # -- an empty batch (SPEC.md section 2, *Empty batch*) ----------------------------
 
-    def _static_empty(self, x: Any, keras_mask: bool) -> bool:
+    def _static_empty(self, x: Any, batch: bool, keras_mask: bool) -> bool:
         """Whether ``x`` is known, from its static shape, to hold no value per feature
-        (no samples, or a spatial size of 0), and is handled as an empty batch.
+        (no samples, or a spatial size of 0), and is handled as an empty batch, in any
+        mode (``batch``: normalised with batch statistics).
 
-        Not across replicas (another replica may hold values), and not for a masked
-        ``preset="keras"`` batch that feeds the statistics of no values (Keras's masked
-        arithmetic makes them 0, not NaN). A shape known only when the graph runs takes
-        the guarded branch of :meth:`_update` instead."""
+        Not for batch statistics across replicas (another replica may hold values), and
+        not for a masked ``preset="keras"`` batch that feeds the statistics of no values
+        (Keras's masked arithmetic makes them 0, not NaN). A shape known only when the
+        graph runs takes the guarded branch of :meth:`_update` instead."""
         size = stats.count(x, self._reduce_axes)
-        if not isinstance(size, int) or size != 0 or self._replicated():
+        if not isinstance(size, int) or size != 0 or (batch and self._replicated()):
             return False
         return not (keras_mask and self.spec.empty_batch == "nan")
 
