@@ -89,6 +89,21 @@ def test_other_presets_and_overrides() -> None:
     np.testing.assert_array_equal(ours[0].gamma.numpy(), first.gamma.numpy())
 
 
+@pytest.mark.parametrize("preset", ["keras", None, "torch"])
+def test_every_override_reaches_the_new_layers(preset: str | None) -> None:
+    # Each spec setting given to convert is the converted layers' setting, whatever the preset.
+    overrides = {
+        "empty_batch": "count",
+        "running_var": "unbiased",
+        "allow_single_value": False,
+        "skip_nonfinite": True,
+    }
+    ours = _bn_layers(convert(_sequential(), preset=preset, **overrides), BatchNorm)
+    for layer in ours:
+        for name, value in overrides.items():
+            assert getattr(layer.spec, name) == value, (preset, name)
+
+
 def test_convert_refuses_what_it_cannot_keep() -> None:
     renorm = keras.Sequential([keras.Input((3,)), layers.BatchNormalization(renorm=True)])
     with pytest.raises(ValueError, match="renorm=True"):

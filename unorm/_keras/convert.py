@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import keras
@@ -54,19 +55,12 @@ def _replacement(layer: Any, preset: str | None, overrides: dict[str, Any]) -> B
             scale=config["scale"],
             **overrides,
         )
+    # Every setting of the spec but the axis and the preset's name, so that no override
+    # (and no setting added to the spec later) is dropped on the way.
     settings = {
-        field: getattr(spec, field)
-        for field in (
-            "eps",
-            "momentum",
-            "center",
-            "scale",
-            "track_running_stats",
-            "running_var",
-            "skip_nonfinite",
-            "allow_single_value",
-            "update_on",
-        )
+        f.name: getattr(spec, f.name)
+        for f in dataclasses.fields(spec)
+        if f.name not in ("axis", "preset")
     }
     passed = {key: config[key] for key in _PASSED if key in config}
     return BatchNorm(spec.axis, preset=spec.preset, **settings, **passed)
