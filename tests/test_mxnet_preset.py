@@ -231,6 +231,29 @@ def test_convert_a_bare_layer_and_reject_global_stats() -> None:
         convert(gluon.nn.BatchNorm(), preset="caffe")
 
 
+def test_convert_refuses_a_frozen_nonzero_beta_before_replacing_anything() -> None:
+    # Gluon's center=False still adds its (frozen) beta: Gluon's own layer is the truth here.
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.BatchNorm(in_channels=3), gluon.nn.BatchNorm(center=False, in_channels=3))
+    net.initialize()
+    net[1].beta.set_data(mx.nd.array([1.0, 2.0, 3.0]))
+    x = mx.nd.array(np.random.default_rng(2).normal(size=(4, 3)))
+    beta = np.array([1.0, 2.0, 3.0])
+    # Inference with running mean 0 and variance 1: Gluon's output holds the stored beta.
+    np.testing.assert_allclose(
+        net[1](x).asnumpy(), x.asnumpy() / np.sqrt(1 + 1e-5) + beta, rtol=1e-5, atol=1e-6
+    )
+    with pytest.raises(ValueError, match=r"'.*batchnorm1': gluon.nn.BatchNorm\(center=False\)"):
+        convert(net)
+    assert [type(b) for b in net] == [gluon.nn.BatchNorm, gluon.nn.BatchNorm]  # nothing replaced
+    # A zero beta (what Gluon initialises) converts, and keeps Gluon's output.
+    net[1].beta.set_data(mx.nd.zeros(3))
+    want = net(x).asnumpy()
+    converted = convert(net)
+    assert not converted[1].spec.center
+    np.testing.assert_allclose(converted(x).asnumpy(), want, rtol=1e-6, atol=1e-6)
+
+
 def test_convert_leaves_subclasses_such_as_contrib_sync_batchnorm_as_they_are() -> None:
     # Only the exact type gluon.nn.BatchNorm is replaced (see convert's docstring).
     net = gluon.nn.HybridSequential()

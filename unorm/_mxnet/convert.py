@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import mxnet as mx
 from mxnet import gluon
 
 from ..spec import BatchNormSpec, validate_preset
@@ -13,10 +14,29 @@ from .batchnorm import BatchNorm
 __all__ = ["convert"]
 
 
+def _natives(block: Any) -> list[Any]:
+    """Every layer of exactly ``gluon.nn.BatchNorm`` type in ``block``, itself included."""
+    if type(block) is gluon.nn.BatchNorm:
+        return [block]
+    return [layer for _, child in internals.children(block) for layer in _natives(child)]
+
+
+def _check_convertible(old: Any) -> None:
+    """Refuse a layer whose numbers a unorm BatchNorm cannot keep (before any is replaced)."""
+    if internals.layer_arguments(old).get("use_global_stats"):
+        BatchNormSpec.from_native("mxnet", use_global_stats=True)  # raises, naming it
+    if not internals.differentiable(old.beta) and _adds_a_shift(old.beta):
+        # Gluon's center=False freezes beta but still adds it; unorm's adds 0 (SPEC.md
+        # section 2), and a frozen parameter cannot become a learned one here.
+        raise ValueError(
+            f"layer {old.name!r}: gluon.nn.BatchNorm(center=False) adds its stored beta, "
+            "which is not zero here, where unorm's center=False adds 0; set its beta to "
+            "zero (the output then changes by it) or build the layer with center=True"
+        )
+
+
 def _replacement(old: Any, preset: str | None) -> BatchNorm:
     kwargs = internals.layer_arguments(old)
-    if kwargs.get("use_global_stats"):
-        BatchNormSpec.from_native("mxnet", use_global_stats=True)  # raises, naming it
     center = internals.differentiable(old.beta)  # what Gluon built from center=
     scale = not kwargs["fix_gamma"]
     # The new layer asks its ParameterDict for gamma/beta with the grad_req that center and
@@ -38,6 +58,16 @@ def _replacement(old: Any, preset: str | None) -> BatchNorm:
         if contexts is not None:
             counter.initialize(ctx=contexts)
     return new
+
+
+def _adds_a_shift(beta: Any) -> bool:
+    """Whether a Gluon ``center=False`` layer's frozen beta is anything but zero (its values
+    once initialized, else its initializer)."""
+    try:
+        return bool((beta.data().abs().sum() > 0).asscalar())
+    except (RuntimeError, mx.gluon.parameter.DeferredInitializationError):
+        init = beta.init
+        return not (init is None or init == "zeros" or isinstance(init, mx.init.Zero))
 
 
 def _build(old: Any, kwargs: Any, center: bool, scale: bool, preset: str | None) -> BatchNorm:
@@ -71,7 +101,9 @@ def convert(block: Any, preset: str | None = "mxnet") -> Any:
     Gluon's numbers (biased running variance, update when backward runs), ``None`` switches
     to the canonical convention (unbiased feed, forward update, guard). Returns ``block``
     (or its replacement when ``block`` itself is a BatchNorm). Hybridize again afterwards if
-    the model was hybridized. ``use_global_stats=True`` layers raise ``ValueError``.
+    the model was hybridized. ``use_global_stats=True`` layers raise ``ValueError``, as
+    does a ``center=False`` layer whose frozen beta is not zero (Gluon adds it, unorm's
+    ``center=False`` adds 0); both before any layer is replaced.
 
     Only layers whose type is exactly ``gluon.nn.BatchNorm`` are replaced; its subclasses
     are left as they are, without a warning: ``gluon.nn.BatchNormReLU`` (the fused ReLU
@@ -90,6 +122,12 @@ def convert(block: Any, preset: str | None = "mxnet") -> Any:
     """
     if preset is not None:
         validate_preset(preset)
+    for old in _natives(block):  # every refusal before anything is replaced
+        _check_convertible(old)
+    return _convert(block, preset)
+
+
+def _convert(block: Any, preset: str | None) -> Any:
     if type(block) is gluon.nn.BatchNorm:
         return _replacement(block, preset)
     for name, child in internals.children(block):
@@ -101,6 +139,6 @@ def convert(block: Any, preset: str | None = "mxnet") -> Any:
                     # Block.__setattr__ refuses a change of layer type; this is deliberate.
                     object.__setattr__(block, attr, new)
         else:
-            convert(child, preset)
+            _convert(child, preset)
     internals.clear_cached_graph(block)
     return block
