@@ -34,13 +34,15 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 from ..spec import UnitAxes, normalize_unit_axes
-from .layer_kinds import LayoutTable, unit_plan
+from .layer_kinds import KernelLayout, LayoutTable, unit_plan
 
 __all__ = [
+    "ACCEPTED",
     "NOT_KNOWN",
     "Matcher",
     "Param",
@@ -62,6 +64,9 @@ class _NotKnown:
 #: :attr:`Param.axes` of a parameter whose layer has no rule of its own.
 NOT_KNOWN: Any = _NotKnown()
 
+#: What ``exclude`` and ``unit_axes`` take, on every backend (each its own objects).
+ACCEPTED = "parameters, layers or their names"
+
 #: Maps one ``exclude`` item or ``unit_axes`` key to the keys of the parameters it names
 #: (empty: it names none); None when the item is of a type the backend does not take.
 Matcher = Callable[[Any], "Sequence[Hashable] | None"]
@@ -82,6 +87,10 @@ class Param:
         groups: the layer's group count (used by ``conv_transpose``).
         axes: the backend's own unit axes for a layer outside the table, or
             :data:`NOT_KNOWN`.
+        layout: the layout of this parameter's weight where it is not the backend's
+            declared one for its kind (a Gluon convolution built channels-last), else None.
+        named_by: how the unknown-axis message tells the user to name this parameter in
+            ``unit_axes`` (default: its name, quoted).
     """
 
     key: Hashable
@@ -91,6 +100,8 @@ class Param:
     kind: str | None = None
     groups: int = 1
     axes: UnitAxes | Any = NOT_KNOWN
+    layout: KernelLayout | None = None
+    named_by: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,10 +146,11 @@ def unknown_axis_error(param: Param, hint: str = "") -> ValueError:
     where = (
         f" of {param.owner}" if param.owner is not None else ", which no layer of the model owns"
     )
+    named = param.named_by if param.named_by is not None else repr(param.name)
     return ValueError(
         f"AGC does not know the output-unit axis of parameter {param.name!r} "
         f"(shape {describe_shape(param.shape)}){where}; pass "
-        f"unit_axes={{{param.name!r}: <axis>}}{hint} or exclude it"
+        f"unit_axes={{{named}: <axis>}}{hint} or exclude it"
     )
 
 
@@ -147,7 +159,7 @@ def check_unit_axes_type(unit_axes: object) -> None:
     taken for an axis, a tuple compared with parameters)."""
     if unit_axes is None or isinstance(unit_axes, Mapping):
         return
-    if isinstance(unit_axes, bool) or not isinstance(unit_axes, int):
+    if isinstance(unit_axes, bool) or not isinstance(unit_axes, numbers.Integral):
         raise ValueError(
             "unit_axes must be an int (the axis of every parameter of rank >= 2), a mapping "
             f"from parameters to axes, or None, got {unit_axes!r}"
@@ -155,6 +167,8 @@ def check_unit_axes_type(unit_axes: object) -> None:
 
 
 def _items(value: Any, single: Callable[[Any], bool]) -> list[Any]:
+    if value is None:  # nothing excluded
+        return []
     if single(value) or not isinstance(value, Iterable):
         return [value]
     return list(value)
@@ -193,9 +207,9 @@ def resolve(
     exclude: Any = (),
     unit_axes: Any = None,
     single: Callable[[Any], bool] = lambda item: isinstance(item, str),
-    accepted: str = "parameters, layers or their names",
     name_of: Callable[[Any], str] = str,
     hint: str = "",
+    check_axes: bool = True,
 ) -> Resolution:
     """Decide how AGC treats each of ``params`` (module docstring: the precedence).
 
@@ -207,24 +221,34 @@ def resolve(
             item though iterable, e.g. a name or a layer).
         unit_axes: None, an int for every parameter of rank >= 2, or a mapping from
             items to axes.
-        accepted: what ``exclude`` and ``unit_axes`` take, for the message on a bad item.
         name_of: how an item is shown in messages.
         hint: a further way out for a parameter nothing gives an axis to (``", pass
             model=..."``), inserted in that message.
+        check_axes: False checks the names and axes given but leaves out, without an
+            error, the parameters nothing gives an axis to (a check made before the
+            parameters to clip are known).
 
     Raises ``ValueError`` for an item that names no parameter, a bad ``unit_axes``, an
     axis out of range or repeated, and a parameter nothing gives an axis to.
     """
     check_unit_axes_type(unit_axes)
     excluded: set[Hashable] = set()
-    for _, keys in _matched("exclude", _items(exclude, single), match, accepted, name_of):
+    for _, keys in _matched("exclude", _items(exclude, single), match, ACCEPTED, name_of):
         excluded.update(keys)
     overrides: dict[Hashable, UnitAxes] = {}
+    named_by: dict[Hashable, Any] = {}
     if isinstance(unit_axes, Mapping):
-        for item, keys in _matched("unit_axes", unit_axes, match, accepted, name_of):
+        for item, keys in _matched("unit_axes", unit_axes, match, ACCEPTED, name_of):
             for key in keys:
+                if key in overrides and overrides[key] != unit_axes[item]:
+                    raise ValueError(
+                        f"unit_axes gives one parameter two different axes: "
+                        f"{name_of(named_by[key])!r} says {overrides[key]!r}, "
+                        f"{name_of(item)!r} says {unit_axes[item]!r}"
+                    )
                 overrides[key] = unit_axes[item]
-    every = unit_axes if isinstance(unit_axes, int) else None
+                named_by[key] = item
+    every = int(unit_axes) if isinstance(unit_axes, numbers.Integral) else None
     targets: list[Target] = []
     for param in params:
         if param.key in excluded:
@@ -237,16 +261,17 @@ def resolve(
             targets.append(Target(param.key, param.name, shape, ()))
         elif every is not None:
             targets.append(Target(param.key, param.name, shape, _checked(every, shape, param.name)))
-        elif param.kind is not None and param.kind in layouts:
+        elif param.kind is not None and (param.layout is not None or param.kind in layouts):
+            layout = param.layout if param.layout is not None else layouts[param.kind]
             try:
-                plan = unit_plan(param.kind, layouts[param.kind], shape, param.groups)
+                plan = unit_plan(param.kind, layout, shape, param.groups)
             except ValueError as err:
                 raise ValueError(f"{err} (parameter {param.name!r})") from None
             targets.append(Target(param.key, param.name, shape, plan.axes, plan.view))
         elif param.axes is not NOT_KNOWN:
             axes = _checked(param.axes, shape, param.name)
             targets.append(Target(param.key, param.name, shape, axes))
-        else:
+        elif check_axes:
             raise unknown_axis_error(param, hint)
     return Resolution(tuple(targets), frozenset(excluded))
 
@@ -268,8 +293,9 @@ def layer_unit_axes(params: Sequence[Param], layouts: LayoutTable) -> dict[str, 
         shape = tuple(int(d) for d in param.shape)
         if len(shape) <= 1:
             continue
-        if param.kind is not None and param.kind in layouts:
-            axes = unit_plan(param.kind, layouts[param.kind], shape, param.groups).axes
+        if param.kind is not None and (param.layout is not None or param.kind in layouts):
+            layout = param.layout if param.layout is not None else layouts[param.kind]
+            axes = unit_plan(param.kind, layout, shape, param.groups).axes
         elif param.axes is not NOT_KNOWN:
             axes = _checked(param.axes, shape, param.name)
         else:

@@ -210,7 +210,6 @@ def resolve(
         exclude=exclude,
         unit_axes=unit_axes,
         single=_single,
-        accepted="keras Variables, Layers or names (str)",
         name_of=describe,
         hint="" if model is not None else ", model= (AGC reads the axis from its layer)",
     )

@@ -182,7 +182,6 @@ def _resolve(params: Any, exclude: Any, unit_axes: Any) -> list[_Target]:
         exclude=exclude,
         unit_axes=unit_axes,
         single=_single,
-        accepted="Parameters, Blocks or their names",
         name_of=_name_of,
     )
     # Parameters that take no gradient are left alone (as Gluon's optimizers do).

@@ -44,7 +44,6 @@ _ROW_MAJOR_PARAMS = re.compile(
     r"^(in_proj_weight|[qkv]_proj_weight|weight_(ih|hh|hr)_l\d+(_reverse)?)$"
 )
 _LAYOUTS = PLUGIN.layouts
-_ACCEPTED = "parameter or module names, modules or parameters"
 
 
 def _describe(module: nn.Module, pname: str, param: Tensor, qualified: str) -> Param:
@@ -125,7 +124,6 @@ def _resolve(
         exclude=exclude,
         unit_axes=unit_axes,
         single=_single,
-        accepted=_ACCEPTED,
         name_of=_name_of,
     )
 
