@@ -469,8 +469,8 @@ def warn_native_gaps(
         ...                      Layer("bn", "batchnorm", {}), stacklevel=2)
         >>> print(caught[0].message)
         'bn': Native cannot express the source's training semantics (running_var='unbiased',
-        skip_nonfinite=True, allow_single_value=False, update_on='forward'); eval output is
-        unchanged, training differs. Use convert() first.
+        skip_nonfinite=True, allow_single_value=False, update_on='forward',
+        empty_batch='skip'); eval output is unchanged, training differs. Use convert() first.
     """
     lost = spec.native_gaps(framework)
     if lost:
