@@ -347,3 +347,81 @@ def test_unowned_optimizer_parameter_of_rank_1_is_one_unit() -> None:
     opt.clip()
     expected = ref.agc_clip(np.full(4, 3.0), np.ones(4), None, clipping=0.01, eps=1e-3)
     np.testing.assert_allclose(gain.grad.numpy(), expected, rtol=1e-12)
+
+
+def test_every_axis_a_unit_clips_each_entry_alone() -> None:
+    m = nn.Linear(3, 2).double()
+    gen = torch.Generator().manual_seed(4)
+    m.weight.grad = torch.randn(2, 3, generator=gen, dtype=torch.float64)
+    m.bias.grad = torch.randn(2, generator=gen, dtype=torch.float64)
+    g, w = m.weight.grad.numpy().copy(), m.weight.detach().numpy().copy()
+    adaptive_clip_grad_(m, 0.05, unit_axes={"weight": (0, 1)})
+    # Each entry its own unit: |G_ij| <= 0.05 * max(|W_ij|, 1e-3), as the reference says.
+    want = ref.agc_clip(g, w, (0, 1), clipping=0.05, eps=1e-3)
+    np.testing.assert_allclose(m.weight.grad.numpy(), want, rtol=1e-12)
+    assert not np.allclose(want, ref.agc_clip(g, w, None, clipping=0.05, eps=1e-3))
+
+
+def test_a_sparse_gradient_is_refused_before_any_gradient_changes() -> None:
+    m = nn.ModuleDict({"fc": nn.Linear(4, 3), "emb": nn.Embedding(10, 4, sparse=True)})
+    (m["fc"](m["emb"](torch.tensor([1, 2, 3]))).pow(2).sum() * 1000).backward()
+    before = m["fc"].weight.grad.clone()
+    with pytest.raises(ValueError, match=r"AGC needs dense gradients.*'emb.weight'"):
+        adaptive_clip_grad_(m)
+    assert torch.equal(m["fc"].weight.grad, before)
+    opt = AGC(torch.optim.SGD(m.parameters(), lr=0.1), m)
+    with pytest.raises(ValueError, match="AGC needs dense gradients"):
+        opt.step()
+    assert torch.equal(m["fc"].weight.grad, before)
+
+
+def test_an_unowned_tensor_named_when_agc_is_made_can_join_later() -> None:
+    net = nn.Linear(3, 2)
+    extra = nn.Parameter(torch.ones(2, 2))
+    opt = AGC(torch.optim.SGD(net.parameters(), lr=0.1), net, unit_axes={extra: 1})
+    opt.add_param_group({"params": [extra]})
+    extra.grad = torch.full((2, 2), 5.0)
+    opt.clip()
+    want = ref.agc_clip(np.full((2, 2), 5.0), np.ones((2, 2)), 1, clipping=0.01, eps=1e-3)
+    np.testing.assert_allclose(extra.grad.numpy(), want, rtol=1e-6)
+    # Not named when AGC was made: refused, with the way out that works.
+    other = nn.Parameter(torch.ones(2, 2))
+    with pytest.raises(ValueError, match=r"unit_axes=\{<the tensor itself>: <axis>\}"):
+        opt.add_param_group({"params": [other]})
+
+
+def test_a_parameter_added_to_the_wrapped_optimizer_directly_is_not_skipped() -> None:
+    net = nn.Linear(3, 2)
+    inner = torch.optim.SGD(net.parameters(), lr=0.1)
+    opt = AGC(inner, net)
+    stray = nn.Parameter(torch.ones(2, 2))
+    inner.add_param_group({"params": [stray]})
+    stray.grad = torch.ones(2, 2)
+    net.weight.grad = torch.full((2, 3), 9.0)
+    with pytest.raises(ValueError, match=r"add parameter groups through AGC\.add_param_group"):
+        opt.clip()
+    assert torch.equal(net.weight.grad, torch.full((2, 3), 9.0))  # nothing clipped
+
+
+def test_a_lazy_module_must_run_before_agc_reads_it() -> None:
+    net = nn.Sequential(nn.LazyLinear(3))
+    with pytest.raises(ValueError, match=r"lazy module.*run the model once"):
+        AGC(torch.optim.SGD(net.parameters(), lr=0.1), net)
+    net(torch.ones(2, 4))
+    AGC(torch.optim.SGD(net.parameters(), lr=0.1), net)  # now it has shapes
+
+
+def test_exclude_none_and_a_wrong_exclude_type() -> None:
+    net = nn.Linear(3, 2)
+    net.weight.grad = torch.full((2, 3), 9.0)
+    adaptive_clip_grad_(net, exclude=None)  # nothing excluded: clipped
+    assert not torch.equal(net.weight.grad, torch.full((2, 3), 9.0))
+    with pytest.raises(ValueError, match="exclude takes parameters, layers or their names, got 5"):
+        adaptive_clip_grad_(net, exclude=5)  # type: ignore[arg-type]
+
+
+def test_two_unit_axes_entries_for_one_parameter_must_agree() -> None:
+    net = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="unit_axes gives one parameter two different axes"):
+        adaptive_clip_grad_(net, unit_axes={"0.weight": 0, "0": 1})
+    adaptive_clip_grad_(net, unit_axes={"0.weight": 0, "0": 0})  # the same axis: fine

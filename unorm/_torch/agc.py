@@ -75,6 +75,11 @@ def _module_params(module: nn.Module) -> tuple[list[Param], dict[int, Tensor]]:
             if id(param) in tensors:
                 continue
             qualified = f"{mname}.{pname}" if mname else pname
+            if isinstance(param, nn.parameter.UninitializedParameter):
+                raise ValueError(
+                    f"parameter {qualified!r} of {type(sub).__name__} has no shape yet (a "
+                    "lazy module): run the model once before AGC reads its layers"
+                )
             params.append(_describe(sub, pname, param, qualified))
             tensors[id(param)] = param
     return params, tensors
@@ -165,10 +170,15 @@ def final_classifier(model: nn.Module) -> nn.Module:
 def _clip_one(param: Tensor, grad: Tensor, target: Target, settings: AGCSpec) -> None:
     g = grad if target.view is None else grad.view(target.view)
     w = param.detach() if target.view is None else param.detach().view(target.view)
-    dims = target.reduce_axes if target.axes else None  # no unit axes: one unit
     norm_dtype = torch.float32 if g.dtype in _HALF else None
-    w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=norm_dtype)
-    g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=norm_dtype)
+    if target.axes and not target.reduce_axes:
+        # Every axis indexes the units: each entry is its own unit. (vector_norm reads
+        # dim=() as "every axis", which would make the whole tensor one unit.)
+        w_norm, g_norm = w.abs().to(norm_dtype or w.dtype), g.abs().to(norm_dtype or g.dtype)
+    else:
+        dims = target.reduce_axes if target.axes else None  # no unit axes: one unit
+        w_norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=norm_dtype)
+        g_norm = torch.linalg.vector_norm(g, dim=dims, keepdim=True, dtype=norm_dtype)
     max_norm = settings.clipping * w_norm.clamp(min=settings.eps)
     clip = torch.isfinite(g_norm) & (g_norm > max_norm)
     # Units under the threshold are multiplied by exactly 1: unchanged, bit for bit.
@@ -224,10 +234,22 @@ def adaptive_clip_grad_(
             tensors.setdefault(id(tensor), tensor)
         described = _bare(tensors.values())
     plan = _resolve(described, tensors, exclude, unit_axes)
-    for target in plan.targets:
-        param = tensors[target.key]  # type: ignore[index]
+    pairs = [(tensors[t.key], t) for t in plan.targets]  # type: ignore[index]
+    _check_grads(pairs)
+    for param, target in pairs:
         if param.grad is not None:
             _clip_one(param, param.grad, target, settings)
+
+
+def _check_grads(pairs: Iterable[tuple[Tensor, Target]]) -> None:
+    """Refuse, before any gradient changes, a gradient AGC cannot clip: sparse ones
+    (``nn.Embedding(sparse=True)``) have no per-row norm kernel in PyTorch."""
+    for param, target in pairs:
+        if param.grad is not None and param.grad.layout != torch.strided:
+            raise ValueError(
+                f"AGC needs dense gradients, the gradient of {target.name!r} has layout "
+                f"{param.grad.layout}; create the layer with sparse=False"
+            )
 
 
 class AGC(torch.optim.Optimizer):
@@ -286,16 +308,29 @@ class AGC(torch.optim.Optimizer):
         layer of the module owns and no ``unit_axes`` entry covers."""
         extra: dict[int, Tensor] = {}
         unowned: list[Param] = []
+
+        def add(tensor: Tensor, name: str) -> None:
+            if id(tensor) not in self._tensors and id(tensor) not in extra:
+                extra[id(tensor)] = tensor
+                # Such a tensor is named in unit_axes or exclude by itself (no name exists).
+                shape = tuple(tensor.shape)
+                unowned.append(Param(id(tensor), name, shape, named_by="<the tensor itself>"))
+
         for g, group in enumerate(groups):
             listed = group["params"]
             for i, tensor in enumerate([listed] if isinstance(listed, Tensor) else listed):
-                if id(tensor) not in self._tensors and id(tensor) not in extra:
-                    extra[id(tensor)] = tensor
-                    unowned.append(
-                        Param(id(tensor), f"param_groups[{g}][{i}]", tuple(tensor.shape))
-                    )
+                add(tensor, f"param_groups[{g}][{i}]")
+        # Tensors named in unit_axes or exclude that no layer owns may join the optimizer
+        # later (add_param_group): they are known by themselves.
+        named = list(self._unit_axes) if isinstance(self._unit_axes, Mapping) else []
+        exclude: Any = self._exclude
+        excluded = [exclude] if _single(exclude) else list(exclude or ())
+        for item in [*named, *excluded]:
+            if isinstance(item, Tensor):
+                add(item, f"tensor of shape {tuple(item.shape)}")
         params = self._params + unowned
         plan = _resolve(params, {**self._tensors, **extra}, self._exclude, self._unit_axes)
+        self._excluded = plan.excluded
         return plan.by_key()  # type: ignore[return-value]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -311,12 +346,23 @@ class AGC(torch.optim.Optimizer):
 
     def clip(self) -> None:
         """Clip the gradients of the optimizer's parameters in place (AGC)."""
+        pairs: list[tuple[Tensor, Target]] = []
         for group in self.param_groups:
             for param in group["params"]:
                 target = self._targets.get(id(param))
-                if param.grad is None or target is None:  # no target: excluded
+                if param.grad is None or id(param) in self._excluded:
                     continue
-                _clip_one(param, param.grad, target, self.settings)
+                if target is None:
+                    raise ValueError(
+                        f"a parameter of shape {tuple(param.shape)} reached the wrapped "
+                        "optimizer without AGC: add parameter groups through "
+                        "AGC.add_param_group, which resolves their output-unit axes"
+                    )
+                pairs.append((param, target))
+        _check_grads(pairs)  # every check before any gradient changes
+        for param, target in pairs:
+            assert param.grad is not None  # pairs hold parameters with a gradient only
+            _clip_one(param, param.grad, target, self.settings)
 
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         """Clip, then step the wrapped optimizer. ``closure`` re-evaluates the loss."""
