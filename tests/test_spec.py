@@ -99,7 +99,7 @@ def test_from_native_translates_conventions(
         ({"update_on": "step"}, r"update_on must be one of 'forward', 'backward', got 'step'"),
         (
             {"preset": "pytorch"},
-            r"preset must be one of 'keras', 'mxnet', 'torch' or None, got 'pytorch'",
+            r"preset must be one of 'torch', 'keras', 'mxnet' or None, got 'pytorch'",
         ),
     ],
 )
@@ -112,7 +112,7 @@ def test_batchnorm_validation_names_parameter_value_and_range(
 
 def test_unknown_preset_and_native_arguments() -> None:
     with pytest.raises(
-        ValueError, match="preset must be one of 'keras', 'mxnet', 'torch' or None, got 'tf'"
+        ValueError, match="preset must be one of 'torch', 'keras', 'mxnet' or None, got 'tf'"
     ):
         BatchNormSpec.from_preset("tf")
     with pytest.raises(ValueError, match="unknown argument"):

@@ -28,7 +28,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 
 from ._core import layer_kinds
-from ._core.registry import plugin, plugin_names, plugins
+from ._core.registry import plugin, plugins_in_order
 
 __all__ = [
     "AGC_GRAD_NORM_FLOOR",
@@ -321,14 +321,14 @@ class BatchNormSpec:
 #: The native presets: each backend's own BatchNorm semantics, as unorm settings, from its
 #: plug-in declaration. Sources are cited in ``SPEC.md`` section 4.
 PRESETS: Mapping[str, Mapping[str, Any]] = {
-    p.name: {**p.native_preset, "preset": p.name} for p in plugins()
+    p.name: {**p.native_preset, "preset": p.name} for p in plugins_in_order()
 }
 
 
 def validate_preset(preset: object) -> PresetName:
     """Return ``preset`` if it names a preset; raise ``ValueError`` listing them if not."""
     if not isinstance(preset, str) or preset not in PRESETS:
-        listed = ", ".join(repr(name) for name in plugin_names())
+        listed = ", ".join(repr(name) for name in PRESETS)
         raise _fail("preset", preset, f"one of {listed} or None")
     return preset
 
