@@ -121,14 +121,15 @@ def test_added_work_is_measured_against_its_own_floor() -> None:
         "a",
         "test",
         {},
-        unorm=lambda: time.sleep(0.004),
-        native=lambda: time.sleep(0.001),
-        added_bytes=3 * 10**6,
+        unorm=lambda: time.sleep(0.025),
+        native=lambda: time.sleep(0.005),
+        added_bytes=20 * 10**6,
         added_target=1.3,
     )
     result = measure(bench, repeats=3, warmup=0, number=1, bandwidth=1e9)
-    # unorm - native ~ 3 ms over a 3 ms floor: ~1, and never below the sleep's 3 ms.
-    assert 0.9 < result.added_floor_ratio < 3.0
+    # unorm - native ~ 20 ms over a 20 ms floor: ~1. The sleeps are long against the few
+    # milliseconds a loaded machine oversleeps, so the bounds hold on a busy CI machine.
+    assert 0.7 < result.added_floor_ratio < 3.0
     assert result.target_met is (result.added_floor_ratio <= 1.3)
     assert (
         Result("t", "b", {}, 2.0, 1.0, 2.0, added_floor_ratio=1.4, added_target=1.3).target_met
