@@ -368,10 +368,12 @@ def test_unknown_layers_need_unit_axes() -> None:
     block = _bilinear()
     block.initialize(mx.init.Constant(1.0))
     block.w.grad()[:] = 100.0
-    with pytest.raises(
-        ValueError, match=r"output-unit axis of parameter 'bil_w' \(shape \(2, 3\)\)"
-    ):
+    with pytest.raises(ValueError) as err:
         adaptive_clip_grad(block)
+    assert str(err.value) == (
+        "AGC does not know the output-unit axis of parameter 'bil_w' (shape (2, 3)) of "
+        "Bilinear; pass unit_axes={'bil_w': <axis>} or exclude it"
+    )
     adaptive_clip_grad(block.collect_params(), unit_axes={"bil_w": 1}, clipping=0.1)
     expected = ref.agc_clip(np.full((2, 3), 100.0), np.ones((2, 3)), 1, clipping=0.1)
     np.testing.assert_allclose(block.w.grad().asnumpy(), expected, rtol=1e-6)
@@ -427,3 +429,124 @@ def test_an_int_unit_axes_applies_to_every_parameter_of_rank_2_and_more() -> Non
         axes = 1 if len(p.shape) >= 2 else None
         want = ref.agc_clip(grads[name], weights[name], axes, clipping=0.02, eps=1e-3)
         np.testing.assert_allclose(p.grad().asnumpy(), want, rtol=2e-6, err_msg=name)
+
+
+def _custom_in_a_model() -> Any:
+    """A Dense, then a custom Block with a registered (2, 2) weight ``u_w`` and a (2, 3)
+    ``u_v`` it created with ``params.get`` without keeping it as an attribute."""
+
+    class Mixer(gluon.HybridBlock):  # type: ignore[misc]
+        def __init__(self) -> None:
+            super().__init__(prefix="u_")
+            self.w = self.params.get("w", shape=(2, 2))
+            self.params.get("v", shape=(2, 3))
+
+        def hybrid_forward(self, F: Any, x: Any, w: Any) -> Any:
+            return F.dot(x, w)
+
+    net = gluon.nn.HybridSequential(prefix="m_")
+    with net.name_scope():
+        net.add(gluon.nn.Dense(2, in_units=3))
+    net.add(Mixer())
+    net.initialize(mx.init.Constant(1.0))
+    return net
+
+
+def test_the_unknown_layer_error_names_the_owning_block() -> None:
+    net = _custom_in_a_model()
+    with pytest.raises(ValueError) as err:
+        adaptive_clip_grad(net)
+    assert str(err.value) == (
+        "AGC does not know the output-unit axis of parameter 'u_w' (shape (2, 2)) of Mixer; "
+        "pass unit_axes={'u_w': <axis>} or exclude it"
+    )
+    with pytest.raises(ValueError) as err:
+        adaptive_clip_grad(net, exclude=["u_w"])
+    assert str(err.value) == (
+        "AGC does not know the output-unit axis of parameter 'u_v' (shape (2, 3)) of Mixer; "
+        "pass unit_axes={'u_v': <axis>} or exclude it"
+    )
+    # A bare parameter list has no layers: no owner to name.
+    with pytest.raises(ValueError, match=r"'u_w' \(shape \(2, 2\)\), which no layer"):
+        adaptive_clip_grad(net.collect_params(), exclude=["m_dense0_weight"])
+    # The Dense weight keeps its kind beside the unknown Block.
+    assert unit_axes_of(net) == {"m_dense0_weight": 0}
+
+
+def test_exclude_of_a_wrong_type_is_refused_and_none_excludes_nothing() -> None:
+    net = _regression("x_")
+    with pytest.raises(ValueError) as err:
+        adaptive_clip_grad(net, exclude=5)
+    assert str(err.value) == "exclude takes parameters, layers or their names, got 5"
+    params = net.collect_params()
+    grads = {n: np.full(p.shape, 50.0, np.float32) for n, p in params.items()}
+    weights = {n: p.data().asnumpy().astype(np.float64) for n, p in params.items()}
+    for name, p in params.items():
+        p.grad()[:] = grads[name]
+    adaptive_clip_grad(net, clipping=0.01, exclude=None)
+    for name, p in params.items():
+        axes = 0 if len(p.shape) == 2 else None  # Dense (units, in): rows; biases one unit
+        want = ref.agc_clip(grads[name], weights[name], axes, clipping=0.01, eps=1e-3)
+        assert not np.allclose(want, grads[name])  # every parameter, the classifier too
+        np.testing.assert_allclose(p.grad().asnumpy(), want, rtol=2e-6, err_msg=name)
+
+
+# Channels-last convolutions. Gluon 1.9 stores their weights as Conv (O, *k, I/g) and
+# Conv*DTranspose (I, *k, O/g) (shapes below), but its CPU kernels run neither forward
+# ("could not create a descriptor"), and Conv1D/Conv1DTranspose refuse "NWC" when built.
+# The clipping needs no forward pass: the gradients are set by hand. The unit axes are
+# those of SPEC.md section 5 for these stored layouts, written out by hand.
+_CHANNELS_LAST = [
+    # (layer, weight shape, unit axes of the weight, or of the grouped view)
+    ("Conv2DTranspose", {"layout": "NHWC"}, (4, 3, 3, 6), (3,), None),
+    ("Conv3DTranspose", {"layout": "NDHWC"}, (4, 3, 3, 3, 6), (4,), None),
+    ("Conv2DTranspose", {"layout": "NHWC", "groups": 2}, (4, 3, 3, 3), (0, 4), (2, 2, 3, 3, 3)),
+    ("Conv2D", {"layout": "NHWC"}, (6, 3, 3, 4), (0,), None),
+    ("Conv2D", {"layout": "NHWC", "groups": 2}, (6, 3, 3, 2), (0,), None),
+    ("Conv3D", {"layout": "NDHWC"}, (6, 3, 3, 3, 4), (0,), None),
+]
+
+
+@pytest.mark.parametrize(("layer", "kwargs", "shape", "axes", "view"), _CHANNELS_LAST)
+def test_channels_last_convolutions_clip_per_output_channel(
+    layer: str,
+    kwargs: dict[str, Any],
+    shape: tuple[int, ...],
+    axes: tuple[int, ...],
+    view: tuple[int, ...] | None,
+) -> None:
+    block = getattr(gluon.nn, layer)(6, 3, in_channels=4, prefix="cl_", **kwargs)
+    block.initialize(mx.init.Normal(0.5))
+    w = block.weight.data().asnumpy()
+    assert w.shape == shape  # Gluon's stored layout
+    assert unit_axes_of(block) == {"cl_weight": axes[0] if len(axes) == 1 else axes}
+    clipped_shape = view or shape
+    # Gradient scales over four decades along the output units (six of them).
+    scales = np.ones(clipped_shape)
+    unit_shape = [clipped_shape[a] if a in axes else 1 for a in range(len(clipped_shape))]
+    scales = scales * np.logspace(-3, 1, 6).reshape(unit_shape)
+    rng = np.random.default_rng(11)
+    g = (rng.standard_normal(clipped_shape) * scales).reshape(shape).astype(np.float32)
+    block.weight.grad()[:] = g
+    adaptive_clip_grad(block, clipping=0.05)
+    got = block.weight.grad().asnumpy()
+    want = ref.agc_clip(g.reshape(clipped_shape), w.reshape(clipped_shape), axes, clipping=0.05)
+    np.testing.assert_allclose(got, want.reshape(shape), rtol=1e-6, atol=1e-9)
+    reduce = tuple(a for a in range(len(clipped_shape)) if a not in axes)
+    changed = ~np.all(got.reshape(clipped_shape) == g.reshape(clipped_shape), axis=reduce)
+    assert changed.any() and not changed.all()  # some of the six units clip, some do not
+    if "Transpose" in layer:  # axis 1, the channels-first rule, is a kernel axis here
+        assert not np.allclose(got, ref.agc_clip(g, w, 1, clipping=0.05), rtol=1e-3)
+
+
+def test_channels_last_depthwise_and_channels_first_layouts_keep_axis_0() -> None:
+    net = gluon.nn.HybridSequential(prefix="d_")
+    with net.name_scope():
+        net.add(
+            gluon.nn.Conv2D(4, 3, in_channels=4, groups=4, layout="NHWC"),  # (4, 3, 3, 1)
+            gluon.nn.Conv2D(4, 3, in_channels=2, layout="NCHW"),
+            gluon.nn.Conv3DTranspose(4, 3, in_channels=2, layout="NCDHW"),
+        )
+    net.initialize()
+    assert net[0].weight.shape == (4, 3, 3, 1)
+    assert unit_axes_of(net) == {"d_conv0_weight": 0, "d_conv1_weight": 0, "d_conv2_weight": 1}

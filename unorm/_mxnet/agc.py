@@ -8,7 +8,10 @@ Dense ``(units, in)`` and Conv ``(O, I/g, *k)`` axis 0, Conv*DTranspose ``(I, O/
 axis 1, Embedding one unit per row; parameters of rank <= 1 are one unit. A grouped
 transposed convolution (``groups = g > 1``) is clipped on the view ``(g, I/g, O/g, *k)``
 of its weight and gradient with unit axes ``(0, 2)``: axis 1 alone would gather the output
-channels ``j, j + O/g, ...`` of all groups into one unit.
+channels ``j, j + O/g, ...`` of all groups into one unit. A convolution built
+channels-last (``layout="NHWC"`` or ``"NDHWC"``) stores Conv ``(O, *k, I/g)`` and
+Conv*DTranspose ``(I, *k, O/g)``: the unit axis is 0, respectively the last, and a grouped
+one is clipped on the view ``(g, I/g, *k, O/g)`` with unit axes ``(0, last)``.
 
 The *effective* gradient is what the optimizer consumes: ``Trainer.step(batch_size)``
 multiplies the stored gradient by ``rescale_grad = 1/batch_size`` (times the Trainer's own
@@ -33,6 +36,7 @@ import numpy as np
 from mxnet import gluon
 
 from .._core.agc_plan import Param, Target, layer_unit_axes, resolve
+from .._core.layer_kinds import KernelLayout
 from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes
 from . import internals
 from .plugin import PLUGIN
@@ -62,22 +66,93 @@ def _layer_kind(block: Any) -> str | None:
     return None
 
 
-def _owners(root: Any) -> dict[str, tuple[str, str, int]]:
-    """``(layer type, kind, groups)`` of every weight whose layer AGC knows, by name."""
-    owners: dict[str, tuple[str, str, int]] = {}
-    for layer in _blocks(root):
-        kind = _layer_kind(layer)
-        if kind is not None:
-            owners[layer.weight.name] = (type(layer).__name__, kind, internals.groups(layer))
+#: The weight layout of a convolution built channels-last (``layout="NHWC"``, ``"NDHWC"``):
+#: Gluon stores Conv ``(O, *k, I/g)`` and Conv*DTranspose ``(I, *k, O/g)``, the logical
+#: axes ``a`` first, ``b`` last, not the declared channels-first ``(a, b, *k)``.
+_CHANNELS_LAST = KernelLayout("a k b")
+
+
+def _weight_layout(block: Any, kind: str) -> KernelLayout | None:
+    """The layout of ``block``'s weight where it is not the plug-in's declared one for
+    ``kind`` (a convolution whose layout string does not start with ``"NC"``), else None."""
+    if kind not in ("conv", "conv_transpose"):
+        return None
+    layout = internals.layer_arguments(block).get("layout")
+    if layout is None or str(layout).upper().startswith("NC"):
+        return None
+    return _CHANNELS_LAST
+
+
+class _Owner:
+    """The Block that registered a parameter: its type name and, for the weight of a layer
+    AGC knows, the kind, group count and (channels-last) layout."""
+
+    __slots__ = ("groups", "kind", "layout", "type_name")
+
+    def __init__(
+        self,
+        type_name: str,
+        kind: str | None = None,
+        groups: int = 1,
+        layout: KernelLayout | None = None,
+    ) -> None:
+        self.type_name = type_name
+        self.kind = kind
+        self.groups = groups
+        self.layout = layout
+
+
+def _registered(block: Any) -> list[Any]:
+    """The parameters ``block`` itself holds, not its children's: those it registered as
+    attributes, then any it created with ``block.params.get`` without assigning one."""
+    own = list(internals.own_parameters(block).values())
+    seen = {p.name for p in own}
+    return own + [p for name, p in block.params.items() if name not in seen]
+
+
+def _owners(root: Any) -> dict[str, _Owner]:
+    """The owning Block of every parameter of ``root``, by parameter name; the kind only
+    for the weight of a layer AGC knows. A parameter shared by several Blocks takes the
+    first that owns it as a known layer's weight, else the first that holds it."""
+    owners: dict[str, _Owner] = {}
+    for block in _blocks(root):
+        kind = _layer_kind(block)
+        for param in _registered(block):
+            if kind is not None and param is block.weight:
+                known = owners.get(param.name)
+                if known is None or known.kind is None:
+                    owners[param.name] = _Owner(
+                        type(block).__name__,
+                        kind,
+                        internals.groups(block),
+                        _weight_layout(block, kind),
+                    )
+            else:
+                owners.setdefault(param.name, _Owner(type(block).__name__))
     return owners
 
 
 def _params(table: Mapping[str, Any], root: Any) -> list[Param]:
+    """The core's records of the parameters in ``table``, with their owners in ``root``
+    (None: a bare parameter list, which no layer owns)."""
     owners = {} if root is None else _owners(root)
     out = []
     for name, param in table.items():
-        owner, kind, groups = owners.get(name, (None, None, 1))
-        out.append(Param(name, name, tuple(param.shape), owner, kind, groups))
+        owner = owners.get(name)
+        if owner is None:
+            out.append(Param(name, name, tuple(param.shape)))
+        else:
+            out.append(
+                Param(
+                    name,
+                    name,
+                    tuple(param.shape),
+                    owner.type_name,
+                    owner.kind,
+                    owner.groups,
+                    layout=owner.layout,
+                )
+            )
     return out
 
 
@@ -89,8 +164,10 @@ def unit_axes_of(block: Any) -> dict[str, UnitAxes]:
     (``groups = g > 1``) reports ``(0, 2)``: axes of its weight *viewed* as
     ``(g, I/g, O/g, *k)``, which :func:`adaptive_clip_grad` and :class:`AGC` apply when given
     the Block. As ``unit_axes`` overrides they would apply to the weight itself, so pass the
-    Block, not its ParameterDict, for such layers. Biases (rank 1) are not listed: they are
-    one unit.
+    Block, not its ParameterDict, for such layers. A channels-last convolution
+    (``layout="NHWC"``) stores Conv ``(O, *k, I/g)`` (axis 0) and Conv*DTranspose
+    ``(I, *k, O/g)`` (the last axis; grouped: ``(0, last)`` of ``(g, I/g, *k, O/g)``).
+    Biases (rank 1) are not listed: they are one unit.
 
     Example:
         >>> from mxnet import gluon
