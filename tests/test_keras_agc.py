@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import numpy as np
@@ -529,3 +530,190 @@ def test_a_misspelled_exclude_is_refused_when_the_optimizer_is_made() -> None:
     model = _dense_model()
     with pytest.raises(ValueError, match=r"exclude names no parameter or layer .*\['head'\]"):
         AGC(keras.optimizers.SGD(), model, exclude="head")
+
+
+# -- owners, frozen layers, gradient shapes --------------------------------------------
+
+
+class _Bilinear(keras.layers.Layer):
+    """A layer AGC does not know, with one rank-2 weight ``p``."""
+
+    def build(self, input_shape: Any) -> None:
+        self.p = self.add_weight(shape=(2, 2), name="p")
+
+    def call(self, x: Any) -> Any:
+        return keras.ops.matmul(x, self.p)
+
+
+class _Block(keras.layers.Layer):
+    """A layer AGC does not know holding a Dense: the Dense kernel's owner is the Dense."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.fc = keras.layers.Dense(3, name="fc")
+
+    def build(self, input_shape: Any) -> None:
+        self.fc.build(input_shape)
+        self.mix = self.add_weight(shape=(3, 3), name="mix")
+
+    def call(self, x: Any) -> Any:
+        return keras.ops.matmul(self.fc(x), self.mix)
+
+
+def _unknown_axis_message(path: str, shape: tuple[int, ...], owner: str) -> str:
+    """SPEC.md section 5's message, written out."""
+    return (
+        f"^AGC does not know the output-unit axis of parameter {re.escape(repr(path))} "
+        f"\\(shape {re.escape(str(shape))}\\) of {owner}; pass "
+        f"unit_axes={re.escape('{' + repr(path) + ': <axis>}')} or exclude it$"
+    )
+
+
+def test_the_unknown_axis_error_names_the_layer_type() -> None:
+    model = keras.Sequential([keras.Input((2,)), _Bilinear(name="bil")])
+    (p,) = model.trainable_variables
+    message = _unknown_axis_message(p.path, (2, 2), "_Bilinear")
+    with pytest.raises(ValueError, match=message):
+        AGC(keras.optimizers.SGD(), model).build(model.trainable_variables)
+    grad = np.ones((2, 2), "float32")
+    with pytest.raises(ValueError, match=message):
+        adaptive_clip_grad([grad], [p], model)
+
+
+def test_a_nested_layer_owns_its_weights() -> None:
+    keras.utils.set_random_seed(1)
+    model = keras.Sequential([keras.Input((4,)), _Block(name="block")])
+    kernel, bias, mix = (
+        next(v for v in model.weights if v.path.endswith(n))
+        for n in ("fc/kernel", "fc/bias", "mix")
+    )
+    variables = [kernel, bias, mix]
+    with pytest.raises(ValueError, match=_unknown_axis_message(mix.path, (3, 3), "_Block")):
+        adaptive_clip_grad([np.ones(v.shape, "float32") for v in variables], variables, model)
+    assert unit_axes_of(model) == {kernel.path: 1}
+    rng = np.random.default_rng(2)
+    grads = [rng.standard_normal(tuple(v.shape)).astype(np.float32) for v in variables]
+    out = adaptive_clip_grad(grads, variables, model, unit_axes={"block/mix": 0})
+    for v, g, c, axes in zip(variables, grads, out, [-1, None, 0], strict=True):
+        want = ref.agc_clip(g, np.array(v.numpy(), np.float64), axes)
+        np.testing.assert_allclose(np.asarray(c), want, rtol=2e-6, atol=1e-7, err_msg=v.path)
+
+
+def _frozen_body_model() -> Any:
+    model = _dense_model()
+    model.get_layer("a").trainable = False
+    return model
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"exclude": "a"},
+        {"exclude": "a/kernel"},
+        {"exclude": ["b/bias", "a"]},
+        {"unit_axes": {"a": 0}},
+        {"unit_axes": {"a/kernel": 0, "b/kernel": 0}},
+    ],
+)
+def test_a_frozen_layer_may_be_named(kwargs: dict[str, Any]) -> None:
+    model = _frozen_body_model()
+    x, y = _dense_data(7)
+    weights = [v.numpy() for v in model.trainable_variables]
+    grads = _gradients(model, x, y)
+    inner = Recorder(0.1)
+    agc = AGC(inner, model, **kwargs)  # refused before: "names no parameter or layer"
+    agc.apply([tf.constant(g) for g in grads], model.trainable_variables)
+    axes = kwargs.get("unit_axes", {}).get("b/kernel", -1)
+    bias_excluded = "b/bias" in kwargs.get("exclude", [])
+    np.testing.assert_allclose(
+        inner.seen[0].numpy(), ref.agc_clip(grads[0], weights[0], axes), rtol=1e-5
+    )
+    if bias_excluded:
+        np.testing.assert_array_equal(inner.seen[1].numpy(), grads[1])
+    else:
+        np.testing.assert_allclose(
+            inner.seen[1].numpy(), ref.agc_clip(grads[1], weights[1], None), rtol=1e-5
+        )
+    assert [s.path.split("/", 1)[1] for s in agc.variable_settings] == ["b/kernel", "b/bias"]
+    weights = [v.numpy() for v in model.trainable_variables]  # after the update
+    out = adaptive_clip_grad(grads, model.trainable_variables, model, **kwargs)
+    np.testing.assert_allclose(
+        np.asarray(out[0]), ref.agc_clip(grads[0], weights[0], axes), rtol=1e-5
+    )
+
+
+def test_a_frozen_layer_of_unknown_kind_needs_no_axis() -> None:
+    model = keras.Sequential(
+        [keras.Input((2,)), _Bilinear(name="bil"), keras.layers.Dense(3, name="head")]
+    )
+    model.get_layer("bil").trainable = False
+    agc = AGC(keras.optimizers.SGD(), model, unit_axes={"bil/p": 1})
+    agc.build(model.trainable_variables)
+    assert [s.unit_axes for s in agc.variable_settings] == [(1,), ()]
+
+
+def test_naming_no_weight_of_a_model_with_a_frozen_layer_is_still_refused() -> None:
+    message = r"exclude names no parameter or layer of the model: \['nobody'\]"
+    with pytest.raises(ValueError, match=message):
+        AGC(keras.optimizers.SGD(), _frozen_body_model(), exclude="nobody")
+    model = _frozen_body_model()
+    agc = AGC(keras.optimizers.SGD(), exclude="a")  # no model: the frozen "a" is unknown
+    with pytest.raises(ValueError, match=r"exclude names no parameter .*\['a'\]"):
+        agc.build(model.trainable_variables)
+    with pytest.raises(ValueError, match=r"unit_axes must be an integer in \[-2, 2\)"):
+        AGC(keras.optimizers.SGD(), model, unit_axes={"a/kernel": 2})
+
+
+@pytest.mark.parametrize(
+    ("grad_shape", "want"),
+    [((1, 3), "(1, 3) and (3, 3)"), ((3,), "(3,) and (3, 3)"), ((3, 4), "(3, 4) and (3, 3)")],
+)
+def test_a_gradient_of_another_shape_is_refused(grad_shape: tuple[int, ...], want: str) -> None:
+    fc = keras.layers.Dense(3, name="fc")
+    fc.build((None, 3))
+    g = np.full(grad_shape, 100.0, "float32")
+    with pytest.raises(ValueError) as reference:
+        ref.agc_clip(g, fc.kernel.numpy(), -1)
+    message = f"{reference.value} (variable 'fc/kernel')"
+    assert want in message
+    bias_grad = np.full((3,), 100.0, "float32")
+    for args in ([bias_grad, g], [fc.bias, fc.kernel]), ([g, bias_grad], [fc.kernel, fc.bias]):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            adaptive_clip_grad(*args, fc)
+
+
+def test_a_gradient_of_unknown_size_in_a_traced_function_is_accepted() -> None:
+    fc = keras.layers.Dense(3, name="fc")
+    fc.build((None, 3))
+    g = np.full((3, 3), 100.0, "float32")
+
+    @tf.function(input_signature=[tf.TensorSpec((None, 3), tf.float32)])
+    def clip(grad: Any) -> Any:
+        return adaptive_clip_grad([grad], [fc.kernel], fc)[0]
+
+    want = ref.agc_clip(g, np.array(fc.kernel.numpy(), np.float64), -1)
+    np.testing.assert_allclose(clip(tf.constant(g)).numpy(), want, rtol=1e-6)
+
+
+def test_exclude_of_a_wrong_type_and_exclude_none() -> None:
+    model = _dense_model()
+    message = "^exclude takes parameters, layers or their names, got 5$"
+    with pytest.raises(ValueError, match=message):
+        AGC(keras.optimizers.SGD(), model, exclude=5)
+    with pytest.raises(ValueError, match=message):
+        AGC(keras.optimizers.SGD(), exclude=5).build(model.trainable_variables)
+    grads = _gradients(model, *_dense_data(8))
+    with pytest.raises(ValueError, match=message):
+        adaptive_clip_grad(grads, model.trainable_variables, model, exclude=5)
+    weights = [v.numpy() for v in model.trainable_variables]
+    out = adaptive_clip_grad(grads, model.trainable_variables, model, exclude=None)
+    for c, g, w in zip(out, grads, weights, strict=True):
+        want = ref.agc_clip(g, w, -1 if g.ndim == 2 else None)
+        np.testing.assert_allclose(np.asarray(c), want, rtol=1e-5)
+    agc = AGC(keras.optimizers.SGD(), model, exclude=None)
+    config = agc.get_config()  # before build: the config says no exclude
+    assert config["exclude"] == []
+    restored = AGC.from_config({**config, "unit_axes": -1})  # a restored AGC has no model
+    for optimizer in (agc, restored):
+        optimizer.build(model.trainable_variables)
+        assert [s.excluded for s in optimizer.variable_settings] == [False] * 4

@@ -63,3 +63,32 @@ def test_the_replaced_step_sees_the_final_gradients() -> None:
     grads = [np.ones(tuple(v.shape), "float32") for v in model.trainable_variables]
     opt.apply(grads, model.trainable_variables)
     assert seen, "the replaced optimizer step was never called: Keras's update path changed"
+
+
+def test_graph_in_xla_context_tells_where_xla_compiles() -> None:
+    tf = pytest.importorskip("tensorflow")
+    seen: dict[str, bool] = {}
+
+    def probe(where: str) -> None:
+        try:
+            seen[where] = internals.graph_in_xla_context(tf.compat.v1.get_default_graph())
+        except (ImportError, AttributeError) as err:
+            pytest.fail(
+                "tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext moved "
+                f"or was renamed: {err}"
+            )
+
+    def traced(where: str, jit_compile: bool) -> None:
+        @tf.function(jit_compile=jit_compile)
+        def f(x: object) -> object:
+            probe(where)
+            return x
+
+        f.get_concrete_function(tf.TensorSpec((2,), tf.float32))  # traces, runs nothing
+
+    probe("eager")
+    traced("xla", True)
+    traced("graph", False)
+    assert seen == {"eager": False, "xla": True, "graph": False}, (
+        "GraphOrParentsInXlaContext no longer tells an XLA-compiled graph from others"
+    )

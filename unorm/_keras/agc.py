@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import keras
+import numpy as np
 
 from ..spec import AGCSpec, UnitAxes
 from . import hooks, internals
@@ -119,9 +120,16 @@ class AGC(keras.optimizers.Optimizer):
         spec = AGCSpec(clipping=clipping, eps=eps)
         if model is not None and getattr(model, "built", False):
             # The model is known now: a misspelled exclude or unit_axes name is refused
-            # here rather than at the first training step (build checks the optimizer's
-            # own variables again).
-            resolve(model.trainable_variables, model=model, exclude=exclude, unit_axes=unit_axes)
+            # here rather than at the first training step. Any weight of the model may be
+            # named (a frozen layer's too); which variables are trained, and so need an
+            # axis, is known at build, which checks the optimizer's variables again.
+            resolve(
+                list(model.weights),
+                model=model,
+                exclude=exclude,
+                unit_axes=unit_axes,
+                check_axes=False,
+            )
         if not isinstance(optimizer, keras.optimizers.Optimizer):
             optimizer = keras.optimizers.get(optimizer)
         super().__init__(learning_rate=0.0, name=name)
@@ -221,7 +229,12 @@ class AGC(keras.optimizers.Optimizer):
             }
             return config
         exclude = options.exclude
-        items = exclude if isinstance(exclude, (list, tuple, set)) else [exclude]
+        if exclude is None:  # nothing excluded
+            items: Sequence[Any] = []
+        elif isinstance(exclude, (list, tuple, set)):
+            items = list(exclude)
+        else:
+            items = [exclude]
         config["exclude"] = [describe(item) for item in items]
         if isinstance(options.unit_axes, int) or options.unit_axes is None:
             config["unit_axes"] = options.unit_axes
@@ -256,6 +269,34 @@ def _axes_from_json(axes: Any) -> UnitAxes:
     return axes  # type: ignore[no-any-return]
 
 
+def _static_shape(x: Any) -> tuple[int | None, ...] | None:
+    """``x``'s shape as far as it is known (None for an unknown size; None for an unknown
+    rank): of a tensor, a variable, an ``IndexedSlices`` (its dense shape) or an array."""
+    shape = getattr(x, "shape", None)
+    if shape is None:
+        shape = np.shape(x)
+    if getattr(shape, "rank", 0) is None:  # a TensorShape of unknown rank
+        return None
+    return tuple(None if d is None else int(d) for d in shape)
+
+
+def _check_shape(grad: Any, variable: Any) -> None:
+    """Refuse a gradient whose shape is not its variable's (it would broadcast against
+    the weight norms, or fail deep inside the backend), with the reference's words
+    (``reference.agc_clip``) and the variable's path. Sizes not known yet (a traced
+    function's ``None``) are taken to agree."""
+    g, w = _static_shape(grad), _static_shape(variable)
+    if g is None or w is None:
+        return
+    differ = len(g) != len(w) or any(
+        a is not None and b is not None and a != b for a, b in zip(g, w, strict=True)
+    )
+    if differ:
+        raise ValueError(
+            f"grad and weight must share a shape, got {g} and {w} (variable {str(variable.path)!r})"
+        )
+
+
 def adaptive_clip_grad(
     grads: Sequence[Any],
     variables: Sequence[Any],
@@ -272,7 +313,9 @@ def adaptive_clip_grad(
     The functional form of :class:`AGC`, for custom training loops; the same arguments
     and the same resolution of each variable's output-unit axes (from ``model``'s layers,
     ``exclude``, ``unit_axes``). Excluded variables' gradients come back as they are.
-    Call it on the effective gradient: after loss-scale unscaling and all-reduce.
+    Call it on the effective gradient: after loss-scale unscaling and all-reduce. Each
+    gradient must have its variable's shape (``ValueError`` naming the variable, before
+    anything is clipped).
 
     Example:
         >>> import numpy as np
@@ -290,6 +333,9 @@ def adaptive_clip_grad(
             f"grads and variables must have one entry per variable, got {len(grads)} "
             f"and {len(variables)}"
         )
+    for grad, variable in zip(grads, variables, strict=True):
+        if grad is not None:
+            _check_shape(grad, variable)
     settings = resolve(variables, model=model, exclude=exclude, unit_axes=unit_axes)
     chosen = [k for k, s in enumerate(settings) if not s.excluded and grads[k] is not None]
     clipped = clip_gradients(

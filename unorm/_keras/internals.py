@@ -1,8 +1,10 @@
-"""Every private attribute of Keras 3 that unorm reads or replaces, in one place.
+"""Every private attribute of Keras 3 (and of TensorFlow, its backend) that unorm reads or
+replaces, in one place.
 
-Keras has no public API for these; each function says what it reaches and why, and
-``tests/test_keras_internals.py`` fails with a clear message if a Keras release renames one.
-Code elsewhere in :mod:`unorm._keras` calls these functions, never the attributes.
+Keras and TensorFlow have no public API for these; each function says what it reaches and
+why, and ``tests/test_keras_internals.py`` fails with a clear message if a release renames
+or moves one. Code elsewhere in :mod:`unorm._keras` calls these functions, never the
+attributes. Nothing here imports TensorFlow until a TensorFlow-only function is called.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from typing import Any
 
 __all__ = [
     "all_layers",
+    "graph_in_xla_context",
     "history",
     "inbound_node",
     "optimizer_variables",
@@ -26,6 +29,19 @@ def all_layers(model: Any) -> list[Any]:
     subclassed models, layers holding layers): ``Layer._flatten_layers`` is the one walk
     that reaches them all; ``Model.layers`` lists only the top level."""
     return list(model._flatten_layers(include_self=True, recursive=True))
+
+
+def graph_in_xla_context(graph: Any) -> bool:
+    """Whether ops added to the TensorFlow ``graph`` now are compiled by XLA (the graph,
+    or one it is nested in, is traced by ``tf.function(jit_compile=True)``), by
+    TensorFlow's own test
+    (``tensorflow.python.ops.control_flow_util.GraphOrParentsInXlaContext``):
+    TensorFlow has no public way to ask, and AGC's clip picks the faster of two exact
+    formulations of its unit norms by it (:mod:`unorm._keras.clip`). Raises
+    ``ImportError`` or ``AttributeError`` where TensorFlow has moved it."""
+    from tensorflow.python.ops import control_flow_util
+
+    return bool(control_flow_util.GraphOrParentsInXlaContext(graph))
 
 
 def history(tensor: Any) -> Any:

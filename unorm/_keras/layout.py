@@ -14,12 +14,12 @@ layer's variables and ``"dense_1/kernel"`` its kernel only.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from typing import Any, TypeAlias
 
 import keras
 
-from .._core.agc_plan import Param, layer_unit_axes
+from .._core.agc_plan import Matcher, Param, layer_unit_axes
 from .._core.agc_plan import resolve as resolve_params
 from ..spec import UnitAxes
 from . import internals
@@ -106,16 +106,23 @@ def _layer_kinds(layer: Any) -> dict[str, str]:
     return {}
 
 
-def _owners(model: Any) -> dict[int, tuple[str, str]]:
-    """``(layer type, layer kind)`` of every weight of a known layer in ``model``, keyed by
-    ``id`` of the variable."""
-    found: dict[int, tuple[str, str]] = {}
+def _owners(model: Any) -> dict[int, tuple[str, str | None]]:
+    """``(layer type, layer kind)`` of every weight of ``model``, keyed by ``id`` of the
+    variable: the type of the innermost layer that holds it (a nested layer's weights
+    also appear in every enclosing layer's ``weights``), and the kind of that layer's
+    weight where AGC knows it (None for a layer outside the table)."""
+    found: dict[int, tuple[str, str | None]] = {}
     for layer in internals.all_layers(model):
+        nested = {
+            id(variable)
+            for sub in internals.all_layers(layer)
+            if sub is not layer
+            for variable in sub.weights
+        }
         kinds = _layer_kinds(layer)
         for variable in layer.weights:
-            kind = kinds.get(variable.name)
-            if kind is not None:
-                found.setdefault(id(variable), (type(layer).__name__, kind))
+            if id(variable) not in nested:
+                found.setdefault(id(variable), (type(layer).__name__, kinds.get(variable.name)))
     return found
 
 
@@ -139,18 +146,39 @@ def final_classifier(model: Any) -> Any:
     return dense[-1]
 
 
-def _matcher(variables: Sequence[Any]) -> Callable[[Any], list[int] | None]:
-    """Indices of ``variables`` that an item (variable, layer or name) names."""
+@dataclasses.dataclass(frozen=True)
+class _Untrained:
+    """The key of a model weight that AGC is not given (a frozen layer's): naming it in
+    ``exclude`` or ``unit_axes`` is no mistake, and it matches no variable AGC clips."""
 
-    def match(item: Any) -> list[int] | None:
-        if isinstance(item, keras.Variable):
-            return [i for i, v in enumerate(variables) if v is item]
-        if isinstance(item, keras.layers.Layer):
-            owned = {id(v) for v in item.weights}
-            return [i for i, v in enumerate(variables) if id(v) in owned]
-        if isinstance(item, str):
-            return [i for i, v in enumerate(variables) if path_matches(item, v.path)]
-        return None
+    index: int
+
+
+def _named(item: Any, variables: Sequence[Any]) -> list[int] | None:
+    """Indices of ``variables`` that an item (variable, layer or name) names; None for an
+    item of another type."""
+    if isinstance(item, keras.Variable):
+        return [i for i, v in enumerate(variables) if v is item]
+    if isinstance(item, keras.layers.Layer):
+        owned = {id(v) for v in item.weights}
+        return [i for i, v in enumerate(variables) if id(v) in owned]
+    if isinstance(item, str):
+        return [i for i, v in enumerate(variables) if path_matches(item, v.path)]
+    return None
+
+
+def _matcher(variables: Sequence[Any], model: Any = None) -> Matcher:
+    """The keys (indices of ``variables``) that an item (variable, layer or name) names.
+    An item that names none of them but names a weight of ``model`` (a frozen layer's,
+    which the optimizer does not update) gives that weight's :class:`_Untrained` key, so
+    it is accepted as it is by the other backends."""
+    weights = [] if model is None else list(model.weights)
+
+    def match(item: Any) -> list[Hashable] | None:
+        indices = _named(item, variables)
+        if indices is None or indices or not weights:
+            return None if indices is None else list(indices)
+        return [_Untrained(j) for j in _named(item, weights) or []]
 
     return match
 
@@ -195,23 +223,29 @@ def resolve(
     model: Any = None,
     exclude: Exclude = (),
     unit_axes: UnitAxesOverride = None,
+    check_axes: bool = True,
 ) -> list[VariableSetting]:
     """How AGC treats each of ``variables`` (in order), decided by
     :func:`unorm._core.agc_plan.resolve` with the output-unit axes of the layers of
-    ``model`` that own them. Raises ``ValueError`` for an ``exclude``/``unit_axes`` entry
-    that names no variable, and for a variable of rank >= 2 whose layer is unknown and
-    which has no override.
+    ``model`` that own them. An ``exclude``/``unit_axes`` entry may name any weight of
+    ``model``, also one not among ``variables`` (a frozen layer's).
+
+    Raises ``ValueError`` for an ``exclude``/``unit_axes`` entry that names no variable,
+    and, unless ``check_axes`` is False (a check of the names and axes alone, before the
+    variables to clip are known), for a variable of rank >= 2 whose layer is unknown and
+    which has no override; such a variable then comes back left out, as an excluded one.
     """
     params = _params(variables, model)
     plan = resolve_params(
         params,
         PLUGIN.layouts,
-        match=_matcher(variables),
+        match=_matcher(variables, model),
         exclude=exclude,
         unit_axes=unit_axes,
         single=_single,
         name_of=describe,
         hint="" if model is not None else ", model= (AGC reads the axis from its layer)",
+        check_axes=check_axes,
     )
     targets = plan.by_key()
     return [

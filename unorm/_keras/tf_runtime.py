@@ -16,10 +16,13 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import tensorflow as tf
+
+from . import internals
 
 __all__ = [
     "assert_count",
@@ -124,18 +127,31 @@ def update_on_backward(y: Any, update: Callable[[], None]) -> Any:
     return identity(y)
 
 
+# Whether compiling_with_xla has warned that TensorFlow moved its XLA check.
+_XLA_CHECK_MISSING_WARNED = False
+
+
 def compiling_with_xla() -> bool:
     """Whether ops built now are compiled by XLA (inside ``tf.function(jit_compile=True)``,
-    which ``model.fit`` uses with ``jit_compile=True``). Reads TensorFlow's own private
-    check; if that ever moves, this answers True, the formulation that is correct and
-    fast enough everywhere."""
+    which ``model.fit`` uses with ``jit_compile=True``), by TensorFlow's own private check
+    (:func:`unorm._keras.internals.graph_in_xla_context`). Where a TensorFlow release has
+    moved that check, this warns once and answers True, the formulation that is correct
+    and fast enough everywhere."""
     if tf.executing_eagerly():
         return False
     try:
-        from tensorflow.python.ops import control_flow_util
-    except ImportError:  # pragma: no cover - a TensorFlow that moved the helper
+        return internals.graph_in_xla_context(tf.compat.v1.get_default_graph())
+    except (ImportError, AttributeError) as err:  # pragma: no cover - a TensorFlow that moved it
+        global _XLA_CHECK_MISSING_WARNED
+        if not _XLA_CHECK_MISSING_WARNED:
+            _XLA_CHECK_MISSING_WARNED = True
+            warnings.warn(
+                f"unorm cannot tell whether TensorFlow compiles with XLA ({err}); AGC uses "
+                "its formulation for XLA, which is exact everywhere and may be slower",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return True
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def float32_matmul_is_exact() -> bool:
