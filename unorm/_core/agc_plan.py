@@ -50,6 +50,7 @@ __all__ = [
     "Target",
     "check_unit_axes_type",
     "describe_shape",
+    "items_of",
     "layer_unit_axes",
     "resolve",
     "unknown_axis_error",
@@ -166,7 +167,14 @@ def check_unit_axes_type(unit_axes: object) -> None:
         )
 
 
-def _items(value: Any, single: Callable[[Any], bool]) -> list[Any]:
+def items_of(value: Any, single: Callable[[Any], bool]) -> list[Any]:
+    """The items of an ``exclude`` value: None is none, one item (``single`` says which
+    values are one item though iterable, such as a name or a layer) is a list of it.
+
+    Example:
+        >>> items_of("fc", lambda item: isinstance(item, str)), items_of(None, bool)
+        (['fc'], [])
+    """
     if value is None:  # nothing excluded
         return []
     if single(value) or not isinstance(value, Iterable):
@@ -175,7 +183,7 @@ def _items(value: Any, single: Callable[[Any], bool]) -> list[Any]:
 
 
 def _matched(
-    what: str, items: Iterable[Any], match: Matcher, accepted: str, names: Callable[[Any], str]
+    what: str, items: Iterable[Any], match: Matcher, names: Callable[[Any], str]
 ) -> list[tuple[Any, list[Hashable]]]:
     """Each item with the keys it names; one error listing every item that names none."""
     out: list[tuple[Any, list[Hashable]]] = []
@@ -183,13 +191,28 @@ def _matched(
     for item in items:
         keys = match(item)
         if keys is None:
-            raise ValueError(f"{what} takes {accepted}, got {item!r}")
+            raise ValueError(f"{what} takes {ACCEPTED}, got {item!r}")
         if not keys:
             missing.append(names(item))
         out.append((item, list(keys)))
     if missing:
         raise ValueError(f"{what} names no parameter or layer of the model: {missing}")
     return out
+
+
+def _from_layer(param: Param, shape: tuple[int, ...], layouts: LayoutTable) -> Target | None:
+    """Steps 5 and 6 of the precedence: the target the owning layer decides (its kind in
+    its layout, or the backend's own rule), or None where it decides nothing."""
+    if param.kind is not None and (param.layout is not None or param.kind in layouts):
+        layout = param.layout if param.layout is not None else layouts[param.kind]
+        try:
+            plan = unit_plan(param.kind, layout, shape, param.groups)
+        except ValueError as err:
+            raise ValueError(f"{err} (parameter {param.name!r})") from None
+        return Target(param.key, param.name, shape, plan.axes, plan.view)
+    if param.axes is not NOT_KNOWN:
+        return Target(param.key, param.name, shape, _checked(param.axes, shape, param.name))
+    return None
 
 
 def _checked(axes: UnitAxes, shape: tuple[int, ...], name: str) -> tuple[int, ...]:
@@ -233,12 +256,12 @@ def resolve(
     """
     check_unit_axes_type(unit_axes)
     excluded: set[Hashable] = set()
-    for _, keys in _matched("exclude", _items(exclude, single), match, ACCEPTED, name_of):
+    for _, keys in _matched("exclude", items_of(exclude, single), match, name_of):
         excluded.update(keys)
     overrides: dict[Hashable, UnitAxes] = {}
     named_by: dict[Hashable, Any] = {}
     if isinstance(unit_axes, Mapping):
-        for item, keys in _matched("unit_axes", unit_axes, match, ACCEPTED, name_of):
+        for item, keys in _matched("unit_axes", unit_axes, match, name_of):
             for key in keys:
                 if key in overrides and overrides[key] != unit_axes[item]:
                     raise ValueError(
@@ -261,16 +284,8 @@ def resolve(
             targets.append(Target(param.key, param.name, shape, ()))
         elif every is not None:
             targets.append(Target(param.key, param.name, shape, _checked(every, shape, param.name)))
-        elif param.kind is not None and (param.layout is not None or param.kind in layouts):
-            layout = param.layout if param.layout is not None else layouts[param.kind]
-            try:
-                plan = unit_plan(param.kind, layout, shape, param.groups)
-            except ValueError as err:
-                raise ValueError(f"{err} (parameter {param.name!r})") from None
-            targets.append(Target(param.key, param.name, shape, plan.axes, plan.view))
-        elif param.axes is not NOT_KNOWN:
-            axes = _checked(param.axes, shape, param.name)
-            targets.append(Target(param.key, param.name, shape, axes))
+        elif (decided := _from_layer(param, shape, layouts)) is not None:
+            targets.append(decided)
         elif check_axes:
             raise unknown_axis_error(param, hint)
     return Resolution(tuple(targets), frozenset(excluded))
@@ -291,14 +306,8 @@ def layer_unit_axes(params: Sequence[Param], layouts: LayoutTable) -> dict[str, 
     out: dict[str, UnitAxes] = {}
     for param in params:
         shape = tuple(int(d) for d in param.shape)
-        if len(shape) <= 1:
-            continue
-        if param.kind is not None and (param.layout is not None or param.kind in layouts):
-            layout = param.layout if param.layout is not None else layouts[param.kind]
-            axes = unit_plan(param.kind, layout, shape, param.groups).axes
-        elif param.axes is not NOT_KNOWN:
-            axes = _checked(param.axes, shape, param.name)
-        else:
-            continue
-        out[param.name] = axes[0] if len(axes) == 1 else axes
+        decided = _from_layer(param, shape, layouts) if len(shape) > 1 else None
+        if decided is not None:
+            axes = decided.axes
+            out[param.name] = axes[0] if len(axes) == 1 else axes
     return out

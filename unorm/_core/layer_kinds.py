@@ -68,13 +68,11 @@ _UNIT_TOKENS: Mapping[str, frozenset[str]] = {
     "embedding": frozenset("a"),
 }
 
-#: Output-unit axes of each kind in the logical layout (``SPEC.md`` section 5).
+#: Output-unit axes of each kind in the logical layout (``SPEC.md`` section 5), read from
+#: :data:`_UNIT_TOKENS`: ``a`` is axis 0, ``b`` axis 1.
 LOGICAL_UNIT_AXES: Mapping[str, int | tuple[int, ...]] = {
-    "dense": 0,
-    "conv": 0,
-    "conv_transpose": 1,
-    "depthwise_conv": (0, 1),
-    "embedding": 0,
+    kind: (0 if "a" in held else 1) if len(held) == 1 else (0, 1)
+    for kind, held in _UNIT_TOKENS.items()
 }
 
 _TOKENS = ("a", "b", "k", "ab", "1")
@@ -148,13 +146,12 @@ class KernelLayout:
         return tuple(i for i, held in enumerate(self._logical_positions(ndim)) if units & set(held))
 
     def _logical_positions(self, ndim: int) -> list[tuple[str, ...]]:
-        # The backend rank differs from the logical one where axes merge or a 1 is added.
-        merged = sum(t == "ab" for t in self.tokens)
-        ones = sum(t == "1" for t in self.tokens)
-        return self._positions(ndim - ones + merged)
+        """Which logical axes each axis of a backend weight of rank ``ndim`` holds."""
+        return self._positions(self.logical_rank(ndim))
 
     def logical_rank(self, ndim: int) -> int:
-        """The logical rank of a backend weight of rank ``ndim``."""
+        """The logical rank of a backend weight of rank ``ndim`` (it differs where axes
+        merge or a unit axis is added)."""
         merged = sum(t == "ab" for t in self.tokens)
         ones = sum(t == "1" for t in self.tokens)
         return ndim - ones + merged
