@@ -11,13 +11,13 @@ one in-place multiply.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Any, TypeAlias
 
 import torch
 from torch import Tensor, nn
 
-from .._core.agc_plan import Param, Resolution, Target, layer_unit_axes, resolve
+from .._core.agc_plan import Param, Resolution, Target, items_of, layer_unit_axes, resolve
 from ..spec import AGC_GRAD_NORM_FLOOR, AGCSpec, UnitAxes
 from . import internals
 from .plugin import PLUGIN
@@ -294,7 +294,7 @@ class AGC(torch.optim.Optimizer):
         self._exclude = exclude
         self._unit_axes = unit_axes
         self._params, self._tensors = _module_params(module)
-        self._targets = self._plan(optimizer.param_groups)
+        self._use(self._plan(optimizer.param_groups))
         # Initialise the base class's hook machinery over the same group dicts, then
         # share the wrapped optimizer's groups and state, so both always agree.
         super().__init__(optimizer.param_groups, optimizer.defaults)
@@ -302,7 +302,7 @@ class AGC(torch.optim.Optimizer):
         self.state = optimizer.state
         self._ready = True
 
-    def _plan(self, groups: Iterable[Mapping[str, Any]]) -> dict[int, Target]:
+    def _plan(self, groups: Iterable[Mapping[str, Any]]) -> Resolution:
         """The targets of every parameter of ``groups``, resolved with the module's
         layers, ``exclude`` and ``unit_axes``; refuses a parameter of rank >= 2 that no
         layer of the module owns and no ``unit_axes`` entry covers."""
@@ -323,15 +323,17 @@ class AGC(torch.optim.Optimizer):
         # Tensors named in unit_axes or exclude that no layer owns may join the optimizer
         # later (add_param_group): they are known by themselves.
         named = list(self._unit_axes) if isinstance(self._unit_axes, Mapping) else []
-        exclude: Any = self._exclude
-        excluded = [exclude] if _single(exclude) else list(exclude or ())
-        for item in [*named, *excluded]:
+        for item in [*named, *items_of(self._exclude, _single)]:
             if isinstance(item, Tensor):
                 add(item, f"tensor of shape {tuple(item.shape)}")
-        params = self._params + unowned
-        plan = _resolve(params, {**self._tensors, **extra}, self._exclude, self._unit_axes)
+        return _resolve(
+            self._params + unowned, {**self._tensors, **extra}, self._exclude, self._unit_axes
+        )
+
+    def _use(self, plan: Resolution) -> None:
+        """Clip from now on as ``plan`` says (its targets by key, its excluded keys)."""
+        self._targets: dict[Hashable, Target] = plan.by_key()
         self._excluded = plan.excluded
-        return plan.by_key()  # type: ignore[return-value]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a parameter group to the wrapped optimizer, after the same checks as the
@@ -339,9 +341,9 @@ class AGC(torch.optim.Optimizer):
         if not getattr(self, "_ready", False):  # the base constructor's own groups
             super().add_param_group(param_group)
             return
-        targets = self._plan([*self.param_groups, param_group])
+        plan = self._plan([*self.param_groups, param_group])
         self.optimizer.add_param_group(param_group)
-        self._targets = targets
+        self._use(plan)
         self.param_groups = self.optimizer.param_groups
 
     def clip(self) -> None:
