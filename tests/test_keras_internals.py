@@ -21,6 +21,8 @@ def _model() -> object:
 def test_all_layers_reaches_nested_layers() -> None:
     names = [layer.name for layer in internals.all_layers(_model())]
     assert "inner_fc" in names and "head" in names, "Layer._flatten_layers changed"
+    # Each layer before the layers nested in it (AGC takes a weight's innermost owner).
+    assert names.index("block") < names.index("inner_fc"), "Layer._flatten_layers order changed"
 
 
 def test_inbound_node_is_the_call_in_the_graph() -> None:

@@ -26,8 +26,9 @@ __all__ = [
 
 def all_layers(model: Any) -> list[Any]:
     """``model`` and every layer nested in it, in any container (Sequential, functional,
-    subclassed models, layers holding layers): ``Layer._flatten_layers`` is the one walk
-    that reaches them all; ``Model.layers`` lists only the top level."""
+    subclassed models, layers holding layers), each layer before the layers nested in it:
+    ``Layer._flatten_layers`` is the one walk that reaches them all; ``Model.layers``
+    lists only the top level."""
     return list(model._flatten_layers(include_self=True, recursive=True))
 
 

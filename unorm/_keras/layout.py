@@ -112,17 +112,12 @@ def _owners(model: Any) -> dict[int, tuple[str, str | None]]:
     also appear in every enclosing layer's ``weights``), and the kind of that layer's
     weight where AGC knows it (None for a layer outside the table)."""
     found: dict[int, tuple[str, str | None]] = {}
+    # all_layers lists every layer before the layers nested in it, so the last layer to
+    # write a variable's entry is the innermost one holding it.
     for layer in internals.all_layers(model):
-        nested = {
-            id(variable)
-            for sub in internals.all_layers(layer)
-            if sub is not layer
-            for variable in sub.weights
-        }
         kinds = _layer_kinds(layer)
         for variable in layer.weights:
-            if id(variable) not in nested:
-                found.setdefault(id(variable), (type(layer).__name__, kinds.get(variable.name)))
+            found[id(variable)] = (type(layer).__name__, kinds.get(variable.name))
     return found
 
 
