@@ -50,8 +50,10 @@ __all__ = [
     "batch_norm_train",
     "batch_stats",
     "check_input",
+    "fold_batch_norm",
     "init_running_stats",
     "merge_stats",
+    "recalibrated_stats",
     "scaled_weight_standardize",
     "scaled_weight_standardize_backward",
     "unit_norms",
@@ -801,3 +803,104 @@ def scaled_weight_standardize_backward(
     dw = dc - dc.mean(axis=reduce, keepdims=True)
     dgain = (dy * c * scale).sum(axis=reduce)
     return dw, dgain.reshape(-1)
+
+
+# -- BatchNorm after training (SPEC.md section 8) ---------------------------------------
+
+
+def fold_batch_norm(
+    weight: ArrayLike,
+    bias: ArrayLike | None,
+    running_mean: ArrayLike,
+    running_var: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    out_axes: int | Sequence[int] = 0,
+    view: Sequence[int] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fold an inference-mode BatchNorm into the layer before it (``SPEC.md`` section 8).
+
+    ``s = gamma / sqrt(running_var + eps)``, ``W' = W * s`` along the layer's
+    output-channel axes and ``b' = (b - running_mean) * s + beta``, in float64; ``W'`` is
+    returned in ``weight``'s dtype and ``b'`` in ``bias``'s (``weight``'s when ``bias`` is
+    None, which counts as zero). ``gamma`` None is 1 (``scale=False``), ``beta`` None is 0
+    (``center=False``).
+
+    ``out_axes`` are the axes of ``weight`` (of ``view`` when given) that index the output
+    channels, as the layer-kind table gives them (``unit_plan``): 0 for a channels-first
+    convolution or a PyTorch/MXNet dense weight, ``(0, 2)`` of the view ``(g, I/g, O/g,
+    *k)`` for a grouped transposed convolution. ``s`` (shape ``(C,)``) is reshaped to the
+    sizes of those axes, in order, so ``C`` must be their product.
+
+    Example:
+        >>> w, b = fold_batch_norm(np.ones((2, 3)), None, [0.0, 1.0], [3.0, 0.0],
+        ...                        [2.0, 1.0], eps=1.0)
+        >>> w.tolist(), b.tolist()
+        ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], [0.0, -1.0])
+    """
+    w = np.asarray(weight)
+    data = _f64(w)
+    shape = data.shape if view is None else tuple(int(v) for v in view)
+    if int(np.prod(shape)) != data.size:
+        raise ValueError(f"view must hold the weight's {data.size} values, got {tuple(shape)}")
+    axes = (out_axes,) if isinstance(out_axes, (int, np.integer)) else tuple(out_axes)
+    axes = tuple(normalize_axis(int(a), len(shape)) for a in axes)
+    if not axes or len(set(axes)) != len(axes):
+        raise ValueError(f"out_axes must name one or more distinct axes, got {out_axes!r}")
+    channels = int(np.prod([shape[a] for a in axes]))
+    mean, var = _f64(running_mean), _f64(running_var)
+    for name, v in (("running_mean", mean), ("running_var", var)):
+        if v.shape != (channels,):
+            raise ValueError(
+                f"{name} must have shape ({channels},), one value per output channel of a "
+                f"weight of shape {tuple(shape)} on axes {axes}, got shape {v.shape}"
+            )
+    g = np.ones(channels) if gamma is None else _f64(gamma).reshape(channels)
+    be = np.zeros(channels) if beta is None else _f64(beta).reshape(channels)
+    b = np.zeros(channels) if bias is None else _f64(bias).reshape(channels)
+    s = g / np.sqrt(var + float(eps))
+    # s's channel o = the row-major index over the sizes of ``axes``, broadcast elsewhere.
+    sizes = [shape[a] for a in axes]
+    order = sorted(range(len(axes)), key=lambda i: axes[i])
+    placed = np.transpose(s.reshape(sizes), order)
+    broadcast = [shape[a] if a in axes else 1 for a in range(len(shape))]
+    folded = (data.reshape(shape) * placed.reshape(broadcast)).reshape(w.shape)
+    new_bias = (b - mean) * s + be
+    bias_dtype = w.dtype if bias is None else np.asarray(bias).dtype
+    return folded.astype(w.dtype), new_bias.astype(bias_dtype)
+
+
+def recalibrated_stats(
+    batches: Iterable[ArrayLike], axis: int = 1, *, unbiased: bool = True
+) -> RunningStats:
+    """The running statistics ``recalibrate`` sets from a BatchNorm's inputs (section 8).
+
+    Each batch's per-feature ``(n, mean, M2)`` (:func:`batch_stats`) is merged exactly
+    (:func:`merge_stats`); the running mean is the merged mean and the running variance
+    ``M2 / (N - 1)`` (``unbiased``, the layer's ``running_var="unbiased"``; ``M2 / N``
+    when ``N == 1``) or ``M2 / N``. ``num_batches_tracked`` counts the batches that held
+    a value. Raises ``ValueError`` for no batches, a batch with a non-finite value, or no
+    value over all batches.
+
+    Example:
+        >>> s = recalibrated_stats([np.array([[1.0], [2.0]]), np.array([[6.0]])])
+        >>> s.mean.tolist(), s.var.tolist(), s.num_batches_tracked
+        ([3.0], [7.0], 2)
+    """
+    parts = []
+    for i, batch in enumerate(batches):
+        stats = batch_stats(batch, axis)
+        if not (np.all(np.isfinite(stats.mean)) and np.all(np.isfinite(stats.m2))):
+            raise ValueError(
+                f"batches[{i}] gives non-finite statistics; recalibrate only on finite data"
+            )
+        parts.append(stats)
+    if not parts:
+        raise ValueError("batches must yield at least one batch, got none")
+    merged = merge_stats(parts)
+    if merged.count == 0:
+        raise ValueError("batches hold no values; the running statistics are undefined")
+    var = merged.var(unbiased=unbiased and merged.count > 1)
+    return RunningStats(merged.mean, var, sum(1 for p in parts if p.count))
