@@ -59,3 +59,63 @@ def test_three_ranks_equal_the_concatenated_batch(shards: list[int], tmp_path: P
     x0, _ = batches(shards)[0]
     want, _ = ref.batch_norm_step(x0, state, spec, gamma, beta, training=False)
     np.testing.assert_allclose(np.concatenate([r["eval"] for r in ranks]), want, atol=1e-12)
+
+
+DDP_WORKER = Path(__file__).with_name("torch_ddp_worker.py")
+
+
+def run_ddp_worker(
+    out: Path, shards: list[int], modes: list[str], how: tuple[str, str] = ("cpu", "gloo")
+) -> list[dict[str, np.ndarray]]:
+    """Run ``torch_ddp_worker.py`` (bounded in time) and load every rank's record."""
+    done = subprocess.run(
+        [sys.executable, str(DDP_WORKER), str(_free_port()), str(out),
+         ",".join(map(str, shards)), ",".join(modes), *how],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [dict(np.load(out / f"rank{r}.npz")) for r in range(len(shards))]
+
+
+def check_ddp_against_reference(
+    ranks: list[dict[str, np.ndarray]], shards: list[int], mode: str
+) -> None:
+    """Each rank's DDP training record equals the reference's single process on the whole
+    batch: outputs and input gradients by rank, parameter gradients averaged over the ranks
+    (DDP's all-reduce), the SGD step, the running statistics and eval."""
+    sys.path.insert(0, str(DDP_WORKER.parent))
+    try:
+        from torch_ddp_worker import BETA, CHANNELS, GAMMA, LR, batches
+    finally:
+        sys.path.pop(0)
+    world = len(shards)
+    gamma, beta = np.array(GAMMA), np.array(BETA)
+    spec = BatchNormSpec()
+    state = ref.init_running_stats(CHANNELS)
+    for step, (x, dy) in enumerate(batches(shards)):
+        y, state = ref.batch_norm_step(x, state, spec, gamma, beta, training=True)
+        grads = ref.batch_norm_backward(dy, x, gamma)
+        got = {k: [r[f"{mode}/{k}{step}"] for r in ranks] for k in ("y", "dx")}
+        np.testing.assert_allclose(np.concatenate(got["y"]), y, atol=1e-12)
+        np.testing.assert_allclose(np.concatenate(got["dx"]), grads.dx, atol=1e-12)
+        gamma = gamma - LR * grads.dgamma / world
+        beta = beta - LR * grads.dbeta / world
+        for r in ranks:
+            np.testing.assert_allclose(r[f"{mode}/dw{step}"], grads.dgamma / world, atol=1e-10)
+            np.testing.assert_allclose(r[f"{mode}/db{step}"], grads.dbeta / world, atol=1e-10)
+            np.testing.assert_allclose(r[f"{mode}/w{step}"], gamma, atol=1e-12)
+            np.testing.assert_allclose(r[f"{mode}/b{step}"], beta, atol=1e-12)
+            np.testing.assert_allclose(r[f"{mode}/mean{step}"], state.mean, atol=1e-12)
+            np.testing.assert_allclose(r[f"{mode}/var{step}"], state.var, atol=1e-12)
+    x0, _ = batches(shards)[0]
+    want, _ = ref.batch_norm_step(x0, state, spec, gamma, beta, training=False)
+    np.testing.assert_allclose(np.concatenate([r[f"{mode}/eval"] for r in ranks]), want, atol=1e-12)
+
+
+def test_ddp_training_eager_and_compiled_equals_the_concatenated_batch(tmp_path: Path) -> None:
+    # DistributedDataParallel over 3 gloo ranks, one of them empty; torch.compile of the
+    # DDP model breaks its graph at the layer's collective and must give the same numbers.
+    shards, modes = [4, 0, 7], ["eager", "compiled"]
+    ranks = run_ddp_worker(tmp_path, shards, modes)
+    for mode in modes:
+        check_ddp_against_reference(ranks, shards, mode)
