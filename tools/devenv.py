@@ -13,7 +13,12 @@ version) is stored in the
 environment; a later run reuses it while the fingerprint matches and rebuilds it when any
 pin changes.
 
-Usage: ``./dev env | main | test [pytest args...] | demo | lockstep | port-check``.
+Usage: ``./dev env | main | test [pytest args...] | demo | lockstep | port-check | gpu``.
+
+``./dev gpu`` is for a machine with an NVIDIA GPU only (never CI): it builds no
+environment and runs the checkout from source with the interpreter that runs it (or
+``UNORM_GPU_PYTHON``), which must hold a CUDA build of the framework, numpy and pytest
+(see :func:`gpu_job`). It exits 3 with a message when no GPU is visible.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -250,10 +256,175 @@ def cross_environment(job: str) -> int:
     return 0 if passed else 1
 
 
+#: ``./dev gpu`` fits one call on a lent GPU machine: at most 8 minutes in all.
+GPU_BUDGET_S = 480.0
+#: What ``./dev gpu`` imports besides a backend's framework (the wheels it names).
+GPU_NEEDS = ("numpy", "pytest")
+#: The exit status of ``./dev gpu`` when there is no GPU to run on.
+NO_GPU = 3
+
+
+def visible_gpus() -> tuple[list[str], str]:
+    """The GPUs this machine shows (``nvidia-smi -L`` lines) and, when none, why not.
+
+    Standard library only, so a machine without a GPU is refused before anything is
+    imported or built. ``CUDA_VISIBLE_DEVICES`` set to nothing (or -1) hides every GPU.
+    """
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if hidden is not None and hidden.strip() in ("", "-1"):
+        return [], f"CUDA_VISIBLE_DEVICES={hidden!r} hides every GPU"
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return [], "nvidia-smi is not on PATH (no NVIDIA driver on this machine)"
+    try:
+        done = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return [], f"nvidia-smi -L failed: {exc}"
+    gpus = [line for line in done.stdout.splitlines() if line.startswith("GPU ")]
+    if done.returncode != 0 or not gpus:
+        said = (done.stderr or done.stdout).strip()[:300]
+        return [], f"nvidia-smi -L listed no GPU (exit status {done.returncode}: {said})"
+    return gpus, ""
+
+
+def _gpu_env(python: Path) -> dict[str, str]:
+    out = dict(os.environ)
+    # The checkout itself, not an installed copy: this job builds no environment.
+    out["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), out.get("PYTHONPATH")]))
+    out["PYTHONUNBUFFERED"] = "1"
+    out["UNORM_REQUIRE_GPU"] = "1"  # a device test fails instead of skipping
+    out.setdefault("PYTHONHASHSEED", "0")
+    out["PATH"] = f"{python.parent}{os.pathsep}{out.get('PATH', '')}"
+    return out
+
+
+def _probe(python: Path, code: str, env: dict[str, str], *args: str) -> tuple[int, str]:
+    try:
+        done = subprocess.run(
+            [str(python), "-c", code, *args],
+            cwd=ROOT, env=env, capture_output=True, text=True, timeout=180,
+        )  # fmt: skip
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return 1, str(exc)
+    lines = (done.stdout if done.returncode == 0 else done.stderr).strip().splitlines()
+    return done.returncode, lines[-1] if lines else ""
+
+
+_GPU_OF = (
+    "import importlib, sys\n"
+    "plugin = importlib.import_module('benchmarks.bench_' + sys.argv[1])\n"
+    "gpu = getattr(plugin, 'gpu', None)\n"
+    "print((gpu() if callable(gpu) else None) or '')\n"
+)
+
+
+def gpu_backends(python: Path, env: dict[str, str]) -> list[tuple[str, str]]:
+    """``(backend, GPU name)`` for every backend whose benchmark plug-in reports a GPU in
+    ``python`` (its ``gpu()``); the others are logged with the reason they are left out."""
+    found = []
+    for plugin in plugins_in_order():
+        code, said = _probe(python, _GPU_OF, env, plugin.name)
+        if code != 0:
+            log(f"gpu: {plugin.name}: left out, its benchmarks do not import here: {said}")
+        elif not said:
+            log(f"gpu: {plugin.name}: left out, it sees no GPU (a CPU-only build?)")
+        else:
+            found.append((plugin.name, said))
+    return found
+
+
+def gpu_job(extra: list[str]) -> int:
+    """``./dev gpu``: the checks only a GPU can run, in one call of at most 8 minutes.
+
+    For each backend that sees the GPU: ``tests/test_dev_gpu.py`` of that backend (its
+    conformance column on the device, half precision and channels-last layouts, AGC on
+    device tensors, cross-replica BatchNorm over the GPU's own collective library, each
+    against the NumPy reference), then its benchmarks on the device, written to
+    ``benchmarks/results/<backend>-cuda.json``. ``extra`` goes to pytest.
+    Exits 3 when no GPU is visible, 1 when a step fails or runs out of time.
+    """
+    deadline = time.monotonic() + GPU_BUDGET_S
+    gpus, why = visible_gpus()
+    if not gpus:
+        print(
+            f"[dev] gpu: FAILED: no GPU is visible: {why}. This job runs only on a machine "
+            "with an NVIDIA GPU and a CUDA build of the framework (it is not part of CI).",
+            file=sys.stderr,
+            flush=True,
+        )
+        return NO_GPU
+    python = Path(os.environ.get("UNORM_GPU_PYTHON", sys.executable))
+    env = _gpu_env(python)
+    log(f"gpu: {'; '.join(gpus)}; python {python}")
+    imports = "; ".join(f"import {m}" for m in GPU_NEEDS)
+    code, said = _probe(python, imports, env)
+    if code != 0:
+        print(
+            f"[dev] gpu: FAILED: {python} lacks a module this job needs ({said}); it needs "
+            f"{', '.join(GPU_NEEDS)} and a CUDA build of the framework (carry them as wheels)",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 1
+    backends = gpu_backends(python, env)
+    if not backends:
+        print(
+            "[dev] gpu: FAILED: a GPU is visible but no backend's framework sees it here "
+            f"({python}); install a CUDA build of the framework",
+            file=sys.stderr,
+            flush=True,
+        )
+        return NO_GPU
+    failures: list[str] = []
+    results = ROOT / "benchmarks" / "results"
+    for name, device in backends:
+        log(f"gpu: {name} on {device}")
+        env_one = {**env, "UNORM_RUNS": name}
+        tests = ROOT / "tests" / "test_dev_gpu.py"
+        checks: list[str | Path] = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider"]
+        checks += [tests, "-m", name, *extra]
+        if _gpu_step(f"{name}: device checks", checks, env_one, deadline) != 0:
+            failures.append(f"{name}: device checks")
+        with tempfile.TemporaryDirectory() as folder:
+            bench: list[str | Path] = [python, "-m", "benchmarks.run", name, "--out", folder]
+            if _gpu_step(f"{name}: benchmarks", bench, env_one, deadline) != 0:
+                failures.append(f"{name}: benchmarks")
+            else:
+                target = results / f"{name}-cuda.json"
+                shutil.copyfile(Path(folder) / f"{name}.json", target)
+                log(f"gpu: wrote {target.relative_to(ROOT)}")
+    if failures:
+        log("gpu: FAILED: " + "; ".join(failures))
+        return 1
+    log("gpu: every device check passed")
+    return 0
+
+
+def _gpu_step(label: str, cmd: list[str | Path], env: dict[str, str], deadline: float) -> int:
+    """Run one step within what is left of the job's time; a step out of time fails."""
+    left = deadline - time.monotonic()
+    if left < 10:
+        log(f"gpu: {label}: FAILED, no time left of the {GPU_BUDGET_S:.0f} s budget")
+        return 1
+    log(f"$ {' '.join(str(c) for c in cmd)}")
+    start = time.monotonic()
+    try:
+        code = subprocess.run([str(c) for c in cmd], cwd=ROOT, env=env, timeout=left).returncode
+    except subprocess.TimeoutExpired:
+        log(f"gpu: {label}: FAILED, stopped after {left:.0f} s (the job's budget)")
+        return 1
+    took = time.monotonic() - start
+    log(f"gpu: {label} {'passed' if code == 0 else 'FAILED'} ({took:.0f} s)")
+    return code
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("env", "main", "test", "demo", "lockstep", "port-check"):
+    commands = ("env", "main", "test", "demo", "lockstep", "port-check", "gpu")
+    if not argv or argv[0] not in commands:
         print(__doc__)
         return 2
+    if argv[0] == "gpu":  # the interpreter of the GPU machine, whatever its version
+        return gpu_job(argv[1:])
     if sys.version_info[:2] != (3, 11):
         log(f"warning: Python {sys.version.split()[0]}; the pinned torch wheel needs 3.11")
     command, extra = argv[0], argv[1:]
