@@ -7,6 +7,9 @@ Imports PyTorch and nothing of the other frameworks.
 - :class:`SyncBatchNorm`: the same over ``torch.distributed``, merging per-rank
   statistics exactly (uneven and empty ranks give the single-process result).
 - :func:`convert`: swap a model's native BatchNorm layers for unorm's.
+- :func:`fold`, :func:`recalibrate`, :func:`freeze`: BatchNorm after training (``SPEC.md``
+  section 8): fold it into the layer before it, recompute its running statistics from
+  data, or make it always normalise with them.
 - :func:`adaptive_clip_grad_`, :class:`AGC`, :func:`final_classifier`,
   :func:`unit_axes_of`: Adaptive Gradient Clipping with output-unit axes taken from each
   parameter's layer.
@@ -28,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+from ._torch.after_training import FoldEntry, FoldError, FoldWarning, fold, freeze, recalibrate
 from ._torch.agc import AGC, adaptive_clip_grad_, final_classifier, unit_axes_of
 from ._torch.batchnorm import BatchNorm
 from ._torch.convert import convert
@@ -38,6 +42,9 @@ from ._torch.ws import ScaledStdConv1d, ScaledStdConv2d, ScaledStdConv3d
 __all__ = [
     "AGC",
     "BatchNorm",
+    "FoldEntry",
+    "FoldError",
+    "FoldWarning",
     "ScaledStdConv1d",
     "ScaledStdConv2d",
     "ScaledStdConv3d",
@@ -46,6 +53,9 @@ __all__ = [
     "convert",
     "export_checkpoint",
     "final_classifier",
+    "fold",
+    "freeze",
     "load_checkpoint",
+    "recalibrate",
     "unit_axes_of",
 ]

@@ -122,6 +122,7 @@ class BatchNorm(BatchNormSettings, nn.Module):
             normalize_axis(axis, num_dims)
         self.num_features = num_features
         self.num_dims = num_dims
+        self._frozen = False
         factory: dict[str, Any] = {
             "device": device,
             "dtype": torch.float32 if dtype in _HALF else dtype,
@@ -168,6 +169,43 @@ class BatchNorm(BatchNormSettings, nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
+    @property
+    def frozen(self) -> bool:
+        """The frozen mode (``SPEC.md`` section 8): normalise with the running statistics in
+        training and in eval mode, never updating them. Default False.
+
+        A frozen layer stays in eval mode (``training`` is False whatever ``train()``
+        says), which is how every path of the layer takes the running statistics;
+        setting ``frozen = False`` gives ``train()`` back its effect (call it again).
+        ``weight`` and ``bias`` learn unless their ``requires_grad`` is off
+        (:func:`unorm.torch.freeze` sets it).
+
+        Example:
+            >>> bn = BatchNorm(3)
+            >>> bn.frozen = True
+            >>> _ = bn.train()(torch.randn(4, 3))
+            >>> int(bn.num_batches_tracked), bn.training
+            (0, False)
+        """
+        return self._frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"frozen must be True or False, got {value!r}")
+        if value and not self.track_running_stats:
+            raise ValueError(
+                "frozen needs running statistics: this BatchNorm has track_running_stats=False"
+            )
+        self._frozen = value
+        if value:
+            self.training = False
+
+    def train(self, mode: bool = True) -> BatchNorm:
+        """As ``nn.Module.train``; a frozen layer stays in eval mode (:attr:`frozen`)."""
+        super().train(mode and not self._frozen)
+        return self
+
     def extra_repr(self) -> str:
         """The settings shown by ``repr(layer)``: the non-default ones and the preset."""
         spec = self.spec
@@ -181,6 +219,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
         if spec.axis != 1:
             parts.append(f"axis={spec.axis}")
         parts.append(f"preset={spec.preset!r}")
+        if self._frozen:
+            parts.append("frozen=True")
         return ", ".join(parts)
 
     # -- input checks ------------------------------------------------------------------

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from . import internals
+from .after_training import is_frozen_native
 from .batchnorm import BatchNorm
 from .sync import SyncBatchNorm
 
@@ -52,10 +53,42 @@ def _replacement(native: internals.NativeBatchNorm, preset: str | None) -> Batch
     return layer
 
 
+def _frozen_replacement(native: nn.Module, preset: str | None) -> BatchNorm:
+    """unorm's frozen :class:`BatchNorm` computing what a torchvision-style
+    ``FrozenBatchNorm2d`` computes: its buffers as fixed ``weight`` and ``bias``, its eps as
+    stored (none before pytorch/vision#2169, i.e. 0)."""
+    buffers = native._buffers
+    weight, bias = buffers["weight"], buffers["bias"]
+    assert weight is not None and bias is not None
+    layer = BatchNorm(
+        int(weight.shape[0]),
+        4 if type(native).__name__.endswith("2d") else None,
+        eps=float(getattr(native, "eps", 0.0)),
+        preset=preset,
+        device=weight.device,
+        dtype=weight.dtype,
+    )
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            src, dst = buffers[name], getattr(layer, name)
+            assert src is not None and dst is not None
+            dst.copy_(src)
+    for p in (layer.weight, layer.bias):
+        assert p is not None
+        p.requires_grad_(False)
+    layer.frozen = True
+    return layer
+
+
 def convert(module: nn.Module, preset: str | None = "torch") -> nn.Module:
     """Replace every ``nn.BatchNorm1d/2d/3d`` and ``nn.SyncBatchNorm`` in ``module`` by
     unorm's :class:`BatchNorm` / :class:`SyncBatchNorm`, keeping parameters, running
     statistics, ``requires_grad``, device, dtype and train/eval mode.
+
+    A frozen BatchNorm in the style of torchvision's ``FrozenBatchNorm2d`` (buffers
+    ``weight``, ``bias``, ``running_mean``, ``running_var`` and its ``eps``) becomes a frozen
+    :class:`BatchNorm` (``SPEC.md`` section 8) with those values, ``weight`` and ``bias``
+    fixed, computing the same numbers.
 
     ``preset="torch"`` (default) keeps the model computing exactly what it did;
     ``preset=None`` moves it to the canonical convention (non-finite guard on) with its
@@ -69,6 +102,8 @@ def convert(module: nn.Module, preset: str | None = "torch") -> nn.Module:
     """
     if isinstance(module, internals.NativeBatchNorm):
         return _replacement(module, preset)
+    if is_frozen_native(module):
+        return _frozen_replacement(module, preset)
     for name, child in list(module.named_children()):
         converted = convert(child, preset)
         if converted is not child:

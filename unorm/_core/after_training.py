@@ -1,0 +1,205 @@
+"""BatchNorm after training (``SPEC.md`` section 8): the rules every backend shares.
+
+A backend reads its model's data flow and describes each BatchNorm it found as a
+:class:`FoldCandidate` (what feeds it, who else reads that, which axes meet); this module
+decides whether it folds (:func:`fold_refusal`), which axes of the producer's weight are
+its output channels (:func:`fold_plan`), what the report says and when ``strict`` makes
+it an error (:func:`finish_report`), and the messages of ``recalibrate`` and ``freeze``.
+Nothing here imports a framework.
+
+Example:
+    >>> c = FoldCandidate("bn", producer="fc", producer_kind="dense", num_features=4,
+    ...                   out_channels=4, bn_axis=-1, channel_axis=-1)
+    >>> fold_refusal(c) is None
+    True
+    >>> fold_refusal(dataclasses.replace(c, other_users=("head",))).split(": ")[1]
+    "the output of 'fc' also feeds 'head'; folding would change what it receives"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from .layer_kinds import KernelLayout, UnitPlan, unit_plan
+
+__all__ = [
+    "EMPTY_BATCHES",
+    "NO_BATCHNORM",
+    "PRODUCER_KINDS",
+    "FoldCandidate",
+    "FoldEntry",
+    "FoldError",
+    "FoldWarning",
+    "finish_report",
+    "fold_plan",
+    "fold_refusal",
+    "freeze_needs_running_stats",
+    "no_values",
+    "nonfinite_batch",
+]
+
+#: The layer kinds a BatchNorm folds into (``SPEC.md`` section 8, *Fold*).
+PRODUCER_KINDS = ("dense", "conv", "conv_transpose", "depthwise_conv")
+
+#: ``recalibrate`` on a model without a BatchNorm that keeps running statistics.
+NO_BATCHNORM = (
+    "recalibrate needs a model with at least one BatchNorm that keeps running statistics "
+    "(track_running_stats=True) and is not frozen, got none"
+)
+
+#: ``recalibrate`` given no batch.
+EMPTY_BATCHES = "batches must yield at least one batch, got none"
+
+
+def nonfinite_batch(index: int, bn: str) -> str:
+    """The message for batch ``index`` giving non-finite statistics at BatchNorm ``bn``."""
+    return (
+        f"batches[{index}] gives non-finite statistics at BatchNorm {bn!r}; recalibrate "
+        "only on finite data"
+    )
+
+
+def no_values(bn: str) -> str:
+    """The message for a BatchNorm whose input held no value over all batches."""
+    return f"BatchNorm {bn!r} received no values from batches; its running statistics are undefined"
+
+
+def freeze_needs_running_stats(bn: str) -> str:
+    """The message for freezing a BatchNorm that keeps no running statistics."""
+    return f"freeze needs running statistics: BatchNorm {bn!r} has track_running_stats=False"
+
+
+class FoldError(ValueError):
+    """A BatchNorm that ``fold(..., strict=True)`` could not fold; the message says why."""
+
+
+class FoldWarning(UserWarning):
+    """``fold`` left BatchNorm layers in place; the message lists them and why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldCandidate:
+    """What a backend knows about one BatchNorm call of a model's data flow.
+
+    Attributes:
+        bn: the BatchNorm's name in the model.
+        source: what its input is, in words, when that is not a producer layer
+            (``"ReLU 'act'"``, ``"the model's input"``).
+        producer: the producer layer's name (None: the input is no producer's output).
+        producer_kind: one of :data:`PRODUCER_KINDS`.
+        other_users: the names of the other readers of the producer's output.
+        producer_uses: how often the producer is used (calls, shared weights).
+        tracks_running_stats: the BatchNorm keeps running statistics.
+        bn_axis: its feature axis as configured (may be negative).
+        channel_axis: the producer output's channel axis (may be negative).
+        rank: the rank of the BatchNorm's input, None where it is not known.
+        num_features: the BatchNorm's feature count.
+        out_channels: the producer's output channels.
+    """
+
+    bn: str
+    source: str = ""
+    producer: str | None = None
+    producer_kind: str | None = None
+    other_users: tuple[str, ...] = ()
+    producer_uses: int = 1
+    tracks_running_stats: bool = True
+    bn_axis: int = 1
+    channel_axis: int = 1
+    rank: int | None = None
+    num_features: int = 0
+    out_channels: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldEntry:
+    """One line of a fold's report: ``bn`` folded ``into`` a layer, or not, and why."""
+
+    bn: str
+    into: str | None
+    reason: str | None = None
+
+    @property
+    def folded(self) -> bool:
+        """Whether the BatchNorm was folded."""
+        return self.reason is None
+
+
+def _axes_meet(bn_axis: int, channel_axis: int, rank: int | None) -> bool | None:
+    """Whether two axes name the same one of an input of ``rank`` (None: unknown)."""
+    if (bn_axis < 0) == (channel_axis < 0):
+        return bn_axis == channel_axis
+    if rank is None:
+        return None
+    return bn_axis % rank == channel_axis % rank
+
+
+def fold_refusal(c: FoldCandidate) -> str | None:
+    """Why the BatchNorm of ``c`` cannot be folded exactly (``SPEC.md`` section 8), or
+    None when it can. The reasons are checked in the specification's order."""
+    head = f"BatchNorm {c.bn!r} is not folded: "
+    if c.producer is None or c.producer_kind not in PRODUCER_KINDS:
+        return head + (
+            f"its input is {c.source or 'not a layer'}, not the output of a convolution, "
+            "transposed convolution or dense layer (a BatchNorm is never folded into the "
+            "layer after it: a padded convolution there pads with zeros the shift would "
+            "have moved)"
+        )
+    if c.other_users:
+        listed = ", ".join(repr(u) for u in c.other_users)
+        what = "it receives" if len(c.other_users) == 1 else "they receive"
+        return head + (
+            f"the output of {c.producer!r} also feeds {listed}; folding would change what {what}"
+        )
+    if c.producer_uses > 1:
+        return head + (
+            f"{c.producer!r} is used {c.producer_uses} times (called again or its weight "
+            "shared); folding would change its other uses"
+        )
+    if not c.tracks_running_stats:
+        return head + (
+            "track_running_stats=False: inference uses batch statistics, which no weight can hold"
+        )
+    meet = _axes_meet(c.bn_axis, c.channel_axis, c.rank)
+    if meet is None:
+        return head + (
+            f"the rank of its input is unknown, so whether its feature axis {c.bn_axis} is "
+            f"{c.producer!r}'s output-channel axis {c.channel_axis} is unknown; pass an "
+            "example input"
+        )
+    if not meet:
+        return head + (
+            f"its feature axis {c.bn_axis} is not {c.producer!r}'s output-channel axis "
+            f"{c.channel_axis} (input of rank {c.rank})"
+        )
+    if c.num_features != c.out_channels:
+        return head + (
+            f"it has {c.num_features} features and {c.producer!r} {c.out_channels} output channels"
+        )
+    return None
+
+
+def fold_plan(kind: str, layout: KernelLayout, shape: tuple[int, ...], groups: int = 1) -> UnitPlan:
+    """The axes of a producer's weight that index its output channels (of the grouped view
+    for a grouped transposed convolution): the output units of the layer-kind table.
+
+    Example:
+        >>> fold_plan("conv_transpose", KernelLayout("a b k"), (6, 2, 3), groups=3)
+        UnitPlan(axes=(0, 2), view=(3, 2, 2, 3))
+    """
+    if kind not in PRODUCER_KINDS:
+        raise ValueError(f"a BatchNorm folds into one of {PRODUCER_KINDS}, got {kind!r}")
+    return unit_plan(kind, layout, shape, groups)
+
+
+def finish_report(entries: Sequence[FoldEntry], strict: bool) -> str | None:
+    """Raise :class:`FoldError` for the first refused entry under ``strict``; otherwise the
+    warning text listing every refused entry (None when all folded)."""
+    refused = [e for e in entries if not e.folded]
+    if not refused:
+        return None
+    if strict:
+        raise FoldError(f"{refused[0].reason} (strict=True)")
+    lines = "\n".join(f"- {e.reason}" for e in refused)
+    return f"fold left {len(refused)} BatchNorm layer(s) in place:\n{lines}"
