@@ -200,12 +200,14 @@ class Adapter:
     its preset), ``dtypes`` (the input dtypes it runs), ``layout`` (its AGC weight layout,
     :mod:`conformance.layouts`; the logical one unless the adapter declares its own) and
     ``absent`` (quantities the backend may not keep, e.g. ``num_batches_tracked``: compared
-    only when the adapter returns them).
+    only when the adapter returns them) and ``masks`` (its layers take a mask: it runs the
+    masked cases, SPEC.md section 2, *Masked batches*).
     """
 
     name = "base"
     framework = "numpy"
     native = False
+    masks = False
     dtypes: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
     layout: layouts.Layout = layouts.LOGICAL
     absent: frozenset[str] = frozenset()
@@ -226,8 +228,16 @@ class Adapter:
         """A BatchNorm layer configured by ``config`` with ``gamma`` and ``beta`` set."""
         raise Unsupported(f"{self.name} has no BatchNorm")
 
-    def bn_step(self, layer: Any, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
-        """One call of ``layer`` on ``x`` (see the module docstring for ``mode``)."""
+    def bn_step(
+        self,
+        layer: Any,
+        x: np.ndarray,
+        dy: np.ndarray | None,
+        mode: str,
+        mask: np.ndarray | None = None,
+    ) -> StepValues:
+        """One call of ``layer`` on ``x`` (see the module docstring for ``mode``);
+        ``mask`` (boolean, ``x.shape[:-1] + (1,)``) only where :attr:`masks` is set."""
         raise Unsupported(f"{self.name} has no BatchNorm")
 
     def bn_state(self, layer: Any) -> StepValues:

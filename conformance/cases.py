@@ -64,6 +64,11 @@ __all__ = [
 ]
 
 StepMode = Literal["train", "forward", "eval"]
+#: How a masked case's mask keeps values (:func:`conformance.data.batchnorm_mask`):
+#: ``partial`` drops about a third of the positions (every feature keeps several),
+#: ``nothing`` keeps no value, ``feature`` keeps nothing of feature 0 (a mask along the
+#: feature axis, which must not be the last one).
+MaskRecipe = Literal["partial", "nothing", "feature"]
 
 #: Message fragments of the error cases (what the message names, what it expected).
 _ONE_VALUE = "more than 1 value per channel"
@@ -113,6 +118,10 @@ SEQUENCE = (Step("train"), Step("train"), Step("train"), Step("eval"))
 class BatchNormCase:
     """A BatchNorm layer driven through ``steps``; compared after every step.
 
+    ``mask`` (SPEC.md section 2, *Masked batches*) gives every step a mask in Keras's
+    form, ``x.shape[:-1]``, broadcast over the last axis; only columns whose layers take
+    a mask run such a case.
+
     Example:
         >>> BatchNormCase("bn/x", shape=(4, 3), settings=(("eps", 0.1),)).spec().eps
         0.1
@@ -127,6 +136,7 @@ class BatchNormCase:
     steps: tuple[Step, ...] = TRAIN_EVAL
     data: Data = Data()
     seed: int = -1
+    mask: MaskRecipe | None = None
     kind: str = dataclasses.field(default="batchnorm", init=False)
 
     def __post_init__(self) -> None:
@@ -390,6 +400,10 @@ def _batchnorm_cases() -> list[BatchNormCase]:
             steps=(Step("train"), Step("train"), Step("eval")),
         ),
         # A non-finite batch: the guard keeps every running statistic as it was.
+        # A masked batch: statistics of the kept values, with the feature axis last (the
+        # mask is the same for every feature) and first (a mask along the feature axis).
+        bn("bn/masked/axis-last", (6, 4, 3), axis=-1, mask="partial", steps=SEQUENCE),
+        bn("bn/masked/axis-first", (6, 3, 5), mask="partial", steps=SEQUENCE),
         bn(
             "bn/nonfinite/nan",
             (6, 3, 4),
@@ -442,6 +456,25 @@ def _batchnorm_cases() -> list[BatchNormCase]:
         )
         if PRESETS[preset]["allow_single_value"]:
             out.append(bn(f"bn/preset-{preset}/single-value", (1, 3), preset=preset))
+        if PRESETS[preset].get("fully_masked") == "zero":
+            # A mask that keeps nothing, of the batch or of one feature, as its layer does.
+            out += [
+                bn(
+                    f"bn/preset-{preset}/masked/nothing",
+                    (6, 5, 3),
+                    axis=-1,
+                    preset=preset,
+                    mask="nothing",
+                    steps=(Step("train"), Step("train"), Step("eval")),
+                ),
+                bn(
+                    f"bn/preset-{preset}/masked/feature",
+                    (6, 3, 5),
+                    preset=preset,
+                    mask="feature",
+                    steps=SEQUENCE,
+                ),
+            ]
     # Dtypes: float64, float16 and bfloat16 on a few shapes (float32 is everywhere above).
     for dtype in ("float64", "float16", "bfloat16"):
         out += [

@@ -39,6 +39,7 @@ __all__ = [
     "WSInputs",
     "agc_inputs",
     "batchnorm_inputs",
+    "batchnorm_mask",
     "error_input",
     "logical_unit_axes",
     "sync_inputs",
@@ -106,6 +107,33 @@ def batchnorm_inputs(case: BatchNormCase, rnd: Rounder = dtypes.cast) -> BatchNo
         xs.append(rnd(x, case.dtype))
         dys.append(None if step.mode == "forward" else rnd(dy, case.dtype))
     return BatchNormInputs(gamma, beta, tuple(xs), tuple(dys))
+
+
+def batchnorm_mask(case: BatchNormCase) -> np.ndarray | None:
+    """The mask of a masked case (None without one), in the reference's form: a boolean
+    array of shape ``case.shape[:-1] + (1,)`` (Keras's mask with the axis it is broadcast
+    over). Drawn by no random generator, so a case's inputs do not depend on it.
+
+    Example:
+        >>> from conformance.cases import get_case
+        >>> batchnorm_mask(get_case("bn/masked/axis-first"))[:, :, 0].sum(axis=0).tolist()
+        [4, 4, 4]
+    """
+    if case.mask is None:
+        return None
+    shape = (*case.shape[:-1], 1)
+    if case.mask == "nothing":
+        return np.zeros(shape, bool)
+    # Every third position of each feature, counted along the batch axis, is dropped
+    # (shifted per feature, so the mask differs along the feature axis).
+    index = np.indices(shape).sum(axis=0)
+    keep = index % 3 != 1
+    if case.mask == "feature":
+        axis = case.axis % len(case.shape)
+        if axis == len(case.shape) - 1:
+            raise ValueError(f"{case.name}: a feature mask needs the feature axis before the last")
+        keep[(slice(None),) * axis + (0,)] = False
+    return keep
 
 
 def logical_unit_axes(param: AGCParam) -> int | tuple[int, ...] | None:

@@ -30,7 +30,14 @@ from . import dtypes
 from .adapter import Adapter, AGCArrays, LayerConfig, Unsupported, WSConfig
 from .cases import AGCCase, BatchNormCase, Case, ErrorCase, SyncCase, WSCase
 from .compare import Comparison, compare
-from .data import agc_inputs, batchnorm_inputs, error_input, sync_inputs, ws_inputs
+from .data import (
+    agc_inputs,
+    batchnorm_inputs,
+    batchnorm_mask,
+    error_input,
+    sync_inputs,
+    ws_inputs,
+)
 from .expected import (
     StepValues,
     agc_expected,
@@ -93,10 +100,24 @@ def compare_steps(
 
 
 def _drive(
-    adapter: Adapter, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray, xs, dys, steps
+    adapter: Adapter,
+    config: LayerConfig,
+    gamma: np.ndarray,
+    beta: np.ndarray,
+    xs,
+    dys,
+    steps,
+    mask: np.ndarray | None = None,
 ) -> list[StepValues]:
     layer = adapter.bn_build(config, gamma, beta)
-    return [adapter.bn_step(layer, x, dy, s.mode) for s, x, dy in zip(steps, xs, dys, strict=True)]
+    if mask is None:  # adapters of layers without masks take no mask argument
+        return [
+            adapter.bn_step(layer, x, dy, s.mode) for s, x, dy in zip(steps, xs, dys, strict=True)
+        ]
+    return [
+        adapter.bn_step(layer, x, dy, s.mode, mask=mask)
+        for s, x, dy in zip(steps, xs, dys, strict=True)
+    ]
 
 
 def spec_differences(case: BatchNormSpec, native: BatchNormSpec) -> list[str]:
@@ -174,13 +195,16 @@ def _expect_value_error(
 
 def _run_batchnorm(adapter: Adapter, case: BatchNormCase) -> _Verdict:
     _require_dtype(adapter, case.dtype)
+    if case.mask is not None and not adapter.masks:
+        raise Unsupported(f"{adapter.name}'s BatchNorm layers take no mask")
     config = _config(case, len(case.shape))
     native_spec = adapter.native_spec(config) if adapter.native else None
     inputs = batchnorm_inputs(case, adapter.round_to)
-    expected = batchnorm_expected(case.spec(), inputs, case.steps)
+    mask = batchnorm_mask(case)
+    expected = batchnorm_expected(case.spec(), inputs, case.steps, mask)
     try:
         actual = _drive(
-            adapter, config, inputs.gamma, inputs.beta, inputs.xs, inputs.dys, case.steps
+            adapter, config, inputs.gamma, inputs.beta, inputs.xs, inputs.dys, case.steps, mask
         )
     except Unsupported:
         raise
@@ -196,7 +220,7 @@ def _run_batchnorm(adapter: Adapter, case: BatchNormCase) -> _Verdict:
 
 def _native_expected(case: BatchNormCase, spec: BatchNormSpec, inputs) -> list[StepValues] | str:
     try:
-        return batchnorm_expected(spec, inputs, case.steps)
+        return batchnorm_expected(spec, inputs, case.steps, batchnorm_mask(case))
     except ValueError as exc:
         return _error_text(exc)
 

@@ -66,12 +66,17 @@ def _f64(a: np.ndarray) -> np.ndarray:
 
 
 def batchnorm_expected(
-    spec: BatchNormSpec, inputs: BatchNormInputs, steps: Sequence[Step]
+    spec: BatchNormSpec,
+    inputs: BatchNormInputs,
+    steps: Sequence[Step],
+    mask: np.ndarray | None = None,
 ) -> list[StepValues]:
-    """Step-by-step values of a layer configured by ``spec``: output, VJP, buffers.
+    """Step-by-step values of a layer configured by ``spec``: output, VJP, buffers;
+    ``mask`` (the reference's form, :func:`conformance.data.batchnorm_mask`) in every step.
 
     Raises the reference's ``ValueError`` when ``spec`` makes a step invalid (one value
-    per feature without ``allow_single_value``).
+    per feature without ``allow_single_value``, a feature the mask keeps nothing of
+    under ``fully_masked="error"``).
     """
     c = inputs.gamma.shape[0]
     running = ref.init_running_stats(c) if spec.track_running_stats else None
@@ -92,11 +97,14 @@ def batchnorm_expected(
                 beta,
                 training=training,
                 backward_ran=step.mode == "train",
+                mask=mask,
             )
             values = StepValues(y=y)
             if dy is not None:
                 kw = {"eps": spec.eps, "axis": spec.axis, "center": spec.center}
-                if training or before is None:
+                if mask is not None and (training or before is None):
+                    grads = ref.masked_batch_norm_backward(_f64(dy), x64, mask, gamma, spec=spec)
+                elif training or before is None:
                     grads = ref.batch_norm_backward(_f64(dy), x64, gamma, **kw)
                 else:
                     grads = ref.batch_norm_inference_backward(

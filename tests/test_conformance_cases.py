@@ -76,6 +76,12 @@ def test_batchnorm_coverage() -> None:
     assert any(s.nonfinite for c in bn for s in c.steps)
     assert {s.mode for c in bn for s in c.steps} == {"train", "forward", "eval"}
     assert any(c.data.constant for c in bn)
+    # Masks: partial with the feature axis last and first, none kept, one feature unkept.
+    assert {c.mask for c in bn} == {None, "partial", "nothing", "feature"}
+    assert {c.axis % len(c.shape) == len(c.shape) - 1 for c in bn if c.mask == "partial"} == {
+        True,
+        False,
+    }
 
 
 def test_batchnorm_cases_use_only_public_settings() -> None:

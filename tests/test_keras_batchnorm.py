@@ -982,6 +982,83 @@ def test_keras_preset_masked_feature_is_keras_arithmetic_in_numbers() -> None:
     )
 
 
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+@pytest.mark.parametrize("case", ["nothing-rank3", "feature-rank3", "feature-rank4"])
+def test_fully_masked_zero_outside_the_keras_preset_is_the_reference(case: str, mode: str) -> None:
+    """fully_masked="zero" in the canonical convention (exact statistics, the unbiased
+    feed, an input far from 0 that unorm shifts): outputs, gradients and moving statistics
+    of the reference's masked step, over a masked, an unmasked and a masked step."""
+    axis, shape, mask = MASKS[case]
+    spec = BatchNormSpec(axis=axis, fully_masked="zero", momentum=0.3)
+    layer = BatchNorm(axis, fully_masked="zero", momentum=0.3)
+    layer.build(shape)
+    gamma, beta = _set_affine(layer, np.random.default_rng(4))
+    step = _stepper(layer, mode, len(shape), axis)
+    rng = np.random.default_rng(11)
+    running = ref.init_running_stats(shape[axis])
+    for m in (mask, np.ones_like(mask), mask):
+        x = _batch(rng, shape, axis) + np.float32(300.0)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        y, grads = step(tf.constant(x), tf.constant(dy), tf.constant(m))
+        keep = m[..., None]  # Keras's mask, broadcast over the last axis
+        x64 = x.astype(np.float64)
+        want, running = ref.batch_norm_step(
+            x64, running, spec, gamma, beta, training=True, mask=keep
+        )  # fmt: skip
+        dx, dgamma, dbeta = ref.masked_batch_norm_backward(dy, x64, keep, gamma, spec=spec)
+        np.testing.assert_allclose(np.asarray(y), want, rtol=2e-4, atol=2e-3)
+        got = _numpy(grads)
+        np.testing.assert_allclose(got[0], dx, rtol=2e-4, atol=2e-3)
+        np.testing.assert_allclose(got[1], dgamma, rtol=2e-4, atol=2e-3)
+        np.testing.assert_allclose(got[2], dbeta, rtol=1e-5, atol=1e-4)
+        assert running is not None
+        np.testing.assert_allclose(layer.moving_mean.numpy(), running.mean, rtol=1e-5)
+        np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, rtol=1e-4)
+
+
+@pytest.mark.parametrize("preset", [None, "keras"])
+def test_non_finite_masked_padding_takes_no_part(preset: str | None) -> None:
+    """NaN and inf where the mask drops them (padding) change no statistic: the layer's
+    kept positions and moving statistics are the reference's on the kept values."""
+    axis, shape, mask = MASKS["feature-rank3"]
+    spec = BatchNormSpec.from_preset(preset, axis=axis, fully_masked="zero")
+    layer = BatchNorm(axis, preset=preset, fully_masked="zero")
+    layer.build(shape)
+    x = _batch(np.random.default_rng(6), shape, axis)
+    keep = np.broadcast_to(mask[..., None], shape)
+    x[~keep] = np.where(np.arange((~keep).sum()) % 2, np.nan, np.inf)
+    y = np.asarray(layer(x, training=True, mask=mask))
+    want, running = ref.batch_norm_step(
+        x.astype(np.float64), ref.init_running_stats(3), spec, training=True, mask=keep
+    )
+    np.testing.assert_allclose(y[keep], want[keep], rtol=1e-4, atol=1e-4)
+    assert running is not None
+    np.testing.assert_allclose(layer.moving_mean.numpy(), running.mean, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(layer.moving_variance.numpy(), running.var, rtol=1e-5)
+
+
+def test_fully_masked_is_a_setting_that_round_trips() -> None:
+    layer = BatchNorm(fully_masked="zero")
+    again = BatchNorm.from_config(layer.get_config())
+    assert again.spec.fully_masked == "zero"
+    assert BatchNorm(preset="keras").spec.fully_masked == "zero"
+    assert BatchNorm(preset="keras", fully_masked="error").spec.fully_masked == "error"
+    with pytest.raises(ValueError, match="fully_masked must be one of"):
+        BatchNorm(fully_masked="nan")
+
+
+def test_keras_preset_told_to_refuse_a_fully_masked_feature_refuses_it() -> None:
+    axis, shape, mask = MASKS["feature-rank3"]
+    layer = BatchNorm(axis, preset="keras", fully_masked="error")
+    layer.build(shape)
+    before = [w.numpy().copy() for w in layer.weights]
+    x = _batch(np.random.default_rng(5), shape, axis)
+    with pytest.raises(ValueError, match=r"more than 1 value per channel.*got 0"):
+        layer(x, training=True, mask=mask)
+    for w, b in zip(layer.weights, before, strict=True):
+        np.testing.assert_array_equal(w.numpy(), b)
+
+
 @pytest.mark.parametrize("mode", ["eager", "function", "function-unknown", "xla-unknown"])
 @pytest.mark.parametrize("rank", [2, 3, 4])
 def test_keras_preset_on_an_empty_masked_batch_is_keras_layer(rank: int, mode: str) -> None:

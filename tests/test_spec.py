@@ -175,6 +175,7 @@ def test_native_gaps_are_the_settings_a_native_layer_cannot_be_told(framework: s
             "skip_nonfinite=True",
             "allow_single_value=False",
             "empty_batch='skip'",
+            "fully_masked='error'",
         ],
         "mxnet": [
             "momentum=None",
@@ -186,3 +187,7 @@ def test_native_gaps_are_the_settings_a_native_layer_cannot_be_told(framework: s
         ],
     }
     assert canonical == want[framework]
+    # Only a framework whose layers take a mask can lose what a fully masked feature does.
+    zero = BatchNormSpec(fully_masked="zero").native_gaps(framework)
+    assert ("fully_masked='zero'" in zero) is False
+    assert ("fully_masked='error'" in canonical) is (framework == "keras")

@@ -38,6 +38,7 @@ from .spec import (
 
 __all__ = [
     "BatchStats",
+    "MaskedStats",
     "RunningStats",
     "agc_clip",
     "agc_clip_all",
@@ -52,12 +53,16 @@ __all__ = [
     "check_input",
     "fold_batch_norm",
     "init_running_stats",
+    "masked_batch_norm_backward",
+    "masked_batch_norm_train",
+    "masked_batch_stats",
     "merge_stats",
     "recalibrated_stats",
     "scaled_weight_standardize",
     "scaled_weight_standardize_backward",
     "unit_norms",
     "update_running_stats",
+    "update_running_stats_masked",
 ]
 
 F64 = NDArray[np.float64]
@@ -211,10 +216,12 @@ def merge_stats(parts: Iterable[BatchStats]) -> BatchStats:
     return BatchStats(total, mean, m2)
 
 
-def _check_trainable_count(count: int, allow_single_value: bool) -> None:
+def _check_trainable_count(
+    count: int, allow_single_value: bool, refuse_empty: bool = False
+) -> None:
     # An empty batch (count 0) is allowed: its output is empty (SPEC.md section 2,
-    # *Empty batch*).
-    if count == 1 and not allow_single_value:
+    # *Empty batch*); a masked feature of no kept value is not (``refuse_empty``).
+    if (count == 1 and not allow_single_value) or (count == 0 and refuse_empty):
         raise ValueError(
             f"expected more than 1 value per channel to compute batch statistics (training, "
             f"or track_running_stats=False), got {count} (batch size x spatial size); "
@@ -446,7 +453,18 @@ def update_running_stats(
     """
     unbiased_ok = unbiased and stats.count > 1
     batch_var = stats.var(unbiased=unbiased_ok)
-    batch_mean = _f64(stats.mean)
+    return _fold(running, _f64(stats.mean), batch_var, momentum, skip_nonfinite)
+
+
+def _fold(
+    running: RunningStats,
+    batch_mean: F64,
+    batch_var: F64,
+    momentum: float | None,
+    skip_nonfinite: bool,
+) -> RunningStats:
+    """Fold one batch's mean and fed variance into ``running`` (``f = momentum``, or
+    ``1 / (num_batches_tracked + 1)``), unless the guard skips a non-finite batch."""
     if skip_nonfinite and not (np.all(np.isfinite(batch_mean)) and np.all(np.isfinite(batch_var))):
         return running
     tracked = running.num_batches_tracked + 1
@@ -466,15 +484,7 @@ def _empty_batch_update(running: RunningStats, spec: BatchNormSpec) -> RunningSt
         return running._replace(num_batches_tracked=running.num_batches_tracked + 1)
     # "nan": the mean and variance of no values are 0/0, fed like any batch's.
     nothing = np.full(np.shape(running.mean), np.nan)
-    if spec.skip_nonfinite:
-        return running
-    tracked = running.num_batches_tracked + 1
-    f = 1.0 / tracked if spec.momentum is None else float(spec.momentum)
-    return RunningStats(
-        (1.0 - f) * _f64(running.mean) + f * nothing,
-        (1.0 - f) * _f64(running.var) + f * nothing,
-        tracked,
-    )
+    return _fold(running, nothing, nothing, spec.momentum, spec.skip_nonfinite)
 
 
 def batch_norm_step(
@@ -486,6 +496,7 @@ def batch_norm_step(
     *,
     training: bool,
     backward_ran: bool = True,
+    mask: ArrayLike | None = None,
 ) -> tuple[np.ndarray, RunningStats | None]:
     """One call of a BatchNorm layer configured by ``spec``: the output and new state.
 
@@ -493,7 +504,9 @@ def batch_norm_step(
     the running ones (unless ``track_running_stats`` is off; with ``update_on="backward"``
     only when ``backward_ran``; an empty batch as ``spec.empty_batch`` says); in inference,
     normalise with running statistics, or with batch statistics when
-    ``track_running_stats`` is off.
+    ``track_running_stats`` is off. ``mask`` (see :func:`masked_batch_stats`) leaves
+    masked positions out of the batch statistics; inference with running statistics
+    ignores it.
 
     Example:
         >>> spec = BatchNormSpec()
@@ -504,6 +517,18 @@ def batch_norm_step(
     """
     gamma = gamma if spec.scale else None
     beta = beta if spec.center else None
+    if mask is not None and (training or not spec.track_running_stats):
+        y, masked = masked_batch_norm_train(x, mask, gamma, beta, spec=spec)
+        if not training or not spec.track_running_stats or running is None:
+            return y, running
+        if spec.update_on == "backward" and not backward_ran:
+            return y, running
+        # An empty batch follows empty_batch, except that Keras's masked arithmetic
+        # (fully_masked="zero") feeds 0 and 0 where its layer's rule is "nan".
+        zeros_fed = spec.fully_masked == "zero" and spec.empty_batch == "nan"
+        if np.size(x) == 0 and not zeros_fed:
+            return y, _empty_batch_update(running, spec)
+        return y, update_running_stats_masked(running, masked, spec)
     if training or not spec.track_running_stats:
         y, stats = batch_norm_train(
             x,
@@ -532,6 +557,196 @@ def batch_norm_step(
         x, running.mean, running.var, gamma, beta, eps=spec.eps, axis=spec.axis
     )
     return y, running
+
+
+# -- masked batches (SPEC.md section 2, *Masked batches*) -----------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskedStats:
+    """Per-feature statistics of the values a mask keeps: ``count`` (an int per feature,
+    shape ``(C,)``), ``mean`` and ``m2`` (0 for a feature of no kept value)."""
+
+    count: NDArray[np.int64]
+    mean: F64
+    m2: F64
+
+    def var(self, unbiased: bool = False) -> F64:
+        """Per-feature variance: ``m2 / count`` or, with ``unbiased``, ``m2 / (count - 1)``
+        where ``count > 1`` (the biased value elsewhere); 0 where nothing is kept."""
+        biased = self.m2 / np.maximum(self.count, 1)
+        if not unbiased:
+            return biased
+        return np.where(self.count > 1, self.m2 / np.maximum(self.count - 1, 1), biased)
+
+
+def _kept(mask: ArrayLike, arr: np.ndarray) -> NDArray[np.bool_]:
+    """``mask`` as booleans broadcast to ``arr``'s shape (``ValueError`` if it cannot be)."""
+    m = np.asarray(mask)
+    if m.dtype != np.bool_:
+        raise ValueError(f"mask must be boolean, got dtype {m.dtype}")
+    try:
+        return np.broadcast_to(m, arr.shape)
+    except ValueError:
+        raise ValueError(
+            f"mask must broadcast to the input's shape {arr.shape}, got shape {m.shape}"
+        ) from None
+
+
+def masked_batch_stats(x: ArrayLike, mask: ArrayLike, axis: int = 1) -> MaskedStats:
+    """Per-feature count, mean and M2 of the values of ``x`` that ``mask`` keeps.
+
+    ``mask`` is a boolean array that broadcasts to ``x``'s shape (``True`` keeps a value);
+    a Keras mask of shape ``x.shape[:-1]`` is ``mask[..., None]`` here. Masked values
+    (NaN ones too) take no part. A feature of no kept value has count, mean and M2 0.
+
+    Example:
+        >>> x = np.array([[1.0, 5.0], [3.0, 9.0]])
+        >>> s = masked_batch_stats(x, np.array([[True, True], [True, False]]))
+        >>> s.count.tolist(), s.mean.tolist(), s.m2.tolist()
+        ([2, 1], [2.0, 5.0], [2.0, 0.0])
+    """
+    arr, ax = check_input(x, axis)
+    keep = _kept(mask, arr)
+    axes = _reduce_axes(arr.ndim, ax)
+    data = np.where(keep, arr.astype(np.float64), 0.0)
+    count = keep.sum(axis=axes).astype(np.int64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = data.sum(axis=axes) / np.maximum(count, 1)
+        centred = np.where(keep, data - _broadcast(mean, arr.ndim, ax), 0.0)
+        m2 = (centred**2).sum(axis=axes)
+    return MaskedStats(count, mean, m2)
+
+
+def _check_masked_counts(
+    stats: MaskedStats, size: int, allow_single_value: bool, fully_masked: str
+) -> None:
+    """Refuse a masked batch that keeps too little of a feature (``SPEC.md`` section 2,
+    *Masked batches*): one value without ``allow_single_value``, or none of a nonempty
+    batch (``size`` values per feature) unless ``fully_masked="zero"``."""
+    counts = stats.count
+    if size > 0 and fully_masked == "error" and np.any(counts == 0):
+        _check_trainable_count(0, allow_single_value, refuse_empty=True)
+    if np.any(counts == 1):
+        _check_trainable_count(1, allow_single_value)
+
+
+def masked_batch_norm_train(
+    x: ArrayLike,
+    mask: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    spec: BatchNormSpec,
+    out_dtype: DTypeLike | None = None,
+) -> tuple[np.ndarray, MaskedStats]:
+    """Training-mode BatchNorm of a masked batch: every position (masked ones too) is
+    normalised with the statistics of the values the mask keeps, per feature.
+
+    ``spec`` supplies ``eps``, ``axis``, ``allow_single_value`` and ``fully_masked``: a
+    feature of no kept value is refused (``"error"``) or has mean 0 and variance 0
+    (``"zero"``, Keras's layer), its output ``gamma * x / sqrt(eps) + beta``. Returns the
+    output and the statistics (of an empty batch: count 0, mean 0, M2 0).
+
+    Example:
+        >>> x = np.array([[0.0], [2.0], [50.0]])
+        >>> keep = np.array([[True], [True], [False]])
+        >>> y, s = masked_batch_norm_train(x, keep, spec=BatchNormSpec(eps=0.0))
+        >>> y.ravel().tolist(), s.count.tolist()
+        ([-1.0, 1.0, 49.0], [2])
+    """
+    arr, ax = check_input(x, spec.axis)
+    stats = masked_batch_stats(arr, mask, ax)
+    size = arr.size // max(arr.shape[ax], 1)
+    out = arr.dtype if out_dtype is None else out_dtype
+    if size == 0:  # an empty batch: nothing to normalise
+        return _out(np.zeros(arr.shape), out), stats
+    _check_masked_counts(stats, size, spec.allow_single_value, spec.fully_masked)
+    xhat, _ = _masked_xhat(arr, ax, stats, spec.eps)
+    return _out(_affine(xhat, gamma, beta, ax), out), stats
+
+
+def _masked_xhat(arr: np.ndarray, ax: int, stats: MaskedStats, eps: float) -> tuple[F64, F64]:
+    """``xhat`` at every position and ``r = 1 / sqrt(var_biased + eps)`` per feature."""
+    r = 1.0 / np.sqrt(stats.var() + eps)
+    data = arr.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        xhat = (data - _broadcast(stats.mean, arr.ndim, ax)) * _broadcast(r, arr.ndim, ax)
+    return xhat, r
+
+
+def masked_batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    mask: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    spec: BatchNormSpec,
+    out_dtype: DTypeLike | None = None,
+) -> BatchNormGrads:
+    """Vector-Jacobian product of :func:`masked_batch_norm_train`.
+
+    Every output depends on the kept values' statistics, so with ``k`` kept values of a
+    feature: ``dbeta = sum dy`` and ``dgamma = sum dy * xhat`` over every position, and
+    ``dx = gamma * r * (dy - keep * (sum(dy) + xhat * sum(dy * xhat)) / k)`` (masked
+    positions get ``gamma * r * dy``: the statistics do not depend on them). A feature of
+    no kept value under ``fully_masked="zero"`` has constant statistics: ``dx = gamma * r
+    * dy``. With every value kept this is :func:`batch_norm_backward`.
+
+    Example:
+        >>> x = np.array([[0.0], [2.0], [1.0]])
+        >>> keep = np.array([[True], [True], [False]])
+        >>> g = masked_batch_norm_backward(np.ones((3, 1)), x, keep, spec=BatchNormSpec(eps=0.0))
+        >>> g.dx.ravel().tolist(), g.dbeta.tolist()
+        ([-0.5, -0.5, 1.0], [3.0])
+    """
+    arr, ax = check_input(x, spec.axis)
+    data = arr.astype(np.float64)
+    grad = _check_dy(dy, data)
+    keep = _kept(mask, arr)
+    stats = masked_batch_stats(arr, keep, ax)
+    size = arr.size // max(arr.shape[ax], 1)
+    g = None if gamma is None else _per_feature(gamma, "gamma", arr, ax)
+    out = arr.dtype if out_dtype is None else out_dtype
+    channels = arr.shape[ax]
+    if size == 0:  # an empty batch: empty dx, sums over nothing are 0
+        zeros = np.zeros(channels)
+        none = None if g is None else zeros
+        return BatchNormGrads(_out(np.zeros(arr.shape), out), none, zeros.copy())
+    _check_masked_counts(stats, size, True, spec.fully_masked)
+    xhat, r = _masked_xhat(arr, ax, stats, spec.eps)
+    axes = _reduce_axes(arr.ndim, ax)
+    sum_dy = grad.sum(axis=axes)
+    sum_dy_xhat = (grad * xhat).sum(axis=axes)
+    k = np.maximum(stats.count, 1)  # no kept value: keep is False everywhere, no term
+    through_stats = _broadcast(sum_dy / k, arr.ndim, ax) + xhat * _broadcast(
+        sum_dy_xhat / k, arr.ndim, ax
+    )
+    scale = r if g is None else r * g
+    dx = _broadcast(scale, arr.ndim, ax) * (grad - np.where(keep, through_stats, 0.0))
+    return BatchNormGrads(
+        _out(dx, out),
+        None if g is None else sum_dy_xhat,
+        sum_dy if spec.center else None,
+    )
+
+
+def update_running_stats_masked(
+    running: RunningStats, stats: MaskedStats, spec: BatchNormSpec
+) -> RunningStats:
+    """:func:`update_running_stats` for a masked batch: each feature is fed its own kept
+    values' mean and variance (unbiased on its own count where ``spec.running_var`` says
+    so and ``count > 1``; a feature of no kept value, under ``fully_masked="zero"``,
+    feeds 0 and 0). ``num_batches_tracked`` grows by one; the guard skips the whole
+    batch when any fed value is non-finite.
+
+    Example:
+        >>> s = masked_batch_stats(np.array([[0.0], [2.0], [9.0]]), [[True], [True], [False]])
+        >>> update_running_stats_masked(init_running_stats(1), s, BatchNormSpec()).var.tolist()
+        [1.1]
+    """
+    fed = stats.var(unbiased=spec.unbiased)
+    return _fold(running, _f64(stats.mean), fed, spec.momentum, spec.skip_nonfinite)
 
 
 def unit_norms(w: ArrayLike, unit_axes: UnitAxes) -> F64:

@@ -53,6 +53,7 @@ PresetName = str
 RunningVarEstimator = Literal["unbiased", "biased"]
 UpdateTime = Literal["forward", "backward"]
 EmptyBatch = Literal["skip", "count", "nan"]
+FullyMasked = Literal["error", "zero"]
 
 #: The floor under a unit's gradient norm in AGC's rescale factor (``SPEC.md`` section 5).
 AGC_GRAD_NORM_FLOOR = 1e-6
@@ -177,6 +178,11 @@ class BatchNormSpec:
             ``"count"`` only counts it in ``num_batches_tracked`` (PyTorch's layer),
             ``"nan"`` feeds the statistics of no values, NaN, to the update like any
             batch's (Keras's and Gluon's layers; the non-finite guard then skips it).
+        fully_masked: ``"error"``. What a masked training batch (a backend whose layers
+            take a mask: Keras) does with a feature whose mask keeps no value:
+            ``"error"`` refuses it as one value per feature is refused (canonical),
+            ``"zero"`` gives that feature mean 0 and variance 0, fed to the update
+            (Keras's layer, whose masked sums are divided by ``count + 1e-7``).
         preset: None, or the name of the preset the spec was built from.
 
     Example:
@@ -195,6 +201,7 @@ class BatchNormSpec:
     allow_single_value: bool = False
     update_on: UpdateTime = "forward"
     empty_batch: EmptyBatch = "skip"
+    fully_masked: FullyMasked = "error"
     preset: PresetName | None = None
 
     def __post_init__(self) -> None:
@@ -213,6 +220,7 @@ class BatchNormSpec:
         _check_choice("running_var", self.running_var, ("unbiased", "biased"))
         _check_choice("update_on", self.update_on, ("forward", "backward"))
         _check_choice("empty_batch", self.empty_batch, ("skip", "count", "nan"))
+        _check_choice("fully_masked", self.fully_masked, ("error", "zero"))
         if self.preset is not None:
             validate_preset(self.preset)
 
@@ -245,7 +253,8 @@ class BatchNormSpec:
         """The training settings of this spec that ``framework``'s own BatchNorm layer
         cannot be told, as ``name=value`` strings: where it differs from the framework's
         preset in the running-variance feed, the non-finite guard, one value per feature,
-        when the update runs or what an empty batch does, and ``momentum=None`` outside
+        when the update runs, what an empty batch or (with masks) a fully masked feature
+        does, and ``momentum=None`` outside
         PyTorch (Keras's and Gluon's layers have no cumulative average). Eps and a
         momentum weight translate.
 
@@ -258,10 +267,18 @@ class BatchNormSpec:
         native = PRESETS[validate_preset(framework)]
         averages = plugin(framework).native_arguments["cumulative_average"]
         gaps = ["momentum=None"] if self.momentum is None and not averages else []
-        names = ("running_var", "skip_nonfinite", "allow_single_value", "update_on", "empty_batch")
+        names = (
+            "running_var",
+            "skip_nonfinite",
+            "allow_single_value",
+            "update_on",
+            "empty_batch",
+            "fully_masked",
+        )
         for name in names:
             value = getattr(self, name)
-            if value != native[name]:
+            # A framework whose layers take no mask declares no fully_masked: never a gap.
+            if name in native and value != native[name]:
                 gaps.append(f"{name}={value!r}")
         return gaps
 

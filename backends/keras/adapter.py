@@ -99,6 +99,7 @@ class KerasBase(Adapter):
     dtypes = ("float64", "float32", "float16", "bfloat16")
     layout = layouts.of("keras")
     absent = frozenset({"num_batches_tracked"})
+    masks = True  # Keras layers take a mask (SPEC.md section 2, *Masked batches*)
 
     def availability(self) -> str | None:
         try:
@@ -141,20 +142,29 @@ class KerasBase(Adapter):
             num_batches_tracked=None if tracked is None else int(to_numpy(tracked)),
         )
 
-    def bn_step(self, layer: Built, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+    def bn_step(
+        self,
+        layer: Built,
+        x: np.ndarray,
+        dy: np.ndarray | None,
+        mode: str,
+        mask: np.ndarray | None = None,
+    ) -> StepValues:
         dtype = layer.dtype if layer.dtype in dtypes.DTYPES else None
         xt = to_tensor(x, dtype)
         training = mode != "eval"
+        # Keras's mask has the input's shape without the last axis it is broadcast over.
+        kw = {} if mask is None else {"mask": tf().constant(mask[..., 0])}
         out = StepValues()
         if dy is None:
-            out.y = to_numpy(layer.layer(xt, training=training))
+            out.y = to_numpy(layer.layer(xt, training=training, **kw))
         else:
             params = [
                 v for v in (_var(layer.layer, "gamma"), _var(layer.layer, "beta")) if v is not None
             ]
             with tf().GradientTape() as tape:
                 tape.watch(xt)
-                y = layer.layer(xt, training=training)
+                y = layer.layer(xt, training=training, **kw)
             grads = tape.gradient(y, [xt, *params], output_gradients=to_tensor(dy, y.dtype))
             out.y, out.dx = to_numpy(y), to_numpy(grads[0])
             named = dict(zip([id(p) for p in params], grads[1:], strict=True))

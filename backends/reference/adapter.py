@@ -65,6 +65,7 @@ class ReferenceAdapter(Adapter):
     framework = "numpy"
     dtypes = ("float64", "float32", "float16", "bfloat16")
     layout = layouts.of("torch")
+    masks = True
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> _Layer:
         spec = config.spec()
@@ -81,7 +82,14 @@ class ReferenceAdapter(Adapter):
     def bn_state(self, layer: _Layer) -> StepValues:
         return _state(layer)
 
-    def bn_step(self, layer: _Layer, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+    def bn_step(
+        self,
+        layer: _Layer,
+        x: np.ndarray,
+        dy: np.ndarray | None,
+        mode: str,
+        mask: np.ndarray | None = None,
+    ) -> StepValues:
         spec, cfg = layer.spec, layer.config
         arr, _ = ref.check_input(x, spec.axis, cfg.num_features)
         x64 = arr.astype(np.float64)
@@ -96,12 +104,15 @@ class ReferenceAdapter(Adapter):
                 layer.beta,
                 training=training,
                 backward_ran=mode == "train",
+                mask=mask,
             )
             out = StepValues(y=dtypes.cast(y, cfg.dtype))
             if dy is not None:
                 kw = {"eps": spec.eps, "axis": spec.axis, "center": spec.center}
                 dy64 = np.asarray(dy, np.float64)
-                if training or before is None:
+                if mask is not None and (training or before is None):
+                    g = ref.masked_batch_norm_backward(dy64, x64, mask, layer.gamma, spec=spec)
+                elif training or before is None:
                     g = ref.batch_norm_backward(dy64, x64, layer.gamma, **kw)
                 else:
                     g = ref.batch_norm_inference_backward(

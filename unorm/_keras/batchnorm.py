@@ -33,6 +33,13 @@ def _count_message(count: object, shape: object) -> str:
     )
 
 
+def _uncounted_zeros(count: Any, floor: float) -> Any:
+    """A per-feature ``count`` with its zeros raised above ``floor``: under
+    ``fully_masked="zero"`` a feature of no kept value is taken (mean 0, variance 0), so
+    only the features that keep some values are held to the floor."""
+    return ops.where(ops.equal(count, 0), ops.cast(floor + 1, count.dtype), count)
+
+
 def _concrete_int(value: Any) -> int | None:
     """``value`` as a Python int where it is concrete (an eager tensor), None where it is
     only known when a graph runs (a ``tf.function`` or a JAX trace)."""
@@ -175,6 +182,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         allow_single_value: bool | Unset = UNSET,
         update_on: str | Unset = UNSET,
         empty_batch: str | Unset = UNSET,
+        fully_masked: str | Unset = UNSET,
         preset: str | None = None,
         synchronized: bool = False,
         beta_initializer: Any = "zeros",
@@ -202,6 +210,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 allow_single_value=allow_single_value,
                 update_on=update_on,
                 empty_batch=empty_batch,
+                fully_masked=fully_masked,
             ),
         )
         if not isinstance(synchronized, bool):
@@ -360,10 +369,10 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         # Keras convention: a frozen BatchNorm runs in inference mode.
         training = bool(training) and self.trainable
         batch = training or not spec.track_running_stats
-        # preset="keras" computes a masked batch in Keras's arithmetic, whatever the mask
-        # keeps (SPEC.md section 2, *Empty batch*); every other setting counts what it keeps.
-        keras_mask = batch and mask is not None and spec.preset == "keras"
-        if self._static_empty(x, batch, keras_mask):
+        # fully_masked="zero" (preset="keras") takes a masked batch whatever the mask keeps,
+        # with empty_batch="nan" an empty one too (SPEC.md section 2, *Masked batches*).
+        zero_masked = batch and mask is not None and spec.fully_masked == "zero"
+        if self._static_empty(x, batch, zero_masked):
             return self._empty_batch(x, gamma, beta, training)
         shift = None
         y = None
@@ -404,7 +413,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         if training and spec.track_running_stats:
 
             def update() -> None:
-                self._update(mean, variance, count, empty, keras_mask)
+                self._update(mean, variance, count, empty, zero_masked)
 
             if spec.update_on == "backward":
                 from .tf_runtime import update_on_backward
@@ -416,19 +425,20 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
 
     # -- an empty batch (SPEC.md section 2, *Empty batch*) ----------------------------
 
-    def _static_empty(self, x: Any, batch: bool, keras_mask: bool) -> bool:
+    def _static_empty(self, x: Any, batch: bool, zero_masked: bool) -> bool:
         """Whether ``x`` is known, from its static shape, to hold no value per feature
         (no samples, or a spatial size of 0), and is handled as an empty batch, in any
         mode (``batch``: normalised with batch statistics).
 
         Not for batch statistics across replicas (another replica may hold values), and
-        not for a masked ``preset="keras"`` batch that feeds the statistics of no values
-        (Keras's masked arithmetic makes them 0, not NaN). A shape known only when the
-        graph runs takes the guarded branch of :meth:`_update` instead."""
+        not for a masked batch under ``fully_masked="zero"`` (``zero_masked``) and
+        ``empty_batch="nan"``, which feeds the statistics of no kept value, 0 and 0, as
+        Keras's masked arithmetic does. A shape known only when the graph runs takes the
+        guarded branch of :meth:`_update` instead."""
         size = stats.count(x, self._reduce_axes)
         if not isinstance(size, int) or size != 0 or (batch and self._replicated()):
             return False
-        return not (keras_mask and self.spec.empty_batch == "nan")
+        return not (zero_masked and self.spec.empty_batch == "nan")
 
     def _empty_batch(self, x: Any, gamma: Any, beta: Any, training: bool) -> Any:
         """The output of an empty batch, ``x * gamma + beta`` (empty, so ``dx`` is empty
@@ -462,7 +472,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 tracked.assign(tracked + 1)
         elif spec.empty_batch == "nan" and not spec.skip_nonfinite:
             nothing = ops.full((self._channels,), float("nan"), dtype=self.moving_mean.dtype)
-            self._update(nothing, nothing, 0, None, keras_mask=False)
+            self._update(nothing, nothing, 0, None, zero_masked=False)
 
     # -- batch statistics ------------------------------------------------------------
 
@@ -504,7 +514,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         from .tf_runtime import fused_batch_norm_train
 
         count = stats.count(x, self._reduce_axes)
-        empty = self._empty_flag(count, keras_mask=False)
+        empty = self._empty_flag(count, zero_masked=False)
         if isinstance(count, int):  # refused before the kernel sees the batch
             self._checked(count, count, empty, x.shape, None, None, masked=False)
         gamma, beta = _no_gradient_where(empty, gamma, beta)
@@ -529,13 +539,15 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         or a tensor: one entry per feature with a mask, a scalar otherwise), and the
         empty flag (see :meth:`_empty_flag`)."""
         axes = self._reduce_axes
-        keras_mask = mask is not None and self.spec.preset == "keras"
+        # preset="keras" keeps Keras's arithmetic bit for bit (sums / (count + 1e-7)).
+        keras_arithmetic = mask is not None and self.spec.preset == "keras"
+        zero_masked = mask is not None and self.spec.fully_masked == "zero"
         if self._replicated():
             from .sync import synchronized_moments
 
             weights = None if mask is None else stats.mask_weights(mask, x, x.dtype)
             mean, variance, count, size = synchronized_moments(x, axes, weights)
-        elif keras_mask:
+        elif keras_arithmetic:
             mean, variance, count = stats.keras_masked_moments(x, mask, axes)
             size = stats.count(x, axes)
         elif mask is not None:
@@ -544,21 +556,21 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         else:
             mean, variance = stats.moments(x, axes)
             count = size = stats.count(x, axes)
-        empty = self._empty_flag(size, keras_mask)
-        if keras_mask:  # Keras's arithmetic takes any count, none included
-            return mean, variance, count, empty
+        empty = self._empty_flag(size, zero_masked)
         mean, variance = self._checked(
-            count, size, empty, x.shape, mean, variance, masked=mask is not None
-        )
+            count, size, empty, x.shape, mean, variance, masked=mask is not None,
+            zero_masked=zero_masked,
+        )  # fmt: skip
         return mean, variance, count, empty
 
-    def _empty_flag(self, size: Any, keras_mask: bool) -> Any:
+    def _empty_flag(self, size: Any, zero_masked: bool) -> Any:
         """Where ``size`` (values per feature by shape; for a synchronized batch, over
         every replica) is only known when the graph runs, a bool tensor: whether the batch
         is empty, for :meth:`_update`'s guarded branch. None where the batch is known not
-        to be empty, and for a masked ``preset="keras"`` batch that feeds the statistics
-        of no values (Keras's masked arithmetic gives them, 0)."""
-        if isinstance(size, int) or (keras_mask and self.spec.empty_batch == "nan"):
+        to be empty, and for a masked batch under ``fully_masked="zero"``
+        (``zero_masked``) and ``empty_batch="nan"``, which feeds the statistics of no kept
+        value, 0."""
+        if isinstance(size, int) or (zero_masked and self.spec.empty_batch == "nan"):
             return None
         return ops.equal(size, 0)
 
@@ -572,44 +584,48 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         variance: Any,
         *,
         masked: bool,
+        zero_masked: bool = False,
     ) -> tuple[Any, Any]:
         """Raise unless ``count`` values per feature (the smallest, for a per-feature
         count) may be trained on: one needs ``allow_single_value``, none is an error
         under a mask that keeps nothing of a nonempty batch (``size`` values per
-        feature), and an empty batch (``empty``, see :meth:`_empty_flag`) passes. A count
+        feature) unless ``zero_masked`` (``fully_masked="zero"``: a feature of no kept
+        value is not counted), and an empty batch (``empty``, see :meth:`_empty_flag`)
+        passes. A count
         known only when a TensorFlow graph runs gets a graph assertion that ``mean`` and
         ``variance`` wait for; where not even that can fail the call (XLA drops
         assertions; a JAX trace), :meth:`_update` leaves the moving statistics alone
         instead."""
         allow = self.spec.allow_single_value
         floor = 0 if allow else 1
+        count = _uncounted_zeros(count, floor) if zero_masked else count
         smallest = count if isinstance(count, int) else _concrete_int(ops.min(count))
         known_size = size if isinstance(size, int) else _concrete_int(size)
         if smallest is not None and known_size is not None:
             if known_size > 0 and smallest <= floor:
                 raise ValueError(_count_message(smallest, tuple(shape)))
             return mean, variance
-        if not _tensorflow_backend() or (allow and not masked):
-            return mean, variance  # 0 values is the empty batch, 1 is allowed
+        if not _tensorflow_backend() or (allow and (not masked or zero_masked)):
+            return mean, variance  # 0 values is the empty batch (or zero), 1 is allowed
         from .tf_runtime import assert_count
 
         least = ops.min(count)
         if empty is not None:  # an empty batch passes
             least = ops.where(empty, ops.cast(floor + 1, least.dtype), least)
-        told = "0" if allow else "1 or fewer" if masked else "1"
+        told = "0" if allow else "1 or fewer" if masked and not zero_masked else "1"
         message = _count_message(told, tuple(shape))
         mean, variance = assert_count(least, allow, message, mean, variance)
         return mean, variance
 
     # -- moving statistics -----------------------------------------------------------
 
-    def _update(self, mean: Any, variance: Any, count: Any, empty: Any, keras_mask: bool) -> None:
+    def _update(self, mean: Any, variance: Any, count: Any, empty: Any, zero_masked: bool) -> None:
         """Fold one batch's statistics into the moving ones (``SPEC.md`` section 2,
         *Running statistics*), in Keras's arithmetic order ``old * (1 - f) + new * f``.
 
         ``empty`` (a bool tensor, see :meth:`_empty_flag`) selects, when the graph runs,
-        what ``empty_batch`` does instead; ``keras_mask``: Keras's masked arithmetic, whose
-        statistics are folded in whatever the count."""
+        what ``empty_batch`` does instead; ``zero_masked`` (``fully_masked="zero"``): a
+        feature of no kept value feeds 0 and 0 and is not counted against the floor."""
         spec = self.spec
         fed = variance
         if spec.unbiased:
@@ -634,11 +650,14 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         keep = None  # when this batch may be folded in (None: always)
         if spec.skip_nonfinite:
             keep = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(fed)))
-        if not isinstance(count, int) and not keras_mask:
+        # Where every count passes (no kept value is taken, one is allowed) no guard is
+        # built: it could only change XLA's fusion, and preset="keras" is Keras bit for bit.
+        if not isinstance(count, int) and not (zero_masked and spec.allow_single_value):
             # A count that no check could reject (under XLA, which drops assertions, or in
             # a JAX trace): too few values never reach the moving statistics.
             floor = 0.0 if spec.allow_single_value else 1.0
-            enough = ops.greater(ops.min(ops.cast(count, "float32")), floor)
+            counted_values = _uncounted_zeros(count, floor) if zero_masked else count
+            enough = ops.greater(ops.min(ops.cast(counted_values, "float32")), floor)
             keep = enough if keep is None else ops.logical_and(keep, enough)
         fold = counted = keep
         if empty is not None:
@@ -679,6 +698,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 "allow_single_value": spec.allow_single_value,
                 "update_on": spec.update_on,
                 "empty_batch": spec.empty_batch,
+                "fully_masked": spec.fully_masked,
                 "preset": spec.preset,
                 "synchronized": self.synchronized,
                 "beta_initializer": keras.initializers.serialize(self.beta_initializer),

@@ -21,6 +21,8 @@ PLUGIN = BackendPlugin(
         "allow_single_value": True,
         "update_on": "forward",
         "empty_batch": "nan",
+        # Only Keras's layers take a mask (the other plug-ins declare no fully_masked).
+        "fully_masked": "zero",
     },
     native_arguments={
         "eps": "epsilon",

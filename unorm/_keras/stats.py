@@ -64,9 +64,9 @@ def mask_weights(mask: Any, x: Any, dtype: Any) -> Any:
 def shift_by_first_unmasked(x: Any, mask: Any, axis: int) -> tuple[Any, Any]:
     """:func:`shift_by_first` for a masked call: each feature is shifted by its first
     value that the mask keeps (``mask`` has ``x``'s shape without its last axis and is
-    broadcast over it, as in :func:`masked_moments`); a feature with no kept value is
-    shifted by its first value, an empty batch by 0. ``axis`` is the (non-negative)
-    feature axis."""
+    broadcast over it, as in :func:`masked_moments`); a feature with no kept value, and
+    an empty batch, by 0 (``fully_masked="zero"`` gives such a feature mean 0 of the
+    unshifted input). ``axis`` is the (non-negative) feature axis."""
     keep = mask_weights(mask, x, "int32")
     channels = x.shape[axis]
     values = ops.reshape(ops.moveaxis(x, axis, -1), (-1, channels))
@@ -84,6 +84,7 @@ def shift_by_first_unmasked(x: Any, mask: Any, axis: int) -> tuple[Any, Any]:
         first = ops.where(ops.equal(first, rows), 0, first)
         picked = ops.where(ops.equal(index, first), values, ops.zeros_like(values))
         shift = ops.stop_gradient(ops.sum(picked, axis=0, keepdims=True))
+    shift = ops.where(ops.greater(ops.max(kept, axis=0, keepdims=True), 0), shift, 0)
     broadcast = [1] * len(x.shape)
     broadcast[axis] = channels
     return x - ops.reshape(shift, broadcast), ops.reshape(shift, (-1,))
@@ -96,10 +97,12 @@ def masked_moments(x: Any, mask: Any, axes: list[int]) -> tuple[Any, Any, Any]:
     Keras's layer; the count is a per-feature tensor.
     """
     weights = mask_weights(mask, x, x.dtype)
+    kept = ops.greater(weights, 0)
     # keepdims: the mean must broadcast along the feature axis wherever it is.
     total = ops.sum(weights, axis=axes, keepdims=True)
-    mean = ops.sum(x * weights, axis=axes, keepdims=True) / ops.maximum(total, 1.0)
-    centred = (x - mean) * weights
+    # where, not a product: a masked NaN or inf (padding) times 0 would still be NaN.
+    mean = ops.sum(ops.where(kept, x, 0), axis=axes, keepdims=True) / ops.maximum(total, 1.0)
+    centred = ops.where(kept, x - mean, 0)
     variance = ops.sum(centred * centred, axis=axes, keepdims=True) / ops.maximum(total, 1.0)
     flat = [ops.reshape(t, (-1,)) for t in (mean, variance, total)]
     return flat[0], flat[1], flat[2]
