@@ -12,6 +12,9 @@ backend, everything else also runs on the JAX and torch backends.
   with Scaled Weight Standardisation and a learnable gain, for normalizer-free networks.
 - :func:`convert`: a copy of a model with its BatchNormalization layers swapped for
   unorm's, weights carried over.
+- :func:`fold`, :func:`recalibrate`, :func:`freeze`: BatchNorm after training (``SPEC.md``
+  section 8): fold it into the layer before it, recompute its moving statistics from
+  data, or make it always normalise with them.
 - :class:`AGC`, :func:`adaptive_clip_grad`, :func:`final_classifier`,
   :func:`unit_axes_of`: Adaptive Gradient Clipping as a Keras optimizer wrapper and as a
   function, with output-unit axes read from each variable's layer.
@@ -27,6 +30,8 @@ Example:
 
 from __future__ import annotations
 
+from ._core.after_training import FoldEntry, FoldError, FoldWarning
+from ._keras.after_training import fold, freeze, recalibrate
 from ._keras.agc import AGC, adaptive_clip_grad
 from ._keras.batchnorm import BatchNorm
 from ._keras.convert import convert
@@ -37,6 +42,9 @@ from ._keras.ws import ScaledStdConv1D, ScaledStdConv2D, ScaledStdConv3D
 __all__ = [
     "AGC",
     "BatchNorm",
+    "FoldEntry",
+    "FoldError",
+    "FoldWarning",
     "ScaledStdConv1D",
     "ScaledStdConv2D",
     "ScaledStdConv3D",
@@ -44,6 +52,9 @@ __all__ = [
     "convert",
     "export_checkpoint",
     "final_classifier",
+    "fold",
+    "freeze",
     "load_checkpoint",
+    "recalibrate",
     "unit_axes_of",
 ]

@@ -20,8 +20,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .layer_kinds import KernelLayout, UnitPlan, unit_plan
+
+if TYPE_CHECKING:  # NumPy is imported where arrays are folded or merged
+    import numpy as np
+
+#: An array or tensor of per-feature values (NumPy's or a framework's), or a number.
+A = TypeVar("A", bound=Any)
 
 __all__ = [
     "EMPTY_BATCHES",
@@ -31,10 +38,13 @@ __all__ = [
     "FoldEntry",
     "FoldError",
     "FoldWarning",
+    "Moments",
     "finish_report",
+    "fold_arrays",
     "fold_plan",
     "fold_refusal",
     "freeze_needs_running_stats",
+    "merge_moments",
     "no_values",
     "nonfinite_batch",
 ]
@@ -90,6 +100,7 @@ class FoldCandidate:
         producer_kind: one of :data:`PRODUCER_KINDS`.
         other_users: the names of the other readers of the producer's output.
         producer_uses: how often the producer is used (calls, shared weights).
+        bn_uses: how often the BatchNorm is called, where a backend replaces layers.
         tracks_running_stats: the BatchNorm keeps running statistics.
         bn_axis: its feature axis as configured (may be negative).
         channel_axis: the producer output's channel axis (may be negative).
@@ -104,6 +115,7 @@ class FoldCandidate:
     producer_kind: str | None = None
     other_users: tuple[str, ...] = ()
     producer_uses: int = 1
+    bn_uses: int = 1
     tracks_running_stats: bool = True
     bn_axis: int = 1
     channel_axis: int = 1
@@ -151,6 +163,10 @@ def fold_refusal(c: FoldCandidate) -> str | None:
         what = "it receives" if len(c.other_users) == 1 else "they receive"
         return head + (
             f"the output of {c.producer!r} also feeds {listed}; folding would change what {what}"
+        )
+    if c.bn_uses > 1:
+        return head + (
+            f"it is called {c.bn_uses} times, and folding replaces the layer in all of its calls"
         )
     if c.producer_uses > 1:
         return head + (
@@ -203,3 +219,105 @@ def finish_report(entries: Sequence[FoldEntry], strict: bool) -> str | None:
         raise FoldError(f"{refused[0].reason} (strict=True)")
     lines = "\n".join(f"- {e.reason}" for e in refused)
     return f"fold left {len(refused)} BatchNorm layer(s) in place:\n{lines}"
+
+
+def fold_arrays(
+    weight: np.ndarray,
+    bias: np.ndarray | None,
+    mean: np.ndarray,
+    var: np.ndarray,
+    gamma: np.ndarray | None,
+    beta: np.ndarray | None,
+    eps: float,
+    plan: UnitPlan,
+) -> tuple[np.ndarray, np.ndarray]:
+    """``W' = W * s`` on ``plan``'s axes, ``b' = (b - mean) * s + beta`` with
+    ``s = gamma / sqrt(var + eps)``, in float64, returned in ``weight``'s dtype (for
+    backends whose weights reach NumPy; ``SPEC.md`` section 8).
+
+    Example:
+        >>> import numpy as np
+        >>> w, b = fold_arrays(np.ones((2, 3), np.float32), None, np.zeros(3), np.full(3, 3.0),
+        ...                    None, None, 1.0, UnitPlan((1,)))
+        >>> w.tolist(), b.tolist(), w.dtype.name
+        ([[0.5, 0.5, 0.5], [0.5, 0.5, 0.5]], [0.0, 0.0, 0.0], 'float32')
+    """
+    import numpy as np
+
+    w = np.asarray(weight)
+    shape = plan.view or w.shape
+    mean64, var64 = np.asarray(mean, np.float64), np.asarray(var, np.float64)
+    g = np.ones_like(var64) if gamma is None else np.asarray(gamma, np.float64)
+    be = np.zeros_like(var64) if beta is None else np.asarray(beta, np.float64)
+    b = np.zeros_like(var64) if bias is None else np.asarray(bias, np.float64)
+    s = g / np.sqrt(var64 + eps)
+    # Channel o is the row-major index over the sizes of plan.axes (sorted).
+    broadcast = [shape[a] if a in plan.axes else 1 for a in range(len(shape))]
+    folded = (w.astype(np.float64).reshape(shape) * s.reshape(broadcast)).reshape(w.shape)
+    return folded.astype(w.dtype), ((b - mean64) * s + be).astype(w.dtype)
+
+
+def merge_moments(count: int, mean: A, m2: A, n: int, batch_mean: A, batch_m2: A) -> tuple[A, A]:
+    """Chan's exact pairwise merge of ``(count, mean, m2)`` with a batch's
+    ``(n, batch_mean, batch_m2)`` (``count + n > 0``): the merged mean and M2. Arithmetic
+    operators only, so it works on NumPy arrays and on any framework's tensors alike.
+
+    Example:
+        >>> merge_moments(2, 1.5, 0.5, 1, 6.0, 0.0)
+        (3.0, 14.0)
+    """
+    total = count + n
+    delta = batch_mean - mean
+    return mean + delta * (n / total), m2 + batch_m2 + delta * delta * (count * n / total)
+
+
+class Moments:
+    """Per-feature ``(count, mean, M2)`` of the batches added so far, in float64, merged
+    exactly batch by batch (Chan's pairwise form of ``SPEC.md`` section 3's merge), for
+    backends whose BatchNorm inputs reach NumPy.
+
+    Example:
+        >>> import numpy as np
+        >>> m = Moments(axis=-1)
+        >>> m.add(np.array([[1.0], [2.0]])); m.add(np.array([[6.0]]))
+        True
+        True
+        >>> m.count, m.mean.tolist(), m.variance(unbiased=True).tolist()
+        (3, [3.0], [7.0])
+    """
+
+    def __init__(self, axis: int) -> None:
+        self.axis = axis
+        self.count = 0
+        self.batches = 0
+        self.mean: np.ndarray | None = None
+        self.m2: np.ndarray | None = None
+
+    def add(self, x: np.ndarray) -> bool:
+        """Merge one batch; False (and nothing merged) when its statistics are not finite.
+        A batch of no values merges nothing and is True."""
+        import numpy as np
+
+        data = np.asarray(x, np.float64)
+        ax = self.axis % data.ndim
+        n = data.size // data.shape[ax] if data.shape[ax] else 0
+        if n == 0:
+            return True
+        dims = tuple(d for d in range(data.ndim) if d != ax)
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = data.mean(axis=dims)
+            m2 = ((data - np.expand_dims(mean, dims)) ** 2).sum(axis=dims)
+        if not (np.isfinite(mean).all() and np.isfinite(m2).all()):
+            return False
+        if self.mean is None or self.m2 is None:
+            self.mean, self.m2 = mean, m2
+        else:
+            self.mean, self.m2 = merge_moments(self.count, self.mean, self.m2, n, mean, m2)
+        self.count += n
+        self.batches += 1
+        return True
+
+    def variance(self, unbiased: bool) -> np.ndarray:
+        """``M2/(N-1)`` (``unbiased`` and ``N >= 2``) or ``M2/N``."""
+        assert self.m2 is not None and self.count > 0
+        return self.m2 / (self.count - 1 if unbiased and self.count > 1 else self.count)

@@ -673,7 +673,10 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
             new_mean = ops.where(fold, new_mean, old_mean)
             new_var = ops.where(fold, new_var, old_var)
         if tracked is not None and counted is not None:
-            new_tracked = ops.where(counted, new_tracked, tracked)
+            # The variable's value, not the variable: Keras's JAX ops.where hands its
+            # arguments to jnp.where unconverted, which JAX >= 0.9 refuses for objects
+            # with __jax_array__ (a keras.Variable).
+            new_tracked = ops.where(counted, new_tracked, ops.convert_to_tensor(tracked))
         self.moving_mean.assign(new_mean)
         self.moving_variance.assign(new_var)
         if tracked is not None:

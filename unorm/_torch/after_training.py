@@ -389,10 +389,7 @@ class _Accumulator:
         if self.mean is None or self.m2 is None:
             self.mean, self.m2 = mean, m2
         else:
-            total = self.count + n
-            delta = mean - self.mean
-            self.mean = self.mean + delta * (n / total)
-            self.m2 = self.m2 + m2 + delta * delta * (self.count * n / total)
+            self.mean, self.m2 = core.merge_moments(self.count, self.mean, self.m2, n, mean, m2)
         self.count += n
         self.batches += 1
 
