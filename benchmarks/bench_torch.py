@@ -9,6 +9,9 @@ Benchmarks (full size; ``quick`` uses small inputs):
   at (32, 64, 56, 56) and (256, 256, 14, 14) float32, channels-first and channels-last.
   Target ratio 1.05.
 - ``bn_eval``: the same in eval mode (forward only). Target ratio 1.05.
+- ``bn_train_compiled`` (full size only): the ``bn_train`` call with both layers under
+  ``torch.compile`` (``native=compiled``, target 1.05), and unorm's compiled layer against
+  the native eager one (``native=eager``, no target: it says whether compiling pays).
 - ``agc``: ``adaptive_clip_grad_`` over the parameter shapes of a ResNet-50 and of an
   NFNet-F0-like network, against a per-tensor loop written the way timm's
   ``adaptive_clip_grad`` is (norm, clamp, divide, where, copy per tensor). Target: at
@@ -52,6 +55,23 @@ def _sync(_: object) -> None:
         torch.cuda.synchronize()
 
 
+def _train_step(layer: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> Callable[[], object]:
+    """One training call of ``layer``: forward, then backward of ``dy`` into ``x``."""
+
+    def run() -> object:
+        y = layer(x)
+        y.backward(dy)
+        return y
+
+    return run
+
+
+def _train_bytes(x: torch.Tensor) -> int:
+    """A training call's minimal traffic. Forward: read x twice (statistics, then
+    normalise), write y; backward: read x, dy twice (sums, then dx), write dx."""
+    return 8 * x.numel() * x.element_size()
+
+
 def _bn_pair(shape: tuple[int, ...], channels_last: bool, training: bool) -> list[Benchmark]:
     x = torch.randn(shape, device=DEVICE)
     if channels_last:
@@ -68,20 +88,18 @@ def _bn_pair(shape: tuple[int, ...], channels_last: bool, training: bool) -> lis
     if training:
         xg = x.detach().requires_grad_()
         dy = torch.randn_like(x)
-
-        def step(layer: nn.Module) -> Callable[[], object]:
-            def run() -> object:
-                y = layer(xg)
-                y.backward(dy)
-                return y
-
-            return run
-
-        # forward: read x twice (statistics, then normalise), write y; backward: read x,
-        # dy twice (sums, then dx), write dx.
-        moved = 8 * x.numel() * x.element_size()
+        moved = _train_bytes(x)
         return [
-            Benchmark("bn_train", BACKEND, params, step(ours), step(native), _sync, moved, 1.05)
+            Benchmark(
+                "bn_train",
+                BACKEND,
+                params,
+                _train_step(ours, xg, dy),
+                _train_step(native, xg, dy),
+                _sync,
+                moved,
+                1.05,
+            )
         ]
     with torch.no_grad():
         moved = 2 * x.numel() * x.element_size()
@@ -97,6 +115,38 @@ def _bn_pair(shape: tuple[int, ...], channels_last: bool, training: bool) -> lis
                 1.05,
             )
         ]
+
+
+def _bn_compiled(shape: tuple[int, ...], channels_last: bool) -> list[Benchmark]:
+    """The training call under ``torch.compile`` (inductor): unorm's layer compiled against
+    ``nn.BatchNorm2d`` compiled (target 1.05) and against ``nn.BatchNorm2d`` eager (no
+    target: below 1, compiling unorm's layer beats the native eager one). Each side
+    compiles in the harness's warm-up calls, outside the timed samples."""
+    x = torch.randn(shape, device=DEVICE)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    xg, dy = x.detach().requires_grad_(), torch.randn_like(x)
+    channels = shape[1]
+    ours = torch.compile(BatchNorm(channels, num_dims=4).to(DEVICE))
+    native_compiled = torch.compile(nn.BatchNorm2d(channels).to(DEVICE))
+    native_eager = nn.BatchNorm2d(channels).to(DEVICE)
+    layout = "channels_last" if channels_last else "channels_first"
+    base = {"shape": shape, "dtype": "float32", "format": layout, "device": DEVICE.type}
+    unorm_step, moved = _train_step(ours, xg, dy), _train_bytes(x)
+    against = (("compiled", native_compiled, 1.05), ("eager", native_eager, None))
+    return [
+        Benchmark(
+            "bn_train_compiled",
+            BACKEND,
+            {**base, "native": how},
+            unorm_step,
+            _train_step(layer, xg, dy),
+            _sync,
+            moved,
+            target,
+        )
+        for how, layer, target in against
+    ]
 
 
 def _bottleneck_stage(blocks: int, inp: int, mid: int, out: int) -> list[nn.Module]:
@@ -193,6 +243,10 @@ def benchmarks(quick: bool) -> list[Benchmark]:
         for shape in shapes:
             for channels_last in (False, True):
                 out += _bn_pair(shape, channels_last, training)
+    if not quick:  # compiling takes seconds per layer: not in the quick smoke test
+        for shape in shapes:
+            for channels_last in (False, True):
+                out += _bn_compiled(shape, channels_last)
     if quick:
         small = nn.ModuleList([nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)])
         out.append(_agc("small", small))
