@@ -440,6 +440,33 @@ def test_exported_files_round_trip_and_import_in_gluon(tmp_path: Path) -> None:
     np.testing.assert_array_equal(_logits(again, x), _logits(source, x))
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trainable", "frozen_gamma_beta"])
+def test_an_exported_update_in_backward_layer_is_one_layer(tmp_path: Path, frozen: bool) -> None:
+    """update_on="backward" adds a native BatchNorm node that only orders the update
+    (BatchNorm._order); the reader takes the unorm node as the layer and skips that node."""
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(3, in_units=5), BatchNorm(3, preset="mxnet"))
+    net.initialize()
+    if frozen:  # the node then reads the Dense output instead of gamma and beta
+        net[1].gamma.grad_req = net[1].beta.grad_req = "null"
+    net.hybridize()
+    x = mx.nd.array(_batch(4, (4, 5)))
+    with autograd.record():
+        loss = net(x).sum()
+    loss.backward()
+    mx.nd.waitall()  # num_batches_tracked (int64) is not ordered before export's reads
+    net.export(str(tmp_path / "bn"))
+    nodes = json.loads((tmp_path / "bn-symbol.json").read_text())["nodes"]
+    assert [n["op"] for n in nodes].count("BatchNorm") == 1  # the ordering node
+    ckpt = read_symbol(tmp_path / "bn-symbol.json")
+    assert [la.kind for la in ckpt.layers] == ["dense", "batchnorm"]
+    assert ckpt.layers[1].attrs["spec"]["update_on"] == "backward"
+    for role in ("gamma", "beta", "running_mean", "running_var", "num_batches_tracked"):
+        want = getattr(net[1], role).data().asnumpy().reshape(-1)
+        got = ckpt.tensor(ckpt.layers[1], role).reshape(-1)
+        np.testing.assert_array_equal(got, want, err_msg=role)
+
+
 def test_save_parameters_files_round_trip_and_mismatches_change_nothing(tmp_path: Path) -> None:
     source = _trained(0)
     write_native(source, tmp_path / "lenet.params")

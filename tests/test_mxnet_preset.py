@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -96,6 +97,73 @@ def test_preset_mxnet_inference_backward_holds_running_stats_constant() -> None:
     y.backward(mx.nd.array(dy))
     expected = ref.batch_norm_inference_backward(dy, x, mean, var, np.ones(3), eps=1e-5, axis=1)
     np.testing.assert_allclose(xs.grad.asnumpy(), expected.dx, rtol=1e-5, atol=1e-6)
+
+
+def _as_used(bn: Any, where: str, tmp_path: Path) -> tuple[Any, Any]:
+    """(the callable to train, the BatchNorm block or SymbolBlock holding the state) for
+    ``bn`` used ``where``; every model reads (N, 6)-shaped input, the layer 4 features."""
+    if where in ("imperative", "hybridized"):
+        bn.initialize()
+        if where == "hybridized":
+            bn.hybridize()
+        return _flat(bn), bn
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(4, in_units=6), bn)
+    net.initialize(mx.init.Constant(0.2))
+    net[0].weight.set_data(mx.nd.array(np.linspace(-1.0, 1.0, 24).reshape(4, 6)))
+    if where == "frozen_gamma_beta":  # only the input needs a gradient
+        bn.gamma.grad_req = bn.beta.grad_req = "null"
+    net.hybridize()
+    if where != "imported":
+        return net, bn
+    net(mx.nd.ones((2, 6)))  # builds the graph export() writes
+    tmp_path.mkdir()
+    prefix = str(tmp_path / "model")
+    net.export(prefix)
+    loaded = gluon.SymbolBlock.imports(prefix + "-symbol.json", ["data"], prefix + "-0000.params")
+    return loaded, loaded
+
+
+def _flat(bn: Any) -> Any:
+    return lambda x: bn(x.reshape((-1, 4, 3)))  # (N, 6) as (N/2, 4, 3) for the bare layer
+
+
+def _running_stat(holder: Any, name: str) -> np.ndarray:
+    params = [p for n, p in holder.collect_params().items() if n.endswith(name)]
+    assert len(params) == 1, name
+    return params[0].data().asnumpy()  # no waitall: MXNet's own read
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["imperative", "hybridized", "hybridized_parent", "frozen_gamma_beta", "imported"],
+)
+def test_preset_mxnet_running_stats_read_right_after_backward(where: str, tmp_path: Path) -> None:
+    """update_on="backward": a read through MXNet's own API straight after backward()
+    sees that step's update, as with gluon.nn.BatchNorm (no synchronisation between)."""
+    models = [
+        _as_used(BatchNorm(4, preset="mxnet"), where, tmp_path / "ours"),
+        _as_used(gluon.nn.BatchNorm(in_channels=4), where, tmp_path / "gluon"),
+    ]
+    rng = np.random.default_rng(3)
+    changed = 0.0
+    for step in range(4):
+        x = mx.nd.array(rng.standard_normal((24, 6)) * (1 + step) + 2 * step)
+        x.attach_grad()
+        seen = []
+        for model, holder in models:
+            before = _running_stat(holder, "running_var")
+            with autograd.record():
+                loss = (model(x) ** 2).sum()
+            loss.backward()
+            seen.append([_running_stat(holder, n) for n in ("running_mean", "running_var")])
+            changed = max(changed, float(np.abs(seen[-1][1] - before).max()))
+        for name, ours, gluons in zip(("running_mean", "running_var"), *seen, strict=True):
+            np.testing.assert_allclose(ours, gluons, err_msg=f"{name}, step {step}", **CLOSE)
+    assert changed > 0.1  # the steps moved the statistics, so a stale read would show
+    mx.nd.waitall()
+    counter = _running_stat(models[0][1], "num_batches_tracked")
+    assert int(counter[0]) == 4
 
 
 @pytest.mark.parametrize("hybridize", [False, True], ids=["imperative", "hybridized"])

@@ -9,6 +9,7 @@ argument means what SPEC.md says on every backend.
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
@@ -74,10 +75,13 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
     differences: the statistics are accurate (MXNet's kernel sums one float32 at a time and
     at a mean of 1e4 loses every digit of the variance), and in inference mode the backward
     pass treats the running statistics as constants (MXNet's kernel differentiates through
-    them as if they were batch statistics). MXNet does not order a CustomOp's backward pass
-    before later reads of its auxiliary states, so with ``update_on="backward"`` read the
-    running statistics after a synchronisation (``mx.nd.waitall()``, or after
-    ``trainer.step``, which waits for the gradients); later forward calls are ordered.
+    them as if they were batch statistics). With ``update_on="backward"`` a read of
+    ``running_mean``/``running_var`` through MXNet's API right after ``backward()`` waits
+    for the update, as with Gluon's own layer (:meth:`_order`); ``num_batches_tracked``,
+    which no native backward pass can write (it is int64), is ordered before later forward
+    calls but not before a plain read: read it after ``mx.nd.waitall()``. Under
+    ``hybridize(static_alloc=True)`` MXNet 1.9 orders no write to a block's state (in the
+    forward pass either) before later reads: synchronise first there.
 
     An empty batch (no sample, or a spatial size of 0) exists in MXNet 1.x only under NumPy
     shape semantics (``mx.util.set_np_shape(True)``, ``mx.util.np_shape(True)``); without
@@ -303,11 +307,17 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         running_var: Any = None,
         num_batches_tracked: Any = None,
     ) -> Any:
-        """The graph: one ``unorm_batchnorm`` operator (see :mod:`unorm._mxnet.op`)."""
+        """The graph: one ``unorm_batchnorm`` operator (see :mod:`unorm._mxnet.op`), and
+        with ``update_on="backward"`` the node that orders its update (:meth:`_order`)."""
         spec = self.spec
         states = (
             [running_mean, running_var, num_batches_tracked] if spec.track_running_stats else []
         )
+        settings = self._settings
+        args = [gamma, beta]
+        if self._orders_update(F):
+            settings = dataclasses.replace(settings, ordered=True)
+            args.append(self._order(F, x, gamma, beta, running_mean, running_var))
         # Arrays produced by MKL-DNN kernels (a convolution's output, the gradient from
         # the next layer) may be held in a blocked layout, which MXNet 1.9 does not convert
         # for a CustomOp: the operator would read garbage. Ordinary operators that keep
@@ -317,16 +327,62 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         # both sides (the executor skips a reshape's backward, and MKL-DNN's reshape fails
         # on an empty array, which the graph must accept under NumPy shape semantics).
         # An empty NDArray has no layout to convert and skips the reshapes.
-        attrs = self._settings.attrs()
+        attrs = settings.attrs()
         if F is mx.nd:
             if not x.size:
-                return F.Custom(x, gamma, beta, *states, op_type=OP_TYPE, name="fwd", **attrs)[0]
+                return F.Custom(x, *args, *states, op_type=OP_TYPE, name="fwd", **attrs)[0]
             data = F.reshape(x, shape=(-2,))
-            outputs = F.Custom(data, gamma, beta, *states, op_type=OP_TYPE, name="fwd", **attrs)
+            outputs = F.Custom(data, *args, *states, op_type=OP_TYPE, name="fwd", **attrs)
             return F.reshape(outputs[0], shape=(-2,))
         data = F.squeeze(F.expand_dims(x, axis=0), axis=0)
-        outputs = F.Custom(data, gamma, beta, *states, op_type=OP_TYPE, name="fwd", **attrs)
+        outputs = F.Custom(data, *args, *states, op_type=OP_TYPE, name="fwd", **attrs)
         return F.squeeze(F.expand_dims(outputs[0], axis=0), axis=0)
+
+    def _orders_update(self, F: Any) -> bool:
+        """Whether this call needs :meth:`_order`: running statistics updated in backward,
+        and, called on NDArrays, a recorded training call (only that one runs a backward
+        pass that updates). A graph serves every mode, so it always has the node."""
+        if self.spec.update_on != "backward" or not self.spec.track_running_stats:
+            return False
+        return F is not mx.nd or (autograd.is_recording() and autograd.is_training())
+
+    def _order(self, F: Any, x: Any, gamma: Any, beta: Any, mean: Any, var: Any) -> Any:
+        """Zeros of shape ``(1, C)`` from a native ``BatchNorm`` node on the running
+        statistics, for the operator's ``order`` argument.
+
+        The operator applies an ``update_on="backward"`` update in its backward pass, which
+        MXNet 1.9 does not register as a writer of the auxiliary states (``_backward_Custom``
+        has no ``FMutateInputs``): a read right after ``backward()`` would not wait for it
+        and could see the previous values. Native ``_backward_BatchNorm`` is registered as
+        the writer of its moving statistics (apache/mxnet#18644). With
+        ``use_global_stats=True`` it changes nothing in them, but as this node feeds the
+        operator, its backward pass runs after the operator's and every later read waits
+        for it. Its input is zeros whose gradient reaches a trainable ``gamma``/``beta``
+        (or ``x`` when neither is, at the price of an input-sized gradient), so that the
+        backward pass includes the node; ``where`` keeps it zero (and its gradient zero)
+        whatever the values. Which of them is decided when the graph is traced: after
+        freezing both ``gamma`` and ``beta`` of a hybridized layer, call ``hybridize()``
+        again to trace anew.
+        """
+        zeros = F.zeros_like(gamma)
+        links = [p for p, q in ((gamma, self.gamma), (beta, self.beta)) if q.grad_req != "null"]
+        if links:
+            tied = F.add_n(*[F.where(zeros, link, zeros) for link in links])
+        else:
+            total = F.reshape(F.sum(x), shape=(1,))
+            tied = F.broadcast_add(zeros, F.where(F.zeros_like(total), total, F.zeros_like(total)))
+        return F.BatchNorm(
+            F.reshape(tied, shape=(1, -1)),
+            F.ones_like(gamma),
+            zeros,
+            mean,
+            var,
+            eps=self.spec.eps,
+            use_global_stats=True,
+            fix_gamma=False,
+            axis=1,
+            name="order",
+        )
 
     def cast(self, dtype: Any) -> None:
         """Cast parameters and running statistics (float16 becomes float32, as in Gluon);

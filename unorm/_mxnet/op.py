@@ -7,7 +7,8 @@ forward pass, once per call, whether or not backward runs (MXNet's own CPU kerne
 them in backward). Importing :mod:`unorm.mxnet` registers the operator; do that before
 loading an exported model that contains it.
 
-Inputs ``data, gamma, beta``; auxiliary states ``running_mean, running_var,
+Inputs ``data, gamma, beta`` (and ``order``, a ``(1, C)`` array whose value is ignored,
+when the setting ``ordered`` is on); auxiliary states ``running_mean, running_var,
 num_batches_tracked`` (none with ``track_running_stats=False``); outputs ``output`` and
 ``saved``, a vector kept for the backward pass (:class:`_Saved`: the statistics used, the
 mode (0 running statistics, 1 batch statistics, 2 batch statistics with a
@@ -26,8 +27,12 @@ MXNet 1.9 caveats this module works around or documents:
 
 - arrays in an MKL-DNN blocked layout reach a CustomOp as garbage; the block converts them
   before and after the operator (:meth:`unorm.mxnet.BatchNorm.hybrid_forward`);
-- a CustomOp's backward pass reads its auxiliary states but is not their writer, so MXNet
-  does not order a write made there before later plain reads (``update_on="backward"``);
+- a CustomOp's backward pass reads its auxiliary states but is not their writer (MXNet
+  registers ``_backward_Custom`` without ``FMutateInputs``), so a write made there would not
+  be ordered before later plain reads (``update_on="backward"``): the block feeds the
+  operator's ``order`` argument from a native ``BatchNorm`` node on the running statistics,
+  whose backward pass MXNet does register as their writer (apache/mxnet#18644), see
+  :meth:`unorm.mxnet.BatchNorm._order`;
 - a callback still queued at interpreter exit hangs MXNet's exit handler (:func:`_drain`).
 """
 
@@ -108,7 +113,8 @@ class OpSettings:
     ``unbiased`` feeds ``n/(n-1)`` times the batch variance to the running variance;
     ``track`` is ``track_running_stats``; ``empty_batch`` is what an empty training batch
     does to the state, default ``"skip"`` also for graphs exported before the setting
-    existed). ``sync_key`` and ``num_devices`` make it
+    existed). ``ordered`` adds the ``order`` argument (default False, also for graphs
+    exported before it existed). ``sync_key`` and ``num_devices`` make it
     cross-device (``num_devices > 1``; default ``""`` and 1: one device), ``timeout``
     (120.0) bounds the wait for the other devices, in seconds. :meth:`attrs` and
     :meth:`from_attrs` convert to and from the strings a graph node stores.
@@ -132,6 +138,7 @@ class OpSettings:
     scale: bool
     axis: int
     empty_batch: str = "skip"
+    ordered: bool = False
     sync_key: str = ""
     num_devices: int = 1
     timeout: float = 120.0
@@ -195,6 +202,7 @@ class OpSettings:
             scale=_flag(attrs["scale"]),
             axis=int(attrs["axis"]),
             empty_batch=attrs.get("empty_batch", "skip"),
+            ordered=_flag(attrs.get("ordered", "False")),
             sync_key=attrs.get("sync_key", ""),
             num_devices=int(attrs.get("num_devices", "1")),
             timeout=float(attrs.get("timeout", "120.0")),
@@ -440,6 +448,8 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
             _assign(self, in_grad[2], req[2], dbeta if s.center else dbeta.zeros_like())
         else:
             self._native_backward(req, dyw, xw, gamma, saved, mode, in_grad, aux)
+        if s.ordered and req[3] != "null":
+            self.assign(in_grad[3], req[3], in_grad[3].zeros_like())  # its value is unused
         if mode == BATCH_AND_UPDATE and s.update_on == "backward":
             # The forward call's statistics, applied now (a cumulative average counts
             # the updates applied so far).
@@ -569,7 +579,7 @@ class BatchNormProp(mx.operator.CustomOpProp):  # type: ignore[misc]
         self.settings = OpSettings.from_attrs(attrs)
 
     def list_arguments(self) -> list[str]:
-        return ["data", "gamma", "beta"]
+        return ["data", "gamma", "beta"] + (["order"] if self.settings.ordered else [])
 
     def list_outputs(self) -> list[str]:
         return ["output", "saved"]
@@ -602,7 +612,8 @@ class BatchNormProp(mx.operator.CustomOpProp):  # type: ignore[misc]
         per_channel = (channels,)
         aux = [per_channel, per_channel, (1,)] if self.settings.track else []
         saved = (_Saved.size(channels),)
-        return [data, per_channel, per_channel], [data, saved], aux
+        args = [data, per_channel, per_channel] + ([(1, channels)] if self.settings.ordered else [])
+        return args, [data, saved], aux
 
     def infer_type(self, in_type: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
         # MXNet's callback maps numpy scalar types (np.float32), not dtype objects; None
@@ -613,7 +624,8 @@ class BatchNormProp(mx.operator.CustomOpProp):  # type: ignore[misc]
         data = np.dtype(in_type[0]).type
         params = work_dtype(data).type
         aux = [params, params, np.int64] if self.settings.track else []
-        return [data, params, params], [data, params], aux
+        args = [data, params, params] + ([params] if self.settings.ordered else [])
+        return args, [data, params], aux
 
     def declare_backward_dependency(
         self, out_grad: list[int], in_data: list[int], out_data: list[int]

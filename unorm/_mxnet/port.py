@@ -550,11 +550,13 @@ class _SymbolReader:
 
     def unorm_bn(self, node: Mapping[str, Any]) -> None:
         try:
-            spec = OpSettings.from_attrs(_attrs(node)).to_spec()
+            settings = OpSettings.from_attrs(_attrs(node))
+            spec = settings.to_spec()
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(
                 f"{self.where}: {OP_TYPE} {node['name']!r} has invalid settings: {err}"
             ) from None
+        first_state = 4 if settings.ordered else 3  # after the ``order`` argument
         gamma, beta = self._array(node, 1, "gamma"), self._array(node, 2, "beta")
         pairs = [
             ("gamma", gamma if spec.scale else np.ones_like(gamma)),
@@ -562,10 +564,11 @@ class _SymbolReader:
         ]
         if spec.track_running_stats:
             pairs += [
-                ("running_mean", self._array(node, 3, "running_mean")),
-                ("running_var", self._array(node, 4, "running_var")),
+                ("running_mean", self._array(node, first_state, "running_mean")),
+                ("running_var", self._array(node, first_state + 1, "running_var")),
             ]
-            counter = self._array(node, 5, COUNTER).reshape(-1)[:1].astype(np.int64)
+            counter = self._array(node, first_state + 2, COUNTER)
+            counter = counter.reshape(-1)[:1].astype(np.int64)
             pairs.append((COUNTER, counter.reshape(())))
         self._add(node, "batchnorm", pairs, {"spec": dataclasses.asdict(spec), "native": False})
 
@@ -581,12 +584,40 @@ class _SymbolReader:
                     f"FullyConnected, BatchNorm, {OP_TYPE})"
                 )
 
+    def _ancestors(self, index: int) -> set[int]:
+        """``index`` and every node it reads from, directly or not."""
+        found, todo = set(), [index]
+        while todo:
+            i = todo.pop()
+            if i not in found:
+                found.add(i)
+                todo.extend(int(entry[0]) for entry in self.nodes[i].get("inputs", []))
+        return found
+
+    def _ordering_nodes(self) -> set[int]:
+        """The nodes that only order a unorm node's update (``BatchNorm._order``: a native
+        BatchNorm on zeros made from gamma and beta): what its ``order`` argument reads
+        beyond what its data reads."""
+        found: set[int] = set()
+        for node in self.nodes:
+            inputs = node.get("inputs", [])
+            attrs = _attrs(node)
+            if node["op"] != "Custom" or attrs.get("op_type") != OP_TYPE or len(inputs) < 4:
+                continue
+            if _flag(attrs.get("ordered", "False")):
+                data = self._ancestors(int(inputs[0][0]))
+                found |= self._ancestors(int(inputs[3][0])) - data
+        return found
+
     def read(self) -> None:
         ops = {"Convolution": "conv", "Deconvolution": "conv_transpose", "FullyConnected": "dense"}
-        for node in self.nodes:
+        ordering = self._ordering_nodes()
+        for index, node in enumerate(self.nodes):
             op = node["op"]
             if op in ops:
                 self.weights(node, ops[op])
+            elif index in ordering:
+                continue  # the unorm node it feeds is the layer
             elif op == "BatchNorm":
                 self.native_bn(node)
             elif op == "Custom" and _attrs(node).get("op_type") == OP_TYPE:
