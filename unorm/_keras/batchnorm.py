@@ -114,11 +114,19 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
             layer does (``SPEC.md`` section 2, *Empty batch*).
         preset: None (canonical), ``"keras"``, ``"torch"`` or ``"mxnet"``
             (``SPEC.md`` section 4).
-        synchronized: under a ``tf.distribute`` strategy with several replicas, compute
-            the batch statistics over the global batch, merged exactly, so uneven or
-            empty per-replica batches give the single-device result (TensorFlow backend);
-            with a mask, over the values the mask keeps on every replica (Keras's own
-            layer computes masked statistics per replica).
+        synchronized: compute the batch statistics over the global batch, merged
+            exactly, so uneven or empty per-replica batches give the single-device
+            result (``SPEC.md`` section 3). TensorFlow: under a ``tf.distribute``
+            strategy with several replicas (``MirroredStrategy``,
+            ``MultiWorkerMirroredStrategy``); with a mask, over the values the mask keeps
+            on every replica (Keras's own layer computes masked statistics per replica).
+            JAX: under ``keras.distribution`` (e.g. ``DataParallel``) or ``jax.jit`` over
+            sharded arrays, where the layer computes on the global batch; shards have
+            equal shapes there, so an uneven split is written as padded shards with a
+            ``mask`` that is False on the padding (and a loss weight of 0 there); refused
+            inside ``jax.shard_map``/``jax.pmap``, which see one device's shard. Refused
+            on the torch backend, which has no distribution of its own (Keras's layer
+            synchronizes on TensorFlow only, keras-team/keras#18667).
         beta_initializer, gamma_initializer, moving_mean_initializer,
         moving_variance_initializer, beta_regularizer, gamma_regularizer,
         beta_constraint, gamma_constraint: as in ``keras.layers.BatchNormalization``.
@@ -215,11 +223,12 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         )
         if not isinstance(synchronized, bool):
             raise ValueError(f"synchronized must be True or False, got {synchronized!r}")
-        if synchronized and not _tensorflow_backend():
-            raise ValueError(
-                "synchronized must be False with the "
-                f"{keras.backend.backend()!r} backend (True needs TensorFlow's tf.distribute)"
-            )
+        if synchronized:
+            from .sync import unsupported_backend
+
+            refused = unsupported_backend()
+            if refused is not None:
+                raise ValueError(refused)
         if self.spec.update_on == "backward" and not _tensorflow_backend():
             raise ValueError(
                 "update_on must be 'forward' with the "
