@@ -256,6 +256,54 @@ def test_bad_input_raises_and_changes_nothing(case: str, hybridize: bool) -> Non
     _assert_state_equal(before, _state(layer))
 
 
+def _state_bytes(model: Any) -> dict[str, bytes]:
+    """Every parameter and state of ``model``, byte for byte."""
+    mx.nd.waitall()
+    return {n: p.data().asnumpy().tobytes() for n, p in model.collect_params().items()}
+
+
+@pytest.mark.parametrize("where", ["direct", "hybridized", "hybridized_parent", "imported"])
+@pytest.mark.parametrize("dtype", ["int32", "int64", "uint8"])
+def test_integer_input_is_refused_everywhere_and_changes_nothing(
+    where: str, dtype: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An integer input is refused with one message however the layer is reached. Inside a
+    graph (a hybridized parent, an imported model) the operator's type inference refuses
+    it before anything runs: MXNet prints that message and raises its own error."""
+    rng = np.random.default_rng(9)
+    layer = BatchNorm(3)
+    model: Any = layer
+    if where in ("hybridized_parent", "imported"):
+        model = gluon.nn.HybridSequential()
+        model.add(gluon.nn.Activation("relu"), layer)
+    model.initialize()
+    if where != "direct":
+        model.hybridize()
+    good = mx.nd.array(rng.standard_normal((5, 3)) + 1.0)
+    with autograd.record():  # state worth keeping, and the graph built
+        model(good).backward()
+    if where == "imported":
+        model.export(str(tmp_path / "bn"))
+        model = gluon.SymbolBlock.imports(
+            str(tmp_path / "bn-symbol.json"), ["data"], str(tmp_path / "bn-0000.params")
+        )
+    before = _state_bytes(model)
+    capsys.readouterr()
+    bad = mx.nd.array(rng.integers(0, 5, (5, 3)), dtype=dtype)
+    message = f"input must have a floating-point dtype, got {dtype}"
+    if where in ("direct", "hybridized"):
+        with pytest.raises(ValueError, match=message), autograd.record():
+            model(bad)
+    else:
+        with pytest.raises(mx.base.MXNetError), autograd.record():
+            model(bad).wait_to_read()
+        assert message in capsys.readouterr().out
+    assert _state_bytes(model) == before
+    with autograd.train_mode():  # the layer still works
+        assert model(good).dtype == np.float32
+    assert _state_bytes(model) != before
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

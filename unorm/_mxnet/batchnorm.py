@@ -21,7 +21,7 @@ from .._core.settings import BatchNormSettings
 from ..spec import BatchNormSpec, normalize_axis
 from . import internals
 from .native import affine, affine_params
-from .op import OP_TYPE, OpSettings, count_error
+from .op import OP_TYPE, OpSettings, count_error, dtype_error
 from .stats import layout
 
 __all__ = ["BatchNorm", "SyncBatchNorm"]
@@ -29,7 +29,6 @@ __all__ = ["BatchNorm", "SyncBatchNorm"]
 NDArray = Any  # mxnet.nd.NDArray
 
 _UNSET: Any = object()  # "momentum not given": None already means the cumulative average
-_FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
 def _check_count_arg(name: str, value: object, minimum: int) -> int:
@@ -95,8 +94,10 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
 
     Errors (``ValueError``, raised before anything changes): input rank below 2 or other
     than ``num_dims``, a non-floating dtype, ``axis`` out of range, a channel count other
-    than the layer's, one value per channel in training. Inside a hybridized parent the
-    layer sees symbols, so MXNet's shape inference reports the channel errors instead.
+    than the layer's, one value per channel in training. Inside a hybridized parent (or an
+    imported ``SymbolBlock``) the layer sees symbols, so the operator's shape and type
+    inference refuse the rank, dtype and channel errors, before anything runs: MXNet prints
+    the same message and raises its own ``MXNetError``.
 
     Example:
         >>> import mxnet as mx
@@ -222,8 +223,9 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
                 f"input must have rank >= 2 (a batch axis and a feature axis), got shape {shape}"
             )
         dtype = np.dtype(x.dtype)
-        if dtype.name not in _FLOAT_DTYPES:
-            raise ValueError(f"input must have a floating-point dtype, got {dtype.name}")
+        error = dtype_error(dtype)
+        if error is not None:
+            raise error
         axis = normalize_axis(self.spec.axis, len(shape))
         channels = shape[axis]
         expected = self._channels()

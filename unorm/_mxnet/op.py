@@ -52,7 +52,7 @@ from .native import affine, affine_params, batchnorm_backward, constant, work_dt
 from .stats import Stats, batch_stats, channel_sums, layout
 from .sync import exchange, merge
 
-__all__ = ["OP_TYPE", "OpSettings", "count_error"]
+__all__ = ["OP_TYPE", "OpSettings", "count_error", "dtype_error"]
 
 NDArray = Any  # mxnet.nd.NDArray
 
@@ -60,6 +60,9 @@ NDArray = Any  # mxnet.nd.NDArray
 OP_TYPE = "unorm_batchnorm"
 
 RUNNING, BATCH, BATCH_AND_UPDATE = 0, 1, 2
+
+#: The input dtypes the operator accepts.
+_FLOAT_DTYPES = ("float16", "float32", "float64")
 
 
 def _drain() -> None:
@@ -98,6 +101,26 @@ def count_error(count: int, allow_single_value: bool) -> ValueError | None:
             "use a larger batch or inference mode with running statistics"
         )
     return None
+
+
+def dtype_error(dtype: Any) -> ValueError | None:
+    """The error for an input of ``dtype`` (SPEC.md section 2, *Errors*), or None.
+
+    One message for every path: the block raises it for an NDArray, the operator's type
+    inference for a graph (a hybridized parent, an imported model), both before any state
+    changes.
+
+    Example:
+        >>> dtype_error("float16") is None
+        True
+        >>> raise dtype_error(np.int32)
+        Traceback (most recent call last):
+        ValueError: input must have a floating-point dtype, got int32
+    """
+    name = np.dtype(dtype).name
+    if name in _FLOAT_DTYPES:
+        return None
+    return ValueError(f"input must have a floating-point dtype, got {name}")
 
 
 def _flag(value: str) -> bool:
@@ -621,6 +644,9 @@ class BatchNormProp(mx.operator.CustomOpProp):  # type: ignore[misc]
         if in_type[0] is None:
             unknown = [None] * len(self.list_auxiliary_states())
             return list(in_type), [None, None], unknown
+        error = dtype_error(in_type[0])
+        if error is not None:
+            raise error  # inside a graph no block method sees the input first
         data = np.dtype(in_type[0]).type
         params = work_dtype(data).type
         aux = [params, params, np.int64] if self.settings.track else []
