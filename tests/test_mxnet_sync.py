@@ -229,12 +229,16 @@ NAMES = [
 ]
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_sync_scenario(name: str) -> None:
+def _run_scenario(name: str, workspaces: str | None = "64") -> subprocess.CompletedProcess[str]:
+    """Run scenario ``name`` in a fresh interpreter with ``MXNET_CPU_TEMP_COPY`` set to
+    ``workspaces`` (None: not set)."""
     # The scenario process imports ``conftest`` (``runs_here``) from the repository root.
     path = os.pathsep.join(part for part in (str(ROOT), os.environ.get("PYTHONPATH")) if part)
-    env = dict(os.environ, MXNET_CPU_TEMP_COPY="64", UNORM_RUNS="mxnet", PYTHONPATH=path)
-    done = subprocess.run(
+    env = dict(os.environ, UNORM_RUNS="mxnet", PYTHONPATH=path)
+    env.pop("MXNET_CPU_TEMP_COPY", None)
+    if workspaces is not None:
+        env["MXNET_CPU_TEMP_COPY"] = workspaces
+    return subprocess.run(
         [sys.executable, str(Path(__file__).resolve()), name],
         cwd=ROOT,
         env=env,
@@ -243,10 +247,28 @@ def test_sync_scenario(name: str) -> None:
         timeout=300,
         check=False,
     )
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sync_scenario(name: str) -> None:
+    done = _run_scenario(name)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"scenario {name} passed" in done.stdout
     if name == "missing_device_times_out":
         assert "waited 0.5 s for 2 devices, 1 arrived" in done.stdout
+        assert "MXNET_CPU_TEMP_COPY" not in done.stdout  # set high enough: not the cause
+
+
+@pytest.mark.parametrize("workspaces", [None, "4"], ids=["unset", "default_value"])
+def test_a_timeout_with_few_cpu_workspaces_names_the_variable(workspaces: str | None) -> None:
+    # Without MXNET_CPU_TEMP_COPY a multi-cpu step can deadlock until the timeout (see
+    # SyncBatchNorm); the lone device's timeout stands in for it, deterministic and fast.
+    done = _run_scenario("missing_device_times_out", workspaces)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "waited 0.5 s for 2 devices, 1 arrived" in done.stdout
+    now = "is not set (default 4)" if workspaces is None else "is 4"
+    assert f"MXNET_CPU_TEMP_COPY {now}" in done.stdout
+    assert "set MXNET_CPU_TEMP_COPY=64 in the environment" in done.stdout
 
 
 if __name__ == "__main__":

@@ -435,8 +435,8 @@ class SyncBatchNorm(BatchNorm):
     ``MXNET_CPU_TEMP_COPY`` workspaces (default 4). Operators queued after the layer on one
     device can hold every workspace while they wait for it, and the operators another
     device needs to reach the layer then wait for them: the step deadlocks until the
-    timeout. Set ``MXNET_CPU_TEMP_COPY`` (e.g. 64) in the environment before MXNet runs its
-    first operator. GPU contexts have a pool each.
+    timeout, whose message then names the variable. Set ``MXNET_CPU_TEMP_COPY=64`` in the
+    environment before MXNet runs its first operator. GPU contexts have a pool each.
 
     Example:
         >>> layer = SyncBatchNorm(4, num_devices=2)

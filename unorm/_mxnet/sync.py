@@ -14,17 +14,23 @@ which is wrong whenever the per-device batches differ in size.
 
 from __future__ import annotations
 
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Generic, TypeVar
 
 import numpy as np
 
 from .stats import Stats
 
-__all__ = ["Rendezvous", "exchange", "merge"]
+__all__ = ["Rendezvous", "exchange", "merge", "workspace_advice"]
 
 T = TypeVar("T")
+
+#: The environment variable that sizes MXNet's pool of CPU workspaces, and the value the
+#: cross-device layer is tested with (tests/test_mxnet_sync.py).
+CPU_TEMP_COPY = "MXNET_CPU_TEMP_COPY"
+CPU_TEMP_COPY_VALUE = 64
 
 
 def merge(parts: Sequence[Stats]) -> Stats:
@@ -120,6 +126,38 @@ _rendezvous: dict[tuple[str, str], Rendezvous[object]] = {}
 _lock = threading.Lock()
 
 
+def workspace_advice(member: str, environ: Mapping[str, str] = os.environ) -> str | None:
+    """What to set when a ``cpu(i)`` member timed out with too few CPU workspaces, or None
+    (``environ``: the process environment).
+
+    MXNet gives all ``cpu(i)`` contexts one pool of ``MXNET_CPU_TEMP_COPY`` workspaces
+    (default 4, read when MXNet first needs one). Operators queued after the layer on one
+    device can hold all of them while they wait for it, and another device then cannot
+    reach the layer: the step waits until the timeout. GPU contexts have a pool each.
+
+    Example:
+        >>> workspace_advice("cpu(1)", {})  # doctest: +ELLIPSIS
+        'MXNET_CPU_TEMP_COPY is not set ...; set MXNET_CPU_TEMP_COPY=64 in the environment ...'
+        >>> workspace_advice("cpu(1)", {"MXNET_CPU_TEMP_COPY": "64"}) is None
+        True
+        >>> workspace_advice("gpu(0)", {}) is None
+        True
+    """
+    if not member.startswith("cpu"):
+        return None
+    given = environ.get(CPU_TEMP_COPY)
+    if given is not None and given.strip().isdigit() and int(given) >= CPU_TEMP_COPY_VALUE:
+        return None
+    now = "is not set (default 4)" if given is None else f"is {given}"
+    return (
+        f"{CPU_TEMP_COPY} {now}; with several cpu(i) devices MXNet shares that few CPU "
+        "workspaces among them, and operators waiting on this layer can hold them all while "
+        f"another device needs one to reach it; set {CPU_TEMP_COPY}={CPU_TEMP_COPY_VALUE} in "
+        "the environment before MXNet runs its first operator (for example before starting "
+        "Python)"
+    )
+
+
 def exchange(key: str, phase: str, size: int, member: str, value: T, timeout: float) -> list[T]:
     """Exchange ``value`` with the other devices of layer ``key`` in ``phase``.
 
@@ -127,7 +165,8 @@ def exchange(key: str, phase: str, size: int, member: str, value: T, timeout: fl
     key; ``phase``: e.g. ``"forward"`` or ``"backward"``, so the two passes never meet each
     other), created on first use and replaced when ``size`` changes. ``member`` names the
     device; returns every device's value, sorted by member, after all ``size`` arrived.
-    Raises as :meth:`Rendezvous.exchange` does.
+    Raises as :meth:`Rendezvous.exchange` does; a ``cpu(i)`` member's ``TimeoutError`` also
+    says what to set when ``MXNET_CPU_TEMP_COPY`` is below 64 (:func:`workspace_advice`).
 
     Example:
         >>> exchange("doc-layer", "forward", 1, "cpu(0)", 3.0, timeout=1.0)
@@ -137,4 +176,10 @@ def exchange(key: str, phase: str, size: int, member: str, value: T, timeout: fl
         point = _rendezvous.get((key, phase))
         if point is None or point.size != size:
             point = _rendezvous[(key, phase)] = Rendezvous(size)
-    return point.exchange(member, value, timeout)  # type: ignore[return-value]
+    try:
+        return point.exchange(member, value, timeout)  # type: ignore[return-value]
+    except TimeoutError as err:
+        advice = workspace_advice(member)
+        if advice is None:
+            raise
+        raise TimeoutError(f"{err}; or {advice}") from None
