@@ -175,6 +175,10 @@ def _worker() -> dict[str, Any]:
         mask = rng.random((7, 4)) < 0.6
         mask[0, 0] = True  # both replicas keep something
         mask[2, 0] = True
+        # Padding that is not finite stays out of the statistics (a product with a 0
+        # weight would still be NaN).
+        x[~mask] = np.nan
+        x[np.argwhere(~mask)[0][0], np.argwhere(~mask)[0][1]] = np.inf
         parts = [(x[:2], mask[:2]), (x[2:], mask[2:])]
         xs = strategy.experimental_distribute_values_from_function(
             lambda ctx, p=parts: tf.constant(p[ctx.replica_id_in_sync_group][0])

@@ -105,7 +105,9 @@ def synchronized_moments(x: Any, axes: list[int], weights: Any = None) -> tuple[
         size = count
     else:
         local_count = tf.reduce_sum(weights, axis=axes, keepdims=True)
-        local_sum = tf.reduce_sum(x * weights, axis=axes, keepdims=True)
+        # where, not a product: masked padding that is NaN or inf times 0 is still NaN.
+        kept = weights > 0
+        local_sum = tf.reduce_sum(tf.where(kept, x, 0), axis=axes, keepdims=True)
         count, total, size = context.all_reduce(
             tf.distribute.ReduceOp.SUM, [local_count, local_sum, local_size]
         )
@@ -114,7 +116,7 @@ def synchronized_moments(x: Any, axes: list[int], weights: Any = None) -> tuple[
     mean = tf.math.divide_no_nan(total, count)
     squared = tf.math.squared_difference(x, mean)
     if weights is not None:
-        squared = squared * weights
+        squared = tf.where(kept, squared, 0)
     local_m2 = tf.reduce_sum(squared, axis=axes, keepdims=True)
     m2 = context.all_reduce(tf.distribute.ReduceOp.SUM, local_m2)
     variance = tf.math.divide_no_nan(m2, count)
