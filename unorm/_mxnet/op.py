@@ -136,11 +136,13 @@ class OpSettings:
     ``unbiased`` feeds ``n/(n-1)`` times the batch variance to the running variance;
     ``track`` is ``track_running_stats``; ``empty_batch`` is what an empty training batch
     does to the state, default ``"skip"`` also for graphs exported before the setting
-    existed). ``ordered`` adds the ``order`` argument (default False, also for graphs
-    exported before it existed). ``sync_key`` and ``num_devices`` make it
-    cross-device (``num_devices > 1``; default ``""`` and 1: one device), ``timeout``
-    (120.0) bounds the wait for the other devices, in seconds. :meth:`attrs` and
-    :meth:`from_attrs` convert to and from the strings a graph node stores.
+    existed). ``fully_masked`` is carried for the spec's sake (Gluon's layers take no mask;
+    default ``"error"``, also for older graphs). ``ordered`` adds the ``order`` argument
+    (default False, also for graphs exported before it existed). ``sync_key`` and
+    ``num_devices`` make it cross-device (``num_devices > 1``; default ``""`` and 1: one
+    device), ``timeout`` (120.0) bounds the wait for the other devices, in seconds.
+    :meth:`attrs` and :meth:`from_attrs` convert to and from the strings a graph node
+    stores.
 
     Example:
         >>> settings = OpSettings.from_spec(BatchNormSpec())
@@ -161,6 +163,7 @@ class OpSettings:
     scale: bool
     axis: int
     empty_batch: str = "skip"
+    fully_masked: str = "error"
     ordered: bool = False
     sync_key: str = ""
     num_devices: int = 1
@@ -181,6 +184,7 @@ class OpSettings:
             scale=spec.scale,
             axis=spec.axis,
             empty_batch=spec.empty_batch,
+            fully_masked=spec.fully_masked,
             **extra,
         )
 
@@ -199,6 +203,7 @@ class OpSettings:
             allow_single_value=self.allow_single_value,
             update_on=self.update_on,  # type: ignore[arg-type]
             empty_batch=self.empty_batch,  # type: ignore[arg-type]
+            fully_masked=self.fully_masked,  # type: ignore[arg-type]
         )
 
     def attrs(self) -> dict[str, str]:
@@ -225,6 +230,7 @@ class OpSettings:
             scale=_flag(attrs["scale"]),
             axis=int(attrs["axis"]),
             empty_batch=attrs.get("empty_batch", "skip"),
+            fully_masked=attrs.get("fully_masked", "error"),
             ordered=_flag(attrs.get("ordered", "False")),
             sync_key=attrs.get("sync_key", ""),
             num_devices=int(attrs.get("num_devices", "1")),
