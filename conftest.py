@@ -1,4 +1,5 @@
-"""Test configuration shared by ``tests/``, ``conformance/`` and the doctests in ``unorm/``.
+"""Test configuration shared by ``tests/`` and the doctests in ``unorm/`` (the conformance
+suite, ``unorm/conformance/``, included).
 
 - Hypothesis runs derandomized (a fixed seed) when ``CI`` is set, and prints a
   reproducing blob for every failure.
@@ -42,12 +43,19 @@ def runs_here(framework: str) -> bool:
 
 
 def _own_paths(declared: BackendPlugin) -> tuple[str, ...]:
-    """The library files of one backend: its public module, its private package and its
-    seed networks (the modules its plug-in names)."""
+    """The library files of one backend: its public module, its private package, its
+    seed networks (the modules its plug-in names) and its conformance columns (with their
+    helper scripts, ``unorm/conformance/columns/<name>_*.py``)."""
     public, models = (
         m.replace(".", "/") + ".py" for m in (declared.public_module, declared.models_module)
     )
-    return public, declared.package.replace(".", "/"), models
+    columns = f"unorm/conformance/columns/{declared.name}"
+    return public, declared.package.replace(".", "/"), models, f"{columns}.py"
+
+
+def _own_globs(declared: BackendPlugin) -> tuple[str, ...]:
+    """Patterns of one backend's test helpers and column helpers (which import it)."""
+    return f"tests/{declared.name}_*.py", f"unorm/conformance/columns/{declared.name}_*.py"
 
 
 # Framework modules of the library: their doctests run where the framework's tests run.
@@ -55,7 +63,9 @@ collect_ignore = [
     path for p in plugins_in_order() if not runs_here(p.name) for path in _own_paths(p)
 ]
 # Helper scripts of a framework's tests (e.g. tests/torch_sync_worker.py) import it.
-collect_ignore_glob = [f"tests/{fw}_*.py" for fw in FRAMEWORK_MODULES if not runs_here(fw)]
+collect_ignore_glob = [
+    pattern for p in plugins_in_order() if not runs_here(p.name) for pattern in _own_globs(p)
+]
 
 
 def pytest_configure(config: pytest.Config) -> None:

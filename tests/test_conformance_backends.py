@@ -14,10 +14,10 @@ import sys
 import numpy as np
 import pytest
 
-from conformance import adapter as adapter_module
-from conformance import dtypes
-from conformance.adapter import Adapter, UnormModule, load_adapter
-from conformance.worker import run_cases
+from unorm.conformance import adapter as adapter_module
+from unorm.conformance import dtypes
+from unorm.conformance.adapter import Adapter, UnormModule, load_adapter
+from unorm.conformance.worker import run_cases
 
 IN_PROCESS = ["bn/*", "agc/*", "error/*", "ws/*"]
 

@@ -9,11 +9,11 @@ import pytest
 pytestmark = pytest.mark.torch
 pytest.importorskip("torch")
 
-from conformance.adapter import load_adapter  # noqa: E402
-from conformance.worker import run_cases  # noqa: E402
 from unorm._core.layer_kinds import KernelLayout  # noqa: E402
 from unorm._torch import agc as torch_agc  # noqa: E402
 from unorm._torch.batchnorm import BatchNorm  # noqa: E402
+from unorm.conformance.adapter import load_adapter  # noqa: E402
+from unorm.conformance.worker import run_cases  # noqa: E402
 
 
 def _assert_fails(patterns: list[str], quantity: str) -> None:

@@ -10,8 +10,8 @@ import re
 import numpy as np
 import pytest
 
-from conformance import cases, data, dtypes, expected
-from conformance.cases import (
+from unorm.conformance import cases, data, dtypes, expected
+from unorm.conformance.cases import (
     PUBLIC_SETTINGS,
     AGCCase,
     BatchNormCase,
@@ -241,21 +241,21 @@ def test_dtype_helpers() -> None:
 @pytest.mark.parametrize(
     "module",
     [
-        "conformance.cases",
-        "conformance.compare",
-        "conformance.data",
-        "conformance.dtypes",
-        "conformance.execute",
-        "conformance.expected",
-        "conformance.exchange",
-        "conformance.heatmap",
-        "conformance.layouts",
-        "conformance.report",
-        "conformance.results",
-        "conformance.runner",
-        "conformance.tolerance",
-        "conformance.worker",
-        "conformance.xfail",
+        "unorm.conformance.cases",
+        "unorm.conformance.compare",
+        "unorm.conformance.data",
+        "unorm.conformance.dtypes",
+        "unorm.conformance.execute",
+        "unorm.conformance.expected",
+        "unorm.conformance.exchange",
+        "unorm.conformance.heatmap",
+        "unorm.conformance.layouts",
+        "unorm.conformance.report",
+        "unorm.conformance.results",
+        "unorm.conformance.runner",
+        "unorm.conformance.tolerance",
+        "unorm.conformance.worker",
+        "unorm.conformance.xfail",
     ],
 )
 def test_docstring_examples(module: str) -> None:

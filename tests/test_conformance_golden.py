@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import golden
 from unorm import reference as ref
+from unorm.conformance import golden
 
 
 def test_the_reference_still_computes_the_golden_values() -> None:

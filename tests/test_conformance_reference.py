@@ -5,6 +5,7 @@ layout transforms agree with SPEC.md's table; the runner's subprocess path works
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -13,13 +14,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conformance import layouts
-from conformance.adapter import BACKENDS, ROOT, load_adapter, load_adapter_module
-from conformance.cases import AGCCase, all_cases, select
-from conformance.data import agc_inputs, logical_unit_axes
-from conformance.worker import run_cases
 from unorm import reference as ref
 from unorm._core.registry import plugin_names
+from unorm.conformance import layouts
+from unorm.conformance.adapter import (
+    BACKENDS,
+    CHECKOUT,
+    PACKAGE,
+    load_adapter,
+    load_adapter_module,
+)
+from unorm.conformance.cases import AGCCase, all_cases, select
+from unorm.conformance.data import agc_inputs, logical_unit_axes
+from unorm.conformance.worker import run_cases
 from unorm.spec import LAYER_KINDS, output_unit_axes
 
 _reference = load_adapter_module("reference")
@@ -211,12 +218,12 @@ def test_every_backend_has_an_adapter_that_loads_without_its_framework() -> None
     for name, backend in BACKENDS.items():
         adapter = load_adapter(name)
         assert adapter.name == name and adapter.native == backend.native
-        assert backend.adapter_path.exists()
+        assert importlib.util.find_spec(backend.module) is not None
 
 
 def _conformance(*args: str, tmp_path: Path) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-m", "conformance", *args]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    cmd = [sys.executable, "-m", "unorm.conformance", *args]
+    return subprocess.run(cmd, cwd=CHECKOUT, capture_output=True, text=True, timeout=300)
 
 
 def test_the_runner_runs_a_worker_per_backend_and_writes_the_report(tmp_path: Path) -> None:
@@ -234,7 +241,7 @@ def test_the_runner_runs_a_worker_per_backend_and_writes_the_report(tmp_path: Pa
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
     assert "PASSED: no failing result of 2 run" in done.stdout
-    assert "mxnet: not available (environment 'legacy' is not built here" in done.stdout
+    assert "mxnet: not available (the interpreter given for environment 'legacy'" in done.stdout
     body = json.loads((tmp_path / "results" / "reference.json").read_text())
     assert [r["status"] for r in body["results"]] == ["pass", "pass"]
     assert body["versions"]["numpy"] == np.__version__
@@ -244,7 +251,7 @@ def test_the_runner_runs_a_worker_per_backend_and_writes_the_report(tmp_path: Pa
 
 
 def test_the_runner_refuses_a_stale_xfail_entry(tmp_path: Path) -> None:
-    stale = ROOT / "conformance" / "xfail" / "reference.toml"
+    stale = PACKAGE / "xfail" / "reference.toml"
     assert not stale.exists()
     stale.write_text('[[xfail]]\ncase = "bn/no-such-case"\ncause = "test"\n')
     try:
@@ -255,6 +262,25 @@ def test_the_runner_refuses_a_stale_xfail_entry(tmp_path: Path) -> None:
         stale.unlink()
     assert done.returncode == 2
     assert "xfail entry 'bn/no-such-case' matches no case" in done.stderr
+
+
+def test_an_environment_not_built_runs_with_this_interpreter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A checkout without .venvs (or an installed package) runs each column with the
+    suite's own interpreter and says so; an interpreter given but missing is refused."""
+    from unorm.conformance import runner
+
+    monkeypatch.delenv("UNORM_CONFORMANCE_PYTHON_LEGACY", raising=False)
+    monkeypatch.setattr(runner, "CHECKOUT", tmp_path)
+    python, note = runner.interpreter_for("legacy", {})
+    assert python == Path(sys.executable)
+    assert "environment 'legacy' is not built here" in note and sys.executable in note
+    monkeypatch.setattr(runner, "CHECKOUT", None)
+    assert runner.interpreter_for("legacy", {})[0] == Path(sys.executable)
+    missing = tmp_path / "no-such-python"
+    python, note = runner.interpreter_for("legacy", {"legacy": str(missing)})
+    assert python is None and str(missing) in note
 
 
 def test_unorm_conformance_reaches_the_suite(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from conformance import cli, report
-from conformance.heatmap import score_of, write_heatmap
-from conformance.results import BackendResults, Result, read_results, write_results
+from unorm.conformance import cli, report
+from unorm.conformance.heatmap import score_of, write_heatmap
+from unorm.conformance.results import BackendResults, Result, read_results, write_results
 
 
 def _synthetic() -> list[BackendResults]:

@@ -7,10 +7,17 @@ import math
 import numpy as np
 import pytest
 
-from conformance import tolerance
-from conformance.cases import all_cases
-from conformance.compare import compare
-from conformance.tolerance import EXACT, TABLE, Override, Tolerance, check_overrides, tolerance_for
+from unorm.conformance import tolerance
+from unorm.conformance.cases import all_cases
+from unorm.conformance.compare import compare
+from unorm.conformance.tolerance import (
+    EXACT,
+    TABLE,
+    Override,
+    Tolerance,
+    check_overrides,
+    tolerance_for,
+)
 
 NAMES = [c.name for c in all_cases()]
 

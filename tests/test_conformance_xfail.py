@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conformance import xfail
-from conformance.adapter import BACKENDS
-from conformance.cases import all_cases
-from conformance.results import Result
-from conformance.worker import apply_xfail
+from unorm.conformance import xfail
+from unorm.conformance.adapter import BACKENDS
+from unorm.conformance.cases import all_cases
+from unorm.conformance.results import Result
+from unorm.conformance.worker import apply_xfail
 
 NAMES = [c.name for c in all_cases()]
 

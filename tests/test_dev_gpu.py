@@ -147,9 +147,9 @@ def test_conformance_column_on_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
     the NCCL check below (their workers are separate processes)."""
     torch = _torch()
     device = _device("cuda")
-    from conformance.adapter import load_adapter_module
-    from conformance.cases import all_cases
-    from conformance.worker import run_cases
+    from unorm.conformance.adapter import load_adapter_module
+    from unorm.conformance.cases import all_cases
+    from unorm.conformance.worker import run_cases
 
     module = load_adapter_module("torch")
     on_host = module.to_tensor

@@ -86,7 +86,7 @@ def shared_modules() -> list[Path]:
         *ROOT.glob("unorm/*.py"),
         *ROOT.glob("unorm/_core/*.py"),
         *ROOT.glob("unorm/models/*.py"),
-        *ROOT.glob("conformance/*.py"),
+        *ROOT.glob("unorm/conformance/*.py"),
         *ROOT.glob("tools/*.py"),
         ROOT / "conftest.py",
         *(ROOT / "benchmarks" / f"{name}.py" for name in ("run", "report", "harness")),

@@ -222,7 +222,7 @@ def main_job(extra: list[str]) -> int:
     """The main job: the reference's self-check in every environment, then the conformance
     suite on every backend (each worker in its backend's environment) and its report.
 
-    ``extra`` goes to ``python -m conformance run`` (e.g. ``--backend torch``).
+    ``extra`` goes to ``python -m unorm.conformance run`` (e.g. ``--backend torch``).
     """
     code = 0
     for env in ENVIRONMENTS:
@@ -234,7 +234,7 @@ def main_job(extra: list[str]) -> int:
     runner = ENVIRONMENTS[0]
     pythons = [f"--python={env.name}={env.python}" for env in ENVIRONMENTS]
     log("conformance: every backend in its environment (report: conformance-report.md)")
-    cmd: list[str | Path] = [runner.python, "-m", "conformance", "run", *pythons, *extra]
+    cmd: list[str | Path] = [runner.python, "-m", "unorm.conformance", "run", *pythons, *extra]
     code |= run(cmd, env=job_env(runner))
     return code
 

@@ -2,10 +2,10 @@
 
 ``unorm --version``; ``unorm info`` (which frameworks this environment can import, their
 versions, and which project environment it is); ``unorm selfcheck`` (the reference's
-self-check, :mod:`unorm.selfcheck`); ``unorm conformance [ARGS]`` (the conformance suite on
-every backend, each in its environment, and its report: ``python -m conformance run
-ARGS`` from the source tree; ``unorm conformance list``/``report``/``golden`` reach the
-suite's other commands).
+self-check, :mod:`unorm.selfcheck`); ``unorm conformance [ARGS]`` (the conformance suite,
+shipped with the package: every backend in its environment, or, where the project's
+environments are not built, every backend this interpreter can import, and its report;
+``unorm conformance list``/``report``/``golden`` reach the suite's other commands).
 
 Example:
     $ unorm info
@@ -25,7 +25,7 @@ from pathlib import Path
 from . import __version__
 from ._core.registry import plugins_in_order
 
-__all__ = ["FRAMEWORKS", "conformance_root", "environment_name", "framework_status", "main"]
+__all__ = ["FRAMEWORKS", "environment_name", "framework_status", "main"]
 
 #: Importable module of each framework, and the distribution that carries its version:
 #: every plug-in's ``modules``, in the plug-ins' order (Keras's include TensorFlow).
@@ -91,21 +91,14 @@ def _selfcheck() -> int:
 _CONFORMANCE_COMMANDS = ("run", "worker", "report", "list", "golden")
 
 
-def conformance_root() -> Path | None:
-    """The source tree holding the conformance suite (``conformance/`` beside ``unorm/``),
-    or None: the suite is not installed with the package, it runs from a checkout."""
-    root = Path(__file__).resolve().parent.parent
-    return root if (root / "conformance" / "__init__.py").exists() else None
-
-
 def _conformance(args: Sequence[str]) -> int:
-    root = conformance_root()
-    if root is None:
-        print("unorm conformance runs from a source checkout (conformance/ not found)")
-        return 2
+    """The suite (:mod:`unorm.conformance`, shipped with the package) in this process:
+    its runner starts each column's worker in a fresh interpreter, so this one imports no
+    framework."""
+    from .conformance.cli import main as conformance_main
+
     argv = list(args) if args and args[0] in _CONFORMANCE_COMMANDS else ["run", *args]
-    # A child interpreter keeps this process framework-free and the suite's cwd the tree's.
-    return subprocess.run([sys.executable, "-m", "conformance", *argv], cwd=root).returncode
+    return conformance_main(argv)
 
 
 def _port(args: argparse.Namespace) -> int:

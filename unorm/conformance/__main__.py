@@ -1,4 +1,4 @@
-"""``python -m conformance``: see :mod:`conformance.cli`."""
+"""``python -m unorm.conformance`` (``unorm conformance``): see :mod:`unorm.conformance.cli`."""
 
 import sys
 

@@ -1,8 +1,9 @@
 """The adapter protocol: the only framework-specific code the suite drives.
 
-A backend is a directory ``backends/<name>/`` whose ``adapter.py`` defines
-``create() -> Adapter``. The suite never imports a framework itself; it hands the
-adapter NumPy arrays and plain settings and reads NumPy arrays back:
+A column is a module ``unorm.conformance.columns.<name>`` (``-`` written ``_``:
+``torch_native``) whose ``create()`` returns an :class:`Adapter`. The suite never imports
+a framework itself; it hands the adapter NumPy arrays and plain settings and reads NumPy
+arrays back:
 
 ==========================  ==================================================================
 ``availability()``          None when the backend can run here, else why not (the cases are
@@ -46,7 +47,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
@@ -62,9 +62,10 @@ from .expected import StepValues, WSValues
 
 __all__ = [
     "BACKENDS",
+    "CHECKOUT",
     "FRAMEWORK_PACKAGES",
+    "PACKAGE",
     "REFERENCE",
-    "ROOT",
     "AGCArrays",
     "Adapter",
     "Backend",
@@ -75,9 +76,31 @@ __all__ = [
     "load_adapter",
     "load_adapter_module",
     "missing_packages",
+    "old_weight",
+    "old_weight_native_spec",
+    "present",
+    "work_folder",
 ]
 
-ROOT = Path(__file__).resolve().parent.parent
+#: The suite's own folder (its golden file and xfail lists live here, in the wheel too).
+PACKAGE = Path(__file__).resolve().parent
+
+
+def _checkout() -> Path | None:
+    """The source checkout the suite runs from (the folder of ``pyproject.toml`` above
+    ``unorm/``), or None for an installed package."""
+    root = PACKAGE.parent.parent
+    return root if (root / "pyproject.toml").exists() and (root / "tests").is_dir() else None
+
+
+#: The project's checkout, or None when the suite runs from an installed package.
+CHECKOUT = _checkout()
+
+
+def work_folder() -> Path:
+    """Where reports and results go unless told: the checkout's root (``./dev main``
+    writes ``conformance-report.md`` there), else the current directory."""
+    return CHECKOUT if CHECKOUT is not None else Path.cwd()
 
 
 class Unsupported(Exception):
@@ -86,16 +109,16 @@ class Unsupported(Exception):
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """A column of the report: its adapter directory and the environment it runs in."""
+    """A column of the report: its adapter module and the environment it runs in."""
 
     name: str
     environment: str
     native: bool = False
 
     @property
-    def adapter_path(self) -> Path:
-        """``backends/<name>/adapter.py``."""
-        return ROOT / "backends" / self.name / "adapter.py"
+    def module(self) -> str:
+        """``unorm.conformance.columns.<name>`` (``torch-native``: ``torch_native``)."""
+        return f"{__package__}.columns.{self.name.replace('-', '_')}"
 
 
 #: The column that runs :mod:`unorm.reference` itself, and the environment it runs in.
@@ -358,29 +381,33 @@ def old_weight_native_spec(
     )
 
 
-_MODULES: dict[str, ModuleType] = {}
+def present(a: np.ndarray | None) -> np.ndarray:
+    """``a``, which the caller knows is there (an adapter's converted tensor)."""
+    if a is None:
+        raise ValueError("expected an array, got None")
+    return a
+
+
+def old_weight(spec: BatchNormSpec) -> float:
+    """The native ``momentum`` of a layer that weighs the old value (Keras, Gluon), from a
+    spec :func:`old_weight_native_spec` made (which has no cumulative average)."""
+    if spec.momentum is None:
+        raise Unsupported("a layer weighing the old value has no cumulative average")
+    return 1.0 - spec.momentum
 
 
 def load_adapter_module(name: str) -> ModuleType:
-    """Import ``backends/<name>/adapter.py`` (once) without putting ``backends/`` on the
-    path, so that ``backends/torch`` never shadows the real ``torch``."""
-    if name not in _MODULES:
-        path = ROOT / "backends" / name / "adapter.py"
-        if not path.exists():
-            raise KeyError(f"no adapter at {path.relative_to(ROOT)}")
-        module_name = f"_unorm_conformance_adapter_{name.replace('-', '_')}"
-        spec = importlib.util.spec_from_file_location(module_name, path)
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[module_name] = module  # dataclasses need their module registered
-        spec.loader.exec_module(module)
-        _MODULES[name] = module
-    return _MODULES[name]
+    """Import column ``name``'s module (:attr:`Backend.module`); ``KeyError`` for a name
+    that is no column. Its absolute imports reach the real frameworks: a column module
+    named ``torch`` inside the package shadows nothing."""
+    if name not in BACKENDS:
+        raise KeyError(f"no conformance column {name!r}; the columns are {sorted(BACKENDS)}")
+    return importlib.import_module(BACKENDS[name].module)
 
 
 def load_adapter(name: str) -> Adapter:
-    """The adapter of backend ``name`` (``backends/<name>/adapter.py``'s ``create()``)."""
+    """The adapter of column ``name`` (its module's ``create()``)."""
     adapter = load_adapter_module(name).create()
     if not isinstance(adapter, Adapter):
-        raise TypeError(f"backends/{name}/adapter.py: create() must return an Adapter")
+        raise TypeError(f"{BACKENDS[name].module}: create() must return an Adapter")
     return adapter

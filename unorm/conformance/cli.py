@@ -1,15 +1,19 @@
-"""``python -m conformance`` (and ``unorm conformance``): run, report, list, golden.
+"""``unorm conformance`` (``python -m unorm.conformance``): run, report, list, golden.
 
 - ``run [--backend NAME]... [--case PATTERN]... [--out DIR] [--jobs N] [--python ENV=PATH]``:
   every backend (default: all) in its environment, then the report
-  (``DIR/conformance-report.md``, ``.html``, ``.png``; default DIR: the repository root).
+  (``DIR/conformance-report.md``, ``.html``, ``.png``; default DIR: the checkout's root,
+  or the current directory for an installed package). An environment that is not built
+  (always so for an installed package) runs with this interpreter every column whose
+  framework imports here; the others are reported unavailable.
   Exit status 1 when any result fails (fail, error, xpass); native departures and
   unavailable backends do not count.
 - ``worker --backend NAME --out FILE [--case PATTERN]... [--progress]``: one backend in
   this interpreter (what ``run`` starts in each environment).
 - ``report [--results DIR] [--out DIR]``: re-render the report from result files.
 - ``list [--case PATTERN]...``: the declared cases, their kind, dtype and seed.
-- ``golden [--write]``: check the reference against ``conformance/golden`` (or rewrite it).
+- ``golden [--write]``: check the reference against ``unorm/conformance/golden`` (or
+  rewrite it).
 
 Example:
     >>> parse_args(["run", "--backend", "torch", "--case", "bn/*"]).backend
@@ -23,7 +27,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from .adapter import BACKENDS, ROOT
+from .adapter import BACKENDS, work_folder
+from .results import BackendResults
 
 __all__ = ["REPORT_NAME", "main", "parse_args", "write_report"]
 
@@ -32,15 +37,13 @@ REPORT_NAME = "conformance-report"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse ``python -m conformance`` arguments."""
-    parser = argparse.ArgumentParser(
-        prog="python -m conformance", description=__doc__.split("\n")[0]
-    )
+    """Parse ``unorm conformance`` arguments."""
+    parser = argparse.ArgumentParser(prog="unorm conformance", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="every backend in its environment, then the report")
     run.add_argument("--backend", action="append", choices=list(BACKENDS), help="repeatable")
     run.add_argument("--case", action="append", default=[], help="shell-style name pattern")
-    run.add_argument("--out", type=Path, default=ROOT, help="where the report files go")
+    run.add_argument("--out", type=Path, default=work_folder(), help="where the report goes")
     run.add_argument("--results", type=Path, default=None, help="where result JSON goes")
     run.add_argument("--jobs", type=int, default=2, help="workers at a time (default 2)")
     run.add_argument("--timeout", type=float, default=1800.0, help="seconds per worker")
@@ -54,7 +57,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     worker.add_argument("--progress", action="store_true")
     report = sub.add_parser("report", help="re-render the report from result files")
     report.add_argument("--results", type=Path, default=None)
-    report.add_argument("--out", type=Path, default=ROOT)
+    report.add_argument("--out", type=Path, default=work_folder())
     listing = sub.add_parser("list", help="the declared cases")
     listing.add_argument("--case", action="append", default=[])
     golden = sub.add_parser("golden", help="check (or --write) the reference's golden values")
@@ -62,7 +65,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def write_report(data: Sequence, out: Path) -> list[Path]:
+def write_report(data: Sequence[BackendResults], out: Path) -> list[Path]:
     """Write the markdown, HTML and heat-map files into ``out``; return their paths."""
     from .heatmap import write_heatmap
     from .report import render_html, render_markdown

@@ -20,7 +20,7 @@ An element off there scores infinity.
 
 Example:
     >>> import numpy as np
-    >>> from conformance.tolerance import TABLE
+    >>> from unorm.conformance.tolerance import TABLE
     >>> c = compare("y", np.float32([1.0, 2.0]), np.array([1.0, 2.0 + 1e-6]), "float32",
     ...             TABLE["float32"])
     >>> c.ok, round(c.ulps, 1)

@@ -7,7 +7,7 @@ computed from the rounded values, so the comparison measures the backend, not th
 rounding of its inputs.
 
 Example:
-    >>> from conformance.cases import get_case
+    >>> from unorm.conformance.cases import get_case
     >>> inputs = batchnorm_inputs(get_case("bn/rank2"))
     >>> inputs.xs[0].shape, inputs.xs[0].dtype, inputs.gamma.dtype
     ((8, 5), dtype('float32'), dtype('float32'))
@@ -115,7 +115,7 @@ def batchnorm_mask(case: BatchNormCase) -> np.ndarray | None:
     over). Drawn by no random generator, so a case's inputs do not depend on it.
 
     Example:
-        >>> from conformance.cases import get_case
+        >>> from unorm.conformance.cases import get_case
         >>> batchnorm_mask(get_case("bn/masked/axis-first"))[:, :, 0].sum(axis=0).tolist()
         [4, 4, 4]
     """
@@ -133,14 +133,14 @@ def batchnorm_mask(case: BatchNormCase) -> np.ndarray | None:
         if axis == len(case.shape) - 1:
             raise ValueError(f"{case.name}: a feature mask needs the feature axis before the last")
         keep[(slice(None),) * axis + (0,)] = False
-    return keep
+    return np.asarray(keep, dtype=bool)
 
 
 def logical_unit_axes(param: AGCParam) -> int | tuple[int, ...] | None:
     """Unit axes of ``param`` in the logical layout (None for rank <= 1: one unit).
 
     Example:
-        >>> from conformance.cases import AGCParam
+        >>> from unorm.conformance.cases import AGCParam
         >>> logical_unit_axes(AGCParam("up", "conv_transpose", "weight", (3, 6, 2)))
         1
     """
@@ -266,7 +266,7 @@ def ws_inputs(case: WSCase, rnd: Rounder = dtypes.cast) -> WSInputs:
     the case's dtype.
 
     Example:
-        >>> from conformance.cases import get_case
+        >>> from unorm.conformance.cases import get_case
         >>> inputs = ws_inputs(get_case("ws/deepmind/constant-unit"))
         >>> bool(np.all(inputs.weight[0] == inputs.weight[0, 0, 0, 0]))
         True

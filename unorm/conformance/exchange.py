@@ -7,7 +7,7 @@ files with no pickled objects, so any NumPy can read them.
 
 Example:
     >>> import tempfile, numpy as np
-    >>> from conformance.adapter import LayerConfig
+    >>> from unorm.conformance.adapter import LayerConfig
     >>> folder = Path(tempfile.mkdtemp())
     >>> path = write_request(folder, LayerConfig(2, 2, 1, "float32"), np.ones(2), np.zeros(2),
     ...                      [np.ones((3, 2))], [np.ones((3, 2))])
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter import ROOT, LayerConfig, SyncResult
+from .adapter import LayerConfig, SyncResult
 from .expected import StepValues
 
 __all__ = [
@@ -69,7 +69,7 @@ def write_request(
     for k, (x, dy) in enumerate(zip(xs, dys, strict=True)):
         arrays[f"x{k}"], arrays[f"dy{k}"] = x, dy
     path = folder / "request.npz"
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
     return path
 
 
@@ -98,7 +98,7 @@ def write_result(path: Path, result: SyncResult) -> None:
     for key, value in result.state.quantities().items():
         if value is not None:
             arrays[key] = np.asarray(value)
-    np.savez(path, **arrays)
+    np.savez(path, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
 
 
 def read_result(path: Path, replicas: int) -> SyncResult:
@@ -117,21 +117,19 @@ def read_result(path: Path, replicas: int) -> SyncResult:
         )
 
 
-def run_helper(script: Path, request: Path, timeout: float = 300.0) -> SyncResult:
-    """Run ``script REQUEST RESULT`` with this interpreter; raise with its last stderr
-    line when it fails."""
+def run_helper(module: str, request: Path, timeout: float = 300.0) -> SyncResult:
+    """Run ``python -m module REQUEST RESULT`` with this interpreter; raise with its last
+    stderr line when it fails."""
     out = request.with_name("result.npz")
     done = subprocess.run(
-        [sys.executable, str(script), str(request), str(out)],
-        cwd=ROOT,
+        [sys.executable, "-m", module, str(request), str(out)],
+        cwd=request.parent,
         capture_output=True,
         text=True,
         timeout=timeout,
     )
     if done.returncode != 0 or not out.exists():
-        raise RuntimeError(
-            _last_error(done.stderr) or f"{script.name} exited with {done.returncode}"
-        )
+        raise RuntimeError(_last_error(done.stderr) or f"{module} exited with {done.returncode}")
     return read_result(out, len(read_request(request).xs))
 
 

@@ -8,8 +8,8 @@ reference under the settings the framework's own layer really has (the label the
 which settings depart, and whether the numbers match those settings).
 
 Example:
-    >>> from conformance.adapter import load_adapter
-    >>> from conformance.cases import get_case
+    >>> from unorm.conformance.adapter import load_adapter
+    >>> from unorm.conformance.cases import get_case
     >>> run_case(load_adapter("reference"), get_case("bn/rank2")).status
     'pass'
 """

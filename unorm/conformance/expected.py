@@ -5,8 +5,8 @@ in float64: they are the exact values a backend's results are compared with, and
 comparison then allows each quantity the tolerance of the dtype it is returned in.
 
 Example:
-    >>> from conformance.cases import get_case
-    >>> from conformance.data import batchnorm_inputs
+    >>> from unorm.conformance.cases import get_case
+    >>> from unorm.conformance.data import batchnorm_inputs
     >>> case = get_case("bn/seq/train3-eval")
     >>> steps = batchnorm_expected(case.spec(), batchnorm_inputs(case), case.steps)
     >>> [s.num_batches_tracked for s in steps]
@@ -101,15 +101,18 @@ def batchnorm_expected(
             )
             values = StepValues(y=y)
             if dy is not None:
-                kw = {"eps": spec.eps, "axis": spec.axis, "center": spec.center}
+                eps, axis, center = spec.eps, spec.axis, spec.center
                 if mask is not None and (training or before is None):
                     grads = ref.masked_batch_norm_backward(_f64(dy), x64, mask, gamma, spec=spec)
                 elif training or before is None:
-                    grads = ref.batch_norm_backward(_f64(dy), x64, gamma, **kw)
+                    grads = ref.batch_norm_backward(
+                        _f64(dy), x64, gamma, eps=eps, axis=axis, center=center
+                    )
                 else:
                     grads = ref.batch_norm_inference_backward(
-                        _f64(dy), x64, before.mean, before.var, gamma, **kw
-                    )
+                        _f64(dy), x64, before.mean, before.var, gamma,
+                        eps=eps, axis=axis, center=center,
+                    )  # fmt: skip
                 values.dx, values.dgamma, values.dbeta = grads
         if running is not None:
             values.running_mean = _f64(running.mean)
@@ -191,7 +194,9 @@ class WSValues:
         return dataclasses.asdict(self)
 
 
-def _grouped(x: np.ndarray, w: np.ndarray, groups: int, pads: tuple[int, int]):
+def _grouped(
+    x: np.ndarray, w: np.ndarray, groups: int, pads: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray]:
     """Padded input as ``(N, G, C/G, H', W')`` and weight as ``(G, O/G, C/G, kh, kw)``."""
     n, c = x.shape[:2]
     o = w.shape[0]

@@ -2,11 +2,11 @@
 
 The conformance suite computes expected values with the reference at run time, so an
 accidental change to the reference would move every expectation with it and pass
-silently. ``conformance/golden/reference-v1.npz`` stores the inputs and outputs of a few
+silently. ``unorm/conformance/golden/reference-v1.npz`` stores the inputs and outputs of a few
 reference calls (training forward and backward, a running-statistics sequence under the
 canonical convention and every preset, inference backward, AGC in two layouts, the
 cross-replica merge); :func:`check_golden` recomputes them from the stored inputs. An
-intended change to the reference writes a new version (``python -m conformance golden
+intended change to the reference writes a new version (``python -m unorm.conformance golden
 --write`` after bumping :data:`VERSION`), never edits this one silently.
 
 Example:
@@ -66,8 +66,8 @@ def _bn(a: Arrays) -> Arrays:
         "bn/mean": stats.mean,
         "bn/m2": stats.m2,
         "bn/dx": g.dx,
-        "bn/dgamma": g.dgamma,
-        "bn/dbeta": g.dbeta,
+        "bn/dgamma": np.asarray(g.dgamma),
+        "bn/dbeta": np.asarray(g.dbeta),
         "bn/inference_dx": gi.dx,
     }
 
@@ -76,10 +76,11 @@ def _sequence(a: Arrays) -> Arrays:
     out: Arrays = {}
     for preset in (None, *(p.name for p in plugins_in_order())):
         spec = BatchNormSpec.from_preset(preset, axis=-1)
-        state = ref.init_running_stats(4)
+        state: ref.RunningStats | None = ref.init_running_stats(4)
         for x in a["seq/x"]:
             _, state = ref.batch_norm_step(x, state, spec, training=True)
         y, _ = ref.batch_norm_step(a["seq/x"][0], state, spec, training=False)
+        assert state is not None  # every preset keeps running statistics
         key = f"seq/{preset or 'canonical'}"
         out[f"{key}/mean"], out[f"{key}/var"] = state.mean, state.var
         out[f"{key}/tracked"] = np.array(state.num_batches_tracked)
@@ -127,7 +128,7 @@ def write_golden(path: Path = GOLDEN_PATH) -> None:
     arrays.update({f"out:{k}": np.asarray(v) for k, v in outputs.items()})
     arrays["meta"] = np.array(json.dumps(meta, sort_keys=True))
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(path, **arrays)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
 
 
 def check_golden(path: Path = GOLDEN_PATH) -> list[str]:

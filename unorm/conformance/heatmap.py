@@ -6,7 +6,7 @@ not run are grey; failing cells are marked ``x``, expected failures ``o``, nativ
 departures ``d``.
 
 Example:
-    >>> from conformance.results import Result
+    >>> from unorm.conformance.results import Result
     >>> score_of(Result("c", "b", "agc", "float32", "pass", score=0.01))
     -2.0
 """
@@ -62,9 +62,9 @@ def write_heatmap(data: Sequence[BackendResults], path: Path) -> bool:
     image = ax.imshow(np.ma.masked_invalid(grid), cmap=cmap, vmin=-6, vmax=2, aspect="auto")
     for i, case in enumerate(cases):
         for j, b in enumerate(names):
-            r = by_case[case].get(b)
-            if r is not None and r.status in _MARKS:
-                ax.text(j, i, _MARKS[r.status], ha="center", va="center", fontsize=6)
+            cell = by_case[case].get(b)
+            if cell is not None and cell.status in _MARKS:
+                ax.text(j, i, _MARKS[cell.status], ha="center", va="center", fontsize=6)
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
     ax.set_yticks(range(len(cases)), cases, fontsize=5)
     ax.set_title("log10(error / tolerance): <= 0 passes", fontsize=9)

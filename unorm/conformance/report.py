@@ -2,12 +2,12 @@
 
 All three are rendered from :class:`~conformance.results.BackendResults` alone (the
 workers' JSON files), so a report can be re-rendered without running anything
-(``python -m conformance report``). The matrix has one row per case and one column per
+(``python -m unorm.conformance report``). The matrix has one row per case and one column per
 backend; a cell holds the status and, where values were compared, the worst quantity's
 max abs error, relative error and error in ulps (:mod:`conformance.compare`).
 
 Example:
-    >>> from conformance.results import BackendResults, Result
+    >>> from unorm.conformance.results import BackendResults, Result
     >>> data = [BackendResults("torch", False, "current", "", {}, True, "", 1.0,
     ...                        [Result("bn/rank2", "torch", "batchnorm", "float32", "pass")])]
     >>> render_terminal(data).splitlines()[-1]
@@ -57,7 +57,7 @@ def cell_text(r: Result) -> str:
     """A matrix cell: status, then ``max abs / rel / ulps`` when values were compared.
 
     Example:
-        >>> from conformance.results import Result
+        >>> from unorm.conformance.results import Result
         >>> cell_text(Result("c", "b", "agc", "float32", "pass", max_abs=1e-7, max_rel=2e-8,
         ...                  ulps=1.0))
         'pass 1e-07 / 2e-08 / 1 ulp'

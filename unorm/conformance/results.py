@@ -7,7 +7,7 @@ Statuses:
 ``pass``       every compared quantity within tolerance
 ``fail``       a quantity out of tolerance (or the wrong error)
 ``error``      the backend raised where it should have returned
-``xfail``      failed, and listed in ``conformance/xfail/<backend>.toml``
+``xfail``      failed, and listed in ``unorm/conformance/xfail/<backend>.toml``
 ``xpass``      listed there, but passed: remove the entry (fails the run)
 ``departs``    native columns: the framework's own layer departs from the case's
                expectation (labelled; never a failure of unorm)

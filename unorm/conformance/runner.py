@@ -1,7 +1,7 @@
 """The runner: every backend in its own environment, a progress bar, then the report.
 
-Each backend's worker runs as ``<env python> -m conformance worker`` in the repository
-root, so MXNet (numpy 1.23) and Keras (numpy 2) never share a process; results come back
+Each backend's worker runs as ``<python> -m unorm.conformance worker``, so MXNet (numpy
+1.23) and Keras (numpy 2) never share a process; results come back
 as JSON files (:mod:`conformance.results`). A backend whose environment is missing, or
 whose worker dies, is still reported (``unavailable`` / ``error``) so the report always has
 every column.
@@ -25,25 +25,64 @@ from typing import IO
 
 from unorm.progress import ProgressBar
 
-from .adapter import BACKENDS, ROOT, Backend
-from .cases import select
+from .adapter import BACKENDS, CHECKOUT, Backend, work_folder
+from .cases import Case, select
 from .results import BackendResults, Result, read_results, write_results
 from .worker import PROGRESS
 
 __all__ = ["DEFAULT_RESULTS", "python_for", "run_workers"]
 
 #: Where workers write their JSON files unless told otherwise (ignored by git).
-DEFAULT_RESULTS = ROOT / "results" / "conformance"
+DEFAULT_RESULTS = work_folder() / "results" / "conformance"
 
 
 def python_for(environment: str, overrides: Mapping[str, str]) -> Path | None:
-    """The interpreter of ``environment``: ``--python ENV=PATH``, else
-    ``$UNORM_CONFORMANCE_PYTHON_<ENV>``, else ``.venvs/<env>/bin/python``; None if absent."""
-    given = overrides.get(environment) or os.environ.get(
+    """The interpreter given for ``environment`` (``--python ENV=PATH``, else
+    ``$UNORM_CONFORMANCE_PYTHON_<ENV>``), else the checkout's ``.venvs/<env>/bin/python``;
+    None when that does not exist.
+
+    Example:
+        >>> python_for("current", {"current": sys.executable}) == Path(sys.executable)
+        True
+    """
+    given = _given(environment, overrides)
+    if given:
+        path = Path(given)
+    elif CHECKOUT is not None:
+        path = CHECKOUT / ".venvs" / environment / "bin" / "python"
+    else:
+        return None
+    return path if path.exists() else None
+
+
+def _given(environment: str, overrides: Mapping[str, str]) -> str | None:
+    return overrides.get(environment) or os.environ.get(
         f"UNORM_CONFORMANCE_PYTHON_{environment.upper()}"
     )
-    path = Path(given) if given else ROOT / ".venvs" / environment / "bin" / "python"
-    return path if path.exists() else None
+
+
+def interpreter_for(environment: str, overrides: Mapping[str, str]) -> tuple[Path | None, str]:
+    """The interpreter that runs ``environment``'s columns and a note on the choice ("" for
+    the environment's own). One given that does not exist is None: those columns are
+    unavailable. Where none is given and the environment is not built (always so for an
+    installed package), the interpreter running the suite: it runs every column whose
+    framework it can import and reports the others unavailable.
+
+    Example:
+        >>> interpreter_for("current", {"current": sys.executable})[1]
+        ''
+    """
+    own = python_for(environment, overrides)
+    if own is not None:
+        return own, ""
+    given = _given(environment, overrides)
+    if given:
+        return None, f"the interpreter given for environment {environment!r} ({given}) is missing"
+    where = "is not built here (./dev env builds it)" if CHECKOUT else "is a project checkout's"
+    return Path(sys.executable), (
+        f"environment {environment!r} {where}: its columns run with {sys.executable} "
+        "where their frameworks import"
+    )
 
 
 @dataclasses.dataclass
@@ -57,7 +96,9 @@ class _Job:
     proc: subprocess.Popen[str] | None = None
 
 
-def _placeholder(backend: Backend, cases: list, status: str, detail: str) -> BackendResults:
+def _placeholder(
+    backend: Backend, cases: Sequence[Case], status: str, detail: str
+) -> BackendResults:
     results = [
         Result(c.name, backend.name, c.kind, getattr(c, "dtype", "float32"), status, detail)
         for c in cases
@@ -86,7 +127,7 @@ def _reader(job: _Job, progress: ProgressBar, tick: threading.Event) -> None:
 
 
 def _start(job: _Job, python: Path, patterns: Sequence[str]) -> None:
-    cmd = [str(python), "-m", "conformance", "worker", "--backend", job.backend.name]
+    cmd = [str(python), "-m", "unorm.conformance", "worker", "--backend", job.backend.name]
     cmd += ["--out", str(job.out), "--progress"]
     for p in patterns:
         cmd += ["--case", p]
@@ -98,12 +139,12 @@ def _start(job: _Job, python: Path, patterns: Sequence[str]) -> None:
     job.log.parent.mkdir(parents=True, exist_ok=True)
     log = job.log.open("w")
     job.proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1
+        cmd, cwd=work_folder(), env=env, stdout=subprocess.PIPE, stderr=log, text=True, bufsize=1
     )
     log.close()
 
 
-def _finish(job: _Job, cases: list, timed_out: bool) -> BackendResults:
+def _finish(job: _Job, cases: Sequence[Case], timed_out: bool) -> BackendResults:
     code = job.proc.returncode if job.proc else None
     if code == 0 and job.out.exists():
         return read_results(job.out)
@@ -134,14 +175,17 @@ def run_workers(
     running: list[tuple[_Job, float, threading.Thread]] = []
     tick = threading.Event()
     pending = list(queue)
+    told: set[str] = set()
     while pending or running:
         while pending and len(running) < max(jobs, 1):
             job = pending.pop(0)
-            python = python_for(job.backend.environment, pythons or {})
+            env_name = job.backend.environment
+            python, note = interpreter_for(env_name, pythons or {})
+            if note and env_name not in told:
+                told.add(env_name)
+                progress.note(note)
             if python is None:
-                env = job.backend.environment
-                detail = f"environment {env!r} is not built here (./dev env builds it)"
-                finished[job.backend.name] = _placeholder(job.backend, cases, "unavailable", detail)
+                finished[job.backend.name] = _placeholder(job.backend, cases, "unavailable", note)
                 job.done = job.total
                 continue
             _start(job, python, patterns)

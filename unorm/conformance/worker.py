@@ -1,6 +1,6 @@
 """One backend's run, in its own process and environment: cases in, JSON out.
 
-The runner starts ``python -m conformance worker --backend NAME --out FILE`` with the
+The runner starts ``python -m unorm.conformance worker --backend NAME --out FILE`` with the
 backend environment's interpreter. The worker loads the adapter, runs the selected cases
 (every case of an unavailable backend is recorded as ``unavailable`` without running,
 and every case of one whose adapter raises while checking its availability, such as a

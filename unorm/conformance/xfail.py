@@ -1,4 +1,4 @@
-"""Per-backend expected failures: ``conformance/xfail/<backend>.toml``.
+"""Per-backend expected failures: ``unorm/conformance/xfail/<backend>.toml``.
 
 Each file holds entries of the form::
 

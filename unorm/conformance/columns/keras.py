@@ -1,6 +1,6 @@
 """The Keras 3 column: ``unorm.keras`` driven by the conformance suite (TensorFlow backend).
 
-Also home of the Keras helpers the native column (``backends/keras-native``) shares:
+Also home of the Keras helpers the native column (``keras_native``) shares:
 tensor conversion, dtype policies (16-bit inputs run under ``mixed_float16`` /
 ``mixed_bfloat16``, so variables stay float32) and the training/inference step under a
 ``GradientTape``. Keras is imported only when a case runs.
@@ -22,8 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from conformance import dtypes, exchange, layouts
-from conformance.adapter import (
+from unorm.conformance import dtypes, exchange, layouts
+from unorm.conformance.adapter import (
     Adapter,
     AGCArrays,
     LayerConfig,
@@ -31,13 +31,15 @@ from conformance.adapter import (
     UnormModule,
     Unsupported,
     WSConfig,
+    present,
 )
-from conformance.expected import StepValues, WSValues
+from unorm.conformance.expected import StepValues, WSValues
 
 __all__ = ["SYNC_WORKER", "Built", "KerasAdapter", "KerasBase", "create", "policy"]
 
 #: The helper that runs a cross-replica case under MirroredStrategy in a fresh interpreter.
-SYNC_WORKER = Path(__file__).with_name("sync_worker.py")
+#: The module run, one fresh interpreter per request, for the cross-replica cases.
+SYNC_WORKER = f"{__package__}.keras_sync_worker"
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -139,7 +141,7 @@ class KerasBase(Adapter):
         return StepValues(
             running_mean=to_numpy(_var(layer.layer, "moving_mean")),
             running_var=to_numpy(_var(layer.layer, "moving_variance")),
-            num_batches_tracked=None if tracked is None else int(to_numpy(tracked)),
+            num_batches_tracked=None if tracked is None else int(present(to_numpy(tracked))),
         )
 
     def bn_step(
@@ -232,7 +234,7 @@ class KerasAdapter(UnormModule, KerasBase):
         order = [p.name for p in params]
         grads = [to_tensor(p.grad, p.dtype) for p in params]
         opt.apply(grads, [variables[n] for n in order])
-        return {n: to_numpy(recorder.seen[i]) for i, n in enumerate(order)}
+        return {n: present(to_numpy(recorder.seen[i])) for i, n in enumerate(order)}
 
     def ws_conv(
         self,
@@ -267,7 +269,7 @@ class KerasAdapter(UnormModule, KerasBase):
         nchw = (0, 3, 1, 2)
         dx = to_numpy(grads[0])
         return WSValues(
-            y=np.transpose(to_numpy(y), nchw),
+            y=np.transpose(present(to_numpy(y)), nchw),
             dx=None if dx is None else np.transpose(dx, nchw),
             dweight=to_numpy(grads[1]),
             dgain=to_numpy(grads[2]),
@@ -278,9 +280,9 @@ class KerasAdapter(UnormModule, KerasBase):
 def _recorder() -> Any:
     """An optimizer that applies nothing and keeps the gradients its update receives (the
     ones AGC clipped), in variables so that graph mode works too."""
-    k = keras()
+    k: Any = keras()
 
-    class Recorder(k.optimizers.Optimizer):
+    class Recorder(k.optimizers.Optimizer):  # type: ignore[misc]
         def __init__(self) -> None:
             super().__init__(learning_rate=0.0, name="recorder")
             self.seen: list[Any] = []

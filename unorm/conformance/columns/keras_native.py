@@ -7,7 +7,7 @@ the weight of the *old* value, ``center``, ``scale``, ``axis``); what it cannot 
 equivalent and are reported unsupported. Departures are labelled, never failures.
 
 Example:
-    >>> from conformance.adapter import LayerConfig
+    >>> from unorm.conformance.adapter import LayerConfig
     >>> create().native_spec(LayerConfig(3, 4, -1, "float32")).running_var
     'biased'
 """
@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 
-from conformance import dtypes
-from conformance.adapter import LayerConfig, load_adapter_module, old_weight_native_spec
+from unorm.conformance import dtypes
+from unorm.conformance.adapter import LayerConfig, old_weight, old_weight_native_spec
+from unorm.conformance.columns import keras as _keras
 from unorm.spec import BatchNormSpec
-
-_keras = load_adapter_module("keras")
 
 __all__ = ["KerasNativeAdapter", "create"]
 
@@ -43,7 +42,7 @@ class KerasNativeAdapter(_keras.KerasBase):
         dtype = config.dtype if config.dtype in dtypes.DTYPES else "float32"
         layer = _keras.keras().layers.BatchNormalization(
             axis=spec.axis,
-            momentum=1.0 - spec.momentum,
+            momentum=old_weight(spec),
             epsilon=spec.eps,
             center=spec.center,
             scale=spec.scale,

@@ -2,7 +2,7 @@
 per replica, in a fresh interpreter (logical devices must exist before TensorFlow's first
 op).
 
-Usage: ``python backends/keras/sync_worker.py REQUEST RESULT`` (see
+Usage: ``python -m unorm.conformance.columns.keras_sync_worker REQUEST RESULT`` (see
 :mod:`conformance.exchange`). Builds ``unorm.keras.BatchNorm(synchronized=True)`` (or, for
 a native request, ``keras.layers.BatchNormalization(synchronized=True)``), runs one
 training step with each replica's slice, and writes outputs, input gradients, the
@@ -15,16 +15,14 @@ import os
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+# Before TensorFlow and Keras are imported: the backend is chosen once, at import.
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
+import numpy as np
+import tensorflow as tf
 
-from conformance.exchange import read_request  # noqa: E402
+from unorm.conformance.exchange import read_request
 
 
 def main(request_path: str, result_path: str) -> None:
@@ -107,7 +105,7 @@ def main(request_path: str, result_path: str) -> None:
     tracked = getattr(layer, "num_batches_tracked", None)
     if tracked is not None:
         out["num_batches_tracked"] = np.asarray(tracked.numpy())
-    np.savez(result_path, **out)
+    np.savez(result_path, **out)  # type: ignore[arg-type]  # numpy's stub mistypes **kwds
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """The MXNet Gluon 1.9 column: ``unorm.mxnet`` driven by the conformance suite.
 
 Runs in the legacy environment (numpy 1.23). Also home of the MXNet helpers the native
-column (``backends/mxnet-native``) shares: NDArray conversion and the step under
+column (``mxnet_native``) shares: NDArray conversion and the step under
 ``autograd.record``: ``train`` records in training mode and runs backward, ``forward``
 records in training mode without backward (where MXNet's CPU kernel never updates its
 statistics), ``eval`` records in inference mode and runs backward. MXNet has no
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from conformance import layouts
-from conformance.adapter import (
+from unorm.conformance import layouts
+from unorm.conformance.adapter import (
     Adapter,
     AGCArrays,
     LayerConfig,
@@ -30,8 +30,9 @@ from conformance.adapter import (
     UnormModule,
     Unsupported,
     WSConfig,
+    present,
 )
-from conformance.expected import StepValues, WSValues
+from unorm.conformance.expected import StepValues, WSValues
 
 __all__ = ["Built", "MXNetAdapter", "MXNetBase", "create"]
 
@@ -132,7 +133,16 @@ class MXNetBase(Adapter):
             num_batches_tracked=None if tracked is None else int(tracked.reshape(-1)[0]),
         )
 
-    def bn_step(self, layer: Built, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+    def bn_step(
+        self,
+        layer: Built,
+        x: np.ndarray,
+        dy: np.ndarray | None,
+        mode: str,
+        mask: np.ndarray | None = None,
+    ) -> StepValues:
+        if mask is not None:  # masks = False: the runner hands this column none
+            raise Unsupported(f"{self.name}'s BatchNorm layers take no mask")
         if 0 in x.shape:
             # MXNet 1.x holds an empty array only under its NumPy shape semantics.
             with mx().util.np_shape(True):
@@ -255,7 +265,7 @@ class MXNetAdapter(UnormModule, MXNetBase):
         self.module().adaptive_clip_grad(
             block, clipping=clipping, eps=eps, exclude=skip, unit_axes=unit_axes
         )
-        return {p.name: to_numpy(by_name[p.name].grad()) for p in params}
+        return {p.name: present(to_numpy(by_name[p.name].grad())) for p in params}
 
     def ws_conv(
         self,

@@ -10,7 +10,7 @@ cases run ``gluon.contrib.nn.SyncBatchNorm``, which averages per-device moments 
 equal weights.
 
 Example:
-    >>> from conformance.adapter import LayerConfig
+    >>> from unorm.conformance.adapter import LayerConfig
     >>> create().native_spec(LayerConfig(3, 4, 1, "float32")).update_on
     'backward'
 """
@@ -21,15 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from conformance.adapter import (
+from unorm.conformance.adapter import (
     LayerConfig,
     Unsupported,
-    load_adapter_module,
+    old_weight,
     old_weight_native_spec,
 )
+from unorm.conformance.columns import mxnet as _mxnet
 from unorm.spec import BatchNormSpec
-
-_mxnet = load_adapter_module("mxnet")
 
 __all__ = ["MXNetNativeAdapter", "create"]
 
@@ -49,7 +48,7 @@ class MXNetNativeAdapter(_mxnet.MXNetBase):
         spec = self.native_spec(config)
         block = _mxnet.mx().gluon.nn.BatchNorm(
             axis=spec.axis,
-            momentum=1.0 - spec.momentum,
+            momentum=old_weight(spec),
             epsilon=spec.eps,
             center=spec.center,
             scale=spec.scale,
@@ -64,7 +63,7 @@ class MXNetNativeAdapter(_mxnet.MXNetBase):
         return _mxnet.mx().gluon.contrib.nn.SyncBatchNorm(
             in_channels=config.num_features,
             num_devices=devices,
-            momentum=1.0 - spec.momentum,
+            momentum=old_weight(spec),
             epsilon=spec.eps,
             center=spec.center,
             scale=spec.scale,

@@ -20,10 +20,10 @@ from typing import Any
 
 import numpy as np
 
-from conformance import dtypes, layouts
-from conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, WSConfig
-from conformance.expected import StepValues, WSValues, conv2d, conv2d_backward
 from unorm import reference as ref
+from unorm.conformance import dtypes, layouts
+from unorm.conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, WSConfig
+from unorm.conformance.expected import StepValues, WSValues, conv2d, conv2d_backward
 from unorm.spec import BatchNormSpec, output_unit_axes
 
 __all__ = ["ReferenceAdapter", "create"]
@@ -108,16 +108,19 @@ class ReferenceAdapter(Adapter):
             )
             out = StepValues(y=dtypes.cast(y, cfg.dtype))
             if dy is not None:
-                kw = {"eps": spec.eps, "axis": spec.axis, "center": spec.center}
+                eps, axis, center = spec.eps, spec.axis, spec.center
                 dy64 = np.asarray(dy, np.float64)
                 if mask is not None and (training or before is None):
                     g = ref.masked_batch_norm_backward(dy64, x64, mask, layer.gamma, spec=spec)
                 elif training or before is None:
-                    g = ref.batch_norm_backward(dy64, x64, layer.gamma, **kw)
+                    g = ref.batch_norm_backward(
+                        dy64, x64, layer.gamma, eps=eps, axis=axis, center=center
+                    )
                 else:
                     g = ref.batch_norm_inference_backward(
-                        dy64, x64, before.mean, before.var, layer.gamma, **kw
-                    )
+                        dy64, x64, before.mean, before.var, layer.gamma,
+                        eps=eps, axis=axis, center=center,
+                    )  # fmt: skip
                 out.dx = dtypes.cast(g.dx, cfg.dtype)
                 pdt = cfg.param_dtype
                 out.dgamma = None if g.dgamma is None else g.dgamma.astype(pdt)
@@ -223,8 +226,8 @@ class ReferenceAdapter(Adapter):
         dx, dw_hat = conv2d_backward(dy, x, w_hat, config.groups, config.pads)
         with np.errstate(over="ignore"):  # a constant unit's unused branch of np.where
             dw, dgain = ref.scaled_weight_standardize_backward(dw_hat, weight, gain, unit, **kw)
-        out = [dtypes.cast(a, config.dtype) for a in (y, dx, dw, dgain)]
-        return WSValues(*out, dbias=dtypes.cast(np.sum(dy, axis=(0, 2, 3)), config.dtype))
+        cast = [dtypes.cast(a, config.dtype) for a in (y, dx, dw, dgain, np.sum(dy, (0, 2, 3)))]
+        return WSValues(*cast)
 
 
 def create() -> ReferenceAdapter:

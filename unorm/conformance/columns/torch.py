@@ -1,6 +1,6 @@
 """The PyTorch column: ``unorm.torch`` driven by the conformance suite.
 
-Also home of the PyTorch helpers the native column (``backends/torch-native``) shares:
+Also home of the PyTorch helpers the native column (``torch_native``) shares:
 array conversion, bfloat16 rounding and the training/inference step. ``torch`` and
 ``unorm.torch`` are imported only when a case runs, so this file loads anywhere.
 
@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from conformance import dtypes, exchange, layouts
-from conformance.adapter import (
+from unorm.conformance import dtypes, exchange, layouts
+from unorm.conformance.adapter import (
     Adapter,
     AGCArrays,
     LayerConfig,
@@ -31,12 +31,13 @@ from conformance.adapter import (
     Unsupported,
     WSConfig,
 )
-from conformance.expected import StepValues, WSValues
+from unorm.conformance.expected import StepValues, WSValues
 
 __all__ = ["SYNC_WORKER", "Built", "TorchAdapter", "TorchBase", "build_agc_model", "create"]
 
 #: The helper that runs a cross-replica case on one gloo process per replica.
-SYNC_WORKER = Path(__file__).with_name("sync_worker.py")
+#: The module run, one fresh interpreter per request, for the cross-replica cases.
+SYNC_WORKER = f"{__package__}.torch_sync_worker"
 
 
 def torch() -> Any:
@@ -118,7 +119,16 @@ class TorchBase(Adapter):
             num_batches_tracked=None if tracked is None else int(tracked.item()),
         )
 
-    def bn_step(self, layer: Built, x: np.ndarray, dy: np.ndarray | None, mode: str) -> StepValues:
+    def bn_step(
+        self,
+        layer: Built,
+        x: np.ndarray,
+        dy: np.ndarray | None,
+        mode: str,
+        mask: np.ndarray | None = None,
+    ) -> StepValues:
+        if mask is not None:  # masks = False: the runner hands this column none
+            raise Unsupported(f"{self.name}'s BatchNorm layers take no mask")
         # Integer inputs (an error case) go in as they are; floats in the case's dtype.
         dtype = layer.dtype if layer.dtype in dtypes.DTYPES else None
         xt = to_tensor(x, dtype)

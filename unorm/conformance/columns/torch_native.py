@@ -7,7 +7,7 @@ than 1 is handled the way a PyTorch user does it: move it to 1 and back. Departu
 labelled by the suite, never counted as failures of unorm.
 
 Example:
-    >>> from conformance.adapter import LayerConfig
+    >>> from unorm.conformance.adapter import LayerConfig
     >>> create().native_spec(LayerConfig(3, 4, 1, "float32")).skip_nonfinite
     False
 """
@@ -19,10 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from conformance.adapter import LayerConfig, SyncResult, Unsupported, load_adapter_module
+from unorm.conformance.adapter import LayerConfig, SyncResult, Unsupported
+from unorm.conformance.columns import torch as _torch
 from unorm.spec import BatchNormSpec
-
-_torch = load_adapter_module("torch")
 
 __all__ = ["TorchNativeAdapter", "create"]
 
@@ -32,7 +31,7 @@ class TorchNativeAdapter(_torch.TorchBase):
 
     name = "torch-native"
     native = True
-    absent = frozenset()
+    absent: frozenset[str] = frozenset()
 
     def native_spec(self, config: LayerConfig) -> BatchNormSpec:
         spec = config.spec()
@@ -79,7 +78,7 @@ class TorchNativeAdapter(_torch.TorchBase):
 
 
 def _ChannelsFirst(norm: Any, axis: int) -> Any:
-    nn = _torch.torch().nn
+    nn: Any = _torch.torch().nn
 
     class ChannelsFirst(nn.Module):
         """Moves the feature axis to 1 for the native layer, and back."""

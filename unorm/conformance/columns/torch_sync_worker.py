@@ -1,6 +1,6 @@
 """Cross-replica BatchNorm for the PyTorch columns: one gloo process per replica.
 
-Usage: ``python backends/torch/sync_worker.py REQUEST RESULT`` (see
+Usage: ``python -m unorm.conformance.columns.torch_sync_worker REQUEST RESULT`` (see
 :mod:`conformance.exchange`). Every rank builds ``unorm.torch.SyncBatchNorm`` (or, for a
 native request, ``torch.nn.SyncBatchNorm``), runs one training step on its slice, and
 writes its output and input gradient; rank 0 also writes the summed parameter gradients
@@ -14,21 +14,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
-
-from conformance.exchange import read_request  # noqa: E402
+from unorm.conformance.exchange import read_request
 
 
 def _layer(request):  # type: ignore[no-untyped-def]
     config = request.config
     spec = config.spec()
+    layer: torch.nn.Module
     if request.native:
         layer = torch.nn.SyncBatchNorm(
             config.num_features,
@@ -69,6 +66,7 @@ def _rank(rank: int, port: int, request_path: str, folder: str) -> None:
     x = torch.from_numpy(request.xs[rank]).requires_grad_(True)
     y = layer(x)
     y.backward(torch.from_numpy(request.dys[rank]))
+    assert x.grad is not None
     out = {"y": y.detach().numpy(), "dx": x.grad.numpy()}
     for key, p in (("dgamma", layer.weight), ("dbeta", layer.bias)):
         if p is None:
@@ -80,7 +78,7 @@ def _rank(rank: int, port: int, request_path: str, folder: str) -> None:
         value = getattr(layer, name, None)
         if value is not None:
             out[name] = value.numpy()
-    np.savez(f"{folder}/rank{rank}.npz", **out)
+    np.savez(f"{folder}/rank{rank}.npz", **out)  # type: ignore[arg-type]  # numpy's stub
     dist.destroy_process_group()
 
 
@@ -90,7 +88,9 @@ def main(request_path: str, result_path: str) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as folder:
-        mp.spawn(_rank, args=(port, request_path, folder), nprocs=len(request.xs), join=True)
+        mp.spawn(  # type: ignore[attr-defined]  # torch.multiprocessing re-exports it
+            _rank, args=(port, request_path, folder), nprocs=len(request.xs), join=True
+        )
         ranks = [dict(np.load(f"{folder}/rank{r}.npz")) for r in range(len(request.xs))]
     out = {}
     for k, r in enumerate(ranks):
