@@ -14,6 +14,8 @@ loading an exported model (``SymbolBlock.imports``) that contains unorm layers.
   Scaled Weight Standardisation and a learnable gain; hybridizes and exports.
 - :func:`final_classifier`: the classifier to exclude from AGC.
 - :func:`convert`: replace the ``gluon.nn.BatchNorm`` layers of a model, keeping state.
+- :func:`fold`, :func:`recalibrate`: BatchNorm after training (``SPEC.md`` section 8):
+  fold it into the layer before it, or recompute its running statistics from data.
 
 Example:
     >>> import mxnet as mx
@@ -32,6 +34,8 @@ Example:
 
 from __future__ import annotations
 
+from ._core.after_training import FoldEntry, FoldError, FoldWarning
+from ._mxnet.after_training import fold, recalibrate
 from ._mxnet.agc import AGC, adaptive_clip_grad, final_classifier, unit_axes_of
 from ._mxnet.batchnorm import BatchNorm, SyncBatchNorm
 from ._mxnet.convert import convert
@@ -41,6 +45,9 @@ from ._mxnet.ws import ScaledStdConv1D, ScaledStdConv2D, ScaledStdConv3D
 __all__ = [
     "AGC",
     "BatchNorm",
+    "FoldEntry",
+    "FoldError",
+    "FoldWarning",
     "ScaledStdConv1D",
     "ScaledStdConv2D",
     "ScaledStdConv3D",
@@ -49,6 +56,8 @@ __all__ = [
     "convert",
     "export_checkpoint",
     "final_classifier",
+    "fold",
     "load_checkpoint",
+    "recalibrate",
     "unit_axes_of",
 ]

@@ -19,9 +19,11 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+from ..progress import ProgressBar
 from .layer_kinds import KernelLayout, UnitPlan, unit_plan
 
 if TYPE_CHECKING:  # NumPy is imported where arrays are folded or merged
@@ -39,6 +41,7 @@ __all__ = [
     "FoldError",
     "FoldWarning",
     "Moments",
+    "check_counts",
     "finish_report",
     "fold_arrays",
     "fold_plan",
@@ -47,6 +50,7 @@ __all__ = [
     "merge_moments",
     "no_values",
     "nonfinite_batch",
+    "run_batches",
 ]
 
 #: The layer kinds a BatchNorm folds into (``SPEC.md`` section 8, *Fold*).
@@ -321,3 +325,41 @@ class Moments:
         """``M2/(N-1)`` (``unbiased`` and ``N >= 2``) or ``M2/N``."""
         assert self.m2 is not None and self.count > 0
         return self.m2 / (self.count - 1 if unbiased and self.count > 1 else self.count)
+
+
+def run_batches(
+    batches: Iterable[Any], run_one: Callable[[Any], str | None], progress: bool | IO[str]
+) -> int:
+    """Run ``run_one`` on each batch (``recalibrate``'s pass), drawing a progress bar on
+    ``sys.stderr`` (``progress=True``) or the given stream; the number of batches.
+
+    ``run_one`` returns the name of a BatchNorm whose statistics of that batch were not
+    finite (None: all were), which is the error of ``SPEC.md`` section 8 with the batch's
+    index; no batch at all is an error too.
+    """
+    total = len(batches) if isinstance(batches, Sized) else 0
+    bar = None
+    if progress is not False:
+        bar = ProgressBar(total, sys.stderr if progress is True else progress)
+    seen = 0
+    try:
+        for index, batch in enumerate(batches):
+            bad = run_one(batch)
+            if bad is not None:
+                raise ValueError(nonfinite_batch(index, bad))
+            seen = index + 1
+            if bar is not None:
+                bar.update(seen, f"recalibrate: batch {seen}")
+    finally:
+        if bar is not None:
+            bar.close()
+    if seen == 0:
+        raise ValueError(EMPTY_BATCHES)
+    return seen
+
+
+def check_counts(counts: Mapping[str, int]) -> None:
+    """Refuse a BatchNorm (by name) whose input held no value over all batches."""
+    for name, count in counts.items():
+        if count == 0:
+            raise ValueError(no_values(name))

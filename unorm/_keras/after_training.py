@@ -9,16 +9,14 @@ with ``keras.models.clone_model`` and moves the weights through NumPy.
 from __future__ import annotations
 
 import dataclasses
-import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Mapping
 from typing import IO, Any
 
 import keras
 import numpy as np
 
 from .._core import after_training as core
-from ..progress import ProgressBar
 from . import internals
 from .batchnorm import BatchNorm
 from .plugin import PLUGIN
@@ -361,24 +359,14 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
         # calls only, which recalibrate makes) and put back afterwards.
         originals.append((layer, layer.__dict__.get("call")))
         object.__setattr__(layer, "call", call)
-    total = len(batches) if isinstance(batches, Sized) else 0
-    bar = None
-    if progress is not False:
-        bar = ProgressBar(total, sys.stderr if progress is True else progress)
+
+    def run_one(batch: Any) -> str | None:
+        _run(model, batch)
+        return failure[0] if failure else None
+
     try:
-        seen = 0
-        for index, batch in enumerate(batches):
-            _run(model, batch)
-            if failure:
-                raise ValueError(core.nonfinite_batch(index, failure[0]))
-            seen = index + 1
-            if bar is not None:
-                bar.update(seen, f"recalibrate: batch {seen}")
-        if seen == 0:
-            raise ValueError(core.EMPTY_BATCHES)
-        for layer in targets:
-            if moments[id(layer)].count == 0:
-                raise ValueError(core.no_values(layer.name))
+        core.run_batches(batches, run_one, progress)
+        core.check_counts({layer.name: moments[id(layer)].count for layer in targets})
     except BaseException:
         for layer, values in zip(targets, saved, strict=True):
             for variable, value in zip(_state(layer), values, strict=True):
@@ -390,8 +378,6 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
                 object.__delattr__(layer, "call")
             else:
                 object.__setattr__(layer, "call", before)
-        if bar is not None:
-            bar.close()
     for layer in targets:
         m = moments[id(layer)]
         assert m.mean is not None

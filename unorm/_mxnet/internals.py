@@ -16,6 +16,7 @@ __all__ = [
     "differentiable",
     "ensure_kvstore",
     "groups",
+    "hybridized",
     "layer_arguments",
     "own_parameters",
     "parameters_by_structure",
@@ -50,6 +51,13 @@ def replace_child(block: Any, key: str, new: Any) -> None:
     (Gluon has no public way to swap a registered child; attributes pointing at the old
     child are re-pointed by the caller)."""
     block._children[key] = new
+
+
+def hybridized(block: Any) -> bool:
+    """Whether ``hybridize()`` is active on ``block`` (``HybridBlock._active``; Gluon has no
+    getter): its calls then run a cached graph, and forward hooks of its children do not
+    run."""
+    return bool(getattr(block, "_active", False))
 
 
 def clear_cached_graph(block: Any) -> None:

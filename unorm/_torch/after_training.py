@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import sys
 import warnings
-from collections.abc import Iterable, Mapping, Sized
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -21,7 +20,6 @@ from torch import Tensor, fx, nn
 
 from .._core import after_training as core
 from .._core.layer_kinds import CHANNELS_FIRST_LAYOUTS
-from ..progress import ProgressBar
 from . import internals
 from .batchnorm import BatchNorm
 
@@ -469,30 +467,22 @@ def recalibrate(
         return hook
 
     handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in targets.items()]
-    total = len(batches) if isinstance(batches, Sized) else 0
-    bar = None
-    if progress is not False:
-        bar = ProgressBar(total, sys.stderr if progress is True else progress)
+
+    def run_one(batch: Any) -> str | None:
+        _run(model, batch)
+        flags = [(n, a.last_finite) for n, a in acc.items() if a.last_finite is not None]
+        for a in acc.values():
+            a.last_finite = None
+        # One host synchronisation per batch, for all layers together.
+        if flags and not bool(torch.stack([f for _, f in flags]).all()):
+            return next(n for n, f in flags if not bool(f))
+        return None
+
     try:
         model.train()
-        seen = 0
         with torch.no_grad():
-            for index, batch in enumerate(batches):
-                _run(model, batch)
-                flags = [(n, a.last_finite) for n, a in acc.items() if a.last_finite is not None]
-                if flags and not bool(torch.stack([f for _, f in flags]).all()):
-                    bad = next(n for n, f in flags if not bool(f))
-                    raise ValueError(core.nonfinite_batch(index, bad))
-                for a in acc.values():
-                    a.last_finite = None
-                seen = index + 1
-                if bar is not None:
-                    bar.update(seen, f"recalibrate: batch {seen}")
-        if seen == 0:
-            raise ValueError(core.EMPTY_BATCHES)
-        for name, a in acc.items():
-            if a.count == 0:
-                raise ValueError(core.no_values(name))
+            core.run_batches(batches, run_one, progress)
+        core.check_counts({name: a.count for name, a in acc.items()})
     except BaseException:
         _restore(targets, saved)
         raise
@@ -501,8 +491,6 @@ def recalibrate(
             h.remove()
         for m, mode in modes.items():
             m.training = mode
-        if bar is not None:
-            bar.close()
     with torch.no_grad():
         for name, m in targets.items():
             a = acc[name]

@@ -1,0 +1,250 @@
+"""unorm.mxnet's BatchNorm after training (``SPEC.md`` section 8): ``fold`` against the
+unfolded model's inference output (Gluon's own layers) and its ``export``, ``recalibrate``
+against NumPy statistics of the whole data set. Runs where MXNet runs (legacy)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.mxnet
+mx = pytest.importorskip("mxnet")
+from mxnet import gluon  # noqa: E402
+
+from unorm._mxnet import internals  # noqa: E402
+from unorm.mxnet import BatchNorm, FoldError, FoldWarning, fold, recalibrate  # noqa: E402
+
+nn = gluon.nn
+_BNS = (BatchNorm, nn.BatchNorm)
+
+
+def _blocks(block: Any) -> list[Any]:
+    out = [block]
+    for _, child in internals.children(block):
+        out += _blocks(child)
+    return out
+
+
+def _bns(model: Any) -> list[Any]:
+    return [b for b in _blocks(model) if isinstance(b, _BNS)]
+
+
+def _randomise(model: Any, seed: int = 0) -> Any:
+    rng = np.random.default_rng(seed)
+    for name, p in model.collect_params().items():
+        shape = p.shape
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name.endswith("running_var"):
+            value = rng.uniform(0.2, 2.0, shape)
+        elif name.endswith("gamma"):
+            value = rng.uniform(0.5, 1.5, shape)
+        else:
+            value = rng.normal(size=shape) * 0.5
+        p.set_data(mx.nd.array(value, dtype=p.dtype))
+    return model
+
+
+def _state(model: Any) -> dict[str, np.ndarray]:
+    return {k: p.data().asnumpy().copy() for k, p in model.collect_params().items()}
+
+
+def _same(model: Any, before: dict[str, np.ndarray]) -> None:
+    after = _state(model)
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+
+
+def _stack() -> Any:
+    net = nn.HybridSequential()
+    net.add(
+        nn.Conv2D(6, 3, in_channels=4, use_bias=False),
+        BatchNorm(in_channels=6),
+        nn.Activation("relu"),
+        nn.Conv2D(6, 3, groups=2, in_channels=6),
+        nn.BatchNorm(in_channels=6),
+        nn.Conv2DTranspose(4, 2, groups=2, in_channels=6),
+        nn.BatchNorm(in_channels=4, scale=False),
+        nn.Conv2D(8, 1, groups=4, in_channels=4),  # depthwise, multiplier 2
+        BatchNorm(in_channels=8, preset="mxnet"),
+        nn.Flatten(),
+        nn.Dense(5, in_units=8 * 5 * 5),
+        nn.BatchNorm(in_channels=5, use_global_stats=True),
+    )
+    net.initialize()
+    return _randomise(net)
+
+
+def _x(seed: int, shape: tuple[int, ...] = (3, 4, 8, 8)) -> Any:
+    return mx.nd.array(np.random.default_rng(seed).normal(size=shape).astype("float32"))
+
+
+def test_fold_equals_the_unfolded_inference_model_and_exports_without_batchnorm(
+    tmp_path: Path,
+) -> None:
+    net = _stack()
+    before = _state(net)
+    folded = fold(net)
+    _same(net, before)  # the original is untouched (before its forward: fix_gamma, below)
+    assert not _bns(folded)
+    assert len(folded.fold_report) == 5 and all(e.folded for e in folded.fold_report)
+    x = _x(1)
+    # Gluon's scale=False (fix_gamma) takes gamma as 1, and its forward writes the 1s in.
+    np.testing.assert_allclose(folded(x).asnumpy(), net(x).asnumpy(), rtol=1e-5, atol=1e-5)
+    folded.hybridize()
+    folded(x)
+    folded.export(str(tmp_path / "folded"))
+    ops = {n["op"] for n in json.loads((tmp_path / "folded-symbol.json").read_text())["nodes"]}
+    assert "BatchNorm" not in ops and "Custom" not in ops and "Convolution" in ops
+    loaded = gluon.SymbolBlock.imports(
+        str(tmp_path / "folded-symbol.json"), ["data"], str(tmp_path / "folded-0000.params")
+    )
+    np.testing.assert_allclose(loaded(x).asnumpy(), net(x).asnumpy(), rtol=1e-5, atol=1e-5)
+
+
+class _Block(gluon.HybridBlock):  # type: ignore[misc]
+    """ResNet-like: the stem's output feeds its BatchNorm and the shortcut."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with self.name_scope():
+            self.stem = nn.Conv2D(4, 3, padding=1, in_channels=3)
+            self.stem_bn = nn.BatchNorm(in_channels=4)
+            self.conv1 = nn.Conv2D(4, 3, padding=1, in_channels=4, use_bias=False)
+            self.bn1 = BatchNorm(in_channels=4)
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        h = self.stem(x)
+        return self.bn1(self.conv1(F.relu(self.stem_bn(h)))) + h
+
+
+def test_fold_leaves_the_batchnorm_whose_input_feeds_a_shortcut() -> None:
+    net = _Block()
+    net.initialize()
+    _randomise(net, seed=2)
+    with pytest.warns(FoldWarning, match=r"'stem_bn' is not folded: the output of 'stem' also"):
+        folded = fold(net)
+    assert [type(b).__name__ for b in _bns(folded)] == ["BatchNorm"]
+    assert _bns(folded)[0] is folded.stem_bn
+    report = {e.bn: e for e in folded.fold_report}
+    assert report["bn1"].into == "conv1"
+    x = _x(3, (2, 3, 5, 5))
+    np.testing.assert_allclose(folded(x).asnumpy(), net(x).asnumpy(), rtol=1e-5, atol=1e-5)
+    with pytest.raises(FoldError, match=r"'stem_bn' is not folded.*\(strict=True\)"):
+        fold(net, strict=True)
+
+
+class _Twice(gluon.HybridBlock):  # type: ignore[misc]
+    def __init__(self) -> None:
+        super().__init__()
+        with self.name_scope():
+            self.conv = nn.Conv2D(4, 1, in_channels=4)
+            self.bn = nn.BatchNorm(in_channels=4)
+
+    def hybrid_forward(self, F: Any, x: Any) -> Any:
+        return self.bn(self.conv(x)) + self.conv(x)
+
+
+def _seq(*blocks: Any) -> Any:
+    net = nn.HybridSequential()
+    net.add(*blocks)
+    return net
+
+
+def test_fold_reports_what_it_cannot_fold_exactly() -> None:
+    cases = [
+        (_seq(nn.Activation("relu"), nn.BatchNorm(in_channels=4)), "its input is Activation"),
+        (_seq(nn.Conv2D(5, 1, in_channels=4), BatchNorm(in_channels=5, axis=-1)), "axis -1 is not"),
+        (
+            _seq(
+                nn.Conv2D(4, 1, in_channels=4), BatchNorm(in_channels=4, track_running_stats=False)
+            ),
+            "track_running_stats=False",
+        ),
+        (_Twice(), "'conv' is used 2 times"),
+    ]  # fmt: skip
+    for net, reason in cases:
+        net.initialize()
+        _randomise(net)
+        before = _state(net)
+        with pytest.warns(FoldWarning, match=reason):
+            folded = fold(net)
+        assert _bns(folded)
+        with pytest.raises(FoldError, match=reason):
+            fold(net, strict=True)
+        _same(net, before)
+
+
+# -- recalibrate -------------------------------------------------------------------------
+
+
+def test_recalibrate_gives_the_statistics_of_the_whole_data_set() -> None:
+    net = _seq(
+        nn.Dense(5, in_units=3),
+        nn.BatchNorm(in_channels=5),
+        nn.Activation("relu"),
+        nn.Dense(4, in_units=5),
+        BatchNorm(in_channels=4, preset="torch"),
+    )
+    net.initialize()
+    _randomise(net, seed=4)
+    params = _state(net)
+    rng = np.random.default_rng(5)
+    data = (rng.normal(size=(23, 3)) * 2 + 1).astype("float32")
+    recalibrate(net, [mx.nd.array(data[i : i + 8]) for i in (0, 8, 16)])
+    p = {k: v.astype(np.float64) for k, v in params.items()}  # in registration order
+    names = list(p)
+    w1, b1 = p[names[0]], p[names[1]]
+    gamma1, beta1 = p[names[2]], p[names[3]]
+    w2, b2 = p[names[6]], p[names[7]]
+    h1 = data.astype(np.float64) @ w1.T + b1
+    parts = []
+    for i in (0, 8, 16):
+        h = h1[i : i + 8]
+        normed = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * gamma1 + beta1
+        parts.append(np.maximum(normed, 0) @ w2.T + b2)
+    h2 = np.concatenate(parts)
+    bn1, bn2 = net[1], net[4]
+    np.testing.assert_allclose(bn1.running_mean.data().asnumpy(), h1.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn1.running_var.data().asnumpy(), h1.var(0), rtol=1e-5)  # biased
+    np.testing.assert_allclose(bn2.running_mean.data().asnumpy(), h2.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(bn2.running_var.data().asnumpy(), h2.var(0, ddof=1), rtol=1e-4)
+    assert int(bn2.num_batches_tracked.data().asnumpy().reshape(-1)[0]) == 3
+    after = _state(net)
+    for k in names:
+        if "running" not in k and "num_batches" not in k:
+            np.testing.assert_array_equal(after[k], params[k], err_msg=k)
+
+
+def test_recalibrate_refuses_bad_input_and_leaves_the_model_unchanged() -> None:
+    net = _seq(nn.Dense(4, in_units=3), nn.BatchNorm(in_channels=4))
+    net.initialize()
+    _randomise(net, seed=6)
+    before = _state(net)
+    ok = mx.nd.ones((4, 3))
+    bad = np.ones((4, 3), "float32")
+    bad[1, 2] = np.inf
+    plain = _seq(nn.Dense(2, in_units=3))
+    plain.initialize()
+    frozen = _seq(nn.BatchNorm(in_channels=3, use_global_stats=True))
+    frozen.initialize()
+    cases = [
+        (plain, [ok], "recalibrate needs a model with at least one BatchNorm"),
+        (frozen, [ok], "is not frozen, got none"),
+        (net, [], "batches must yield at least one batch, got none"),
+        (net, [ok, mx.nd.array(bad)], r"batches\[1\] gives non-finite statistics at BatchNorm"),
+    ]
+    for model, batches, message in cases:
+        with pytest.raises(ValueError, match=message):
+            recalibrate(model, batches)
+    _same(net, before)
+    net.hybridize()
+    with pytest.raises(ValueError, match="recalibrate needs a model that is not hybridized"):
+        recalibrate(net, [ok])
+    _same(net, before)
+    assert internals.hybridized(net) and not internals.hybridized(plain)
