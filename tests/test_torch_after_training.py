@@ -5,7 +5,11 @@ of the whole data set, ``freeze`` and ``convert`` of a frozen layer against the 
 from __future__ import annotations
 
 import io
+import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -445,3 +449,54 @@ def test_recalibrate_refuses_bad_input_and_leaves_the_model_unchanged() -> None:
     frozen = freeze(nn.Sequential(nn.BatchNorm1d(3)))
     with pytest.raises(ValueError, match="is not frozen, got none"):
         recalibrate(frozen, [torch.randn(3, 3)])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.parametrize("case", ["uneven", "idle", "nonfinite"])
+def test_recalibrate_on_two_gloo_ranks_equals_one_process_seeing_all(
+    case: str, tmp_path: Path
+) -> None:
+    worker = Path(__file__).with_name("torch_recalibrate_worker.py")
+    sys.path.insert(0, str(worker.parent))
+    try:
+        from torch_recalibrate_worker import SHARES, data, model
+    finally:
+        sys.path.pop(0)
+    done = subprocess.run(
+        [sys.executable, str(worker), str(_free_port()), str(tmp_path), case],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [dict(np.load(tmp_path / f"rank{r}.npz")) for r in range(2)]
+    initial = {k: v.detach().numpy() for k, v in model().state_dict().items()}
+    if case == "nonfinite":  # every rank refuses, every model unchanged
+        assert "batches[0] gives non-finite statistics at BatchNorm '1'" in str(ranks[1]["error"])
+        assert "failed on another rank" in str(ranks[0]["error"])
+        for r in ranks:
+            for k, v in initial.items():
+                np.testing.assert_array_equal(r[k], v, err_msg=k)
+        return
+    # NumPy over all rows: the first BatchNorm's input is the dense layer's output; the
+    # second's is the training forward of each batch, wherever a rank ran it.
+    x = data().astype(np.float64)
+    p = {k: v.astype(np.float64) for k, v in initial.items()}
+    h1 = x @ p["0.weight"].T + p["0.bias"]
+    spans = [span for share in SHARES[case] for span in share]
+    parts = []
+    for a, b in spans:
+        h = h1[a:b]
+        normed = (h - h.mean(0)) / np.sqrt(h.var(0) + 1e-5) * p["1.weight"] + p["1.bias"]
+        parts.append(np.maximum(normed, 0) @ p["3.weight"].T + p["3.bias"])
+    h2 = np.concatenate(parts)
+    for r in ranks:
+        assert str(r["error"]) == ""
+        np.testing.assert_allclose(r["1.running_mean"], h1.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(r["1.running_var"], h1.var(0, ddof=1), rtol=1e-5)
+        np.testing.assert_allclose(r["4.running_mean"], h2.mean(0), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(r["4.running_var"], h2.var(0), rtol=1e-4)  # biased
+        assert int(r["1.num_batches_tracked"]) == len(spans)

@@ -328,14 +328,18 @@ class Moments:
 
 
 def run_batches(
-    batches: Iterable[Any], run_one: Callable[[Any], str | None], progress: bool | IO[str]
+    batches: Iterable[Any],
+    run_one: Callable[[Any], str | None],
+    progress: bool | IO[str],
+    allow_empty: bool = False,
 ) -> int:
     """Run ``run_one`` on each batch (``recalibrate``'s pass), drawing a progress bar on
     ``sys.stderr`` (``progress=True``) or the given stream; the number of batches.
 
     ``run_one`` returns the name of a BatchNorm whose statistics of that batch were not
     finite (None: all were), which is the error of ``SPEC.md`` section 8 with the batch's
-    index; no batch at all is an error too.
+    index; no batch at all is an error too, unless ``allow_empty`` (one replica of several,
+    whose total the caller checks).
     """
     total = len(batches) if isinstance(batches, Sized) else 0
     bar = None
@@ -353,7 +357,7 @@ def run_batches(
     finally:
         if bar is not None:
             bar.close()
-    if seen == 0:
+    if seen == 0 and not allow_empty:
         raise ValueError(EMPTY_BATCHES)
     return seen
 

@@ -411,6 +411,7 @@ def recalibrate(
     batches: Iterable[Any],
     *,
     progress: bool | IO[str] = False,
+    process_group: Any = None,
 ) -> nn.Module:
     """Set every BatchNorm's running statistics to the exact statistics of its input over
     all of ``batches`` (``SPEC.md`` section 8, *Recalibrate*; "precise BN").
@@ -429,6 +430,11 @@ def recalibrate(
         batches: an iterable of inputs: a tensor, a tuple or list (positional inputs) or a
             mapping (keyword inputs) per batch, e.g. a ``DataLoader`` of inputs only.
         progress: draw a progress bar on ``sys.stderr`` (True) or on the given stream.
+        process_group: under an initialised ``torch.distributed`` with more than one rank,
+            the ranks whose statistics are merged (default: the whole world). Each rank
+            passes its own share of the data (uneven shares, none at all on some ranks) and
+            every rank ends with the statistics of all of it, as one process seeing every
+            batch; every rank must call.
 
     Raises ``ValueError``, leaving the model unchanged, for a model without such a
     BatchNorm, no batches, a batch giving non-finite statistics, a BatchNorm that saw no
@@ -478,10 +484,19 @@ def recalibrate(
             return next(n for n, f in flags if not bool(f))
         return None
 
+    distributed = _world_size(process_group) > 1
     try:
         model.train()
+        failure: ValueError | None = None
         with torch.no_grad():
-            core.run_batches(batches, run_one, progress)
+            try:
+                seen = core.run_batches(batches, run_one, progress, allow_empty=distributed)
+            except ValueError as err:
+                if not distributed:
+                    raise
+                failure, seen = err, 0  # raised after the other ranks have heard of it
+        if distributed and _merge_ranks(acc, targets, failure, seen, process_group) == 0:
+            raise ValueError(core.EMPTY_BATCHES)
         core.check_counts({name: a.count for name, a in acc.items()})
     except BaseException:
         _restore(targets, saved)
@@ -502,6 +517,64 @@ def recalibrate(
             rv.copy_(var.to(rv.dtype))
             tracked.fill_(a.batches)
     return model
+
+
+def _world_size(group: Any) -> int:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return 1
+    return int(dist.get_world_size(group))
+
+
+@torch.no_grad()
+def _merge_ranks(
+    acc: Mapping[str, _Accumulator],
+    targets: Mapping[str, nn.Module],
+    failure: ValueError | None,
+    seen: int,
+    group: Any,
+) -> int:
+    """Merge every rank's statistics into ``acc`` exactly (each rank ends with all of
+    them); the number of batches over all ranks. A failure on any rank (this one's is
+    ``failure``) is raised on every rank, after one collective, so no rank waits for ever.
+    """
+    import torch.distributed as dist
+
+    first = _state(next(iter(targets.values())))[0]
+    device = first.device if dist.get_backend(group) != "gloo" else torch.device("cpu")
+    status = torch.tensor([float(failure is not None), float(seen)], dtype=torch.float64)
+    status = status.to(device)
+    dist.all_reduce(status, group=group)
+    if failure is not None:
+        raise failure
+    if status[0] > 0:
+        raise ValueError(
+            "recalibrate failed on another rank (its error says why); the model is unchanged"
+        )
+    world = _world_size(group)
+    for name in sorted(acc):  # the same order on every rank
+        a, channels = acc[name], _state(targets[name])[0].shape[0]
+        local = torch.zeros(2 + 2 * channels, dtype=torch.float64, device=device)
+        local[0], local[1] = a.count, a.batches
+        if a.mean is not None and a.m2 is not None:
+            local[2 : 2 + channels] = a.mean.to(device)
+            local[2 + channels :] = a.m2.to(device)
+        parts = [torch.empty_like(local) for _ in range(world)]
+        dist.all_gather(parts, local, group=group)
+        a.count, a.batches, a.mean, a.m2 = 0, 0, None, None
+        for part in parts:  # in rank order: every rank merges identically
+            n = int(part[0])
+            a.batches += int(part[1])
+            if n == 0:
+                continue
+            mean, m2 = part[2 : 2 + channels], part[2 + channels :]
+            if a.mean is None or a.m2 is None:
+                a.mean, a.m2 = mean, m2
+            else:
+                a.mean, a.m2 = core.merge_moments(a.count, a.mean, a.m2, n, mean, m2)
+            a.count += n
+    return int(status[1])
 
 
 def _state(m: nn.Module) -> tuple[Tensor, Tensor, Tensor]:
