@@ -191,6 +191,9 @@ def test(extra: list[str]) -> int:
         uncovered = sorted(set(FRAMEWORKS) - covered)
         raise SystemExit(f"[dev] no environment runs the tests of {uncovered}")
     failures: list[str] = []
+    # The package as users install it (tools/wheelcheck.py): built once, into this folder,
+    # then installed and tested in a fresh environment beside each project environment's.
+    dist = Path(tempfile.mkdtemp(prefix="unorm-dist-"))
     for env in ENVIRONMENTS:
         ensure(env)
         steps: list[tuple[str, list[str | Path]]] = []
@@ -201,6 +204,8 @@ def test(extra: list[str]) -> int:
                 ("mypy", [env.python, "-m", "mypy"]),
             ]
         steps.append(("pytest", [env.python, "-m", "pytest", "-q", *extra]))
+        wheel = [env.python, ROOT / "tools" / "wheelcheck.py", "--runs", ",".join(env.runs)]
+        steps.append(("installed wheel", [*wheel, "--dist", dist]))
         for label, cmd in steps:
             start = time.monotonic()
             code = run(cmd, env=job_env(env))
@@ -208,6 +213,7 @@ def test(extra: list[str]) -> int:
             log(f"{env.name}: {label} {'passed' if code == 0 else 'FAILED'} ({took:.0f} s)")
             if code != 0:
                 failures.append(f"{env.name}: {label}")
+    shutil.rmtree(dist, ignore_errors=True)
     # Porting between environments: every ordered pair of frameworks, through files.
     if cross_environment("port_check") != 0:
         failures.append("port check across environments")
