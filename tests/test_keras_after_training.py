@@ -199,12 +199,39 @@ def test_freeze_normalises_with_moving_statistics_in_training(kind: str) -> None
     )
     _same(_weights(model), state)
     assert not model.trainable_weights
-    with pytest.raises(ValueError, match=r"trainable=True .* is not available in unorm\.keras"):
-        freeze(model, trainable=True)
     with pytest.raises(ValueError, match="freeze needs running statistics: BatchNorm 'b'"):
         freeze(
             keras.Sequential([keras.Input((3,)), BatchNorm(track_running_stats=False, name="b")])
         )
+
+
+@pytest.mark.parametrize("kind", ["native", "unorm"])
+def test_freeze_with_trainable_scale_and_shift(kind: str) -> None:
+    tf = pytest.importorskip("tensorflow")
+    bn = layers.BatchNormalization() if kind == "native" else BatchNorm()
+    model = _randomise(keras.Sequential([keras.Input((3,)), bn]), seed=13)
+    state = _weights(model)
+    frozen = freeze(model, trainable=True)
+    layer = frozen.layers[0]
+    assert isinstance(layer, BatchNorm) and layer.frozen and layer.trainable
+    assert len(frozen.trainable_weights) == 2  # gamma and beta
+    x = np.random.default_rng(14).normal(size=(5, 3)).astype("float32")
+    dy = np.random.default_rng(15).normal(size=(5, 3)).astype("float32")
+    with tf.GradientTape() as tape:
+        y = frozen(x, training=True)
+        loss = tf.reduce_sum(y * dy)
+    dgamma, dbeta = tape.gradient(loss, [layer.gamma, layer.beta])
+    eps = 1e-3 if kind == "native" else 1e-5
+    mean, var = np.asarray(layer.moving_mean), np.asarray(layer.moving_variance)
+    xhat = (x - mean) / np.sqrt(var + eps)
+    np.testing.assert_allclose(np.asarray(y), _inference(x, layer, eps), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(dgamma), (dy * xhat).sum(0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(dbeta), dy.sum(0), rtol=1e-5, atol=1e-6)
+    _same(_weights(frozen), state)  # moving statistics untouched by the training call
+    clone = BatchNorm.from_config(layer.get_config())
+    assert clone.frozen
+    with pytest.raises(ValueError, match="frozen needs running statistics"):
+        BatchNorm(track_running_stats=False, frozen=True)
 
 
 def test_convert_keeps_a_frozen_native_layer_frozen() -> None:

@@ -253,31 +253,37 @@ def fold(model: Any, strict: bool = False) -> Any:
 def freeze(model: Any, trainable: bool = False) -> Any:
     """Freeze every BatchNorm of ``model`` (``SPEC.md`` section 8, *Frozen mode*): each
     normalises with its moving statistics, also when called with ``training=True``, and
-    never updates them; ``gamma`` and ``beta`` are fixed.
+    never updates them.
 
-    This is Keras's own convention for ``trainable=False`` on a BatchNormalization layer,
-    which unorm's :class:`BatchNorm` follows too, so it is applied as that flag, in place
-    (recompile a compiled model). ``trainable=True`` (frozen statistics with a learning
-    scale and shift) is not offered by ``unorm.keras`` yet and raises ``ValueError``.
-    A BatchNorm with ``track_running_stats=False`` is a ``ValueError``, before any change.
+    By default ``gamma`` and ``beta`` are fixed too: that is Keras's own convention for
+    ``trainable=False`` on a BatchNormalization layer, which unorm's :class:`BatchNorm`
+    follows, so it is applied as that flag (to native layers as well). With
+    ``trainable=True`` they keep learning: native layers are first replaced by unorm's
+    (:func:`~unorm.keras.convert`, ``preset="keras"``, which returns a new model) and each
+    :class:`BatchNorm` gets ``frozen=True``. Otherwise the model is changed in place
+    (recompile a compiled model) and returned. A BatchNorm with
+    ``track_running_stats=False`` is a ``ValueError``, before any change.
 
     Example:
         >>> net = keras.Sequential([keras.Input((3,)), keras.layers.BatchNormalization()])
         >>> freeze(net).layers[0].trainable
         False
     """
+    from .convert import convert
+
     if not isinstance(trainable, bool):
         raise ValueError(f"trainable must be True or False, got {trainable!r}")
-    if trainable:
-        raise ValueError(
-            "trainable=True (frozen statistics with a trainable gamma and beta) is not "
-            "available in unorm.keras yet; freeze(model) fixes gamma and beta, as Keras's "
-            "trainable=False does"
-        )
     layers = [layer for layer in internals.all_layers(model) if _is_batch_norm(layer)]
     for layer in layers:
         if not _bn_settings(layer)[2]:
             raise ValueError(core.freeze_needs_running_stats(layer.name))
+    if trainable:
+        if any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers):
+            model = convert(model, preset="keras")
+        for layer in internals.all_layers(model):
+            if isinstance(layer, BatchNorm):
+                layer.frozen = True
+        return model
     for layer in layers:
         layer.trainable = False
     return model
@@ -332,7 +338,10 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
     targets = [
         layer
         for layer in internals.all_layers(model)
-        if _is_batch_norm(layer) and layer.trainable and _bn_settings(layer)[2]
+        if _is_batch_norm(layer)
+        and layer.trainable
+        and not getattr(layer, "frozen", False)
+        and _bn_settings(layer)[2]
     ]
     if not targets:
         raise ValueError(core.NO_BATCHNORM)

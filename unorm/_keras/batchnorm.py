@@ -127,6 +127,10 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
             inside ``jax.shard_map``/``jax.pmap``, which see one device's shard. Refused
             on the torch backend, which has no distribution of its own (Keras's layer
             synchronizes on TensorFlow only, keras-team/keras#18667).
+        frozen: the frozen mode (``SPEC.md`` section 8): normalise with the moving
+            statistics also under ``training=True`` and never update them, while gamma
+            and beta keep learning (default False; ``trainable=False`` freezes them too,
+            Keras's convention). Needs ``track_running_stats``.
         beta_initializer, gamma_initializer, moving_mean_initializer,
         moving_variance_initializer, beta_regularizer, gamma_regularizer,
         beta_constraint, gamma_constraint: as in ``keras.layers.BatchNormalization``.
@@ -193,6 +197,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         fully_masked: str | Unset = UNSET,
         preset: str | None = None,
         synchronized: bool = False,
+        frozen: bool = False,
         beta_initializer: Any = "zeros",
         gamma_initializer: Any = "ones",
         moving_mean_initializer: Any = "zeros",
@@ -234,7 +239,16 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 "update_on must be 'forward' with the "
                 f"{keras.backend.backend()!r} backend, got 'backward' (it needs TensorFlow)"
             )
+        if not isinstance(frozen, bool):
+            raise ValueError(f"frozen must be True or False, got {frozen!r}")
+        if frozen and not self.spec.track_running_stats:
+            raise ValueError(
+                "frozen needs running statistics: this BatchNorm has track_running_stats=False"
+            )
         self.synchronized = synchronized
+        # SPEC.md section 8, *Frozen mode*: the moving statistics always, never updated,
+        # while gamma and beta may still learn (trainable=False also fixes them).
+        self.frozen = frozen
         self.beta_initializer = keras.initializers.get(beta_initializer)
         self.gamma_initializer = keras.initializers.get(gamma_initializer)
         self.moving_mean_initializer = keras.initializers.get(moving_mean_initializer)
@@ -375,8 +389,9 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         x = ops.cast(inputs, dtype)
         gamma = None if self.gamma is None else ops.cast(self.gamma, dtype)
         beta = None if self.beta is None else ops.cast(self.beta, dtype)
-        # Keras convention: a frozen BatchNorm runs in inference mode.
-        training = bool(training) and self.trainable
+        # Keras convention: a frozen BatchNorm runs in inference mode (trainable=False, or
+        # frozen=True with gamma and beta still learning).
+        training = bool(training) and self.trainable and not self.frozen
         batch = training or not spec.track_running_stats
         # fully_masked="zero" (preset="keras") takes a masked batch whatever the mask keeps,
         # with empty_batch="nan" an empty one too (SPEC.md section 2, *Masked batches*).
@@ -713,6 +728,7 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 "fully_masked": spec.fully_masked,
                 "preset": spec.preset,
                 "synchronized": self.synchronized,
+                "frozen": self.frozen,
                 "beta_initializer": keras.initializers.serialize(self.beta_initializer),
                 "gamma_initializer": keras.initializers.serialize(self.gamma_initializer),
                 "moving_mean_initializer": keras.initializers.serialize(
