@@ -181,7 +181,7 @@ def test_sync_batchnorm_under_ddp_on_one_gpu_with_nccl(tmp_path: Path) -> None:
         from test_torch_sync import check_ddp_against_reference, run_ddp_worker
     finally:
         sys.path.pop(0)
-    modes = ["eager", "compiled"]
+    modes = ["eager", "compiled", "compiled-module"]
     ranks = run_ddp_worker(tmp_path, [9], modes, ("cuda", "nccl"))
     for mode in modes:
         check_ddp_against_reference(ranks, [9], mode)

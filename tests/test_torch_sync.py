@@ -112,10 +112,11 @@ def check_ddp_against_reference(
     np.testing.assert_allclose(np.concatenate([r[f"{mode}/eval"] for r in ranks]), want, atol=1e-12)
 
 
-def test_ddp_training_eager_and_compiled_equals_the_concatenated_batch(tmp_path: Path) -> None:
+def test_ddp_training_eager_and_compiled_equal_the_concatenated_batch(tmp_path: Path) -> None:
     # DistributedDataParallel over 3 gloo ranks, one of them empty; torch.compile of the
-    # DDP model breaks its graph at the layer's collective and must give the same numbers.
-    shards, modes = [4, 0, 7], ["eager", "compiled"]
+    # DDP model, or of the layer inside DDP, breaks its graph at the layer's collective and
+    # must give the same numbers.
+    shards, modes = [4, 0, 7], ["eager", "compiled", "compiled-module"]
     ranks = run_ddp_worker(tmp_path, shards, modes)
     for mode in modes:
         check_ddp_against_reference(ranks, shards, mode)

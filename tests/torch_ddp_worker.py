@@ -5,17 +5,18 @@ Usage: python tests/torch_ddp_worker.py PORT OUT_DIR SHARDS MODES [DEVICE BACKEN
 ``gloo`` or ``nccl``; defaults ``cpu gloo``). One process per shard, over 127.0.0.1.
 
 For each mode every rank builds a fresh ``DDP(SyncBatchNorm)`` (``compiled``:
-``torch.compile(DDP(...))``), trains two SGD steps on its shard of a fixed batch with the
-loss ``sum(y * dy)``, then runs eval, and writes per step its outputs, input gradients,
-the parameter gradients DDP left (averaged over the ranks), the parameters after the
-optimizer step and the running statistics to ``OUT_DIR/rank<r>.npz`` (keys
-``<mode>/<what><step>``).
+``torch.compile(DDP(...))``; ``compiled-module``: ``DDP(torch.compile(...))``), trains
+two SGD steps on its shard of a fixed batch with the loss ``sum(y * dy)``, then runs
+eval, and writes per step its outputs, input gradients, the parameter gradients DDP left
+(averaged over the ranks), the parameters after the optimizer step and the running
+statistics to ``OUT_DIR/rank<r>.npz`` (keys ``<mode>/<what><step>``).
 
 ``torch.compile`` breaks the graph at the collective's host read of the global count
 (``Tensor.item()`` in ``unorm/_torch/sync.py``): the layer runs eagerly between compiled
-pieces and the results are exact. With one process (``nccl`` on one GPU) SyncBatchNorm is
-a plain BatchNorm, so the worker forces the cross-replica path there to run its
-collectives on the device.
+pieces and the results are exact. ``fullgraph=True`` cannot hold: besides that read,
+DDP's own forward breaks the graph (its logger), unorm or not. With one process
+(``nccl`` on one GPU) SyncBatchNorm is a plain BatchNorm, so the worker forces the
+cross-replica path there to run its collectives on the device.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ from unorm.torch import SyncBatchNorm
 GAMMA = (0.5, 1.0, 2.0)
 BETA = (0.0, -1.0, 1.0)
 LR = 0.1
+#: ``compiled``: ``torch.compile(DDP(layer))``; ``compiled-module``: ``DDP(torch.compile(layer))``.
+MODES = ("eager", "compiled", "compiled-module")
 
 
 def _model(mode: str, device: torch.device) -> tuple[torch.nn.Module, SyncBatchNorm]:
@@ -44,7 +47,8 @@ def _model(mode: str, device: torch.device) -> tuple[torch.nn.Module, SyncBatchN
     if dist.get_world_size() == 1:
         layer._synchronised = lambda: True  # type: ignore[method-assign]
     ids = [device.index or 0] if device.type == "cuda" else None
-    model: torch.nn.Module = DistributedDataParallel(layer, device_ids=ids)
+    inner = torch.compile(layer) if mode == "compiled-module" else layer
+    model: torch.nn.Module = DistributedDataParallel(inner, device_ids=ids)
     if mode == "compiled":
         model = torch.compile(model)  # type: ignore[assignment]
     return model, layer
@@ -106,7 +110,7 @@ if __name__ == "__main__":
     shard_sizes = [int(s) for s in shard_text.split(",")]
     mode_list = mode_text.split(",")
     for mode_name in mode_list:
-        if mode_name not in ("eager", "compiled"):
-            raise SystemExit(f"unknown mode {mode_name!r}: expected eager or compiled")
+        if mode_name not in MODES:
+            raise SystemExit(f"unknown mode {mode_name!r}: expected one of {MODES}")
     args = (port, out, shard_sizes, mode_list, how)
     mp.spawn(worker, args=args, nprocs=len(shard_sizes), join=True)
