@@ -185,3 +185,35 @@ def test_sync_batchnorm_under_ddp_on_one_gpu_with_nccl(tmp_path: Path) -> None:
     ranks = run_ddp_worker(tmp_path, [9], modes, ("cuda", "nccl"))
     for mode in modes:
         check_ddp_against_reference(ranks, [9], mode)
+
+
+def test_dev_gpu_runs_each_backends_checks_then_its_benchmarks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job's plan on a (pretended) GPU machine: nothing runs, the steps are recorded.
+    sys.path.insert(0, str(DEVTOOL.parent))
+    try:
+        import devenv
+    finally:
+        sys.path.pop(0)
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    steps: list[list[str]] = []
+
+    def step(label: str, cmd: list[Any], env: dict[str, str], deadline: float) -> int:
+        steps.append([str(c) for c in cmd])
+        assert env["UNORM_REQUIRE_GPU"] == "1" and env["UNORM_RUNS"] == "torch"
+        if "benchmarks.run" in steps[-1]:
+            out = Path(steps[-1][steps[-1].index("--out") + 1])
+            (out / "torch.json").write_text('{"results": []}')
+        return 0
+
+    monkeypatch.setattr(devenv, "ROOT", tmp_path)
+    monkeypatch.setattr(devenv, "visible_gpus", lambda: (["GPU 0: Pretend"], ""))
+    monkeypatch.setattr(devenv, "_probe", lambda *args: (0, ""))
+    monkeypatch.setattr(devenv, "gpu_backends", lambda python, env: [("torch", "Pretend")])
+    monkeypatch.setattr(devenv, "_gpu_step", step)
+    assert devenv.gpu_job(["-x"]) == 0
+    assert [s[1:3] for s in steps] == [["-m", "pytest"], ["-m", "benchmarks.run"]]
+    assert steps[0][-4:] == [str(tmp_path / "tests" / "test_dev_gpu.py"), "-m", "torch", "-x"]
+    written = tmp_path / "benchmarks" / "results" / "torch-cuda.json"
+    assert written.read_text() == '{"results": []}'
