@@ -16,7 +16,15 @@ mx = pytest.importorskip("mxnet")
 from mxnet import gluon  # noqa: E402
 
 from unorm._mxnet import internals  # noqa: E402
-from unorm.mxnet import BatchNorm, FoldError, FoldWarning, fold, recalibrate  # noqa: E402
+from unorm.mxnet import (  # noqa: E402
+    BatchNorm,
+    FoldError,
+    FoldWarning,
+    convert,
+    fold,
+    freeze,
+    recalibrate,
+)
 
 nn = gluon.nn
 _BNS = (BatchNorm, nn.BatchNorm)
@@ -178,6 +186,71 @@ def test_fold_reports_what_it_cannot_fold_exactly() -> None:
         with pytest.raises(FoldError, match=reason):
             fold(net, strict=True)
         _same(net, before)
+
+
+# -- freeze and convert ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_freeze_normalises_with_running_statistics_in_training(trainable: bool) -> None:
+    from mxnet import autograd
+
+    net = _seq(nn.Dense(3, in_units=2), nn.BatchNorm(in_channels=3))
+    net.initialize()
+    _randomise(net, seed=7)
+    native = net[1]
+    rm, rv = native.running_mean.data().asnumpy(), native.running_var.data().asnumpy()
+    gamma, beta = native.gamma.data().asnumpy(), native.beta.data().asnumpy()
+    net = freeze(net, trainable=trainable)
+    bn = net[1]
+    assert isinstance(bn, BatchNorm) and bn.frozen
+    x = _x(8, (4, 2))
+    h = net[0](x).asnumpy()
+    dy = np.random.default_rng(9).normal(size=(4, 3)).astype("float32")
+    with autograd.record(train_mode=True):
+        y = net(x)
+    y.backward(mx.nd.array(dy))
+    xhat = (h - rm) / np.sqrt(rv + 1e-5)
+    np.testing.assert_allclose(y.asnumpy(), xhat * gamma + beta, rtol=1e-5, atol=1e-6)
+    mx.nd.waitall()
+    np.testing.assert_array_equal(bn.running_mean.data().asnumpy(), rm)
+    np.testing.assert_array_equal(bn.running_var.data().asnumpy(), rv)
+    assert bn.gamma.grad_req == ("write" if trainable else "null")
+    if trainable:  # the inference backward: running statistics are constants
+        np.testing.assert_allclose(bn.gamma.grad().asnumpy(), (dy * xhat).sum(0), rtol=1e-5)
+        np.testing.assert_allclose(bn.beta.grad().asnumpy(), dy.sum(0), rtol=1e-5)
+    net.hybridize()  # the operator in a graph carries the frozen mode too
+    with autograd.record(train_mode=True):
+        again = net(x)
+    again.backward(mx.nd.array(dy))
+    np.testing.assert_allclose(again.asnumpy(), xhat * gamma + beta, rtol=1e-5, atol=1e-6)
+    mx.nd.waitall()
+    np.testing.assert_array_equal(bn.running_mean.data().asnumpy(), rm)
+    with pytest.raises(ValueError, match="freeze needs running statistics: BatchNorm '0'"):
+        freeze(_seq(BatchNorm(in_channels=2, track_running_stats=False)))
+
+
+def test_convert_maps_use_global_stats_onto_the_frozen_mode() -> None:
+    from mxnet import autograd
+
+    net = _seq(nn.BatchNorm(in_channels=3, use_global_stats=True))
+    net.initialize()
+    _randomise(net, seed=10)
+    x = _x(11, (4, 3))
+    with autograd.record(train_mode=True):
+        expected = net(x).asnumpy()  # Gluon's own frozen layer, in training
+    state = _state(net)
+    converted = convert(net)
+    assert converted[0].frozen
+    with autograd.record(train_mode=True):
+        got = converted(x)
+    got.backward()
+    np.testing.assert_allclose(got.asnumpy(), expected, rtol=1e-5, atol=1e-6)
+    mx.nd.waitall()
+    after = _state(converted)
+    for k, v in state.items():  # the very Parameters, unchanged by the training call
+        np.testing.assert_array_equal(after[k], v, err_msg=k)
+    assert int(converted[0].num_batches_tracked.data().asnumpy()[0]) == 0
 
 
 # -- recalibrate -------------------------------------------------------------------------

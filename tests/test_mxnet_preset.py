@@ -291,11 +291,11 @@ def test_convert_to_canonical_updates_in_forward() -> None:
     assert int(layer.num_batches_tracked.data().asnumpy()[0]) == 1
 
 
-def test_convert_a_bare_layer_and_reject_global_stats() -> None:
+def test_convert_a_bare_layer_and_freeze_global_stats() -> None:
     layer = convert(gluon.nn.BatchNorm(scale=False, center=False, in_channels=2))
     assert isinstance(layer, BatchNorm) and not layer.spec.scale and not layer.spec.center
-    with pytest.raises(ValueError, match="use_global_stats"):
-        convert(gluon.nn.BatchNorm(use_global_stats=True))
+    frozen = convert(gluon.nn.BatchNorm(use_global_stats=True))  # SPEC.md section 8
+    assert isinstance(frozen, BatchNorm) and frozen.frozen
     with pytest.raises(ValueError, match="preset must be one of"):
         convert(gluon.nn.BatchNorm(), preset="caffe")
 

@@ -14,8 +14,9 @@ loading an exported model (``SymbolBlock.imports``) that contains unorm layers.
   Scaled Weight Standardisation and a learnable gain; hybridizes and exports.
 - :func:`final_classifier`: the classifier to exclude from AGC.
 - :func:`convert`: replace the ``gluon.nn.BatchNorm`` layers of a model, keeping state.
-- :func:`fold`, :func:`recalibrate`: BatchNorm after training (``SPEC.md`` section 8):
-  fold it into the layer before it, or recompute its running statistics from data.
+- :func:`fold`, :func:`recalibrate`, :func:`freeze`: BatchNorm after training
+  (``SPEC.md`` section 8): fold it into the layer before it, recompute its running
+  statistics from data, or make it always normalise with them.
 
 Example:
     >>> import mxnet as mx
@@ -35,7 +36,7 @@ Example:
 from __future__ import annotations
 
 from ._core.after_training import FoldEntry, FoldError, FoldWarning
-from ._mxnet.after_training import fold, recalibrate
+from ._mxnet.after_training import fold, freeze, recalibrate
 from ._mxnet.agc import AGC, adaptive_clip_grad, final_classifier, unit_axes_of
 from ._mxnet.batchnorm import BatchNorm, SyncBatchNorm
 from ._mxnet.convert import convert
@@ -57,6 +58,7 @@ __all__ = [
     "export_checkpoint",
     "final_classifier",
     "fold",
+    "freeze",
     "load_checkpoint",
     "recalibrate",
     "unit_axes_of",

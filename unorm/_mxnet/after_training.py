@@ -27,7 +27,7 @@ from .batchnorm import BatchNorm
 from .plugin import PLUGIN
 from .port import _traced
 
-__all__ = ["fold", "recalibrate"]
+__all__ = ["fold", "freeze", "recalibrate"]
 
 #: The graph ops of a producer layer, and of a BatchNorm (Gluon's, unorm's custom op);
 #: a BatchNorm's call is the one of them named ``<prefix>fwd`` (the others, e.g. the
@@ -300,6 +300,51 @@ def fold(model: Any, strict: bool = False, example: Any = None) -> Any:
     return work
 
 
+# -- freeze ------------------------------------------------------------------------------
+
+
+def freeze(model: Any, trainable: bool = False, *, convert_native: bool = True) -> Any:
+    """Freeze every BatchNorm of ``model`` (``SPEC.md`` section 8, *Frozen mode*): each
+    normalises with its running statistics in training too and never updates them;
+    ``gamma`` and ``beta`` keep learning with ``trainable=True`` and are fixed
+    (``grad_req="null"``) by default.
+
+    ``gluon.nn.BatchNorm`` layers are first converted to unorm's :class:`BatchNorm`
+    (``preset="mxnet"``, :func:`~unorm.mxnet.convert`, keeping their Parameter objects)
+    unless ``convert_native=False``, which leaves them as they are. Works in place and
+    returns the model (a new object when ``model`` itself is a native BatchNorm);
+    hybridize again afterwards. A BatchNorm with ``track_running_stats=False`` is a
+    ``ValueError``, before any layer changes.
+
+    Example:
+        >>> net = gluon.nn.HybridSequential()
+        >>> net.add(gluon.nn.Dense(4, in_units=3), gluon.nn.BatchNorm(in_channels=4))
+        >>> net.initialize()
+        >>> net = freeze(net)
+        >>> net[1].frozen, net[1].gamma.grad_req
+        (True, 'null')
+    """
+    from .convert import convert
+
+    if not isinstance(trainable, bool):
+        raise ValueError(f"trainable must be True or False, got {trainable!r}")
+    for path, block, _, _ in [("", model, None, ""), *_walk(model)]:
+        if isinstance(block, BatchNorm) and not block.spec.track_running_stats:
+            raise ValueError(core.freeze_needs_running_stats(path or type(block).__name__))
+    if convert_native:
+        model = convert(model, preset="mxnet")
+    for block in [model, *(b for _, b, _, _ in _walk(model))]:
+        if isinstance(block, BatchNorm):
+            block.frozen = True
+            for param, learned in (
+                (block.gamma, block.spec.scale),
+                (block.beta, block.spec.center),
+            ):
+                param.grad_req = "write" if trainable and learned else "null"
+    internals.clear_cached_graph(model)
+    return model
+
+
 # -- recalibrate -------------------------------------------------------------------------
 
 
@@ -319,7 +364,7 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
     the layer's own estimator on the total count: ``M2/N`` for ``gluon.nn.BatchNorm`` (its
     CPU kernel feeds the biased variance) and unorm's :class:`BatchNorm` with
     ``running_var="biased"``, ``M2/(N-1)`` for ``"unbiased"``. ``gluon.nn.BatchNorm`` with
-    ``use_global_stats=True`` (frozen) keeps its statistics. Nothing else changes. The
+    ``use_global_stats=True`` and frozen layers keep their statistics. Nothing else changes. The
     model must not be hybridized (its cached graph would bypass the per-layer hooks).
 
     Raises ``ValueError``, the model unchanged, for a model without such a BatchNorm, no
@@ -337,7 +382,8 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
     targets = []
     for path, block, _, _ in _walk(model):
         native = isinstance(block, gluon.nn.BatchNorm)
-        if (isinstance(block, BatchNorm) and block.spec.track_running_stats) or (
+        mine = isinstance(block, BatchNorm) and not block.frozen
+        if (mine and block.spec.track_running_stats) or (
             native and not internals.layer_arguments(block).get("use_global_stats")
         ):
             targets.append((path, block))

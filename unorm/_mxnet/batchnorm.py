@@ -203,6 +203,37 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
     def _sync_extra(self) -> dict[str, Any] | None:
         return None
 
+    @property
+    def frozen(self) -> bool:
+        """The frozen mode (``SPEC.md`` section 8): normalise with the running statistics
+        in training too and never update them. Default False. ``gamma`` and ``beta`` learn
+        unless their ``grad_req`` is ``"null"`` (:func:`unorm.mxnet.freeze` sets it);
+        hybridize again after changing it inside a hybridized parent.
+
+        Example:
+            >>> import mxnet as mx
+            >>> from mxnet import autograd
+            >>> layer = BatchNorm(2)
+            >>> layer.initialize()
+            >>> layer.frozen = True
+            >>> with autograd.train_mode():
+            ...     _ = layer(mx.nd.array([[0.0, 1.0], [2.0, 3.0]]))
+            >>> layer.running_mean.data().asnumpy().tolist()
+            [0.0, 0.0]
+        """
+        return self._settings.frozen
+
+    @frozen.setter
+    def frozen(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise ValueError(f"frozen must be True or False, got {value!r}")
+        if value and not self.spec.track_running_stats:
+            raise ValueError(
+                "frozen needs running statistics: this BatchNorm has track_running_stats=False"
+            )
+        self._settings = dataclasses.replace(self._settings, frozen=value)
+        internals.clear_cached_graph(self)  # the operator's settings are in the cached graph
+
     def _channels(self) -> int:
         """The channel count, 0 while deferred initialisation has not inferred it (Gluon
         writes an unknown size as 0, or as -1 under NumPy shape semantics)."""
@@ -240,7 +271,8 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
                 f"input of dtype {dtype.name} needs parameters of dtype {wanted.name}, "
                 f"got {np.dtype(self.gamma.dtype).name}; call .cast({wanted.name!r}) on the layer"
             )
-        batch_stats = autograd.is_training() or not self.spec.track_running_stats
+        training = autograd.is_training() and not self.frozen
+        batch_stats = training or not self.spec.track_running_stats
         if batch_stats and self._sync_extra() is None:
             count = int(np.prod(shape, dtype=np.int64)) // channels if channels else 0
             error = count_error(count, self.spec.allow_single_value)
@@ -265,7 +297,7 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         """Inference with running statistics, no gradient recorded, parameters ready and
         of the input's dtype (float16 input goes through the operator, which computes in
         float32)."""
-        if not self.spec.track_running_stats or autograd.is_training():
+        if not self.spec.track_running_stats or (autograd.is_training() and not self.frozen):
             return False
         if autograd.is_recording() or not self._channels():  # deferred initialisation
             return False

@@ -7,7 +7,7 @@ from typing import Any
 import mxnet as mx
 from mxnet import gluon
 
-from ..spec import BatchNormSpec, validate_preset
+from ..spec import validate_preset
 from . import internals
 from .batchnorm import BatchNorm
 
@@ -23,8 +23,6 @@ def _natives(block: Any) -> list[Any]:
 
 def _check_convertible(old: Any) -> None:
     """Refuse a layer whose numbers a unorm BatchNorm cannot keep (before any is replaced)."""
-    if internals.layer_arguments(old).get("use_global_stats"):
-        BatchNormSpec.from_native("mxnet", use_global_stats=True)  # raises, naming it
     if not internals.differentiable(old.beta) and _adds_a_shift(old.beta):
         # Gluon's center=False freezes beta but still adds it; unorm's adds 0 (SPEC.md
         # section 2), and a frozen parameter cannot become a learned one here.
@@ -49,6 +47,10 @@ def _replacement(old: Any, preset: str | None) -> BatchNorm:
     finally:
         for param, req in frozen.items():
             param.grad_req = req
+    if kwargs.get("use_global_stats"):
+        # Gluon's frozen BatchNorm: running statistics in training too, gamma and beta
+        # learning as their grad_req says (SPEC.md section 8, *Frozen mode*).
+        new.frozen = True
     counter = new.num_batches_tracked
     if counter is not None:
         try:
@@ -101,9 +103,10 @@ def convert(block: Any, preset: str | None = "mxnet") -> Any:
     Gluon's numbers (biased running variance, update when backward runs), ``None`` switches
     to the canonical convention (unbiased feed, forward update, guard). Returns ``block``
     (or its replacement when ``block`` itself is a BatchNorm). Hybridize again afterwards if
-    the model was hybridized. ``use_global_stats=True`` layers raise ``ValueError``, as
-    does a ``center=False`` layer whose frozen beta is not zero (Gluon adds it, unorm's
-    ``center=False`` adds 0); both before any layer is replaced.
+    the model was hybridized. A ``use_global_stats=True`` layer becomes a frozen
+    :class:`BatchNorm` (``SPEC.md`` section 8), computing Gluon's numbers. A
+    ``center=False`` layer whose frozen beta is not zero raises ``ValueError`` (Gluon adds
+    it, unorm's ``center=False`` adds 0), before any layer is replaced.
 
     Only layers whose type is exactly ``gluon.nn.BatchNorm`` are replaced; its subclasses
     are left as they are, without a warning: ``gluon.nn.BatchNormReLU`` (the fused ReLU

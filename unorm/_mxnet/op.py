@@ -138,7 +138,9 @@ class OpSettings:
     does to the state, default ``"skip"`` also for graphs exported before the setting
     existed). ``fully_masked`` is carried for the spec's sake (Gluon's layers take no mask;
     default ``"error"``, also for older graphs). ``ordered`` adds the ``order`` argument
-    (default False, also for graphs exported before it existed). ``sync_key`` and
+    (default False, also for graphs exported before it existed). ``frozen`` is the frozen
+    mode of ``SPEC.md`` section 8: running statistics in training too, never updated
+    (default False, also for older graphs). ``sync_key`` and
     ``num_devices`` make it cross-device (``num_devices > 1``; default ``""`` and 1: one
     device), ``timeout`` (120.0) bounds the wait for the other devices, in seconds.
     :meth:`attrs` and :meth:`from_attrs` convert to and from the strings a graph node
@@ -165,6 +167,7 @@ class OpSettings:
     empty_batch: str = "skip"
     fully_masked: str = "error"
     ordered: bool = False
+    frozen: bool = False
     sync_key: str = ""
     num_devices: int = 1
     timeout: float = 120.0
@@ -232,6 +235,7 @@ class OpSettings:
             empty_batch=attrs.get("empty_batch", "skip"),
             fully_masked=attrs.get("fully_masked", "error"),
             ordered=_flag(attrs.get("ordered", "False")),
+            frozen=_flag(attrs.get("frozen", "False")),
             sync_key=attrs.get("sync_key", ""),
             num_devices=int(attrs.get("num_devices", "1")),
             timeout=float(attrs.get("timeout", "120.0")),
@@ -394,6 +398,9 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         aux: list[NDArray],
     ) -> None:
         s = self.s
+        # A frozen layer computes inference in training too (its backward then treats the
+        # running statistics as constants: the saved mode says so).
+        is_train = is_train and not s.frozen
         x = in_data[0]
         before, channels, after = layout(x.shape, s.axis % x.ndim)
         dtype = work_dtype(x.dtype)
