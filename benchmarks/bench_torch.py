@@ -12,6 +12,11 @@ Benchmarks (full size; ``quick`` uses small inputs):
 - ``bn_train_compiled`` (full size only): the ``bn_train`` call with both layers under
   ``torch.compile`` (``native=compiled``, target 1.05), and unorm's compiled layer against
   the native eager one (``native=eager``, no target: it says whether compiling pays).
+- ``fold_eval``: eval-mode forward of a ResNet-like stack of Conv-BatchNorm-ReLU blocks
+  folded by :func:`unorm.torch.fold` against the same stack unfolded with
+  ``nn.BatchNorm2d`` (the issue's promise: folding must pay; target ratio 1.0).
+- ``recalibrate``: :func:`unorm.torch.recalibrate` over N batches of that stack against N
+  plain training-mode forward passes without gradients (target ratio 1.1).
 - ``agc``: ``adaptive_clip_grad_`` over the parameter shapes of a ResNet-50 and of an
   NFNet-F0-like network, against a per-tensor loop written the way timm's
   ``adaptive_clip_grad`` is (norm, clamp, divide, where, copy per tensor). Target: at
@@ -20,7 +25,7 @@ Benchmarks (full size; ``quick`` uses small inputs):
 
 Example:
     >>> sorted({b.name for b in benchmarks(quick=True)})
-    ['agc', 'bn_eval', 'bn_train']
+    ['agc', 'bn_eval', 'bn_train', 'fold_eval', 'recalibrate']
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from collections.abc import Callable, Iterable
 import torch
 from torch import nn
 
-from unorm.torch import BatchNorm, adaptive_clip_grad_
+from unorm.torch import BatchNorm, adaptive_clip_grad_, fold, recalibrate
 
 from .harness import Benchmark
 
@@ -235,6 +240,56 @@ def _agc(name: str, model: nn.Module) -> Benchmark:
     return Benchmark("agc", BACKEND, info, ours, theirs, _sync, moved, 1 / 1.5)
 
 
+def conv_bn_stack(blocks: int, channels: int) -> nn.Sequential:
+    """``blocks`` Conv(3x3, no bias)-BatchNorm-ReLU blocks of ``channels`` channels after a
+    3-channel stem, as in a ResNet stage without its shortcuts (which fold does not fold)."""
+    layers: list[nn.Module] = [nn.Conv2d(3, channels, 3, padding=1, bias=False)]
+    layers += [nn.BatchNorm2d(channels), nn.ReLU()]
+    for _ in range(blocks):
+        layers += [nn.Conv2d(channels, channels, 3, padding=1, bias=False)]
+        layers += [nn.BatchNorm2d(channels), nn.ReLU()]
+    return nn.Sequential(*layers)
+
+
+def _after_training(shape: tuple[int, ...], blocks: int, channels: int) -> list[Benchmark]:
+    torch.manual_seed(0)
+    net = conv_bn_stack(blocks, channels).to(DEVICE)
+    x = torch.randn(shape, device=DEVICE)
+    with torch.no_grad():
+        net.train()
+        net(x)  # running statistics away from their initial values
+    net.eval()
+    folded = fold(net)
+    info = {"shape": shape, "blocks": blocks, "channels": channels, "device": DEVICE.type}
+    batches = [torch.randn(shape, device=DEVICE) for _ in range(4)]
+
+    def eval_folded() -> object:
+        with torch.no_grad():
+            return folded(x)
+
+    def eval_native() -> object:
+        with torch.no_grad():
+            return net(x)
+
+    def recalibrated() -> object:
+        return recalibrate(net, batches)
+
+    def forwards() -> object:
+        net.train()
+        with torch.no_grad():
+            out = [net(b) for b in batches]
+        net.eval()
+        return out[-1]
+
+    return [
+        Benchmark("fold_eval", BACKEND, info, eval_folded, eval_native, _sync, None, 1.0),
+        Benchmark(
+            "recalibrate", BACKEND, {**info, "batches": len(batches)}, recalibrated, forwards,
+            _sync, None, 1.1,
+        ),
+    ]  # fmt: skip
+
+
 def benchmarks(quick: bool) -> list[Benchmark]:
     """The torch benchmarks; small inputs when ``quick``."""
     shapes = [(4, 8, 8, 8)] if quick else [(32, 64, 56, 56), (256, 256, 14, 14)]
@@ -247,6 +302,10 @@ def benchmarks(quick: bool) -> list[Benchmark]:
         for shape in shapes:
             for channels_last in (False, True):
                 out += _bn_compiled(shape, channels_last)
+    if quick:
+        out += _after_training((2, 3, 8, 8), 1, 4)
+    else:
+        out += _after_training((16, 3, 56, 56), 4, 64)
     if quick:
         small = nn.ModuleList([nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Linear(8, 4)])
         out.append(_agc("small", small))
