@@ -188,6 +188,13 @@ def test_fold_reports_what_it_cannot_fold_exactly() -> None:
         _same(net, before)
 
 
+def test_fold_refuses_an_uninitialised_model() -> None:
+    net = _seq(nn.Dense(3), nn.BatchNorm())
+    net.initialize()  # shapes deferred until the first call
+    with pytest.raises(ValueError, match="fold needs an initialised model: parameter"):
+        fold(net)
+
+
 # -- freeze and convert ------------------------------------------------------------------
 
 

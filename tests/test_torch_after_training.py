@@ -209,6 +209,23 @@ def test_fold_reports_what_it_cannot_fold_exactly() -> None:
         fold(dense, example=torch.randn(3, 4, 4))
 
 
+def test_fold_of_sync_batchnorms_and_a_cumulative_average() -> None:
+    from unorm.torch import SyncBatchNorm
+
+    torch.manual_seed(12)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.SyncBatchNorm(4), nn.Conv2d(4, 5, 1), SyncBatchNorm(5),
+        nn.Flatten(), nn.Linear(5 * 4 * 4, 3),
+        BatchNorm(3, num_dims=2, momentum=None),
+    )  # fmt: skip
+    _randomise(net, seed=12)
+    folded = fold(net)
+    assert not _has_bn(folded)
+    x = torch.randn(2, 3, 6, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), net(x), rtol=1e-5, atol=1e-5)
+
+
 def test_fold_refuses_a_model_torch_fx_cannot_trace() -> None:
     class Branchy(nn.Module):
         def __init__(self) -> None:

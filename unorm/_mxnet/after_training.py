@@ -260,6 +260,14 @@ def fold(model: Any, strict: bool = False, example: Any = None) -> Any:
     """
     if not isinstance(model, gluon.Block):
         raise ValueError(f"model must be a gluon.Block, got {type(model).__name__}")
+    for name, param in model.collect_params().items():
+        try:
+            param.list_data()
+        except Exception:  # Gluon raises RuntimeError or DeferredInitializationError
+            raise ValueError(
+                f"fold needs an initialised model: parameter {name!r} is not initialized (or "
+                "its shape is deferred); call initialize() and run the model once"
+            ) from None
     work = copy.deepcopy(model)
     internals.clear_cached_graph(work)
     entries: list[core.FoldEntry] = []
