@@ -328,3 +328,23 @@ def test_recalibrate_refuses_bad_input_and_leaves_the_model_unchanged() -> None:
         recalibrate(net, [ok])
     _same(net, before)
     assert internals.hybridized(net) and not internals.hybridized(plain)
+
+
+def test_recalibrate_over_two_devices_merges_their_uneven_shares() -> None:
+    devices = [mx.cpu(0), mx.cpu(1)]
+    net = _seq(nn.Dense(4, in_units=3), BatchNorm(in_channels=4))
+    net.initialize(ctx=devices)
+    data = np.random.default_rng(12).normal(size=(11, 3)).astype("float32") * 3 + 2
+    shares = gluon.utils.split_and_load(mx.nd.array(data), devices, even_split=False)
+    assert sorted(s.shape[0] for s in shares) == [5, 6]  # uneven
+    recalibrate(net, shares)
+    w = net[0].weight.data(devices[0]).asnumpy().astype(np.float64)
+    b = net[0].bias.data(devices[0]).asnumpy().astype(np.float64)
+    h = data.astype(np.float64) @ w.T + b
+    for device in devices:  # every device's copy holds the statistics of all the data
+        np.testing.assert_allclose(
+            net[1].running_mean.data(device).asnumpy(), h.mean(0), rtol=1e-5, atol=1e-6
+        )
+        np.testing.assert_allclose(
+            net[1].running_var.data(device).asnumpy(), h.var(0, ddof=1), rtol=1e-5
+        )

@@ -372,7 +372,9 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
     the layer's own estimator on the total count: ``M2/N`` for ``gluon.nn.BatchNorm`` (its
     CPU kernel feeds the biased variance) and unorm's :class:`BatchNorm` with
     ``running_var="biased"``, ``M2/(N-1)`` for ``"unbiased"``. ``gluon.nn.BatchNorm`` with
-    ``use_global_stats=True`` and frozen layers keep their statistics. Nothing else changes. The
+    ``use_global_stats=True`` and frozen layers keep their statistics. Nothing else changes.
+    Data split over devices (``split_and_load``) is passed as one batch per device's
+    share: the shares merge exactly, as one device seeing all of it would. The
     model must not be hybridized (its cached graph would bypass the per-layer hooks).
 
     Raises ``ValueError``, the model unchanged, for a model without such a BatchNorm, no
