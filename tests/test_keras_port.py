@@ -497,3 +497,31 @@ def test_scaled_ws_conv_of_every_rank_matches_torch(rank: int) -> None:
     load_checkpoint(back, torch_export(dest))
     assert back.layers[0].spec == source.layers[0].spec
     np.testing.assert_allclose(_logits(back, x), _logits(source, x), rtol=1e-6, atol=1e-6)
+
+
+# -- verified loads (the checkpoint's probe) -------------------------------------------------
+
+
+def test_an_exported_model_carries_a_probe_of_its_input_shape() -> None:
+    ckpt = export_checkpoint(_trained(0))
+    assert ckpt.tensors["probe/input"].shape == (2, 1, 28, 28)  # canonical, channels-first
+    assert ckpt.tensors["probe/output"].shape == (2, 10)
+    digests = [k for k in ckpt.tensors if k.startswith("probe/digest/")]
+    assert len(digests) == len(ckpt.layers)
+
+
+def test_a_load_whose_outputs_differ_is_refused_naming_the_layer() -> None:
+    """A running mean changed in the file: the model's output on the probe differs from
+    the source's, so the load puts every weight back and names the BatchNorm."""
+    ckpt = export_checkpoint(_trained(0))
+    bn = next(i for i, la in enumerate(ckpt.layers) if la.kind == "batchnorm")
+    key = ckpt.layers[bn].tensors["running_mean"]
+    tampered = port.Checkpoint(
+        ckpt.layers, {**ckpt.tensors, key: ckpt.tensors[key] + 0.5}, ckpt.source
+    )
+    dest = lenet_bn()
+    before = _weights(dest)
+    with pytest.raises(port.CheckpointError, match=f"diverges is layer {bn}: checkpoint batchnorm"):
+        load_checkpoint(dest, tampered)
+    assert _same_weights(before, _weights(dest))
+    load_checkpoint(dest, ckpt)  # the untampered file still loads, verified

@@ -701,3 +701,30 @@ def test_scaled_ws_conv_of_every_rank_matches_torch(rank: int) -> None:
     load_checkpoint(back, torch_export(dest))
     assert back.ws == source.ws
     np.testing.assert_allclose(_logits(back, x), _logits(source, x), rtol=1e-6, atol=1e-6)
+
+
+# -- verified loads (the checkpoint's probe) -------------------------------------------------
+
+
+def _tampered(ckpt: port.Checkpoint, index: int, role: str, by: float) -> port.Checkpoint:
+    key = ckpt.layers[index].tensors[role]
+    return port.Checkpoint(ckpt.layers, {**ckpt.tensors, key: ckpt.tensors[key] + by}, ckpt.source)
+
+
+def test_a_load_whose_outputs_differ_is_refused_naming_the_layer() -> None:
+    ckpt = export_model(_trained(0), (1, 28, 28))
+    assert ckpt.tensors["probe/input"].shape == (2, 1, 28, 28)
+    dest = _randomised(lenet_bn(), 1)
+    _refused(dest, _tampered(ckpt, 3, "running_var", 0.5), "diverges is layer 3: checkpoint")
+    load_checkpoint(dest, ckpt)  # verified
+    np.testing.assert_allclose(_logits(dest, _batch(2)), _logits(_trained(0), _batch(2)))
+
+
+def test_a_hybridized_model_is_verified_on_its_output() -> None:
+    """A hybridized model runs its layers inside one graph, unobserved: the output still
+    decides, and the message says no layer could be named."""
+    ckpt = export_model(_trained(0), (1, 28, 28))
+    dest = _randomised(lenet_bn(), 1)
+    dest.hybridize()
+    _logits(dest, _batch(3))
+    _refused(dest, _tampered(ckpt, 1, "running_mean", 0.5), "no layer's own output")

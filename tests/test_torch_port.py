@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from unorm import port
+from unorm._core.port_plan import UnverifiedLoadWarning
+from unorm.port import CheckpointError
 
 pytestmark = pytest.mark.torch
 torch = pytest.importorskip("torch")
@@ -73,10 +75,10 @@ def test_native_batchnorm_semantics_travel_with_the_checkpoint() -> None:
 def test_native_batchnorm_warns_about_every_lost_semantic(
     source: BatchNorm, lost: list[str]
 ) -> None:
-    ckpt = export_checkpoint(nn.Sequential(nn.Linear(3, 4), source))
+    ckpt = export_checkpoint(nn.Sequential(nn.Linear(3, 4), source), torch.zeros(1, 3))
     native = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with pytest.warns(UserWarning, match="nn.BatchNorm cannot express") as caught:
-        load_checkpoint(native, ckpt)
+        load_checkpoint(native, ckpt)  # verified: eval output is unchanged
     (message,) = [str(w.message) for w in caught]
     for item in lost:
         assert item in message
@@ -101,7 +103,7 @@ def test_native_to_native_loads_without_warning() -> None:
     dest = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        load_checkpoint(dest, export_checkpoint(source))
+        load_checkpoint(dest, export_checkpoint(source, torch.zeros(2, 3)))
     assert dest[1].momentum is None
 
 
@@ -151,3 +153,67 @@ def test_invalid_batchnorm_settings_are_refused_before_any_copy() -> None:
     with pytest.raises(port.CheckpointError, match=message):
         load_checkpoint(dest, bad)
     assert all(torch.equal(b, p) for b, p in zip(before, dest.parameters(), strict=True))
+
+
+class _Swapped(nn.Module):
+    """Two BatchNorms of one size registered in the other order than they run."""
+
+    def __init__(self, in_order: bool) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        first, second = nn.BatchNorm1d(4), nn.BatchNorm1d(4)
+        if in_order:
+            self.bn_a, self.bn_b = first, second
+        else:
+            self.bn_b, self.bn_a = second, first
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bn_b(torch.relu(self.bn_a(self.fc(x))))
+
+
+def _stepped(model: nn.Module) -> nn.Module:
+    torch.manual_seed(3)
+    model.train()
+    for _ in range(3):
+        model(torch.randn(16, 4) * 3 + 1)
+    return model
+
+
+def test_a_load_that_computes_otherwise_is_refused_and_changes_nothing() -> None:
+    """The checkpoint's probe: by registration order the two BatchNorms' statistics would
+    swap; the load runs the model on the probe, refuses, names the first layer whose
+    output diverges and leaves every parameter and buffer as it was."""
+    ckpt = export_checkpoint(_stepped(_Swapped(in_order=False)), torch.zeros(1, 4))
+    dest = _Swapped(in_order=True)
+    before = {k: v.clone() for k, v in dest.state_dict().items()}
+    named = r"diverges is layer 1: checkpoint batchnorm 'bn_b' \(model 'bn_a'\).*left as it was"
+    with pytest.raises(CheckpointError, match=named):
+        load_checkpoint(dest, ckpt)
+    for key, value in dest.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+def test_a_verified_load_computes_what_the_source_computes() -> None:
+    source = _stepped(_Swapped(in_order=False))
+    dest = _Swapped(in_order=False)
+    load_checkpoint(dest, export_checkpoint(source, torch.zeros(1, 4)))
+    x = torch.randn(5, 4)
+    source.eval(), dest.eval()
+    torch.testing.assert_close(dest(x), source(x), rtol=0, atol=0)
+
+
+def test_a_checkpoint_without_a_probe_loads_with_a_warning() -> None:
+    source, dest = nn.Linear(3, 2), nn.Linear(3, 2)
+    with pytest.warns(UnverifiedLoadWarning, match="no probe"):
+        load_checkpoint(dest, export_checkpoint(source))
+    assert torch.equal(dest.weight, source.weight)
+
+
+def test_probing_leaves_running_statistics_and_training_flags_alone() -> None:
+    model = _stepped(_Swapped(in_order=True))
+    model.bn_a.eval()  # a BatchNorm kept in eval mode inside a training model
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    export_checkpoint(model, torch.zeros(1, 4))
+    assert model.training and not model.bn_a.training and model.bn_b.training
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key

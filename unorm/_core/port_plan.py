@@ -10,7 +10,11 @@ how it walks its layers and reads and writes its variables; a backend says that 
   layer with its values already in the framework's layout; it writes nothing, so a load
   that fails leaves the model as it was.
 - :func:`apply_plan` writes a plan: every value first, then the settings.
-- :func:`export` builds a model's checkpoint through the same adapter.
+- :func:`load` plans, writes and then verifies the load on the checkpoint's probe
+  (:mod:`unorm._core.probe`): a model whose output differs from the source's is put back
+  as it was and the load fails, naming the first layer whose output diverges.
+- :func:`export` builds a model's checkpoint through the same adapter, with a probe when
+  given an input.
 - :func:`match_by_order` pairs the layers (the one replaceable :data:`Matcher`).
 
 :class:`PortBackend` declares what a backend's port module gives ``unorm port``
@@ -55,6 +59,7 @@ import numpy as np
 from ..port import Checkpoint, CheckpointError, Layer, describe, match_layers, role_array
 from ..port import ws_settings as _recorded_ws
 from ..spec import BatchNormSpec, ScaledWSSpec
+from . import probe as probes
 
 __all__ = [
     "COUNTER",
@@ -65,6 +70,7 @@ __all__ = [
     "Slot",
     "Step",
     "Target",
+    "UnverifiedLoadWarning",
     "apply_plan",
     "atomic_file",
     "check_flatten_from",
@@ -244,6 +250,16 @@ class PortModel(Protocol[H]):
         """Give the layer the settings planned for it, after every value is written;
         ``source`` is the checkpoint's layer they come from (its name, for warnings)."""
         raise NotImplementedError(f"layer {source.name!r}: this model takes no settings")
+
+    def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """The model's eval-mode output on ``x`` and every layer's output (by the names
+        :meth:`layers` gives; a layer it cannot observe may be absent), all in the
+        canonical channels-first layout, as float NumPy arrays; ``x`` is canonical too.
+        Changes no state (running statistics, training flags). Default: not supported
+        (``NotImplementedError``): such a model exports without a probe and loads
+        unverified, with a warning."""
+        del x
+        raise NotImplementedError("this model cannot run a probe")
 
 
 def kind_of(layer: object, classes: Sequence[tuple[str, type | tuple[type, ...]]]) -> str | None:
@@ -578,22 +594,128 @@ def apply_plan(model: PortModel[H], plan: Sequence[Step[H]]) -> None:
             model.set_spec(step.handle, step.spec, step.source)
 
 
-def load(model: PortModel[H], ckpt: Checkpoint, match: Matcher = match_by_order) -> list[Step[H]]:
-    """:func:`plan_load`, then :func:`apply_plan`; returns the plan that was applied (a
-    backend looks at it for what it must refresh, e.g. traced graphs after new settings).
+class UnverifiedLoadWarning(UserWarning):
+    """A load that could not be checked on a probe: the checkpoint carries none (a file
+    from before probes, or exported without an example input), or the model cannot run
+    one."""
+
+
+def load(
+    model: PortModel[H],
+    ckpt: Checkpoint,
+    match: Matcher = match_by_order,
+    refresh: Callable[[Sequence[Step[H]]], None] | None = None,
+) -> list[Step[H]]:
+    """:func:`plan_load`, :func:`apply_plan`, then the probe's check; returns the plan
+    that was applied.
+
+    ``refresh`` is called with the plan after every write (a backend's hook for what it
+    must redo once values or settings change, e.g. clearing traced graphs) and before the
+    model runs. With a probe (:mod:`unorm._core.probe`), the model runs on the probe's
+    input; an output other than the source's (beyond :data:`~unorm._core.probe.RTOL` of
+    its scale), or a model that fails to run on it, puts back every value and setting the
+    model had and raises :class:`~unorm.port.CheckpointError` naming the first layer whose
+    output diverges. Without one, the load is made and an :class:`UnverifiedLoadWarning`
+    says it was not verified.
 
     Example: see the module's.
     """
     plan = plan_load(model, ckpt, match)
+    probe = probes.Probe.from_tensors(ckpt.tensors, len(ckpt.layers))
+    before = _snapshot(model) if probe is not None else None
     apply_plan(model, plan)
+    if refresh is not None:
+        refresh(plan)
+    if probe is None:
+        warnings.warn(
+            "the checkpoint carries no probe (exported without an example input, or by an "
+            "older unorm): the load is not verified against the source's outputs",
+            UnverifiedLoadWarning,
+            stacklevel=3,
+        )
+        return plan
+    assert before is not None
+    failure = _verify(model, ckpt, plan, probe)
+    if failure is not None:
+        _restore(model, before, plan, refresh)
+        raise CheckpointError(f"{failure}; the model is left as it was")
     return plan
 
 
-def export(model: PortModel[Any], source: str) -> Checkpoint:
+def _snapshot(model: PortModel[H]) -> Checkpoint | None:
+    """The model's own state, to put back after a failed probe (None: it has none to
+    read yet, e.g. an unbuilt layer; such a model is then restored by nothing)."""
+    try:
+        return export(model, source="snapshot")
+    except CheckpointError:
+        return None
+
+
+def _restore(
+    model: PortModel[H],
+    before: Checkpoint | None,
+    plan: Sequence[Step[H]],
+    refresh: Callable[[Sequence[Step[H]]], None] | None,
+) -> None:
+    if before is None:
+        return
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the model's own settings, written back
+        back = plan_load(model, before)
+        apply_plan(model, back)
+    if refresh is not None:
+        refresh(back)
+
+
+def _verify(
+    model: PortModel[H], ckpt: Checkpoint, plan: Sequence[Step[H]], probe: probes.Probe
+) -> str | None:
+    """Why the loaded model fails the probe, or None when it passes."""
+    try:
+        output, outputs = model.run_probe(probe.input)
+    except NotImplementedError:
+        warnings.warn(
+            "this model cannot run the checkpoint's probe: the load is not verified",
+            UnverifiedLoadWarning,
+            stacklevel=4,
+        )
+        return None
+    except Exception as err:  # a model that cannot take the source's input
+        return f"the loaded model fails on the checkpoint's probe input: {err}"
+    why = probes.mismatch(probe.output, output)
+    if why is None:
+        return None
+    per_layer = {s.index: outputs[s.name] for s in plan if s.name in outputs}
+    names = {s.index: s.name for s in plan}
+    first = probes.first_divergence(probe, per_layer, [s.index for s in plan])
+    if not set(per_layer) & set(probe.digests):
+        where = (
+            "no layer's own output could be compared (the model runs them unobserved, e.g. "
+            "hybridized or compiled, or the checkpoint has no digests), so no layer is named"
+        )
+    elif first is None:
+        where = (
+            "no layer with parameters diverges, so what differs comes after the last one "
+            "(an activation, pooling or head the two models compute differently)"
+        )
+    else:
+        index, layer_why = first
+        layer = ckpt.layers[index]
+        where = (
+            f"the first layer whose output diverges is layer {index}: checkpoint "
+            f"{describe(layer, ckpt)} (model {names[index]!r}), {layer_why}"
+        )
+    return f"the loaded model's output on the checkpoint's probe is {why}; {where}"
+
+
+def export(model: PortModel[Any], source: str, probe_input: np.ndarray | None = None) -> Checkpoint:
     """The checkpoint of ``model``: its layers in order, each with its arrays (named
     ``"{layer}.{role}"``, canonical layout) and attributes (``groups``, ``flatten_from``,
     ``ws``; a BatchNorm's ``spec`` and whether it is ``native``). ``source`` names the
-    framework it came from.
+    framework it came from. ``probe_input`` (canonical layout, e.g.
+    :func:`unorm._core.probe.make_input`): the model runs on it in eval mode and the
+    checkpoint carries the probe every load is verified on (a model that cannot run one
+    exports without it).
 
     Example: see the module's.
     """
@@ -620,7 +742,21 @@ def export(model: PortModel[Any], source: str) -> Checkpoint:
             tensors[key] = value
             roles[role] = key
         layers.append(Layer(name, kind, roles, attrs))
+    if probe_input is not None:
+        tensors.update(_probe(model, probe_input))
     return Checkpoint(layers=layers, tensors=tensors, source=source)
+
+
+def _probe(model: PortModel[Any], x: np.ndarray) -> dict[str, np.ndarray]:
+    """The probe's tensors for ``model`` on input ``x``; none when it cannot run one."""
+    try:
+        output, outputs = model.run_probe(np.asarray(x, dtype=np.float32))
+    except NotImplementedError:
+        return {}
+    names = [name for name, _, _ in model.layers()]
+    digests = {i: probes.digest(outputs[n]) for i, n in enumerate(names) if n in outputs}
+    made = probes.Probe(np.asarray(x, dtype=np.float32), np.asarray(output), digests)
+    return made.tensors()
 
 
 # -- what every backend's native files share ---------------------------------------------------

@@ -39,6 +39,7 @@ from typing import Any
 import keras
 import numpy as np
 
+from .._core import probe as probes
 from .._core.port_plan import (
     COUNTER,
     ROLES,
@@ -333,9 +334,69 @@ def _warn_unread(targets: list[tuple[str, Any, str]], flat: dict[int, Any], mode
         )
 
 
-def export_checkpoint(model: Any) -> Checkpoint:
+def _channels_last(model: Any) -> bool:
+    """Whether the model's feature maps are channels-last (no layer says
+    ``data_format="channels_first"``)."""
+    formats = {getattr(layer, "data_format", None) for _, layer in _named_layers(model)}
+    return "channels_first" not in formats
+
+
+def _to_canonical(array: np.ndarray, channels_last: bool) -> np.ndarray:
+    """A batch (``(N, *spatial, C)`` where channels-last) as ``(N, C, *spatial)``."""
+    a = np.asarray(array, dtype=np.float64)
+    return np.moveaxis(a, -1, 1) if channels_last and a.ndim >= 3 else a
+
+
+def _probe_shape(model: Any) -> tuple[int, ...] | None:
+    """One sample's canonical input shape, where the model's single input says it."""
+    inputs = getattr(model, "inputs", None)
+    if not inputs or len(inputs) != 1:
+        return None
+    shape = tuple(inputs[0].shape[1:])
+    if not shape or any(d is None for d in shape):
+        return None
+    dims = tuple(int(d) for d in shape)
+    if _channels_last(model) and len(dims) >= 2:
+        return (dims[-1], *dims[:-1])
+    return dims
+
+
+def run_probe(
+    model: Any, targets: list[tuple[str, Any, str]], x: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``model``'s inference output on ``x`` (canonical, channels-first) and the output
+    of each of its own layers in ``targets`` (a layer of a nested model, or one called
+    twice, is not observed), all canonical float64; no state changes."""
+    channels_last = _channels_last(model)
+    native = np.moveaxis(x, 1, -1) if channels_last and x.ndim >= 3 else x
+    dtype = keras.backend.standardize_dtype(getattr(model, "compute_dtype", "float32"))
+    batch = native.astype("float32" if dtype not in ("float64",) else dtype)
+    own = {id(layer) for layer in getattr(model, "layers", [])}
+    observed = [(name, layer) for name, layer, _ in targets if id(layer) in own]
+    outputs: dict[str, np.ndarray] = {}
+    result: Any
+    try:
+        taps = [layer.output for _, layer in observed]
+        probe = keras.Model(model.inputs, [*model.outputs, *taps])
+    except (AttributeError, ValueError, TypeError):  # no graph (subclassed), shared layers
+        result = model(batch, training=False)
+    else:
+        values = probe([batch], training=False)  # one input, as model.inputs lists it
+        result = values[: len(model.outputs)]
+        for (name, _), value in zip(observed, values[len(model.outputs) :], strict=True):
+            outputs[name] = _to_canonical(keras.ops.convert_to_numpy(value), channels_last)
+    if isinstance(result, (list, tuple)):
+        result = result[0]
+    return _to_canonical(keras.ops.convert_to_numpy(result), channels_last), outputs
+
+
+def export_checkpoint(model: Any, probe: bool = True) -> Checkpoint:
     """The neutral :class:`~unorm.port.Checkpoint` of ``model``'s state (a built Keras
     model, or a single layer), in the canonical channels-first layout.
+
+    ``probe``: where the model has one input of known shape, the checkpoint carries a
+    probe (:mod:`unorm._core.probe`: random inputs and the model's inference outputs on
+    them) on which every load is verified (default True).
 
     A Dense that follows a Flatten of a feature map is found from the model's graph and
     gets ``flatten_from``; a subclassed model has no graph, so there this is not known
@@ -357,7 +418,9 @@ def export_checkpoint(model: Any) -> Checkpoint:
     """
     adapter = _KerasModel(model)
     _warn_unread(adapter.layers(), adapter.flat, model)
-    return export(adapter, source="keras")
+    shape = _probe_shape(model) if probe else None
+    given = None if shape is None else probes.make_input(shape)
+    return export(adapter, source="keras", probe_input=given)
 
 
 # -- the model as the port planner sees it ---------------------------------------------
@@ -370,8 +433,12 @@ class _KerasModel(PortModel[Any]):
     flatten_order_matters = True  # Keras flattens a feature map as (*spatial, C)
 
     def __init__(self, model: Any) -> None:
+        self._model = model
         self._targets = _param_layers(model)
         self.flat = _flatten_sources(model)
+
+    def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return run_probe(self._model, self._targets, x)
 
     def layers(self) -> list[tuple[str, Any, str]]:
         return self._targets
@@ -478,7 +545,10 @@ def load_checkpoint(model: Any, ckpt: Checkpoint) -> None:
     (unbiased running variance, ``update_on``, momentum=None, skipping non-finite
     statistics, refusing one value per feature) cannot be expressed by it.
     The model's cached ``predict``/``fit``/``evaluate`` functions are dropped so that they
-    retrace with the new settings; retrace your own ``tf.function`` too.
+    retrace with the new settings; retrace your own ``tf.function`` too. A checkpoint with
+    a probe is verified: the model's inference output on the probe's input must be the
+    source's, else every value and setting is put back and the load raises
+    :class:`~unorm.port.CheckpointError` naming the first layer whose output diverges.
 
     Example:
         >>> a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -487,9 +557,13 @@ def load_checkpoint(model: Any, ckpt: Checkpoint) -> None:
         >>> bool(np.array_equal(a.layers[0].kernel.numpy(), b.layers[0].kernel.numpy()))
         True
     """
-    plan = load(_KerasModel(model), ckpt)
-    if any(step.spec is not None for step in plan):
-        _forget_traces(model)
+
+    def refresh(steps: Any) -> None:
+        # Settings are baked into traced functions: retrace before the probe runs.
+        if any(step.spec is not None for step in steps):
+            _forget_traces(model)
+
+    load(_KerasModel(model), ckpt, refresh=refresh)
 
 
 def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:

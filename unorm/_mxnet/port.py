@@ -37,6 +37,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import gluon
 
+from .._core import probe as probes
 from .._core.port_plan import (
     COUNTER,
     ROLES,
@@ -265,7 +266,10 @@ def export_checkpoint(model: Any, example: Any = None) -> Checkpoint:
     ``example``: an input batch (an NDArray or anything with a ``shape``); only its shape
     is used, to trace the model symbolically (nothing runs, running statistics stay) and
     find which Dense layers read a flattened feature map; needed only when the model has
-    one and the checkpoint will be loaded into a channels-last framework. BatchNorm
+    one and the checkpoint will be loaded into a channels-last framework. With it the
+    checkpoint also carries a probe (:mod:`unorm._core.probe`: random inputs of the
+    example's sample shape and the model's inference outputs on them, one forward pass
+    outside autograd, so no state changes), on which every load is verified. BatchNorm
     settings travel in unorm's convention: a ``gluon.nn.BatchNorm`` as the ``mxnet``
     preset with its own ``momentum`` and ``epsilon``; a fixed gamma (``scale=False``) is
     stored as ones, as MXNet computes with it.
@@ -278,8 +282,39 @@ def export_checkpoint(model: Any, example: Any = None) -> Checkpoint:
         >>> [(la.kind, la.attrs.get("flatten_from")) for la in ckpt.layers]
         [('conv', None), ('dense', [2, 2, 2])]
     """
-    flat = _flatten_shapes(model, _example_shape(example))
-    return export(_GluonModel(model, flat), source="mxnet")
+    shape = _example_shape(example)
+    flat = _flatten_shapes(model, shape)
+    probe = None if shape is None else probes.make_input(shape[1:])
+    return export(_GluonModel(model, flat), source="mxnet", probe_input=probe)
+
+
+def run_probe(
+    model: Any, targets: list[tuple[str, Any, str]], x: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``model``'s inference output on ``x`` (canonical, as Gluon's layout is) and the
+    output of each block in ``targets`` that runs imperatively (a child of a hybridized
+    block runs inside its parent's graph, unobserved), float64 NumPy, outside autograd:
+    no state changes."""
+    seen: dict[str, np.ndarray] = {}
+
+    def keeper(name: str) -> Any:
+        def keep(block: Any, args: Any, out: Any) -> None:
+            if name not in seen and isinstance(out, mx.nd.NDArray):
+                seen[name] = out.asnumpy().astype(np.float64)
+
+        return keep
+
+    params = list(model.collect_params().values())
+    dtype = params[0].dtype if params else np.float32
+    hooks = [block.register_forward_hook(keeper(name)) for name, block, _ in targets]
+    try:
+        output = model(mx.nd.array(x, dtype=dtype))
+    finally:
+        for hook in hooks:
+            hook.detach()
+    if isinstance(output, (list, tuple)):
+        output = output[0]
+    return output.asnumpy().astype(np.float64), seen
 
 
 def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:
@@ -316,8 +351,12 @@ class _GluonModel(PortModel[Any]):
     are the canonical ones, so arrays move as they are (cast to each parameter's dtype)."""
 
     def __init__(self, model: Any, flat: Mapping[str, list[int]]) -> None:
+        self._model = model
         self._targets = _param_layers(model)
         self._flat = flat  # weight name of a Dense -> the map it reads flattened
+
+    def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return run_probe(self._model, self._targets, x)
 
     def layers(self) -> list[tuple[str, Any, str]]:
         return self._targets
@@ -404,7 +443,10 @@ def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
     one value per channel, forward update, momentum=None) cannot be expressed by it. A
     layer with ``scale=False`` (``center=False``) accepts only a gamma of ones (a beta of
     zeros). Cached graphs of hybridized blocks are dropped, so the next call runs with the
-    new settings.
+    new settings. A checkpoint with a probe is verified: the model's inference output on
+    the probe's input must be the source's, else every value and setting is put back and
+    the load raises :class:`~unorm.port.CheckpointError` naming the first layer whose
+    output diverges.
 
     Example:
         >>> a, b = gluon.nn.Dense(2, in_units=3), gluon.nn.Dense(2, in_units=3)
@@ -413,8 +455,8 @@ def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
         >>> bool((a.weight.data() == b.weight.data()).asnumpy().all())
         True
     """
-    load(_GluonModel(model, _flatten_shapes(model, _example_shape(example))), ckpt)
-    _forget_graphs(model)
+    adapter = _GluonModel(model, _flatten_shapes(model, _example_shape(example)))
+    load(adapter, ckpt, refresh=lambda steps: _forget_graphs(model))
 
 
 # -- MXNet's own files ----------------------------------------------------------------------

@@ -8,7 +8,9 @@ layout is the canonical one, so tensors move as they are; a Linear after a Flatt
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +18,7 @@ import torch
 from torch import nn
 
 from .._core import port_plan as plan
+from .._core import probe as probes
 from .._core.port_plan import ROLES, PortModel, Slot, kind_of, present_roles
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
@@ -81,28 +84,83 @@ def _flatten_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[int,
                 pending.clear()
 
             hooks.append(module.register_forward_hook(grab))
-    was_training = model.training
     try:
-        model.eval()
-        with torch.no_grad():
+        with _eval_mode(model), torch.no_grad():
             model(example)
     finally:
-        model.train(was_training)
         for hook in hooks:
             hook.remove()
     return shapes
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    """``model`` in eval mode for the block, then every module's own training flag back
+    (``model.train(flag)`` would also flip a BatchNorm the user keeps in eval mode)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, flag in flags:
+            module.training = flag
 
 
 def _numpy(t: torch.Tensor) -> np.ndarray:
     return t.detach().cpu().numpy().copy()
 
 
+def _first_tensor(output: Any) -> torch.Tensor:
+    """A model's output tensor: the tensor itself, or the first tensor of a tuple, list
+    or mapping (``transformers`` returns a ``ModelOutput`` whose first set field is the
+    logits)."""
+    if isinstance(output, torch.Tensor):
+        return output
+    values = output.values() if isinstance(output, dict) else output
+    if isinstance(values, (tuple, list)) or isinstance(output, dict):
+        for value in values:
+            if isinstance(value, torch.Tensor):
+                return value
+    raise CheckpointError(f"the model's output is a {type(output).__name__}, not a tensor")
+
+
+def run_probe(
+    model: nn.Module, targets: list[tuple[str, nn.Module, str]], x: np.ndarray
+) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """``model``'s eval-mode output on ``x`` (canonical, as PyTorch's layout is) and the
+    output of every layer in ``targets`` (its first call), as float64 NumPy; no state
+    changes (running statistics stay, training flags come back)."""
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    seen: dict[str, np.ndarray] = {}
+
+    def keeper(name: str) -> Any:
+        def keep(module: nn.Module, args: Any, out: Any) -> None:
+            if name not in seen and isinstance(out, torch.Tensor):
+                seen[name] = out.detach().cpu().double().numpy()
+
+        return keep
+
+    hooks = [m.register_forward_hook(keeper(name)) for name, m, _ in targets]
+    try:
+        with _eval_mode(model), torch.no_grad():
+            output = _first_tensor(model(torch.from_numpy(x).to(device=device, dtype=dtype)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return output.detach().cpu().double().numpy(), seen
+
+
 def export_checkpoint(model: nn.Module, example: torch.Tensor | None = None) -> Checkpoint:
     """The neutral :class:`~unorm.port.Checkpoint` of ``model``'s state.
 
     ``example``: an input batch, run once in eval mode (running statistics untouched) to
-    find which Linear layers follow a Flatten of a feature map; needed only when the model
-    has one and the checkpoint will be loaded into a channels-last framework.
+    find which Linear layers follow a Flatten of a feature map (needed where the model has
+    one and the checkpoint will be loaded into a channels-last framework); with it the
+    checkpoint also carries a probe (:mod:`unorm._core.probe`: random inputs of the
+    example's sample shape and the model's outputs on them), on which every load is
+    verified. Without it the checkpoint has no probe and loads unverified, with a warning.
 
     Example:
         >>> net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(8, 3))
@@ -110,7 +168,9 @@ def export_checkpoint(model: nn.Module, example: torch.Tensor | None = None) -> 
         >>> [(la.kind, la.attrs.get("flatten_from")) for la in ckpt.layers]
         [('conv', None), ('dense', [2, 2, 2])]
     """
-    return plan.export(_TorchModel(model, _flatten_shapes(model, example)), source="torch")
+    adapter = _TorchModel(model, _flatten_shapes(model, example))
+    probe = None if example is None else probes.make_input(tuple(example.shape[1:]))
+    return plan.export(adapter, source="torch", probe_input=probe)
 
 
 class _TorchModel(PortModel[nn.Module]):
@@ -118,8 +178,12 @@ class _TorchModel(PortModel[nn.Module]):
     order are the canonical ones, so tensors move as they are (cast to each one's dtype)."""
 
     def __init__(self, model: nn.Module, flat: dict[int, list[int]]) -> None:
+        self._model = model
         self._targets = _param_layers(model)
         self._flat = flat  # id of a Linear -> the map it reads flattened
+
+    def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        return run_probe(self._model, self._targets, x)
 
     def layers(self) -> list[tuple[str, nn.Module, str]]:
         return self._targets
@@ -188,11 +252,14 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
     axis, ``affine`` and ``track_running_stats`` stay the model's. A native
     ``nn.BatchNorm*d`` takes eps and momentum and warns where the source's training
     semantics (running-variance estimator, non-finite guard, one value per channel,
-    update in backward) cannot be expressed by it.
+    update in backward) cannot be expressed by it. A checkpoint with a probe (exported
+    with an example input) is verified: ``model`` runs on the probe's input in eval mode,
+    and outputs other than the source's put every value and setting back and raise
+    :class:`~unorm.port.CheckpointError` naming the first layer whose output diverges.
 
     Example:
         >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
-        >>> load_checkpoint(b, export_checkpoint(a))
+        >>> load_checkpoint(b, export_checkpoint(a, torch.zeros(1, 3)))
         >>> bool(torch.equal(a.weight, b.weight))
         True
     """
