@@ -4,6 +4,10 @@ statistics of the whole data set, ``freeze`` and ``convert`` of ``trainable=Fals
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -309,3 +313,26 @@ def test_recalibrate_refuses_bad_input_and_leaves_the_model_unchanged() -> None:
         frozen = freeze(keras.Sequential([keras.Input((3,)), layers.BatchNormalization()]))
     with pytest.raises(ValueError, match="is not frozen, got none"):
         recalibrate(frozen, [ok])
+
+
+def test_recalibrate_of_a_mirrored_model_sets_every_replica() -> None:
+    worker = Path(__file__).with_name("keras_recalibrate_worker.py")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    root = str(worker.parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run(
+        [sys.executable, str(worker)], capture_output=True, text=True, timeout=300, env=env,
+        cwd=root,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    got = json.loads(done.stdout.strip().splitlines()[-1])
+    sys.path.insert(0, str(worker.parent))
+    try:
+        from keras_recalibrate_worker import data
+    finally:
+        sys.path.pop(0)
+    h = data().astype(np.float64) @ np.asarray(got["kernel"]) + np.asarray(got["bias"])
+    assert got["replicas"] == 2 and len(got["mean"]) == 2
+    for mean, var in zip(got["mean"], got["var"], strict=True):  # each replica's copy
+        np.testing.assert_allclose(mean, h.mean(0), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(var, h.var(0, ddof=1), rtol=1e-5)

@@ -317,7 +317,10 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
     ``moving_variance`` the layer's own estimator on the total count: ``M2/N`` for
     ``keras.layers.BatchNormalization`` (Keras feeds the biased variance) and for unorm's
     :class:`BatchNorm` with ``running_var="biased"``, ``M2/(N-1)`` for ``"unbiased"``.
-    Frozen layers (``trainable=False``) keep theirs. Everything else is unchanged.
+    Frozen layers (``trainable=False``, ``frozen=True``) keep theirs. Everything else is
+    unchanged. For a model built under a ``tf.distribute`` strategy, pass each replica's
+    share of the data as batches of its own: the shares merge exactly and every replica's
+    copy of the moving statistics is set.
 
     Args:
         model: a built Keras model, changed in place and returned.
