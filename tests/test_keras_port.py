@@ -525,3 +525,22 @@ def test_a_load_whose_outputs_differ_is_refused_naming_the_layer() -> None:
         load_checkpoint(dest, tampered)
     assert _same_weights(before, _weights(dest))
     load_checkpoint(dest, ckpt)  # the untampered file still loads, verified
+
+
+@pytest.mark.parametrize("ending", [".keras", ".weights.h5"])
+def test_native_files_get_the_umask_mode_or_keep_their_own(tmp_path: Path, ending: str) -> None:
+    import os
+
+    from unorm._keras.port import write_native
+
+    old = os.umask(0o027)
+    try:
+        write_native(lenet_bn(), tmp_path / f"new{ending}")
+        assert (tmp_path / f"new{ending}").stat().st_mode & 0o777 == 0o640
+        kept = tmp_path / f"kept{ending}"
+        write_native(lenet_bn(), kept)
+        kept.chmod(0o604)
+        write_native(lenet_bn(), kept)
+        assert kept.stat().st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)

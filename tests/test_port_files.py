@@ -66,11 +66,72 @@ def test_mismatched_state_dict_changes_nothing(tmp_path: Path) -> None:
     assert all(torch.equal(b, p) for b, p in zip(before, net.parameters(), strict=True))
 
 
-def test_formats_and_models_are_named() -> None:
+def test_formats_and_models_are_named(tmp_path: Path) -> None:
     assert [framework_of(p) for p in ("m.pth", "m.keras", "m-symbol.json", "m.safetensors")] == [
         "torch", "keras", "mxnet", "neutral",
     ]  # fmt: skip
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
         framework_of("m.onnx")
-    with pytest.raises(CheckpointError, match=r"model must be one of \['lenet_bn'\], got 'resnet'"):
-        port_file("a.pt", "b.safetensors", model="resnet")
+    _saved_lenet(tmp_path / "a.pt")
+    with pytest.raises(CheckpointError, match=r"model must be one of \['lenet_bn'\] or package"):
+        port_file(tmp_path / "a.pt", tmp_path / "b.safetensors", model="resnet")
+
+
+def test_a_missing_folder_is_named_and_nothing_is_written(tmp_path: Path) -> None:
+    _saved_lenet(tmp_path / "a.pt")
+    missing = tmp_path / "no-such-folder" / "a.safetensors"
+    with pytest.raises(CheckpointError, match=r"the folder .*no-such-folder does not exist"):
+        port_file(tmp_path / "a.pt", missing)
+    with pytest.raises(CheckpointError, match=r"no-such\.pt: no such file"):
+        port_file(tmp_path / "no-such.pt", tmp_path / "b.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.pt"]
+
+
+@pytest.mark.parametrize("ending", [".safetensors", ".pt"])
+def test_written_files_get_the_umask_mode_or_keep_their_own(tmp_path: Path, ending: str) -> None:
+    import os
+
+    _saved_lenet(tmp_path / "a.pt")
+    src = tmp_path / "a.pt" if ending == ".safetensors" else tmp_path / "a.safetensors"
+    if ending == ".pt":
+        port_file(tmp_path / "a.pt", src)
+    old = os.umask(0o027)
+    try:
+        port_file(src, tmp_path / f"new{ending}")
+        assert (tmp_path / f"new{ending}").stat().st_mode & 0o777 == 0o640
+        kept = tmp_path / f"kept{ending}"
+        kept.write_bytes(b"")
+        kept.chmod(0o604)
+        port_file(src, kept)
+        assert kept.stat().st_mode & 0o777 == 0o604
+    finally:
+        os.umask(old)
+
+
+def test_a_users_own_model_ports_by_its_factory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--model package.module:factory``: factory(framework) builds the user's model
+    (here with its input shape, so the neutral file carries a probe)."""
+    (tmp_path / "mynets.py").write_text(
+        "import torch\n"
+        "def tiny(framework):\n"
+        "    assert framework == 'torch'\n"
+        "    return torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)), (3,)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4))
+    net(torch.randn(8, 3))
+    torch.save(net.state_dict(), tmp_path / "tiny.pt")
+    ckpt = port_file(tmp_path / "tiny.pt", tmp_path / "tiny.safetensors", model="mynets:tiny")
+    assert "probe/output" in ckpt.tensors and [la.kind for la in ckpt.layers] == [
+        "dense",
+        "batchnorm",
+    ]
+    port_file(tmp_path / "tiny.safetensors", tmp_path / "back.pt", model="mynets:tiny")
+    back = torch.load(tmp_path / "back.pt", weights_only=True)
+    for key, value in net.state_dict().items():
+        assert torch.equal(back[key], value), key
+    with pytest.raises(CheckpointError, match="model 'mynets:nothing': cannot import it"):
+        port_file(tmp_path / "tiny.pt", tmp_path / "x.safetensors", model="mynets:nothing")

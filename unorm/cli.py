@@ -126,15 +126,20 @@ def build_parser() -> argparse.ArgumentParser:
         "conformance",
         help="every backend against the reference, in its environment; writes the report",
     )
-    endings = [e for p in plugins_in_order() for e in p.file_endings]
+    endings = [e for p in plugins_in_order() if p.ports for e in p.file_endings]
     porting = sub.add_parser(
         "port",
-        help="move a seed network's state between checkpoint files "
-        f"({', '.join(endings)}, .safetensors)",
+        help=f"move a model's state between checkpoint files ({', '.join(endings)}, .safetensors)",
     )
     porting.add_argument("src", help="the checkpoint to read")
     porting.add_argument("dst", help="the checkpoint to write (replaced atomically)")
-    porting.add_argument("--model", default="lenet_bn", help="seed network (default lenet_bn)")
+    porting.add_argument(
+        "--model",
+        default="lenet_bn",
+        help="a seed network of unorm.models (default lenet_bn), or package.module:factory "
+        "for your own: factory(framework) returns that framework's model, or (model, "
+        "input_shape)",
+    )
     return parser
 
 

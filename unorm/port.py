@@ -57,6 +57,7 @@ __all__ = [
     "match_layers",
     "role_array",
     "save",
+    "temporary_beside",
     "ws_settings",
 ]
 
@@ -157,11 +158,44 @@ def _metadata(ckpt: Checkpoint) -> dict[str, str]:
     }
 
 
+def _umask() -> int:
+    current = os.umask(0)  # the only way to read it is to set it
+    os.umask(current)
+    return current
+
+
+def temporary_beside(target: Path, suffix: str = ".tmp") -> str:
+    """A new, empty temporary file in ``target``'s folder, with the mode ``target`` will
+    end with: an existing file's own mode, else what the umask gives a new file (``0o666``
+    less the umask), not ``mkstemp``'s 0o600. A missing folder is a
+    :class:`CheckpointError` naming it.
+
+    Example:
+        >>> temporary_beside(Path("/no/such/folder/m.safetensors"))
+        Traceback (most recent call last):
+        unorm.port.CheckpointError: /no/such/folder/m.safetensors: the folder /no/such/folder
+        does not exist
+    """
+    folder = target.parent
+    if not folder.is_dir():
+        raise CheckpointError(f"{target}: the folder {folder} does not exist")
+    try:
+        mode = target.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=suffix, dir=folder)
+    os.close(fd)
+    os.chmod(tmp, mode)
+    return tmp
+
+
 def save(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
     """Write ``ckpt`` to ``path`` atomically (safetensors with unorm metadata).
 
     The file is written to a temporary name in the same folder, flushed to disk and then
     renamed over ``path``: a crash leaves either the old file or the new one, never half.
+    The file gets the mode an existing ``path`` had, else the one the umask gives; a
+    missing folder is a :class:`CheckpointError` and writes nothing.
     """
     target = Path(path)
     header: dict[str, Any] = {"__metadata__": _metadata(ckpt)}
@@ -183,9 +217,9 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str]) -> None:
         offset += len(data)
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % 8)  # align the data as safetensors does
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    tmp = temporary_beside(target)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with open(tmp, "wb") as out:
             out.write(struct.pack("<Q", len(encoded)))
             out.write(encoded)
             for blob in blobs:

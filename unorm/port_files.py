@@ -1,11 +1,19 @@
-"""``unorm port``: move a seed network's state between checkpoint files of any framework.
+"""``unorm port``: move a model's state between checkpoint files of any framework.
 
 The file's name says its format: ``.safetensors`` is the neutral checkpoint
 (:mod:`unorm.port`); ``.pt``/``.pth`` a PyTorch ``state_dict``; ``.keras`` or
 ``.weights.h5`` a Keras file; ``-symbol.json``/``.params`` an MXNet pair. A native file is
-read into the named seed network of its framework (``unorm.models.<framework>``), whose
-state is exported to the canonical layout; that state is then written as the neutral
-checkpoint, or loaded into the destination framework's network and written natively.
+read into the named network of its framework, whose state is exported to the canonical
+layout (with the probe every load is verified on); that state is then written as the
+neutral checkpoint, or loaded into the destination framework's network and written
+natively.
+
+The network is a seed network of ``unorm.models`` by name (``lenet_bn``), or the user's
+own as ``package.module:factory``: ``factory(framework)`` returns the model for that
+framework's name (``"torch"``, ``"keras"``, ``"mxnet"``), or a ``(model, input_shape)``
+pair, ``input_shape`` being one sample's shape in that framework's own convention (it
+gives the probe and the Flatten shapes; without it PyTorch and MXNet sources export no
+probe).
 
 Each framework is imported only when a file of it is read or written; MXNet lives in the
 legacy environment, so a PyTorch -> MXNet port takes two calls, one in each environment,
@@ -18,7 +26,9 @@ Example:
 
 from __future__ import annotations
 
+import importlib
 import os
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -29,10 +39,10 @@ from .port import Checkpoint, CheckpointError
 __all__ = ["FORMATS", "framework_of", "port_file"]
 
 #: File-name endings and the framework whose format they are: the neutral checkpoint's,
-#: then every plug-in's ``file_endings`` in the plug-ins' order.
+#: then the ``file_endings`` of every plug-in that ports, in the plug-ins' order.
 FORMATS: dict[str, str] = {
     ".safetensors": "neutral",
-    **{ending: p.name for p in plugins_in_order() for ending in p.file_endings},
+    **{ending: p.name for p in plugins_in_order() if p.ports for ending in p.file_endings},
 }
 
 
@@ -58,28 +68,61 @@ def _modules(framework: str) -> tuple[ModuleType, dict[str, Any]]:
     return declared.load("port"), declared.load("models").MODELS
 
 
-def _network(framework: str, model: str) -> tuple[ModuleType, Any, tuple[int, ...]]:
+def _user_network(framework: str, model: str) -> tuple[Any, tuple[int, ...] | None]:
+    """The user's ``package.module:factory`` called for ``framework``."""
+    module_name, _, attr = model.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise CheckpointError(f"model {model!r}: cannot import it ({err})") from None
+    made = factory(framework)
+    if isinstance(made, tuple) and len(made) == 2:
+        network, shape = made
+        return network, tuple(int(d) for d in shape)
+    return made, None
+
+
+def _network(framework: str, model: str) -> tuple[ModuleType, Any, tuple[int, ...] | None]:
     backend, models = _modules(framework)
+    if ":" in model:
+        network, input_shape = _user_network(framework, model)
+        return backend, network, input_shape
     if model not in models:
-        raise CheckpointError(f"model must be one of {sorted(models)}, got {model!r}")
+        raise CheckpointError(
+            f"model must be one of {sorted(models)} or package.module:factory, got {model!r}"
+        )
     factory, input_shape = models[model]
     return backend, factory(), input_shape
+
+
+def _export(backend: ModuleType, network: Any, input_shape: tuple[int, ...] | None) -> Checkpoint:
+    if input_shape is None:  # no example: no probe, and Flatten shapes from the graph only
+        return backend.export_checkpoint(network)  # type: ignore[no-any-return]
+    return backend.export_model(network, input_shape)  # type: ignore[no-any-return]
 
 
 def port_file(
     src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str = "lenet_bn"
 ) -> Checkpoint:
-    """Port ``model``'s state from the file ``src`` to the file ``dst``; return the state.
+    """Port ``model``'s state (a seed network's name, or ``package.module:factory``, see
+    the module's docstring) from the file ``src`` to the file ``dst``; return the state.
 
-    Nothing is written unless the whole state was read and fits the destination network;
-    the destination file is replaced atomically.
+    Nothing is written unless the whole state was read, fits the destination network and
+    passes the checkpoint's probe; the destination file is replaced atomically and keeps
+    its mode (a new one gets what the umask gives). A missing source or destination
+    folder, an unknown model and every refusal raise :class:`~unorm.port.CheckpointError`.
     """
     source_fw, target_fw = framework_of(src), framework_of(dst)
+    folder = Path(dst).parent
+    if not folder.is_dir():
+        raise CheckpointError(f"{dst}: the folder {folder} does not exist")
+    if not Path(src).exists():
+        raise CheckpointError(f"{src}: no such file")
     if source_fw == "neutral":
         ckpt = port.load(src)
     else:
         backend, network, input_shape = _network(source_fw, model)
-        ckpt = backend.export_model(backend.read_native(network, src), input_shape)
+        ckpt = _export(backend, backend.read_native(network, src), input_shape)
     if target_fw == "neutral":
         port.save(ckpt, dst)
     else:

@@ -48,7 +48,6 @@ import contextlib
 import dataclasses
 import math
 import os
-import tempfile
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -56,7 +55,15 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import numpy as np
 
-from ..port import Checkpoint, CheckpointError, Layer, describe, match_layers, role_array
+from ..port import (
+    Checkpoint,
+    CheckpointError,
+    Layer,
+    describe,
+    match_layers,
+    role_array,
+    temporary_beside,
+)
 from ..port import ws_settings as _recorded_ws
 from ..spec import BatchNormSpec, ScaledWSSpec
 from . import probe as probes
@@ -768,7 +775,9 @@ def atomic_file(target: str | os.PathLike[str], suffix: str = ".tmp") -> Iterato
     block succeeds and removed when it fails: a crash leaves the old file or the new one.
 
     ``suffix``: the temporary name's ending (default ``.tmp``), for writers that read the
-    format from the name (``.keras``).
+    format from the name (``.keras``). The file ends with the mode an existing ``target``
+    had, else the one the umask gives; a missing folder is a
+    :class:`~unorm.port.CheckpointError` naming it (:func:`unorm.port.temporary_beside`).
 
     Example:
         >>> import tempfile
@@ -779,8 +788,7 @@ def atomic_file(target: str | os.PathLike[str], suffix: str = ".tmp") -> Iterato
         'done'
     """
     path = Path(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    os.close(fd)
+    tmp = temporary_beside(path, suffix)
     try:
         yield tmp
         os.replace(tmp, path)
