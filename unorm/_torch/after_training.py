@@ -388,7 +388,10 @@ class _Accumulator:
         if work.dtype in (torch.float16, torch.bfloat16):
             work = work.float()
         var, mean = torch.var_mean(work, dim=dims, correction=0)
-        mean, m2 = mean.double(), var.double() * n
+        self.add_moments(n, mean.double(), var.double() * n)
+
+    def add_moments(self, n: int, mean: Tensor, m2: Tensor) -> None:
+        """Merge a batch's ``n`` values per feature with their float64 ``mean`` and ``m2``."""
         self.last_finite = torch.isfinite(mean).all() & torch.isfinite(m2).all()
         if self.mean is None or self.m2 is None:
             self.mean, self.m2 = mean, m2
@@ -478,7 +481,46 @@ def recalibrate(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(hook_for(name)) for name, m in targets.items()]
+    # nn.BatchNorm*d computes its batch statistics anyway: with momentum 1 its kernel
+    # writes them into the running buffers (the unbiased variance), which saves a pass
+    # over every input. (Not SyncBatchNorm: its statistics would be every rank's.)
+    kernel_stats = {
+        name: m
+        for name, m in targets.items()
+        if isinstance(m, internals.NativeBatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+    }
+    momenta = {name: m.momentum for name, m in kernel_stats.items()}
+    counts: dict[str, int] = {}
+
+    def count_for(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            counts[name] = x.numel() // x.shape[1] if x.dim() > 1 and x.shape[1] else 0
+
+        return hook
+
+    def read_for(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
+            n = counts.pop(name, 0)
+            if n > 1:  # one value per channel is refused by the layer itself
+                rm, rv, _ = _state(module)
+                acc[name].add_moments(n, rm.double(), rv.double() * (n - 1))
+
+        return hook
+
+    handles = []
+    for name, m in targets.items():
+        if name in kernel_stats:
+            handles.append(m.register_forward_pre_hook(count_for(name)))
+            handles.append(m.register_forward_hook(read_for(name)))
+        else:
+            handles.append(m.register_forward_pre_hook(hook_for(name)))
+    with torch.no_grad():
+        for m in kernel_stats.values():
+            m.momentum = 1.0
+            rm, rv, _ = _state(m)
+            rm.zero_()  # finite starting values: 0 * inf would be NaN, not 0
+            rv.fill_(1.0)
 
     def run_one(batch: Any) -> str | None:
         _run(model, batch)
@@ -512,6 +554,8 @@ def recalibrate(
             h.remove()
         for m, mode in modes.items():
             m.training = mode
+        for name, momentum in momenta.items():
+            kernel_stats[name].momentum = momentum
     with torch.no_grad():
         for name, m in targets.items():
             a = acc[name]
