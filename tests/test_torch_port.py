@@ -179,11 +179,23 @@ def _stepped(model: nn.Module) -> nn.Module:
     return model
 
 
+def test_two_batchnorms_registered_out_of_order_pair_by_data_flow() -> None:
+    """Registered bn_b then bn_a, run bn_a then bn_b: matched along the data flow, each
+    gets its own statistics, whatever order the destination registered them in."""
+    source = _stepped(_Swapped(in_order=False))
+    dest = _Swapped(in_order=True)
+    load_checkpoint(dest, export_checkpoint(source, torch.zeros(1, 4)))
+    for name in ("bn_a", "bn_b"):
+        mine, theirs = getattr(dest, name), getattr(source, name)
+        assert torch.equal(mine.running_mean, theirs.running_mean), name
+
+
 def test_a_load_that_computes_otherwise_is_refused_and_changes_nothing() -> None:
-    """The checkpoint's probe: by registration order the two BatchNorms' statistics would
-    swap; the load runs the model on the probe, refuses, names the first layer whose
-    output diverges and leaves every parameter and buffer as it was."""
+    """Without the recorded flow (an older file) the layers pair by registration order,
+    which swaps the two BatchNorms' statistics: the probe refuses the load, names the
+    first layer whose output diverges and leaves every parameter and buffer as it was."""
     ckpt = export_checkpoint(_stepped(_Swapped(in_order=False)), torch.zeros(1, 4))
+    ckpt = port.Checkpoint(ckpt.layers, ckpt.tensors, ckpt.source)  # no flow
     dest = _Swapped(in_order=True)
     before = {k: v.clone() for k, v in dest.state_dict().items()}
     named = r"diverges is layer 1: checkpoint batchnorm 'bn_b' \(model 'bn_a'\).*left as it was"

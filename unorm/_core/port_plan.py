@@ -66,6 +66,7 @@ from ..port import (
 )
 from ..port import ws_settings as _recorded_ws
 from ..spec import BatchNormSpec, ScaledWSSpec
+from . import flow as flows
 from . import probe as probes
 
 __all__ = [
@@ -86,6 +87,7 @@ __all__ = [
     "export",
     "kind_of",
     "load",
+    "match_by_flow",
     "match_by_order",
     "plan_load",
     "present_roles",
@@ -258,6 +260,12 @@ class PortModel(Protocol[H]):
         ``source`` is the checkpoint's layer they come from (its name, for warnings)."""
         raise NotImplementedError(f"layer {source.name!r}: this model takes no settings")
 
+    def flow(self) -> list[flows.FlowNode] | None:
+        """The model's data flow over its :meth:`layers` (:mod:`unorm._core.flow`), or
+        None where it cannot be read (default; a model whose graph does not trace): the
+        layers are then matched by order."""
+        return None
+
     def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """The model's eval-mode output on ``x`` and every layer's output (by the names
         :meth:`layers` gives; a layer it cannot observe may be absent), all in the
@@ -316,6 +324,54 @@ def match_by_order(
     """
     pairs = match_layers(ckpt, [kind for _, _, kind in targets])
     return [(index, layer, target) for (index, layer), target in zip(pairs, targets, strict=True)]
+
+
+def _signature(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> str:
+    """A layer's kind and the shape that identifies it (its weight's; a BatchNorm's
+    feature count), the same whether read from a checkpoint or a model."""
+    if "weight" in shapes:
+        return f"{kind} {tuple(shapes['weight'])}"
+    for role in ("running_mean", "gamma", "beta"):
+        if role in shapes:
+            return f"{kind} {tuple(shapes[role])}"
+    return kind
+
+
+def match_by_flow(
+    model: PortModel[Any], ckpt: Checkpoint, targets: Sequence[Target[Any]]
+) -> list[tuple[int, Layer, Target[Any]]] | None:
+    """Pair the checkpoint's layers with the model's along both data flows
+    (:func:`unorm._core.flow.match_flows`), whatever order either defined them in.
+
+    Where the flows match only when layers are compared by kind (a shape differs), that
+    pairing is returned, so that :func:`plan_load` names the two layers whose shapes
+    differ. None when either side has no flow or the structures differ: the caller then
+    matches by order, whose checks name the first pair that does not fit, and the
+    checkpoint's probe refuses what shapes alone would let through."""
+    recorded = ckpt.extra.get("flow")
+    own = model.flow() if recorded is not None else None
+    if recorded is None or own is None:
+        return None
+    try:
+        source = flows.from_json(recorded)
+    except flows.FlowError as err:
+        raise CheckpointError(f"the checkpoint's data flow: {err}") from None
+    ckpt_sigs = [
+        _signature(la.kind, {r: tuple(ckpt.tensor(la, r).shape) for r in la.tensors})
+        for la in ckpt.layers
+    ]
+    model_sigs = [
+        _signature(kind, {r: s.shape for r, s in model.slots(handle, kind).items()})
+        for _, handle, kind in targets
+    ]
+    kinds = ([la.kind for la in ckpt.layers], [kind for _, _, kind in targets])
+    for signatures in ((ckpt_sigs, model_sigs), kinds):
+        try:
+            pairs = flows.match_flows(source, signatures[0], own, signatures[1])
+        except flows.FlowError:
+            continue
+        return [(i, ckpt.layers[i], targets[pairs[i]]) for i in range(len(ckpt.layers))]
+    return None
 
 
 # -- checks --------------------------------------------------------------------------------
@@ -536,12 +592,12 @@ class Step(Generic[H]):
     spec: Spec | None
 
 
-def plan_load(
-    model: PortModel[H], ckpt: Checkpoint, match: Matcher = match_by_order
-) -> list[Step[H]]:
+def plan_load(model: PortModel[H], ckpt: Checkpoint, match: Matcher | None = None) -> list[Step[H]]:
     """Check everything ``ckpt`` needs of ``model`` and return the plan; write nothing.
 
-    ``match`` pairs the layers (default :func:`match_by_order`). Per pair, in this order:
+    ``match`` pairs the layers (default: along the data flow where the checkpoint
+    records one and the model can give its own, :func:`match_by_flow`, else by order,
+    :func:`match_by_order`). Per pair, in this order:
     kinds; every role of the kind (present on both sides or neither, canonical shapes,
     fixed values); a convolution's groups; a dense layer's ``flatten_from``
     (:func:`check_flatten_from`); the BatchNorm settings (valid, takeable by the layer)
@@ -558,7 +614,11 @@ def plan_load(
         kinds differ
     """
     plan: list[Step[H]] = []
-    for index, layer, (name, handle, kind) in match(ckpt, model.layers()):
+    targets = model.layers()
+    paired = None if match is not None else match_by_flow(model, ckpt, targets)
+    if paired is None:
+        paired = (match or match_by_order)(ckpt, targets)
+    for index, layer, (name, handle, kind) in paired:
         where = f"layer {index}: checkpoint {describe(layer, ckpt)} vs model {kind} {name!r}"
         if kind != layer.kind:
             raise CheckpointError(f"{where}: kinds differ")
@@ -610,7 +670,7 @@ class UnverifiedLoadWarning(UserWarning):
 def load(
     model: PortModel[H],
     ckpt: Checkpoint,
-    match: Matcher = match_by_order,
+    match: Matcher | None = None,
     refresh: Callable[[Sequence[Step[H]]], None] | None = None,
 ) -> list[Step[H]]:
     """:func:`plan_load`, :func:`apply_plan`, then the probe's check; returns the plan
@@ -668,7 +728,7 @@ def _restore(
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the model's own settings, written back
-        back = plan_load(model, before)
+        back = plan_load(model, before, match_by_order)  # its own layers, in its own order
         apply_plan(model, back)
     if refresh is not None:
         refresh(back)
@@ -728,6 +788,7 @@ def export(model: PortModel[Any], source: str, probe_input: np.ndarray | None = 
     """
     layers: list[Layer] = []
     tensors: dict[str, np.ndarray] = {}
+    flow = model.flow()
     for name, handle, kind in model.layers():
         flatten = model.flatten_from(handle) if kind == "dense" else None
         attrs: dict[str, Any] = {}
@@ -751,7 +812,8 @@ def export(model: PortModel[Any], source: str, probe_input: np.ndarray | None = 
         layers.append(Layer(name, kind, roles, attrs))
     if probe_input is not None:
         tensors.update(_probe(model, probe_input))
-    return Checkpoint(layers=layers, tensors=tensors, source=source)
+    extra = {} if flow is None else {"flow": flows.to_json(flow)}
+    return Checkpoint(layers=layers, tensors=tensors, source=source, extra=extra)
 
 
 def _probe(model: PortModel[Any], x: np.ndarray) -> dict[str, np.ndarray]:

@@ -40,6 +40,7 @@ import keras
 import numpy as np
 
 from .._core import probe as probes
+from .._core.flow import FlowNode
 from .._core.port_plan import (
     COUNTER,
     ROLES,
@@ -361,6 +362,52 @@ def _probe_shape(model: Any) -> tuple[int, ...] | None:
     return dims
 
 
+# Keras's merge layers the flow keeps (unorm._core.flow).
+_MERGES = ((_L.Add, "add"), (_L.Multiply, "mul"), (_L.Concatenate, "concat"))
+
+
+def flow_of(model: Any, targets: list[tuple[str, Any, str]]) -> list[FlowNode] | None:
+    """``model``'s data flow over ``targets`` (:mod:`unorm._core.flow`), read from its
+    functional graph (a built Sequential's too); None for a subclassed model, several
+    inputs, a layer of a nested model or one called other than once, or tensors combined
+    by a layer the flow has no operation for."""
+    calls = _graph_nodes(model)
+    inputs = keras.tree.flatten(getattr(model, "inputs", None) or [])
+    if not calls or len(inputs) != 1:
+        return None
+    index_of = {id(layer): i for i, (_, layer, _) in enumerate(targets)}
+    nodes = [FlowNode("input")]
+    where = {id(inputs[0]): 0}
+    pending = list(calls)
+    while pending:
+        ready = [c for c in pending if all(id(t) in where for t in c.input_tensors)]
+        if not ready:
+            return None
+        for call in ready:
+            pending.remove(call)
+            op = call.operation
+            ins = [where[id(t)] for t in call.input_tensors]
+            merge = next((name for cls, name in _MERGES if isinstance(op, cls)), None)
+            if isinstance(op, _L.InputLayer):
+                result = 0
+            elif id(op) in index_of:
+                if len(set(ins)) != 1:
+                    return None
+                nodes.append(FlowNode("layer", (ins[0],), index_of[id(op)]))
+                result = len(nodes) - 1
+            elif merge is not None and len(ins) >= 2:
+                nodes.append(FlowNode(merge, tuple(ins)))
+                result = len(nodes) - 1
+            elif len(set(ins)) == 1:
+                result = ins[0]  # an activation, pooling, reshape, flatten: contracted
+            else:
+                return None
+            for tensor in keras.tree.flatten(call.output_tensors):
+                where[id(tensor)] = result
+    ran = sorted(node.layer for node in nodes if node.layer is not None)
+    return nodes if ran == list(range(len(targets))) else None
+
+
 def run_probe(
     model: Any, targets: list[tuple[str, Any, str]], x: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -439,6 +486,9 @@ class _KerasModel(PortModel[Any]):
 
     def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return run_probe(self._model, self._targets, x)
+
+    def flow(self) -> list[FlowNode] | None:
+        return flow_of(self._model, self._targets)
 
     def layers(self) -> list[tuple[str, Any, str]]:
         return self._targets

@@ -9,16 +9,18 @@ layout is the canonical one, so tensors move as they are; a Linear after a Flatt
 from __future__ import annotations
 
 import contextlib
+import operator
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .._core import port_plan as plan
 from .._core import probe as probes
+from .._core.flow import FlowNode
 from .._core.port_plan import ROLES, PortModel, Slot, kind_of, present_roles
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
@@ -124,6 +126,88 @@ def _first_tensor(output: Any) -> torch.Tensor:
     raise CheckpointError(f"the model's output is a {type(output).__name__}, not a tensor")
 
 
+# Functions and methods of a traced forward that the flow keeps (unorm._core.flow).
+_MERGES: dict[Any, str] = {
+    operator.add: "add",
+    operator.iadd: "add",
+    torch.add: "add",
+    operator.mul: "mul",
+    operator.imul: "mul",
+    torch.mul: "mul",
+    torch.cat: "concat",
+    torch.concat: "concat",
+    "add": "add",
+    "add_": "add",
+    "mul": "mul",
+    "mul_": "mul",
+}
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, with the layers the checkpoint describes as leaves."""
+
+    def __init__(self, leaves: set[int]) -> None:
+        super().__init__()
+        self._leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return id(m) in self._leaves or super().is_leaf_module(m, module_qualified_name)
+
+
+def _nodes_in(args: Any) -> Iterator[fx.Node]:
+    """Every fx node in a call's arguments, nested tuples, lists and dicts included."""
+    if isinstance(args, fx.Node):
+        yield args
+    elif isinstance(args, (tuple, list)):
+        for a in args:
+            yield from _nodes_in(a)
+    elif isinstance(args, dict):
+        for a in args.values():
+            yield from _nodes_in(a)
+
+
+def _unique(values: Iterable[int]) -> list[int]:
+    return list(dict.fromkeys(values))
+
+
+def flow_of(model: nn.Module, targets: list[tuple[str, nn.Module, str]]) -> list[FlowNode] | None:
+    """``model``'s data flow over ``targets`` (:mod:`unorm._core.flow`), read from a
+    torch.fx trace of its forward (nothing runs); None where it does not trace, takes
+    several inputs, calls a layer other than once or combines tensors in a way the flow
+    has no operation for. Shape arithmetic (``x.size(0)``) and ``torch.flatten`` are
+    contracted like activations."""
+    index_of = {name: i for i, (name, _, _) in enumerate(targets)}
+    try:
+        graph = _LeafTracer({id(m) for _, m, _ in targets}).trace(model)
+    except Exception:  # control flow on values, unsupported ops: fall back to order
+        return None
+    nodes: list[FlowNode] = []
+    where: dict[fx.Node, int] = {}
+    for n in graph.nodes:
+        ins = [where[a] for a in _nodes_in((n.args, n.kwargs)) if a in where]
+        if n.op == "placeholder":
+            if nodes:
+                return None
+            nodes.append(FlowNode("input"))
+            where[n] = 0
+        elif n.op == "call_module" and n.target in index_of:
+            if len(_unique(ins)) != 1:
+                return None
+            nodes.append(FlowNode("layer", (ins[0],), index_of[str(n.target)]))
+            where[n] = len(nodes) - 1
+        elif n.op in ("call_module", "call_function", "call_method"):
+            merge = _MERGES.get(n.target) if n.op != "call_module" else None
+            if merge is not None and len(ins) >= 2:
+                nodes.append(FlowNode(merge, tuple(ins)))
+                where[n] = len(nodes) - 1
+            elif len(_unique(ins)) == 1:
+                where[n] = ins[0]  # an activation, pooling, reshape, flatten: contracted
+            elif ins:
+                return None  # tensors combined by an operation the flow does not know
+    ran = sorted(node.layer for node in nodes if node.layer is not None)
+    return nodes if ran == list(range(len(targets))) else None
+
+
 def run_probe(
     model: nn.Module, targets: list[tuple[str, nn.Module, str]], x: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -184,6 +268,9 @@ class _TorchModel(PortModel[nn.Module]):
 
     def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return run_probe(self._model, self._targets, x)
+
+    def flow(self) -> list[FlowNode] | None:
+        return flow_of(self._model, self._targets)
 
     def layers(self) -> list[tuple[str, nn.Module, str]]:
         return self._targets
