@@ -12,6 +12,7 @@ import pytest
 
 from unorm.conformance import cases, data, dtypes, expected
 from unorm.conformance.cases import (
+    MODE_SETTINGS,
     PUBLIC_SETTINGS,
     AGCCase,
     BatchNormCase,
@@ -31,7 +32,7 @@ def test_names_are_unique_and_well_formed() -> None:
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     for name in names:
-        assert re.fullmatch(r"(bn|agc|sync|error|ws)/[a-z0-9_.\-/]+", name), name
+        assert re.fullmatch(r"(bn|renorm|agc|sync|error|ws)/[a-z0-9_.\-/]+", name), name
 
 
 def test_seeds_are_fixed_and_distinct() -> None:
@@ -72,7 +73,7 @@ def test_batchnorm_coverage() -> None:
     assert {c.dtype for c in bn} == set(dtypes.DTYPES)
     assert {c.preset for c in bn} == {None, "torch", "keras", "mxnet"}
     settings = {k: v for c in bn for k, v in c.settings}
-    assert settings.keys() == set(PUBLIC_SETTINGS)
+    assert settings.keys() == set(PUBLIC_SETTINGS) | set(MODE_SETTINGS)
     assert any(s.nonfinite for c in bn for s in c.steps)
     assert {s.mode for c in bn for s in c.steps} == {"train", "forward", "eval"}
     assert any(c.data.constant for c in bn)
@@ -88,7 +89,8 @@ def test_batchnorm_cases_use_only_public_settings() -> None:
     # Every backend's constructor takes these; the rest comes from a preset.
     for case in CASES:
         if isinstance(case, (BatchNormCase, SyncCase)):
-            assert {k for k, _ in case.settings} <= set(PUBLIC_SETTINGS), case.name
+            allowed = set(PUBLIC_SETTINGS) | set(MODE_SETTINGS)
+            assert {k for k, _ in case.settings} <= allowed, case.name
 
 
 def test_agc_coverage() -> None:

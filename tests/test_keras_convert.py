@@ -105,9 +105,9 @@ def test_every_override_reaches_the_new_layers(preset: str | None) -> None:
 
 
 def test_convert_refuses_what_it_cannot_keep() -> None:
+    # renorm=True is kept (tests/test_keras_renorm.py), so it is no longer refused.
     renorm = keras.Sequential([keras.Input((3,)), layers.BatchNormalization(renorm=True)])
-    with pytest.raises(ValueError, match="renorm=True"):
-        convert(renorm)
+    assert convert(renorm).layers[0].spec.renorm
     with pytest.raises(ValueError, match="preset must be one of"):
         convert(_sequential(), preset="caffe")
     with pytest.raises(ValueError, match=r"model must be a keras\.Model"):

@@ -39,6 +39,7 @@ from .spec import (
 __all__ = [
     "BatchStats",
     "MaskedStats",
+    "RenormStats",
     "RunningStats",
     "agc_clip",
     "agc_clip_all",
@@ -49,6 +50,9 @@ __all__ = [
     "batch_norm_inference_backward",
     "batch_norm_step",
     "batch_norm_train",
+    "batch_renorm_backward",
+    "batch_renorm_step",
+    "batch_renorm_train",
     "batch_stats",
     "check_input",
     "fold_batch_norm",
@@ -58,9 +62,11 @@ __all__ = [
     "masked_batch_stats",
     "merge_stats",
     "recalibrated_stats",
+    "renorm_correction",
     "scaled_weight_standardize",
     "scaled_weight_standardize_backward",
     "unit_norms",
+    "update_renorm_stats",
     "update_running_stats",
     "update_running_stats_masked",
 ]
@@ -499,6 +505,7 @@ def batch_norm_step(
     mask: ArrayLike | None = None,
 ) -> tuple[np.ndarray, RunningStats | None]:
     """One call of a BatchNorm layer configured by ``spec``: the output and new state.
+    (A ``spec`` with ``renorm=True`` keeps more state: :func:`batch_renorm_step`.)
 
     Follows the spec's mode rules: in training, normalise with batch statistics and update
     the running ones (unless ``track_running_stats`` is off; with ``update_on="backward"``
@@ -515,6 +522,8 @@ def batch_norm_step(
         >>> state.mean.tolist(), state.var.tolist()
         ([0.1], [1.1])
     """
+    if spec.renorm:
+        raise ValueError("batch_norm_step takes no renorm=True spec; use batch_renorm_step")
     gamma = gamma if spec.scale else None
     beta = beta if spec.center else None
     if mask is not None and (training or not spec.track_running_stats):
@@ -557,6 +566,232 @@ def batch_norm_step(
         x, running.mean, running.var, gamma, beta, eps=spec.eps, axis=spec.axis
     )
     return y, running
+
+
+# -- Batch Renormalization (SPEC.md section 2, *Batch Renormalization*) ---------------
+
+
+class RenormStats(NamedTuple):
+    """The state Batch Renormalization adds (float64 in the reference): ``mean`` and
+    ``std``, the renorm statistics ``r`` and ``d`` come from, and ``running_std``, the
+    running standard deviation of ``renorm_running="stddev"`` (None under
+    ``"variance"``)."""
+
+    mean: F64
+    std: F64
+    running_std: F64 | None = None
+
+    @classmethod
+    def initial(cls, num_features: int, spec: BatchNormSpec) -> RenormStats:
+        """Mean 0, standard deviations 1 (the square root of the running variance's 1)."""
+        ones = np.ones(num_features)
+        running_std = ones.copy() if spec.renorm_running == "stddev" else None
+        return cls(np.zeros(num_features), ones.copy(), running_std)
+
+
+def renorm_correction(
+    stats: BatchStats, renorm: RenormStats, spec: BatchNormSpec
+) -> tuple[F64, F64]:
+    """Batch Renormalization's ``r`` and ``d`` for a batch's statistics.
+
+    ``s = max(renorm_std, sqrt(eps))``, ``r = sqrt(var + eps) / s`` clipped to
+    ``[renorm_rmin, renorm_rmax]``, ``d = (mean - renorm_mean) / s`` clipped to
+    ``[-renorm_dmax, renorm_dmax]`` (an unset bound clips nothing).
+
+    Example:
+        >>> s = batch_stats(np.array([[0.0], [2.0]]))
+        >>> spec = BatchNormSpec(eps=0.0, renorm=True, renorm_rmax=1.5)
+        >>> r, d = renorm_correction(s, RenormStats.initial(1, spec), spec)
+        >>> r.tolist(), d.tolist()
+        ([1.0], [1.0])
+    """
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        sigma = np.sqrt(stats.var() + spec.eps)
+        floor = np.maximum(_f64(renorm.std), np.sqrt(spec.eps))
+        r = sigma / floor
+        d = (_f64(stats.mean) - _f64(renorm.mean)) / floor
+    if spec.renorm_rmin is not None:
+        r = np.maximum(r, spec.renorm_rmin)
+    if spec.renorm_rmax is not None:
+        r = np.minimum(r, spec.renorm_rmax)
+    if spec.renorm_dmax is not None:
+        d = np.clip(d, -spec.renorm_dmax, spec.renorm_dmax)
+    return r, d
+
+
+def batch_renorm_train(
+    x: ArrayLike,
+    renorm: RenormStats,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    spec: BatchNormSpec,
+    stats: BatchStats | None = None,
+    out_dtype: DTypeLike | None = None,
+) -> tuple[np.ndarray, BatchStats, F64, F64]:
+    """Training-mode Batch Renormalization: ``y = gamma * (xhat * r + d) + beta`` with
+    ``xhat`` the batch-normalised input and ``r``, ``d`` from :func:`renorm_correction`.
+
+    ``spec`` supplies ``eps``, ``axis``, ``allow_single_value`` and the clipping bounds;
+    ``stats`` replaces the batch's statistics (the merged ones, cross-replica). Returns
+    ``y``, the statistics, ``r`` and ``d``.
+
+    Example:
+        >>> spec = BatchNormSpec(eps=0.0, renorm=True)
+        >>> x = np.array([[0.0], [2.0]])
+        >>> y, _, r, d = batch_renorm_train(x, RenormStats.initial(1, spec), spec=spec)
+        >>> y.ravel().tolist()  # the first call, unclipped: the input itself
+        [0.0, 2.0]
+    """
+    arr, ax = check_input(x, spec.axis)
+    used = batch_stats(arr, ax) if stats is None else _check_stats(stats, arr, ax)
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite input: specified
+        xhat, _ = batch_norm_train(
+            arr, eps=spec.eps, axis=ax, stats=used,
+            allow_single_value=spec.allow_single_value, out_dtype=np.float64,
+        )  # fmt: skip
+    channels = arr.shape[ax]
+    if used.count == 0:
+        nothing = np.full(channels, np.nan)
+        return _out(np.zeros(arr.shape), out_dtype or arr.dtype), used, nothing, nothing
+    r, d = renorm_correction(used, renorm, spec)
+    corrected = xhat * _broadcast(r, arr.ndim, ax) + _broadcast(d, arr.ndim, ax)
+    y = _affine(corrected, gamma, beta, ax)
+    return _out(y, arr.dtype if out_dtype is None else out_dtype), used, r, d
+
+
+def batch_renorm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    r: ArrayLike,
+    d: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    eps: float = 1e-5,
+    axis: int = 1,
+    stats: BatchStats | None = None,
+    center: bool = True,
+    out_dtype: DTypeLike | None = None,
+) -> BatchNormGrads:
+    """Vector-Jacobian product of training-mode Batch Renormalization, ``r`` and ``d``
+    constants: ``dx`` is :func:`batch_norm_backward`'s with ``gamma * r`` as the scale,
+    ``dgamma = sum dy * (xhat * r + d)``, ``dbeta = sum dy``.
+
+    Example:
+        >>> x = np.array([[0.0], [2.0]])
+        >>> g = batch_renorm_backward(np.array([[1.0], [0.0]]), x, [2.0], [0.5], [1.0], eps=0.0)
+        >>> g.dx.ravel().tolist(), g.dgamma.tolist()
+        ([0.0, 0.0], [-1.5])
+    """
+    arr, ax = check_input(x, axis)
+    r64, d64 = _per_feature(r, "r", arr, ax), _per_feature(d, "d", arr, ax)
+    g = None if gamma is None else _per_feature(gamma, "gamma", arr, ax)
+    scale = r64 if g is None else g * r64
+    grads = batch_norm_backward(
+        dy, arr, scale, eps=eps, axis=ax, stats=stats, center=center, out_dtype=out_dtype
+    )
+    if g is None:
+        return BatchNormGrads(grads.dx, None, grads.dbeta)
+    sum_dy = _check_dy(dy, arr.astype(np.float64)).sum(axis=_reduce_axes(arr.ndim, ax))
+    # batch_norm_backward's dgamma is sum(dy * xhat); renorm's is r times that + d * sum(dy).
+    assert grads.dgamma is not None
+    return BatchNormGrads(grads.dx, r64 * grads.dgamma + d64 * sum_dy, grads.dbeta)
+
+
+def update_renorm_stats(
+    running: RunningStats,
+    renorm: RenormStats,
+    stats: BatchStats,
+    spec: BatchNormSpec,
+) -> tuple[RunningStats, RenormStats]:
+    """The state update of one Batch Renormalization training call (``SPEC.md`` section 2):
+    the renorm statistics at ``renorm_momentum`` from the batch's mean and
+    ``sqrt(var + eps)``, and the inference statistics as ``renorm_running`` says, all
+    skipped together by the guard; an empty batch as ``empty_batch`` says.
+
+    Example:
+        >>> spec = BatchNormSpec(renorm=True, renorm_momentum=0.5, eps=0.0)
+        >>> s = batch_stats(np.array([[0.0], [2.0]]))
+        >>> start = RenormStats.initial(1, spec)
+        >>> run, ren = update_renorm_stats(init_running_stats(1), start, s, spec)
+        >>> ren.mean.tolist(), ren.std.tolist(), run.var.tolist()
+        ([0.5], [1.0], [1.1])
+    """
+    channels = np.shape(running.mean)
+    if stats.count == 0:
+        if spec.empty_batch != "nan":
+            return _empty_batch_update(running, spec), renorm
+        mean = var = np.full(channels, np.nan)
+        fed = var
+    else:
+        mean = _f64(stats.mean)
+        var = stats.var()
+        fed = stats.var(unbiased=spec.unbiased and stats.count > 1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        sigma = np.sqrt(var + spec.eps)
+        fed_std = np.sqrt(fed + spec.eps)
+    finite = all(np.all(np.isfinite(a)) for a in (mean, fed, sigma))
+    if spec.skip_nonfinite and not finite:
+        return running, renorm
+    g = spec.renorm_momentum
+    new_renorm_mean = (1.0 - g) * _f64(renorm.mean) + g * mean
+    new_renorm_std = (1.0 - g) * _f64(renorm.std) + g * sigma
+    tracked = running.num_batches_tracked + 1
+    f = 1.0 / tracked if spec.momentum is None else float(spec.momentum)
+    new_mean = (1.0 - f) * _f64(running.mean) + f * mean
+    running_std = None
+    if spec.renorm_running == "stddev":
+        assert renorm.running_std is not None
+        running_std = (1.0 - f) * _f64(renorm.running_std) + f * fed_std
+        with np.errstate(invalid="ignore", over="ignore"):
+            new_var = np.maximum(running_std * running_std - spec.eps, 0.0)
+    else:
+        new_var = (1.0 - f) * _f64(running.var) + f * fed
+    return (
+        RunningStats(new_mean, new_var, tracked),
+        RenormStats(new_renorm_mean, new_renorm_std, running_std),
+    )
+
+
+def batch_renorm_step(
+    x: ArrayLike,
+    running: RunningStats,
+    renorm: RenormStats,
+    spec: BatchNormSpec,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    training: bool,
+    backward_ran: bool = True,
+) -> tuple[np.ndarray, RunningStats, RenormStats]:
+    """One call of a BatchNorm layer with ``renorm=True``: the output and the new state.
+
+    Training: :func:`batch_renorm_train` then :func:`update_renorm_stats` (with
+    ``update_on="backward"`` only when ``backward_ran``). Inference: the running
+    statistics, as without renorm.
+
+    Example:
+        >>> spec = BatchNormSpec(renorm=True)
+        >>> x = np.array([[0.0], [2.0]])
+        >>> _, run, ren = batch_renorm_step(x, init_running_stats(1),
+        ...                                 RenormStats.initial(1, spec), spec, training=True)
+        >>> run.num_batches_tracked, round(float(ren.mean[0]), 6)
+        (1, 0.01)
+    """
+    if not spec.renorm:
+        raise ValueError("batch_renorm_step needs a spec with renorm=True")
+    gamma = gamma if spec.scale else None
+    beta = beta if spec.center else None
+    if not training:
+        y = batch_norm_inference(
+            x, running.mean, running.var, gamma, beta, eps=spec.eps, axis=spec.axis
+        )
+        return y, running, renorm
+    y, stats, _, _ = batch_renorm_train(x, renorm, gamma, beta, spec=spec)
+    if spec.update_on == "backward" and not backward_ran:
+        return y, running, renorm
+    new_running, new_renorm = update_renorm_stats(running, renorm, stats, spec)
+    return y, new_running, new_renorm
 
 
 # -- masked batches (SPEC.md section 2, *Masked batches*) -----------------------------

@@ -54,6 +54,7 @@ RunningVarEstimator = Literal["unbiased", "biased"]
 UpdateTime = Literal["forward", "backward"]
 EmptyBatch = Literal["skip", "count", "nan"]
 FullyMasked = Literal["error", "zero"]
+RenormRunning = Literal["variance", "stddev"]
 
 #: The floor under a unit's gradient norm in AGC's rescale factor (``SPEC.md`` section 5).
 AGC_GRAD_NORM_FLOOR = 1e-6
@@ -183,11 +184,30 @@ class BatchNormSpec:
             ``"error"`` refuses it as one value per feature is refused (canonical),
             ``"zero"`` gives that feature mean 0 and variance 0, fed to the update
             (Keras's layer, whose masked sums are divided by ``count + 1e-7``).
+        renorm: False. Batch Renormalization (Ioffe 2017, arXiv 1702.03275, ``SPEC.md``
+            section 2, *Batch Renormalization*): in training the normalised batch is
+            corrected by ``r``, ``d`` from the renorm statistics, constants to the
+            gradient. Needs ``track_running_stats``. The ``renorm_*`` settings act only
+            with ``renorm=True``.
+        renorm_rmax, renorm_rmin: None, None. The bounds ``r`` is clipped to (None: no
+            upper bound, no lower bound; the paper's choice is ``rmin = 1/rmax``).
+            ``rmin >= 0`` and ``rmin <= rmax``.
+        renorm_dmax: None. ``d`` is clipped to ``[-dmax, dmax]`` (None: not clipped).
+            ``>= 0``.
+        renorm_momentum: 0.01. Weight of the new batch statistic in the renorm
+            statistics (``renorm_mean``, ``renorm_std``) that ``r`` and ``d`` are taken
+            from (Keras's ``renorm_momentum=0.99`` weighs the old value). In ``[0, 1]``.
+        renorm_running: ``"variance"``. What the running statistics used in inference
+            keep under renorm: ``"variance"`` the running variance as without renorm
+            (canonical), ``"stddev"`` a running ``sqrt(var + eps)`` from which the running
+            variance is derived as ``max(std^2 - eps, 0)`` (Keras's layer).
         preset: None, or the name of the preset the spec was built from.
 
     Example:
         >>> BatchNormSpec(eps=1e-3, momentum=None).momentum is None
         True
+        >>> BatchNormSpec(renorm=True, renorm_rmax=3.0, renorm_rmin=1 / 3).renorm_clipping
+        {'rmax': 3.0, 'rmin': 0.3333333333333333}
     """
 
     eps: float = 1e-5
@@ -202,6 +222,12 @@ class BatchNormSpec:
     update_on: UpdateTime = "forward"
     empty_batch: EmptyBatch = "skip"
     fully_masked: FullyMasked = "error"
+    renorm: bool = False
+    renorm_rmax: float | None = None
+    renorm_rmin: float | None = None
+    renorm_dmax: float | None = None
+    renorm_momentum: float = 0.01
+    renorm_running: RenormRunning = "variance"
     preset: PresetName | None = None
 
     def __post_init__(self) -> None:
@@ -221,8 +247,63 @@ class BatchNormSpec:
         _check_choice("update_on", self.update_on, ("forward", "backward"))
         _check_choice("empty_batch", self.empty_batch, ("skip", "count", "nan"))
         _check_choice("fully_masked", self.fully_masked, ("error", "zero"))
+        self._check_renorm()
         if self.preset is not None:
             validate_preset(self.preset)
+
+    def _check_renorm(self) -> None:
+        """Validate the ``renorm_*`` settings (``SPEC.md`` section 2, *Batch
+        Renormalization*), whether or not ``renorm`` is on."""
+        _check_bool("renorm", self.renorm)
+        rmax, rmin, dmax = self.renorm_rmax, self.renorm_rmin, self.renorm_dmax
+        if rmax is not None and _check_real("renorm_rmax", rmax, "a number > 0 or None") <= 0:
+            raise _fail("renorm_rmax", rmax, "a number > 0 or None")
+        if rmin is not None and _check_real("renorm_rmin", rmin, "a number >= 0 or None") < 0:
+            raise _fail("renorm_rmin", rmin, "a number >= 0 or None")
+        if rmax is not None and rmin is not None and rmin > rmax:
+            raise _fail("renorm_rmin", rmin, f"a number <= renorm_rmax ({rmax!r})")
+        if dmax is not None and _check_real("renorm_dmax", dmax, "a number >= 0 or None") < 0:
+            raise _fail("renorm_dmax", dmax, "a number >= 0 or None")
+        _check_real("renorm_momentum", self.renorm_momentum, "a number in [0, 1]")
+        if not 0.0 <= self.renorm_momentum <= 1.0:
+            raise _fail("renorm_momentum", self.renorm_momentum, "a number in [0, 1]")
+        _check_choice("renorm_running", self.renorm_running, ("variance", "stddev"))
+        if self.renorm and not self.track_running_stats:
+            raise _fail(
+                "renorm", True, "False with track_running_stats=False (it needs running statistics)"
+            )
+
+    @property
+    def renorm_clipping(self) -> dict[str, float]:
+        """The clipping bounds that are set, in Keras's ``renorm_clipping`` form (keys
+        ``"rmax"``, ``"rmin"``, ``"dmax"``; an unset bound is absent)."""
+        bounds = {"rmax": self.renorm_rmax, "rmin": self.renorm_rmin, "dmax": self.renorm_dmax}
+        return {k: float(v) for k, v in bounds.items() if v is not None}
+
+    @staticmethod
+    def clipping_settings(clipping: object) -> dict[str, float | None]:
+        """Keras's ``renorm_clipping`` dictionary (keys ``"rmax"``, ``"rmin"``, ``"dmax"``,
+        each optional; None or ``{}``: no clipping) as the spec's ``renorm_rmax``,
+        ``renorm_rmin``, ``renorm_dmax`` settings. An infinite ``rmax``/``dmax`` (or a zero
+        ``rmin``, Keras's defaults) is no bound, None.
+
+        Example:
+            >>> BatchNormSpec.clipping_settings({"rmax": 3.0, "dmax": float("inf")})
+            {'renorm_rmax': 3.0, 'renorm_rmin': None, 'renorm_dmax': None}
+        """
+        given_bounds = {} if clipping is None else clipping
+        if not isinstance(given_bounds, Mapping):
+            raise _fail("renorm_clipping", clipping, "a dict with keys 'rmax', 'rmin', 'dmax'")
+        unknown = sorted(set(given_bounds) - {"rmax", "rmin", "dmax"})
+        if unknown:
+            raise _fail(
+                "renorm_clipping", clipping, "a dict with keys among 'rmax', 'rmin', 'dmax'"
+            )
+        out: dict[str, float | None] = {}
+        for key, none_at in (("rmax", math.inf), ("rmin", 0.0), ("dmax", math.inf)):
+            value = given_bounds.get(key)
+            out[f"renorm_{key}"] = None if value is None or value == none_at else value
+        return out
 
     @property
     def unbiased(self) -> bool:
@@ -254,9 +335,11 @@ class BatchNormSpec:
         cannot be told, as ``name=value`` strings: where it differs from the framework's
         preset in the running-variance feed, the non-finite guard, one value per feature,
         when the update runs, what an empty batch or (with masks) a fully masked feature
-        does, and ``momentum=None`` outside
-        PyTorch (Keras's and Gluon's layers have no cumulative average). Eps and a
-        momentum weight translate.
+        does, ``momentum=None`` outside
+        PyTorch (Keras's and Gluon's layers have no cumulative average), and Batch
+        Renormalization where the layer has none (``renorm=True``) or keeps other
+        inference statistics (``renorm_running``). Eps, a momentum weight and the renorm
+        clipping bounds translate.
 
         Example:
             >>> BatchNormSpec(momentum=None).native_gaps("torch")
@@ -280,6 +363,12 @@ class BatchNormSpec:
             # A framework whose layers take no mask declares no fully_masked: never a gap.
             if name in native and value != native[name]:
                 gaps.append(f"{name}={value!r}")
+        if self.renorm:
+            # A framework without Batch Renormalization declares no renorm_running.
+            if "renorm_running" not in native:
+                gaps.append("renorm=True")
+            elif self.renorm_running != native["renorm_running"]:
+                gaps.append(f"renorm_running={self.renorm_running!r}")
         return gaps
 
     @classmethod
@@ -291,7 +380,8 @@ class BatchNormSpec:
         (``bias=False``: a scale and no shift), ``track_running_stats``; Keras
         ``epsilon``, ``momentum`` (old-value weight), ``center``, ``scale``, ``axis``;
         MXNet Gluon ``epsilon``, ``momentum`` (old-value weight), ``center``, ``scale``,
-        ``axis``, ``use_global_stats`` (not supported: raises).
+        ``axis``, ``use_global_stats`` (not supported: raises); Keras also ``renorm``,
+        ``renorm_clipping`` (a dict) and ``renorm_momentum`` (old-value weight).
 
         Example:
             >>> BatchNormSpec.from_native("mxnet", momentum=0.9, epsilon=1e-5).momentum
@@ -329,10 +419,28 @@ class BatchNormSpec:
             out.setdefault("axis", declared["default_axis"])
             if args.pop("use_global_stats", False):
                 raise _fail("use_global_stats", True, "False (freeze the layer instead)")
+            if declared.get("renorm"):
+                out.update(_native_renorm(name, args))
         if args:
             unknown = ", ".join(sorted(args))
             raise ValueError(f"from_native({name!r}) got unknown argument(s): {unknown}")
         return cls.from_preset(name, **out)
+
+
+def _native_renorm(framework: str, args: dict[str, Any]) -> dict[str, Any]:
+    """Keras's ``renorm``, ``renorm_clipping`` and ``renorm_momentum`` (old-value weight),
+    popped from ``args``, as spec settings; none of them given: none."""
+    out: dict[str, Any] = {}
+    if "renorm" in args:
+        out["renorm"] = args.pop("renorm")
+    if "renorm_clipping" in args:
+        out.update(BatchNormSpec.clipping_settings(args.pop("renorm_clipping")))
+    if "renorm_momentum" in args:
+        old = _check_real("renorm_momentum", args.pop("renorm_momentum"), "a number in [0, 1]")
+        if not 0.0 <= old <= 1.0:
+            raise _fail("renorm_momentum", old, f"a number in [0, 1] ({framework} convention)")
+        out["renorm_momentum"] = 1.0 - old
+    return out
 
 
 #: The native presets: each backend's own BatchNorm semantics, as unorm settings, from its

@@ -17,6 +17,7 @@ from typing import Any
 import keras
 from keras import ops
 
+from .._core.renorm import clip_correction
 from .._core.settings import BatchNormSettings
 from ..spec import UNSET, BatchNormSpec, Unset, given, normalize_axis
 from . import stats
@@ -127,6 +128,20 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
             inside ``jax.shard_map``/``jax.pmap``, which see one device's shard. Refused
             on the torch backend, which has no distribution of its own (Keras's layer
             synchronizes on TensorFlow only, keras-team/keras#18667).
+        renorm: Batch Renormalization (Ioffe 2017, arXiv 1702.03275; ``SPEC.md`` section
+            2, *Batch Renormalization*): training corrects the normalised batch by ``r``
+            and ``d`` (constants to the gradient) from the renorm statistics, weights
+            ``renorm_mean`` and ``renorm_stddev``. Default False; needs
+            ``track_running_stats``.
+        renorm_clipping: Keras's dictionary of bounds, keys ``"rmax"``, ``"rmin"``,
+            ``"dmax"``, each optional (``r`` clipped to ``[rmin, rmax]``, ``d`` to
+            ``[-dmax, dmax]``); default none.
+        renorm_momentum: weight of the new batch statistic in the renorm statistics
+            (canonical 0.01; Keras's ``renorm_momentum=0.99`` weighs the old value, so
+            ``preset="keras"`` has ``1 - 0.99``).
+        renorm_running: ``"variance"`` (canonical: the moving variance as without renorm)
+            or ``"stddev"`` (``preset="keras"``: a ``moving_stddev`` weight from which the
+            moving variance is derived, as Keras's layer keeps it).
         frozen: the frozen mode (``SPEC.md`` section 8): normalise with the moving
             statistics also under ``training=True`` and never update them, while gamma
             and beta keep learning (default False; ``trainable=False`` freezes them too,
@@ -195,6 +210,10 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         update_on: str | Unset = UNSET,
         empty_batch: str | Unset = UNSET,
         fully_masked: str | Unset = UNSET,
+        renorm: bool | Unset = UNSET,
+        renorm_clipping: Any = UNSET,
+        renorm_momentum: float | Unset = UNSET,
+        renorm_running: str | Unset = UNSET,
         preset: str | None = None,
         synchronized: bool = False,
         frozen: bool = False,
@@ -224,6 +243,12 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 update_on=update_on,
                 empty_batch=empty_batch,
                 fully_masked=fully_masked,
+                renorm=renorm,
+                renorm_momentum=renorm_momentum,
+                renorm_running=renorm_running,
+            ),
+            **(
+                {} if renorm_clipping is UNSET else BatchNormSpec.clipping_settings(renorm_clipping)
             ),
         )
         if not isinstance(synchronized, bool):
@@ -263,6 +288,9 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         self.moving_mean: Any = None
         self.moving_variance: Any = None
         self.num_batches_tracked: Any = None
+        self.moving_stddev: Any = None
+        self.renorm_mean: Any = None
+        self.renorm_stddev: Any = None
         self._rank = 0
         self._channels = 0
         self._reduce_axes: list[int] = []
@@ -343,6 +371,32 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                     trainable=False,
                     autocast=False,
                 )
+            if self.spec.renorm:
+                self._build_renorm(per_channel, weight_dtype)
+
+    def _build_renorm(self, shape: tuple[int, ...], dtype: Any) -> None:
+        """Batch Renormalization's weights, named and ordered as in Keras's layer
+        (``moving_stddev`` only with ``renorm_running="stddev"``); a standard deviation
+        starts at the square root of the moving variance's initial value, as there."""
+        variance_initializer = self.moving_variance_initializer
+
+        def stddev_initializer(shape: Any, dtype: Any = None) -> Any:
+            return ops.sqrt(variance_initializer(shape, dtype=dtype))
+
+        def add(name: str, initializer: Any) -> Any:
+            return self.add_weight(
+                shape=shape,
+                name=name,
+                dtype=dtype,
+                initializer=initializer,
+                trainable=False,
+                autocast=False,
+            )
+
+        if self.spec.renorm_running == "stddev":
+            self.moving_stddev = add("moving_stddev", stddev_initializer)
+        self.renorm_mean = add("renorm_mean", self.moving_mean_initializer)
+        self.renorm_stddev = add("renorm_stddev", stddev_initializer)
 
     def compute_output_shape(self, input_shape: Any) -> Any:
         """The output has the input's shape."""
@@ -417,6 +471,9 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                     x, shift = stats.shift_by_first_unmasked(x, mask, axis)
             mean, variance, count, empty = self._batch_moments(x, mask)
             gamma, beta = _no_gradient_where(empty, gamma, beta)
+            if training and spec.renorm:
+                true_mean = mean if shift is None else mean + shift
+                gamma, beta = self._renorm_transform(true_mean, variance, gamma, beta, dtype)
         else:
             mean = ops.cast(self.moving_mean, dtype)
             variance = ops.cast(self.moving_variance, dtype)
@@ -517,6 +574,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
             return False
         if not batch_statistics:
             return True
+        if self.spec.renorm and self.trainable and not self.frozen:
+            return False  # r and d need the statistics before the output
         count = stats.count(x, self._reduce_axes)
         return not self.spec.allow_single_value or (isinstance(count, int) and count > 1)
 
@@ -641,6 +700,56 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         mean, variance = assert_count(least, allow, message, mean, variance)
         return mean, variance
 
+    # -- Batch Renormalization (SPEC.md section 2) -----------------------------------
+
+    def _renorm_transform(
+        self, mean: Any, variance: Any, gamma: Any, beta: Any, dtype: Any
+    ) -> tuple[Any, Any]:
+        """``gamma * r`` and ``gamma * d + beta``: the scale and offset that apply the
+        correction ``xhat * r + d`` in the normalisation itself, ``r`` and ``d`` constants
+        to autodiff. Op for op Keras's arithmetic (its ``_renorm_correction_and_moments``
+        and ``_compose_transforms``), so that ``preset="keras"`` is Keras bit for bit."""
+        spec = self.spec
+        stddev = ops.sqrt(variance + spec.eps)
+        renorm_mean = ops.cast(self.renorm_mean, mean.dtype)
+        floor = ops.sqrt(ops.cast(spec.eps, mean.dtype))
+        renorm_stddev = ops.maximum(ops.cast(self.renorm_stddev, mean.dtype), floor)
+        r = ops.divide(stddev, renorm_stddev)
+        d = ops.divide(ops.subtract(mean, renorm_mean), renorm_stddev)
+        r, d = clip_correction(
+            r, d, rmin=spec.renorm_rmin, rmax=spec.renorm_rmax, dmax=spec.renorm_dmax,
+            maximum=ops.maximum, minimum=ops.minimum,
+        )  # fmt: skip
+        r, d = ops.stop_gradient(r), ops.stop_gradient(d)
+        if gamma is not None:
+            scale, offset = ops.multiply(r, gamma), ops.multiply(d, gamma)
+        else:
+            scale, offset = ops.cast(r, dtype), ops.cast(d, dtype)
+        if beta is not None:
+            offset = ops.add(offset, beta)
+        return scale, offset
+
+    def _renorm_values(self, mean: Any, variance: Any, fed: Any, factor: Any) -> dict[str, Any]:
+        """The renorm weights' new values after a batch of ``mean`` and biased
+        ``variance`` (``fed``: the variance fed to the moving statistics; ``factor``: their
+        weight), in Keras's order ``old * (1 - g) + new * g``; with
+        ``renorm_running="stddev"`` also ``moving_stddev`` and the moving variance derived
+        from it (key ``"moving_variance"``)."""
+        spec = self.spec
+        g = spec.renorm_momentum
+        stddev = ops.sqrt(variance + spec.eps)
+        values = {
+            "renorm_mean": ops.cast(self.renorm_mean, mean.dtype) * (1.0 - g) + mean * g,
+            "renorm_stddev": ops.cast(self.renorm_stddev, mean.dtype) * (1.0 - g) + stddev * g,
+        }
+        if spec.renorm_running == "stddev":
+            fed_stddev = stddev if fed is variance else ops.sqrt(fed + spec.eps)
+            old = ops.cast(self.moving_stddev, mean.dtype)
+            new_stddev = old * (1.0 - factor) + fed_stddev * factor
+            values["moving_stddev"] = new_stddev
+            values["moving_variance"] = ops.relu(new_stddev * new_stddev - spec.eps)
+        return values
+
     # -- moving statistics -----------------------------------------------------------
 
     def _update(self, mean: Any, variance: Any, count: Any, empty: Any, zero_masked: bool) -> None:
@@ -669,11 +778,16 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         else:
             factor = spec.momentum
         new_mean = old_mean * (1.0 - factor) + mean * factor
-        new_var = old_var * (1.0 - factor) + fed * factor
+        renorm = self._renorm_values(mean, variance, fed, factor) if spec.renorm else {}
+        new_var = renorm.pop("moving_variance", None)
+        if new_var is None:
+            new_var = old_var * (1.0 - factor) + fed * factor
         new_tracked = None if tracked is None else tracked + 1
         keep = None  # when this batch may be folded in (None: always)
         if spec.skip_nonfinite:
             keep = ops.logical_and(ops.all(ops.isfinite(mean)), ops.all(ops.isfinite(fed)))
+            if spec.renorm:  # sqrt(var + eps) too: the renorm statistics' feed
+                keep = ops.logical_and(keep, ops.all(ops.isfinite(variance)))
         # Where every count passes (no kept value is taken, one is allowed) no guard is
         # built: it could only change XLA's fusion, and preset="keras" is Keras bit for bit.
         if not isinstance(count, int) and not (zero_masked and spec.allow_single_value):
@@ -693,9 +807,16 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 nothing = ops.full_like(new_mean, float("nan"))
                 new_mean = ops.where(empty, nothing, new_mean)
                 new_var = ops.where(empty, nothing, new_var)
+                renorm = {k: ops.where(empty, nothing, v) for k, v in renorm.items()}
         if fold is not None:
             new_mean = ops.where(fold, new_mean, old_mean)
             new_var = ops.where(fold, new_var, old_var)
+            renorm = {
+                k: ops.where(fold, v, ops.cast(getattr(self, k), v.dtype))
+                for k, v in renorm.items()
+            }
+        for name, value in renorm.items():
+            getattr(self, name).assign(value)
         if tracked is not None and counted is not None:
             # The variable's value, not the variable: Keras's JAX ops.where hands its
             # arguments to jnp.where unconverted, which JAX >= 0.9 refuses for objects
@@ -726,6 +847,10 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 "update_on": spec.update_on,
                 "empty_batch": spec.empty_batch,
                 "fully_masked": spec.fully_masked,
+                "renorm": spec.renorm,
+                "renorm_clipping": spec.renorm_clipping,
+                "renorm_momentum": spec.renorm_momentum,
+                "renorm_running": spec.renorm_running,
                 "preset": spec.preset,
                 "synchronized": self.synchronized,
                 "frozen": self.frozen,

@@ -32,11 +32,22 @@ _PASSED = (
 
 def _replacement(layer: Any, preset: str | None, overrides: dict[str, Any]) -> BatchNorm:
     config = layer.get_config()
+    # Batch Renormalization (SPEC.md section 2): its bounds and renorm momentum translate
+    # under every preset; a layer without it keeps none of its (unused) settings.
     if config.get("renorm"):
-        raise ValueError(
-            f"layer {layer.name!r} uses renorm=True (batch renormalisation), which unorm's "
-            "BatchNorm does not implement; convert needs renorm=False"
+        renorm = BatchNormSpec.from_native(
+            "keras",
+            renorm=True,
+            renorm_clipping=config.get("renorm_clipping"),
+            renorm_momentum=config.get("renorm_momentum", 0.99),
         )
+        renorm_settings = {
+            f.name: getattr(renorm, f.name)
+            for f in dataclasses.fields(renorm)
+            if f.name.startswith("renorm") and f.name != "renorm_running"
+        }
+    else:
+        renorm_settings = {}
     if preset == "keras":
         # The layer's own momentum and epsilon, translated: outputs stay exactly as they were.
         spec = BatchNormSpec.from_native(
@@ -46,30 +57,36 @@ def _replacement(layer: Any, preset: str | None, overrides: dict[str, Any]) -> B
             center=config["center"],
             scale=config["scale"],
             axis=config["axis"],
-        ).replace(**overrides)
+        ).replace(**renorm_settings, **overrides)
     else:
         spec = BatchNormSpec.from_preset(
             preset,
             axis=config["axis"],
             center=config["center"],
             scale=config["scale"],
-            **overrides,
+            **{**renorm_settings, **overrides},
         )
     # Every setting of the spec but the axis and the preset's name, so that no override
-    # (and no setting added to the spec later) is dropped on the way.
-    settings = {
+    # (and no setting added to the spec later) is dropped on the way; the clipping bounds
+    # as the layer's one renorm_clipping argument.
+    bounds = ("renorm_rmax", "renorm_rmin", "renorm_dmax")
+    settings: dict[str, Any] = {
         f.name: getattr(spec, f.name)
         for f in dataclasses.fields(spec)
-        if f.name not in ("axis", "preset")
+        if f.name not in ("axis", "preset", *bounds)
     }
+    settings["renorm_clipping"] = spec.renorm_clipping
     passed = {key: config[key] for key in _PASSED if key in config}
     return BatchNorm(spec.axis, preset=spec.preset, **settings, **passed)
 
 
 def _copy_weights(source: Any, target: Any) -> None:
     if isinstance(source, keras.layers.BatchNormalization) and isinstance(target, BatchNorm):
-        for name in ("gamma", "beta", "moving_mean", "moving_variance"):
-            old, new = getattr(source, name), getattr(target, name)
+        names = ["gamma", "beta", "moving_mean", "moving_variance", "renorm_mean", "renorm_stddev"]
+        if target.moving_stddev is not None:
+            names.append("moving_stddev")
+        for name in names:
+            old, new = getattr(source, name, None), getattr(target, name)
             if old is not None and new is not None:
                 new.assign(old)
         return
@@ -87,7 +104,10 @@ def convert(model: Any, preset: str | None = "keras", **overrides: Any) -> Any:
     canonical, ``"torch"``, ``"mxnet"``) gives every BatchNorm that preset's settings
     (axis, center and scale are kept); ``overrides`` (in unorm's convention, e.g.
     ``skip_nonfinite=True``) apply to every converted layer. Layers keep their names.
-    BatchNormalization with ``renorm=True`` cannot be converted (``ValueError``).
+    A layer with ``renorm=True`` keeps Batch Renormalization, its clipping bounds and its
+    ``renorm_momentum`` (translated) under every preset, and its ``renorm_mean`` and
+    ``renorm_stddev`` weights; ``preset="keras"`` also keeps its ``moving_stddev``
+    (``renorm_running="stddev"``), so it trains exactly as before.
 
     Example:
         >>> import numpy as np

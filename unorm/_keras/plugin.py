@@ -23,6 +23,10 @@ PLUGIN = BackendPlugin(
         "empty_batch": "nan",
         # Only Keras's layers take a mask (the other plug-ins declare no fully_masked).
         "fully_masked": "zero",
+        # Only Keras's layer has Batch Renormalization (renorm=True), keeping a moving
+        # stddev for inference and weighing the old renorm statistics by 0.99.
+        "renorm_momentum": 1.0 - 0.99,
+        "renorm_running": "stddev",
     },
     native_arguments={
         "eps": "epsilon",
@@ -30,6 +34,7 @@ PLUGIN = BackendPlugin(
         "affine": False,
         "default_axis": -1,
         "cumulative_average": False,
+        "renorm": True,
     },
     layouts={
         "dense": KernelLayout("k b a"),

@@ -42,7 +42,8 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
 
     ``BatchNorm(in_channels=0, num_dims=None, *, axis=1, eps=None, momentum=<unset>,
     center=None, scale=None, preset=None, track_running_stats=None, running_var=None,
-    skip_nonfinite=None, allow_single_value=None, update_on=None, empty_batch=None)``.
+    skip_nonfinite=None, allow_single_value=None, update_on=None, empty_batch=None,
+    renorm=None, renorm_clipping=None, renorm_momentum=None, renorm_running=None)``.
     Arguments left at None (``momentum``: left out) take the preset's value, or the
     canonical default with ``preset=None``: ``eps=1e-5``; ``momentum=0.1``, the weight of
     the **new** batch statistic (Gluon's own ``momentum=0.9`` weighs the old value),
@@ -50,6 +51,14 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
     ``n/(n-1)`` times the batch variance; a batch with non-finite statistics updates
     nothing; training on one value per channel is a ``ValueError``; an empty batch changes
     no state.
+
+    ``renorm=True`` is Batch Renormalization (Ioffe 2017, arXiv 1702.03275; ``SPEC.md``
+    section 2): training corrects the normalised batch by ``r`` and ``d`` (constants to
+    the gradient) taken from the auxiliary states ``renorm_mean`` and ``renorm_std``;
+    ``renorm_clipping`` is Keras's dictionary of bounds (``"rmax"``, ``"rmin"``,
+    ``"dmax"``, each optional; default none), ``renorm_momentum`` the weight of the new
+    statistic in the renorm statistics (default 0.01), ``renorm_running`` ``"variance"``
+    (default) or ``"stddev"`` (Keras's moving stddev, a state ``running_std``).
 
     ``in_channels=0`` infers the channel count from the first input; ``num_dims`` (2 for
     ``(N, C)``, 4 for ``(N, C, H, W)``, or None for any rank >= 2) makes other ranks a
@@ -128,6 +137,10 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         allow_single_value: bool | None = None,
         update_on: str | None = None,
         empty_batch: str | None = None,
+        renorm: bool | None = None,
+        renorm_clipping: Any = None,
+        renorm_momentum: float | None = None,
+        renorm_running: str | None = None,
         beta_initializer: Any = "zeros",
         gamma_initializer: Any = "ones",
         running_mean_initializer: Any = "zeros",
@@ -148,10 +161,15 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
             "allow_single_value": allow_single_value,
             "update_on": update_on,
             "empty_batch": empty_batch,
+            "renorm": renorm,
+            "renorm_momentum": renorm_momentum,
+            "renorm_running": renorm_running,
         }
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if momentum is not _UNSET:
             overrides["momentum"] = momentum
+        if renorm_clipping is not None:
+            overrides.update(BatchNormSpec.clipping_settings(renorm_clipping))
         #: The layer's settings in unorm's convention (:class:`unorm.spec.BatchNormSpec`).
         self.spec = BatchNormSpec.from_preset(preset, axis=axis, **overrides)
         extra = self._sync_extra() or {}
@@ -199,6 +217,21 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
                 dtype="int64",
                 differentiable=False,
             )
+        # Batch Renormalization's states (SPEC.md section 2), after the running statistics
+        # in the operator's order (OpSettings.aux_names); attributes, so that Gluon
+        # registers them and passes them to hybrid_forward by name.
+        self._renorm_states = []
+        for name in self._settings.aux_names()[3:]:
+            state = self.params.get(
+                name,
+                grad_req="null",
+                shape=(channels,),
+                init="zeros" if name == "renorm_mean" else "ones",
+                allow_deferred_init=True,
+                differentiable=False,
+            )
+            setattr(self, name, state)
+            self._renorm_states.append(state)
 
     def _sync_extra(self) -> dict[str, Any] | None:
         return None
@@ -340,13 +373,15 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         running_mean: Any = None,
         running_var: Any = None,
         num_batches_tracked: Any = None,
+        **renorm_states: Any,
     ) -> Any:
         """The graph: one ``unorm_batchnorm`` operator (see :mod:`unorm._mxnet.op`), and
-        with ``update_on="backward"`` the node that orders its update (:meth:`_order`)."""
-        spec = self.spec
-        states = (
-            [running_mean, running_var, num_batches_tracked] if spec.track_running_stats else []
-        )
+        with ``update_on="backward"`` the node that orders its update (:meth:`_order`).
+        ``renorm_states``: Batch Renormalization's (``renorm_mean``, ``renorm_std``,
+        ``running_std``), passed by Gluon by name."""
+        names = self._settings.aux_names()
+        states = [running_mean, running_var, num_batches_tracked][: len(names)]
+        states += [renorm_states[name] for name in names[3:]]
         settings = self._settings
         args = [gamma, beta]
         if self._orders_update(F):
@@ -425,6 +460,9 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
             dtype = "float32"
         internals.clear_cached_graph(self)
         for param in (self.gamma, self.beta, self.running_mean, self.running_var):
+            if param is not None:
+                param.cast(dtype)
+        for param in self._renorm_states:
             if param is not None:
                 param.cast(dtype)
 

@@ -47,6 +47,7 @@ from typing import Any
 import mxnet as mx
 import numpy as np
 
+from .._core.renorm import clip_correction
 from ..spec import BatchNormSpec
 from .native import affine, affine_params, batchnorm_backward, constant, work_dtype
 from .stats import Stats, batch_stats, channel_sums, layout
@@ -127,6 +128,10 @@ def _flag(value: str) -> bool:
     return value in ("True", "true", "1")
 
 
+def _bound(value: str) -> float | None:
+    return None if value == "None" else float(value)
+
+
 @dataclasses.dataclass(frozen=True)
 class OpSettings:
     """The operator's settings, carried as string attributes of the graph node.
@@ -140,7 +145,10 @@ class OpSettings:
     default ``"error"``, also for older graphs). ``ordered`` adds the ``order`` argument
     (default False, also for graphs exported before it existed). ``frozen`` is the frozen
     mode of ``SPEC.md`` section 8: running statistics in training too, never updated
-    (default False, also for older graphs). ``sync_key`` and
+    (default False, also for older graphs). ``renorm`` and the ``renorm_*`` settings are
+    Batch Renormalization's (``SPEC.md`` section 2; default off, also for older graphs),
+    with the auxiliary states ``renorm_mean``, ``renorm_std`` (and ``running_std`` under
+    ``renorm_running="stddev"``) after the running statistics. ``sync_key`` and
     ``num_devices`` make it cross-device (``num_devices > 1``; default ``""`` and 1: one
     device), ``timeout`` (120.0) bounds the wait for the other devices, in seconds.
     :meth:`attrs` and :meth:`from_attrs` convert to and from the strings a graph node
@@ -166,6 +174,12 @@ class OpSettings:
     axis: int
     empty_batch: str = "skip"
     fully_masked: str = "error"
+    renorm: bool = False
+    renorm_rmax: float | None = None
+    renorm_rmin: float | None = None
+    renorm_dmax: float | None = None
+    renorm_momentum: float = 0.01
+    renorm_running: str = "variance"
     ordered: bool = False
     frozen: bool = False
     sync_key: str = ""
@@ -188,6 +202,12 @@ class OpSettings:
             axis=spec.axis,
             empty_batch=spec.empty_batch,
             fully_masked=spec.fully_masked,
+            renorm=spec.renorm,
+            renorm_rmax=spec.renorm_rmax,
+            renorm_rmin=spec.renorm_rmin,
+            renorm_dmax=spec.renorm_dmax,
+            renorm_momentum=spec.renorm_momentum,
+            renorm_running=spec.renorm_running,
             **extra,
         )
 
@@ -207,7 +227,24 @@ class OpSettings:
             update_on=self.update_on,  # type: ignore[arg-type]
             empty_batch=self.empty_batch,  # type: ignore[arg-type]
             fully_masked=self.fully_masked,  # type: ignore[arg-type]
+            renorm=self.renorm,
+            renorm_rmax=self.renorm_rmax,
+            renorm_rmin=self.renorm_rmin,
+            renorm_dmax=self.renorm_dmax,
+            renorm_momentum=self.renorm_momentum,
+            renorm_running=self.renorm_running,  # type: ignore[arg-type]
         )
+
+    def aux_names(self) -> list[str]:
+        """The operator's auxiliary states, in order (none without running statistics)."""
+        if not self.track:
+            return []
+        names = ["running_mean", "running_var", "num_batches_tracked"]
+        if self.renorm:
+            names += ["renorm_mean", "renorm_std"]
+            if self.renorm_running == "stddev":
+                names.append("running_std")
+        return names
 
     def attrs(self) -> dict[str, str]:
         """String attributes for ``mx.nd.Custom``/``mx.sym.Custom`` (floats round-trip)."""
@@ -234,6 +271,12 @@ class OpSettings:
             axis=int(attrs["axis"]),
             empty_batch=attrs.get("empty_batch", "skip"),
             fully_masked=attrs.get("fully_masked", "error"),
+            renorm=_flag(attrs.get("renorm", "False")),
+            renorm_rmax=_bound(attrs.get("renorm_rmax", "None")),
+            renorm_rmin=_bound(attrs.get("renorm_rmin", "None")),
+            renorm_dmax=_bound(attrs.get("renorm_dmax", "None")),
+            renorm_momentum=float(attrs.get("renorm_momentum", "0.01")),
+            renorm_running=attrs.get("renorm_running", "variance"),
             ordered=_flag(attrs.get("ordered", "False")),
             frozen=_flag(attrs.get("frozen", "False")),
             sync_key=attrs.get("sync_key", ""),
@@ -253,7 +296,8 @@ class _Saved:
     batch mean, biased variance), ``offset`` (the mean of the array actually normalised,
     ``mean - centre`` when the input was shifted), ``invstd = 1/sqrt(var + eps)`` (for the
     backward kernel), ``mean_term``, ``var_term`` (the update's ``f * mean`` and
-    ``f * fed_var``); then ``mode``, ``count_hi``, ``count_lo``.
+    ``f * fed_var``), ``r``, ``d`` (Batch Renormalization's correction; 1 and 0 without
+    it); then ``mode``, ``count_hi``, ``count_lo``.
     """
 
     def __init__(self, array: NDArray, channels: int) -> None:
@@ -262,11 +306,12 @@ class _Saved:
         self.mean, self.var = array[0:c], array[c : 2 * c]
         self.offset, self.invstd = array[2 * c : 3 * c], array[3 * c : 4 * c]
         self.mean_term, self.var_term = array[4 * c : 5 * c], array[5 * c : 6 * c]
-        self.tail = array[6 * c :]
+        self.r, self.d = array[6 * c : 7 * c], array[7 * c : 8 * c]
+        self.tail = array[8 * c :]
 
     @staticmethod
     def size(channels: int) -> int:
-        return 6 * channels + 3
+        return 8 * channels + 3
 
     def mode_and_count(self) -> tuple[int, int]:
         mode, high, low = (int(v) for v in self.tail.asnumpy())
@@ -303,6 +348,11 @@ class _Update:
         with np.errstate(invalid="ignore", over="ignore"):
             self.mean_term = self.weight * mean
             self.var_term = self.weight * fed
+        self.mean, self.var, self.fed = mean, var, fed
+        # Batch Renormalization's feed, sqrt(var + eps), is finite where var is.
+        if s.renorm and not self.count_only and s.skip_nonfinite:
+            with np.errstate(invalid="ignore"):
+                self.skip = self.skip or not bool(np.isfinite(var).all())
 
     def apply(self, aux: list[NDArray], mean_term: NDArray, var_term: NDArray) -> None:
         """``running = (1 - f) * running + term`` on the device, then count the batch."""
@@ -315,15 +365,60 @@ class _Update:
         counter = aux[2]
         counter += 1
 
+    def apply_renorm(self, aux: list[NDArray], s: OpSettings) -> None:
+        """Batch Renormalization's part of the update (``SPEC.md`` section 2), after
+        :meth:`apply`: the renorm statistics at ``renorm_momentum`` and, under
+        ``renorm_running="stddev"``, the running standard deviation with the running
+        variance derived from it. Per-channel host arithmetic, written to the states."""
+        if not s.renorm or self.skip or self.count_only:
+            return
+        g, f = s.renorm_momentum, self.weight
+        dtype = aux[3].dtype
+        with np.errstate(invalid="ignore", over="ignore"):
+            sigma = np.sqrt(self.var + s.eps)
+            renorm_mean = (1.0 - g) * aux[3].asnumpy().astype(np.float64) + g * self.mean
+            renorm_std = (1.0 - g) * aux[4].asnumpy().astype(np.float64) + g * sigma
+            aux[3][:] = renorm_mean.astype(dtype)
+            aux[4][:] = renorm_std.astype(dtype)
+            if s.renorm_running == "stddev":
+                std = (1.0 - f) * aux[5].asnumpy().astype(np.float64) + f * np.sqrt(
+                    self.fed + s.eps
+                )
+                aux[5][:] = std.astype(dtype)
+                aux[1][:] = np.maximum(std * std - s.eps, 0.0).astype(dtype)
 
-def _pack(stats: Stats, offset: Any, eps: float, mode: int, update: _Update | None) -> Any:
+
+def _renorm_correction(stats: Stats, aux: list[NDArray], s: OpSettings) -> tuple[Any, Any]:
+    """Batch Renormalization's ``r`` and ``d`` (host, float64) from the renorm statistics
+    before this call's update; 1 and 0 where there is no correction."""
+    channels = len(stats.mean)
+    if not s.renorm or stats.count == 0:
+        return np.ones(channels), np.zeros(channels)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        floor = np.maximum(aux[4].asnumpy().astype(np.float64), np.sqrt(s.eps))
+        r = np.sqrt(stats.var + s.eps) / floor
+        d = (stats.mean - aux[3].asnumpy().astype(np.float64)) / floor
+    return clip_correction(
+        r, d, rmin=s.renorm_rmin, rmax=s.renorm_rmax, dmax=s.renorm_dmax,
+        maximum=np.maximum, minimum=np.minimum,
+    )  # fmt: skip
+
+
+def _pack(
+    stats: Stats,
+    offset: Any,
+    eps: float,
+    mode: int,
+    update: _Update | None,
+    correction: tuple[Any, Any],
+) -> Any:
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
         var = stats.var
         invstd = 1.0 / np.sqrt(var + eps)
     zeros = np.zeros_like(var)
     terms = [zeros, zeros] if update is None else [update.mean_term, update.var_term]
     tail = np.array([mode, stats.count // _SPLIT, stats.count % _SPLIT], dtype=np.float64)
-    return np.concatenate([stats.mean, var, offset, invstd, *terms, tail])
+    return np.concatenate([stats.mean, var, offset, invstd, *terms, *correction, tail])
 
 
 def _assign(op: Any, dst: NDArray, req: str, value: NDArray) -> None:
@@ -416,15 +511,21 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
                 raise error
             mode = BATCH_AND_UPDATE if is_train and s.track else BATCH
             update = None
+            correction = _renorm_correction(stats, aux, s) if mode == BATCH_AND_UPDATE else None
             if mode == BATCH_AND_UPDATE:
                 with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
                     update = _Update(aux, stats.mean, stats.var, stats.count, s)
             offset = stats.mean if centre is None else stats.mean - centre
+            ones = np.ones(channels), np.zeros(channels)
             # One host-to-device copy; every per-channel array below is a view of it.
-            target[:] = _pack(stats, offset, s.eps, mode, update)
+            target[:] = _pack(stats, offset, s.eps, mode, update, correction or ones)
             saved = _Saved(target, channels)
+            if s.renorm and correction is not None:
+                # y = gamma * (xhat * r + d) + beta, r and d constants (SPEC.md section 2).
+                gamma, beta = gamma * saved.r, gamma * saved.d + beta
             if update is not None and s.update_on == "forward":
                 update.apply(aux, saved.mean_term, saved.var_term)
+                update.apply_renorm(aux, s)
             # Normalising the exactly shifted input keeps digits a large mean would eat.
             source = xw if centred is None else centred
             mean_used, var_used = saved.offset, saved.var
@@ -477,13 +578,18 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         xw = _as_3d(x, dtype, before, channels, after)
         dyw = _as_3d(dy, dtype, before, channels, after)
         gamma, _ = self._params(in_data, dtype)
+        renorm = s.renorm and mode == BATCH_AND_UPDATE
+        if renorm:
+            gamma = gamma * saved.r  # dx is the plain backward's with gamma * r
         if mode != RUNNING and s.num_devices > 1:
             dx, dgamma, dbeta = self._sync_backward(dyw, xw, gamma, saved.mean, saved.var, count, 1)
+            if renorm:
+                dgamma = dgamma * saved.r + dbeta * saved.d
             _assign(self, in_grad[0], req[0], dx.reshape(x.shape))
             _assign(self, in_grad[1], req[1], dgamma if s.scale else dgamma.zeros_like())
             _assign(self, in_grad[2], req[2], dbeta if s.center else dbeta.zeros_like())
         else:
-            self._native_backward(req, dyw, xw, gamma, saved, mode, in_grad, aux)
+            self._native_backward(req, dyw, xw, gamma, saved, mode, in_grad, aux, renorm)
         if s.ordered and req[3] != "null":
             self.assign(in_grad[3], req[3], in_grad[3].zeros_like())  # its value is unused
         if mode == BATCH_AND_UPDATE and s.update_on == "backward":
@@ -498,6 +604,7 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
                 mx.nd.array(update.mean_term, ctx=ctx, dtype=dtype_aux),
                 mx.nd.array(update.var_term, ctx=ctx, dtype=dtype_aux),
             )
+            update.apply_renorm(aux, s)
 
     def _native_backward(
         self,
@@ -509,8 +616,12 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         mode: int,
         in_grad: list[NDArray],
         aux: list[NDArray],
+        renorm: bool = False,
     ) -> None:
-        """MXNet's backward kernel on ``(P, C, Q)`` views, into the gradients where it can."""
+        """MXNet's backward kernel on ``(P, C, Q)`` views, into the gradients where it can.
+
+        ``renorm``: ``gamma`` is already ``gamma * r``; the kernel's ``sum(dy * xhat)``
+        becomes Batch Renormalization's ``r * sum(dy * xhat) + d * sum(dy)``."""
         s = self.s
         channels = gamma.shape[0]
         ctx, dtype = x.context, np.dtype(gamma.dtype)
@@ -519,6 +630,7 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
             req[i] == "write" and wanted[i] and np.dtype(in_grad[i].dtype) == dtype
             for i in range(3)
         ]
+        direct[1] = direct[1] and not renorm
         targets = (in_grad[0].reshape(x.shape), in_grad[1], in_grad[2])
         shapes = (x.shape, (channels,), (channels,))
         outs = [
@@ -539,6 +651,8 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         else:
             outs[1][:] = 0
             outs[2][:] = 0
+        if renorm:
+            outs[1] = outs[1] * saved.r + outs[2] * saved.d
         for i in range(3):
             if direct[i] or req[i] == "null":
                 continue
@@ -621,9 +735,7 @@ class BatchNormProp(mx.operator.CustomOpProp):  # type: ignore[misc]
         return ["output", "saved"]
 
     def list_auxiliary_states(self) -> list[str]:
-        if not self.settings.track:
-            return []
-        return ["running_mean", "running_var", "num_batches_tracked"]
+        return self.settings.aux_names()
 
     def infer_shape(self, in_shape: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
         data = tuple(in_shape[0])
@@ -646,7 +758,9 @@ class BatchNormProp(mx.operator.CustomOpProp):  # type: ignore[misc]
                     f"got shape {data} with {channels} ({name})"
                 )
         per_channel = (channels,)
-        aux = [per_channel, per_channel, (1,)] if self.settings.track else []
+        aux = [
+            (1,) if n == "num_batches_tracked" else per_channel for n in self.settings.aux_names()
+        ]
         saved = (_Saved.size(channels),)
         args = [data, per_channel, per_channel] + ([(1, channels)] if self.settings.ordered else [])
         return args, [data, saved], aux
@@ -662,7 +776,9 @@ class BatchNormProp(mx.operator.CustomOpProp):  # type: ignore[misc]
             raise error  # inside a graph no block method sees the input first
         data = np.dtype(in_type[0]).type
         params = work_dtype(data).type
-        aux = [params, params, np.int64] if self.settings.track else []
+        aux = [
+            np.int64 if n == "num_batches_tracked" else params for n in self.settings.aux_names()
+        ]
         args = [data, params, params] + ([params] if self.settings.ordered else [])
         return args, [data, params], aux
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .._core.renorm import clip_correction
 from .._core.settings import BatchNormSettings
 from ..spec import UNSET, BatchNormSpec, Unset, given, normalize_axis
 
@@ -57,6 +58,19 @@ class BatchNorm(BatchNormSettings, nn.Module):
             statistics are not all finite; default True (False in the native presets).
         allow_single_value: train on one value per channel instead of raising; default
             False (True in the ``keras`` and ``mxnet`` presets).
+        renorm: Batch Renormalization (Ioffe 2017, arXiv 1702.03275; ``SPEC.md`` section
+            2): training corrects the normalised batch by ``r``, ``d`` (no gradient
+            through them) from the buffers ``renorm_mean`` and ``renorm_std``. Default
+            False; needs ``track_running_stats``.
+        renorm_clipping: the bounds, as Keras's dictionary: keys ``"rmax"``, ``"rmin"``
+            (``r`` clipped to ``[rmin, rmax]``) and ``"dmax"`` (``d`` to
+            ``[-dmax, dmax]``), each optional; default none. The paper's ``r`` range is
+            ``{"rmax": R, "rmin": 1 / R}``.
+        renorm_momentum: weight of the new batch statistic in the renorm statistics
+            (default 0.01).
+        renorm_running: ``"variance"`` (default: the running variance as without renorm)
+            or ``"stddev"`` (the ``keras`` preset: a ``running_std`` buffer, the running
+            variance derived from it as Keras's layer does).
         device, dtype: where and in which dtype parameters and buffers live. A 16-bit
             ``dtype`` keeps them in float32, as the spec asks for 16-bit inputs.
 
@@ -90,6 +104,10 @@ class BatchNorm(BatchNormSettings, nn.Module):
         skip_nonfinite: bool | Unset = UNSET,
         allow_single_value: bool | Unset = UNSET,
         empty_batch: str | Unset = UNSET,
+        renorm: bool | Unset = UNSET,
+        renorm_clipping: Mapping[str, float] | Unset | None = UNSET,
+        renorm_momentum: float | Unset = UNSET,
+        renorm_running: str | Unset = UNSET,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -116,6 +134,12 @@ class BatchNorm(BatchNormSettings, nn.Module):
                 skip_nonfinite=skip_nonfinite,
                 allow_single_value=allow_single_value,
                 empty_batch=empty_batch,
+                renorm=renorm,
+                renorm_momentum=renorm_momentum,
+                renorm_running=renorm_running,
+            ),
+            **(
+                {} if renorm_clipping is UNSET else BatchNormSpec.clipping_settings(renorm_clipping)
             ),
         )
         if num_dims is not None:
@@ -144,6 +168,12 @@ class BatchNorm(BatchNormSettings, nn.Module):
             self.register_buffer("running_mean", None)
             self.register_buffer("running_var", None)
             self.register_buffer("num_batches_tracked", None)
+        if self.spec.renorm:
+            # SPEC.md section 2, *Batch Renormalization*: the statistics r and d come from.
+            self.register_buffer("renorm_mean", torch.zeros(num_features, **factory))
+            self.register_buffer("renorm_std", torch.ones(num_features, **factory))
+            if self.spec.renorm_running == "stddev":
+                self.register_buffer("running_std", torch.ones(num_features, **factory))
         self.reset_parameters()
 
     # -- the settings, read through the spec so that they cannot drift apart ----------
@@ -160,6 +190,10 @@ class BatchNorm(BatchNormSettings, nn.Module):
             self.running_var.fill_(1)
             assert self.num_batches_tracked is not None
             self.num_batches_tracked.zero_()
+        for name, value in (("renorm_mean", 0), ("renorm_std", 1), ("running_std", 1)):
+            buffer = self._buffers.get(name)
+            if buffer is not None:
+                buffer.fill_(value)
 
     def reset_parameters(self) -> None:
         """Reset the running statistics; ``weight`` to 1 and ``bias`` to 0."""
@@ -219,6 +253,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
         if spec.axis != 1:
             parts.append(f"axis={spec.axis}")
         parts.append(f"preset={spec.preset!r}")
+        if spec.renorm:
+            parts.append(f"renorm=True, renorm_clipping={spec.renorm_clipping}")
         if self._frozen:
             parts.append("frozen=True")
         return ", ".join(parts)
@@ -387,6 +423,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
             return y
         if rule == "nan":  # the statistics of no values, fed as any batch's
             nothing = torch.full_like(rm, float("nan"))
+            if self.spec.renorm:
+                return self._deferred(y, self._renorm_update, nothing, nothing.clone(), 0)
             return self._update_running(y, nothing, nothing.clone())
         if self.spec.update_on == "backward":
             if y.requires_grad:
@@ -412,6 +450,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
         assert rm is not None and rv is not None and tracked is not None
         spec = self.spec
         kernel = self._kernel_trains(count)
+        if spec.renorm:
+            return self._renorm_train(x, count)
         if spec.unbiased and not spec.skip_nonfinite and spec.update_on == "forward" and kernel:
             # Exactly nn.BatchNorm*d (the "torch" preset): the fused kernel updates the buffers.
             # The kernel wants a host factor (the one sync, as nn.BatchNorm*d has); the counter
@@ -433,6 +473,98 @@ class BatchNorm(BatchNormSettings, nn.Module):
         if count > 1 and not spec.unbiased:
             batch_var = batch_var * ((count - 1) / count)  # the kernel wrote the unbiased one
         return self._update_running(y, batch_mean, batch_var)
+
+    # -- Batch Renormalization (SPEC.md section 2) -------------------------------------
+
+    def _renorm_train(self, x: Tensor, count: int) -> Tensor:
+        """Normalise ``x`` (channels on axis 1) with the batch statistics, corrected by
+        ``r`` and ``d`` folded into the scale and shift (``gamma * r``, ``gamma * d +
+        beta``, ``r`` and ``d`` detached, so autograd gives the spec's gradients), then
+        update the state once (now, or in backward for ``update_on="backward"``)."""
+        spec = self.spec
+        renorm_mean, renorm_std = self._buffers["renorm_mean"], self._buffers["renorm_std"]
+        assert renorm_mean is not None and renorm_std is not None
+        dims = [d for d in range(x.dim()) if d != 1]
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        with torch.no_grad():
+            var, mean = torch.var_mean(x.to(stat_dtype), dim=dims, correction=0)
+            floor = renorm_std.to(stat_dtype).clamp_min(spec.eps**0.5)
+            r = torch.sqrt(var + spec.eps) / floor
+            d = (mean - renorm_mean.to(stat_dtype)) / floor
+            r, d = clip_correction(
+                r, d, rmin=spec.renorm_rmin, rmax=spec.renorm_rmax, dmax=spec.renorm_dmax,
+                maximum=Tensor.clamp_min, minimum=Tensor.clamp_max,
+            )  # fmt: skip
+        param_dtype = renorm_std.dtype
+        r, d = r.to(param_dtype), d.to(param_dtype)
+        weight = r if self.weight is None else self.weight * r
+        bias = d if self.weight is None else self.weight * d
+        if self.bias is not None:
+            bias = bias + self.bias
+        if self._kernel_trains(count):
+            y = F.batch_norm(x, None, None, weight, bias, True, 0.0, spec.eps)
+        else:  # one value per channel, or eps=0: PyTorch's kernel refuses both
+            shape = [1, -1] + [1] * (x.dim() - 2)
+            xs = x.to(stat_dtype)
+            xhat = (xs - mean.view(shape)) * torch.rsqrt(var.view(shape) + spec.eps)
+            y = (xhat * weight.view(shape) + bias.view(shape)).to(x.dtype)
+        return self._deferred(y, self._renorm_update, mean, var, count)
+
+    def _deferred(self, y: Tensor, update: Any, *args: Any) -> Tensor:
+        """Run ``update(*args)`` now, or when backward reaches ``y`` (``update_on``)."""
+        if self.spec.update_on == "backward":
+            if y.requires_grad:
+
+                def hook(grad: Tensor) -> Tensor:
+                    update(*args)
+                    return grad
+
+                y.register_hook(hook)  # type: ignore[no-untyped-call]
+            return y
+        update(*args)
+        return y
+
+    @torch.no_grad()
+    def _renorm_update(self, mean: Tensor, var: Tensor, count: int) -> None:
+        """One state update of Batch Renormalization: renorm statistics at
+        ``renorm_momentum``, inference statistics as ``renorm_running`` says, all kept
+        only where the guard passes (``torch.where`` on a 0-d flag: no host sync)."""
+        spec = self.spec
+        rm, rv, tracked = self.running_mean, self.running_var, self.num_batches_tracked
+        assert rm is not None and rv is not None and tracked is not None
+        fed = var * (count / (count - 1)) if spec.unbiased and count > 1 else var
+        sigma = torch.sqrt(var + spec.eps)
+        g = spec.renorm_momentum
+        targets = {
+            "renorm_mean": mean,
+            "renorm_std": sigma,
+        }
+        new = {
+            name: (1 - g) * self._buffers[name] + g * value.to(rm.dtype)  # type: ignore[operator]
+            for name, value in targets.items()
+        }
+        factor: Tensor | float
+        if spec.momentum is None:
+            wide = torch.promote_types(rm.dtype, torch.float32)
+            factor = (1.0 / (tracked.to(wide) + 1)).to(rm.dtype)
+        else:
+            factor = spec.momentum
+        new["running_mean"] = (1 - factor) * rm + factor * mean.to(rm.dtype)
+        running_std = self._buffers.get("running_std")
+        if running_std is not None:
+            std = (1 - factor) * running_std + factor * torch.sqrt(fed + spec.eps).to(rm.dtype)
+            new["running_std"] = std
+            new["running_var"] = torch.relu(std * std - spec.eps)
+        else:
+            new["running_var"] = (1 - factor) * rv + factor * fed.to(rv.dtype)
+        ok: Tensor | None = None
+        if spec.skip_nonfinite:
+            ok = torch.stack([torch.isfinite(t).all() for t in (mean, fed, sigma)]).all()
+        for name, value in new.items():
+            buffer = self._buffers[name]
+            assert buffer is not None
+            buffer.copy_(value if ok is None else torch.where(ok, value, buffer))
+        tracked.add_(1 if ok is None else ok.to(tracked.dtype))
 
     def _update_running(self, y: Tensor, batch_mean: Tensor, batch_var: Tensor) -> Tensor:
         """Fold a batch's mean and fed variance into the running statistics, now or, for

@@ -113,6 +113,12 @@ class SyncBatchNorm(BatchNorm):
 
     def __init__(self, num_features: int, *args: Any, process_group: Any = None, **kwargs: Any):
         super().__init__(num_features, *args, **kwargs)
+        if self.spec.renorm:
+            # Its merged statistics would need r and d inside the collective's Function.
+            raise ValueError(
+                "renorm must be False for SyncBatchNorm, got True (Batch Renormalization "
+                "across ranks is not implemented in unorm.torch; use BatchNorm)"
+            )
         self.process_group = process_group
         self._global_count = -1  # the merged count of the last synchronised call
 

@@ -54,7 +54,7 @@ from typing import Any
 
 import numpy as np
 
-from unorm._core.registry import plugins_in_order
+from unorm._core.registry import plugin, plugins_in_order
 from unorm.spec import BatchNormSpec
 
 from . import dtypes, layouts
@@ -73,6 +73,7 @@ __all__ = [
     "SyncResult",
     "Unsupported",
     "WSConfig",
+    "constructor_settings",
     "load_adapter",
     "load_adapter_module",
     "missing_packages",
@@ -360,17 +361,47 @@ class UnormModule:
         return None
 
 
+def constructor_settings(settings: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    """A case's settings as unorm's layer constructors take them: the spec's names, but
+    Batch Renormalization's bounds (``renorm_rmax``, ``renorm_rmin``, ``renorm_dmax``) as
+    the one ``renorm_clipping`` dictionary every backend's BatchNorm takes.
+
+    Example:
+        >>> constructor_settings((("eps", 0.1), ("renorm_rmax", 2.0)))
+        {'eps': 0.1, 'renorm_clipping': {'rmax': 2.0}}
+    """
+    out = dict(settings)
+    bounds = {k[len("renorm_") :]: out.pop(k) for k in list(out) if k in _RENORM_BOUNDS}
+    if bounds:
+        out["renorm_clipping"] = bounds
+    return out
+
+
+_RENORM_BOUNDS = ("renorm_rmax", "renorm_rmin", "renorm_dmax")
+
+
 def old_weight_native_spec(
     config: LayerConfig, framework: str, layer: str, state: str
 ) -> BatchNormSpec:
     """The spec of ``config`` as a layer whose ``momentum`` weighs the old value (Keras,
     Gluon) can express it: no cumulative average, running statistics always kept (``state``
-    says how the layer uses them); raises :class:`Unsupported` otherwise."""
+    says how the layer uses them), Batch Renormalization where the framework's plug-in
+    declares it (its bounds and renorm momentum translated); raises :class:`Unsupported`
+    otherwise."""
     spec = config.spec()
     if spec.momentum is None:
         raise Unsupported(f"{layer} has no cumulative average (momentum=None)")
     if not spec.track_running_stats:
         raise Unsupported(f"{layer} always {state}")
+    renorm: dict[str, Any] = {}
+    if spec.renorm:
+        if not plugin(framework).native_arguments.get("renorm"):
+            raise Unsupported(f"{layer} has no Batch Renormalization (renorm=True)")
+        renorm = {
+            "renorm": True,
+            "renorm_clipping": spec.renorm_clipping,
+            "renorm_momentum": 1.0 - spec.renorm_momentum,
+        }
     return BatchNormSpec.from_native(
         framework,
         epsilon=spec.eps,
@@ -378,6 +409,7 @@ def old_weight_native_spec(
         center=spec.center,
         scale=spec.scale,
         axis=spec.axis,
+        **renorm,
     )
 
 

@@ -47,6 +47,7 @@ from unorm.spec import PRESETS, BatchNormSpec, ScaledWSSpec
 
 __all__ = [
     "LOGICAL_UNIT_AXES",
+    "MODE_SETTINGS",
     "PUBLIC_SETTINGS",
     "AGCCase",
     "AGCParam",
@@ -78,6 +79,10 @@ _EPS = ("eps", ">= 0")
 #: Settings a case may give on top of its preset: the ones every backend's public
 #: constructor takes (unorm.torch folds ``center``/``scale`` into ``affine``).
 PUBLIC_SETTINGS = ("eps", "momentum", "center", "scale", "track_running_stats")
+#: Settings of the BatchNorm training modes (SPEC.md section 2, *Batch Renormalization*)
+#: that the ``renorm/...`` cases give: every backend's unorm constructor takes them (the
+#: bounds as its one ``renorm_clipping`` dictionary, ``adapter.constructor_settings``).
+MODE_SETTINGS = ("renorm", "renorm_rmax", "renorm_rmin", "renorm_dmax", "renorm_momentum")
 
 
 def seed_of(name: str) -> int:
@@ -486,6 +491,42 @@ def _batchnorm_cases() -> list[BatchNormCase]:
     return out
 
 
+def _renorm_cases() -> list[BatchNormCase]:
+    """Batch Renormalization (SPEC.md section 2): the canonical form, clipped bounds that
+    bite (a shifted, spread input against the initial renorm statistics 0 and 1), the
+    guard, and every preset. A native column whose layer has Batch Renormalization runs
+    it on them (the plug-in declares it); the others report them unsupported."""
+    bn = BatchNormCase
+    clipped = _s(renorm=True, renorm_rmax=1.5, renorm_rmin=0.7, renorm_dmax=0.3,
+                 renorm_momentum=0.2)  # fmt: skip
+    shifted = Data(loc=3.0, scale=2.0)
+    train4 = (Step("train"), Step("train"), Step("train"), Step("train"), Step("eval"))
+    return [
+        bn("renorm/canonical", (6, 3, 4), settings=_s(renorm=True), steps=SEQUENCE),
+        bn("renorm/clipped", (6, 3, 4), settings=clipped, steps=train4, data=shifted),
+        bn("renorm/axis-last", (5, 4, 3), axis=-1, settings=clipped, steps=SEQUENCE),
+        bn(
+            "renorm/nonfinite",
+            (6, 3, 4),
+            settings=clipped,
+            steps=(Step("train"), Step("train", "nan"), Step("train"), Step("eval")),
+        ),
+        bn("renorm/float64", (6, 3), dtype="float64", settings=clipped, steps=SEQUENCE),
+    ] + [
+        # Each preset's arithmetic (Keras's moving stddev, MXNet's update in backward).
+        bn(
+            f"renorm/preset-{p.name}",
+            (6, 4, 3),
+            axis=-1,
+            preset=p.name,
+            settings=clipped,
+            steps=(Step("train"), Step("forward"), Step("train"), Step("train"), Step("eval")),
+            data=shifted,
+        )
+        for p in plugins_in_order()
+    ]
+
+
 def _kernel(layer: str, kind: str, shape: tuple[int, ...], recipe: str = "mixed") -> AGCParam:
     return AGCParam(layer, kind, "weight", shape, recipe)
 
@@ -719,6 +760,7 @@ def all_cases() -> tuple[Case, ...]:
     if _CASES is None:
         _CASES = (
             *_batchnorm_cases(),
+            *_renorm_cases(),
             *_agc_cases(),
             *_sync_cases(),
             *_error_cases(),

@@ -27,6 +27,7 @@ from .cases import AGCCase, Step, WSCase
 from .data import AGCInputs, BatchNormInputs, SyncInputs, WSInputs, logical_unit_axes
 
 __all__ = [
+    "RENORM_STATE",
     "StepValues",
     "WSValues",
     "agc_expected",
@@ -55,10 +56,23 @@ class StepValues:
     running_mean: np.ndarray | None = None
     running_var: np.ndarray | None = None
     num_batches_tracked: int | None = None
+    #: Batch Renormalization's statistics (``renorm=True`` only; SPEC.md section 2).
+    renorm_mean: np.ndarray | None = None
+    renorm_std: np.ndarray | None = None
 
     def quantities(self) -> dict[str, np.ndarray | int | None]:
         """Every field by name, in a fixed order."""
         return dataclasses.asdict(self)
+
+    def take_state(self, state: StepValues) -> None:
+        """Copy the state fields (running and renorm statistics, the counter) of
+        ``state``, an adapter's ``bn_state``, into these values."""
+        for name in ("running_mean", "running_var", "num_batches_tracked", *RENORM_STATE):
+            setattr(self, name, getattr(state, name))
+
+
+#: The state fields Batch Renormalization adds to :class:`StepValues`.
+RENORM_STATE = ("renorm_mean", "renorm_std")
 
 
 def _f64(a: np.ndarray) -> np.ndarray:
@@ -79,6 +93,8 @@ def batchnorm_expected(
     under ``fully_masked="error"``).
     """
     c = inputs.gamma.shape[0]
+    if spec.renorm:
+        return _renorm_expected(spec, inputs, steps)
     running = ref.init_running_stats(c) if spec.track_running_stats else None
     gamma = _f64(inputs.gamma) if spec.scale else None
     beta = _f64(inputs.beta) if spec.center else None
@@ -118,6 +134,43 @@ def batchnorm_expected(
             values.running_mean = _f64(running.mean)
             values.running_var = _f64(running.var)
             values.num_batches_tracked = running.num_batches_tracked
+        out.append(values)
+    return out
+
+
+def _renorm_expected(
+    spec: BatchNormSpec, inputs: BatchNormInputs, steps: Sequence[Step]
+) -> list[StepValues]:
+    """:func:`batchnorm_expected` of a layer with ``renorm=True`` (no mask: renorm cases
+    have none): the reference's Batch Renormalization step by step."""
+    c = inputs.gamma.shape[0]
+    running, renorm = ref.init_running_stats(c), ref.RenormStats.initial(c, spec)
+    gamma = _f64(inputs.gamma) if spec.scale else None
+    beta = _f64(inputs.beta) if spec.center else None
+    out: list[StepValues] = []
+    for step, x, dy in zip(steps, inputs.xs, inputs.dys, strict=True):
+        x64 = _f64(x)
+        before, before_renorm = running, renorm
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            y, running, renorm = ref.batch_renorm_step(
+                x64, running, renorm, spec, gamma, beta,
+                training=step.mode != "eval", backward_ran=step.mode == "train",
+            )  # fmt: skip
+            values = StepValues(y=y)
+            if dy is not None and step.mode == "eval":
+                values.dx, values.dgamma, values.dbeta = ref.batch_norm_inference_backward(
+                    _f64(dy), x64, before.mean, before.var, gamma,
+                    eps=spec.eps, axis=spec.axis, center=spec.center,
+                )  # fmt: skip
+            elif dy is not None:
+                stats = ref.batch_stats(x64, spec.axis)
+                r, d = ref.renorm_correction(stats, before_renorm, spec)
+                values.dx, values.dgamma, values.dbeta = ref.batch_renorm_backward(
+                    _f64(dy), x64, r, d, gamma, eps=spec.eps, axis=spec.axis, center=spec.center
+                )
+        values.running_mean, values.running_var = _f64(running.mean), _f64(running.var)
+        values.num_batches_tracked = running.num_batches_tracked
+        values.renorm_mean, values.renorm_std = _f64(renorm.mean), _f64(renorm.std)
         out.append(values)
     return out
 

@@ -31,6 +31,7 @@ from unorm.conformance.adapter import (
     UnormModule,
     Unsupported,
     WSConfig,
+    constructor_settings,
     present,
 )
 from unorm.conformance.expected import StepValues, WSValues
@@ -142,6 +143,8 @@ class KerasBase(Adapter):
             running_mean=to_numpy(_var(layer.layer, "moving_mean")),
             running_var=to_numpy(_var(layer.layer, "moving_variance")),
             num_batches_tracked=None if tracked is None else int(present(to_numpy(tracked))),
+            renorm_mean=to_numpy(_var(layer.layer, "renorm_mean")),
+            renorm_std=to_numpy(_var(layer.layer, "renorm_stddev")),
         )
 
     def bn_step(
@@ -173,9 +176,7 @@ class KerasBase(Adapter):
             gamma, beta = _var(layer.layer, "gamma"), _var(layer.layer, "beta")
             out.dgamma = None if gamma is None else to_numpy(named[id(gamma)])
             out.dbeta = None if beta is None else to_numpy(named[id(beta)])
-        state = self.bn_state(layer)
-        out.running_mean, out.running_var = state.running_mean, state.running_var
-        out.num_batches_tracked = state.num_batches_tracked
+        out.take_state(self.bn_state(layer))
         return out
 
     def sync_bn_step(
@@ -207,7 +208,10 @@ class KerasAdapter(UnormModule, KerasBase):
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
         policy_name = policy(config.dtype) if config.dtype in dtypes.DTYPES else "float32"
         layer = self.module().BatchNorm(
-            config.axis, preset=config.preset, dtype=policy_name, **dict(config.settings)
+            config.axis,
+            preset=config.preset,
+            dtype=policy_name,
+            **constructor_settings(config.settings),
         )
         return self.built(layer, config, gamma, beta)
 

@@ -47,8 +47,20 @@ class KerasNativeAdapter(_keras.KerasBase):
             center=spec.center,
             scale=spec.scale,
             dtype=_keras.policy(dtype),
+            **_renorm_arguments(spec),
         )
         return self.built(layer, config, gamma, beta)
+
+
+def _renorm_arguments(spec: BatchNormSpec) -> dict[str, Any]:
+    """Keras's own ``renorm`` arguments for ``spec`` (none without renorm)."""
+    if not spec.renorm:
+        return {}
+    return {
+        "renorm": True,
+        "renorm_clipping": spec.renorm_clipping,
+        "renorm_momentum": 1.0 - spec.renorm_momentum,
+    }
 
 
 def create() -> KerasNativeAdapter:

@@ -30,6 +30,7 @@ from unorm.conformance.adapter import (
     UnormModule,
     Unsupported,
     WSConfig,
+    constructor_settings,
     present,
 )
 from unorm.conformance.expected import StepValues, WSValues
@@ -66,7 +67,7 @@ def _short(name: str) -> str:
     # Gluon prefixes parameter names with the block's ("batchnorm0_gamma").
     return (
         name.rsplit("_", 1)[-1]
-        if not name.endswith(("_mean", "_var", "_tracked"))
+        if not name.endswith(("_mean", "_var", "_std", "_tracked"))
         else (
             "_".join(name.split("_")[-2:])
             if not name.endswith("_tracked")
@@ -131,6 +132,8 @@ class MXNetBase(Adapter):
             running_mean=_param_data(layer, "running_mean"),
             running_var=_param_data(layer, "running_var"),
             num_batches_tracked=None if tracked is None else int(tracked.reshape(-1)[0]),
+            renorm_mean=_param_data(layer, "renorm_mean"),
+            renorm_std=_param_data(layer, "renorm_std"),
         )
 
     def bn_step(
@@ -163,9 +166,7 @@ class MXNetBase(Adapter):
             out.dx = to_numpy(xt.grad)
             out.dgamma = _param_grad(layer, "gamma")
             out.dbeta = _param_grad(layer, "beta")
-        state = self.bn_state(layer)
-        out.running_mean, out.running_var = state.running_mean, state.running_var
-        out.num_batches_tracked = state.num_batches_tracked
+        out.take_state(self.bn_state(layer))
         return out
 
     def sync_block(self, config: LayerConfig, devices: int) -> Any:
@@ -234,7 +235,7 @@ class MXNetAdapter(UnormModule, MXNetBase):
             in_channels=config.num_features,
             axis=config.axis,
             preset=config.preset,
-            **dict(config.settings),
+            **constructor_settings(config.settings),
         )
         return self.built(block, config, gamma, beta)
 

@@ -36,6 +36,16 @@ class _Layer:
     gamma: np.ndarray | None
     beta: np.ndarray | None
     running: ref.RunningStats | None
+    renorm: ref.RenormStats | None = None
+
+
+def _store_renorm(renorm: ref.RenormStats, dtype: str) -> ref.RenormStats:
+    std = renorm.running_std
+    return ref.RenormStats(
+        renorm.mean.astype(dtype),
+        renorm.std.astype(dtype),
+        None if std is None else std.astype(dtype),
+    )
 
 
 def _store(running: ref.RunningStats | None, dtype: str) -> ref.RunningStats | None:
@@ -51,10 +61,13 @@ def _state(layer: _Layer) -> StepValues:
     r = layer.running
     if r is None:
         return StepValues()
+    n = layer.renorm
     return StepValues(
         running_mean=np.asarray(r.mean),
         running_var=np.asarray(r.var),
         num_batches_tracked=r.num_batches_tracked,
+        renorm_mean=None if n is None else np.asarray(n.mean),
+        renorm_std=None if n is None else np.asarray(n.std),
     )
 
 
@@ -71,12 +84,14 @@ class ReferenceAdapter(Adapter):
         spec = config.spec()
         pdt = config.param_dtype
         running = ref.init_running_stats(config.num_features) if spec.track_running_stats else None
+        renorm = ref.RenormStats.initial(config.num_features, spec) if spec.renorm else None
         return _Layer(
             spec,
             config,
             np.asarray(gamma, pdt) if spec.scale else None,
             np.asarray(beta, pdt) if spec.center else None,
             _store(running, pdt),
+            None if renorm is None else _store_renorm(renorm, pdt),
         )
 
     def bn_state(self, layer: _Layer) -> StepValues:
@@ -93,6 +108,8 @@ class ReferenceAdapter(Adapter):
         spec, cfg = layer.spec, layer.config
         arr, _ = ref.check_input(x, spec.axis, cfg.num_features)
         x64 = arr.astype(np.float64)
+        if layer.renorm is not None:
+            return self._renorm_step(layer, x64, dy, mode)
         training = mode != "eval"
         before = layer.running
         with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
@@ -126,9 +143,43 @@ class ReferenceAdapter(Adapter):
                 out.dgamma = None if g.dgamma is None else g.dgamma.astype(pdt)
                 out.dbeta = None if g.dbeta is None else g.dbeta.astype(pdt)
         layer.running = _store(after, cfg.param_dtype)
-        state = _state(layer)
-        out.running_mean, out.running_var = state.running_mean, state.running_var
-        out.num_batches_tracked = state.num_batches_tracked
+        out.take_state(_state(layer))
+        return out
+
+    def _renorm_step(
+        self, layer: _Layer, x64: np.ndarray, dy: np.ndarray | None, mode: str
+    ) -> StepValues:
+        """A step of a layer with ``renorm=True`` (SPEC.md section 2, *Batch
+        Renormalization*): the state kept in the parameter dtype, as a layer keeps it."""
+        spec, cfg = layer.spec, layer.config
+        running, renorm = layer.running, layer.renorm
+        assert running is not None and renorm is not None
+        pdt = cfg.param_dtype
+        with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+            y, after, renorm_after = ref.batch_renorm_step(
+                x64, running, renorm, spec, layer.gamma, layer.beta,
+                training=mode != "eval", backward_ran=mode == "train",
+            )  # fmt: skip
+            out = StepValues(y=dtypes.cast(y, cfg.dtype))
+            if dy is not None:
+                dy64 = np.asarray(dy, np.float64)
+                if mode == "eval":
+                    g = ref.batch_norm_inference_backward(
+                        dy64, x64, running.mean, running.var, layer.gamma,
+                        eps=spec.eps, axis=spec.axis, center=spec.center,
+                    )  # fmt: skip
+                else:
+                    r, d = ref.renorm_correction(ref.batch_stats(x64, spec.axis), renorm, spec)
+                    g = ref.batch_renorm_backward(
+                        dy64, x64, r, d, layer.gamma, eps=spec.eps, axis=spec.axis,
+                        center=spec.center,
+                    )  # fmt: skip
+                out.dx = dtypes.cast(g.dx, cfg.dtype)
+                out.dgamma = None if g.dgamma is None else g.dgamma.astype(pdt)
+                out.dbeta = None if g.dbeta is None else g.dbeta.astype(pdt)
+        layer.running = _store(after, pdt)
+        layer.renorm = _store_renorm(renorm_after, pdt)
+        out.take_state(_state(layer))
         return out
 
     def agc(

@@ -30,8 +30,12 @@ from unorm.conformance.adapter import (
     UnormModule,
     Unsupported,
     WSConfig,
+    constructor_settings,
 )
 from unorm.conformance.expected import StepValues, WSValues
+
+#: Batch Renormalization's constructor arguments (SPEC.md section 2).
+RENORM_ARGUMENTS = ("renorm", "renorm_clipping", "renorm_momentum", "renorm_running")
 
 __all__ = ["SYNC_WORKER", "Built", "TorchAdapter", "TorchBase", "build_agc_model", "create"]
 
@@ -117,6 +121,8 @@ class TorchBase(Adapter):
             running_mean=_buffer(layer.norm, "running_mean"),
             running_var=_buffer(layer.norm, "running_var"),
             num_batches_tracked=None if tracked is None else int(tracked.item()),
+            renorm_mean=_buffer(layer.norm, "renorm_mean"),
+            renorm_std=_buffer(layer.norm, "renorm_std"),
         )
 
     def bn_step(
@@ -144,9 +150,7 @@ class TorchBase(Adapter):
             out.dx = _grad(xt)
             out.dgamma = _grad(getattr(layer.norm, "weight", None))
             out.dbeta = _grad(getattr(layer.norm, "bias", None))
-        state = self.bn_state(layer)
-        out.running_mean, out.running_var = state.running_mean, state.running_var
-        out.num_batches_tracked = state.num_batches_tracked
+        out.take_state(self.bn_state(layer))
         return out
 
     def sync_bn_step(
@@ -189,9 +193,9 @@ class TorchAdapter(UnormModule, TorchBase):
     module_name = "unorm.torch"
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
-        settings = dict(config.settings)
+        settings = constructor_settings(config.settings)
         kwargs: dict[str, Any] = {"axis": config.axis, "preset": config.preset}
-        for key in ("eps", "momentum", "track_running_stats"):
+        for key in ("eps", "momentum", "track_running_stats", *RENORM_ARGUMENTS):
             if key in settings:
                 kwargs[key] = settings[key]
         kwargs.update(_affine(settings))

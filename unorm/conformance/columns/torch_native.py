@@ -35,6 +35,8 @@ class TorchNativeAdapter(_torch.TorchBase):
 
     def native_spec(self, config: LayerConfig) -> BatchNormSpec:
         spec = config.spec()
+        if spec.renorm:
+            raise Unsupported("nn.BatchNorm*d has no Batch Renormalization (renorm=True)")
         if spec.center and not spec.scale:
             raise Unsupported("nn.BatchNorm*d has no shift without a scale (affine, bias)")
         native = BatchNormSpec.from_native(
