@@ -149,3 +149,38 @@ def test_flow_matching_in_numbers() -> None:
          FlowNode("layer", (3,), 3)]  # fmt: skip
     with pytest.raises(FlowError, match="differ"):
         match_flows(a, ["p", "q", "p", "q"], c, ["p", "q", "p", "q"])
+
+
+class FlattenInForward(nn.Module):
+    """A conv whose map is flattened by ``torch.flatten`` in ``forward`` (no nn.Flatten)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 3)
+        self.bn = TorchBN(3)
+        self.fc = nn.Linear(3 * 4 * 4, 5)
+
+    def forward(self, x: Any) -> Any:
+        return self.fc(torch.flatten(torch.relu(self.bn(self.conv(x))), 1))
+
+
+class ViewInForward(FlattenInForward):
+    """The same, flattened by ``x.view(x.size(0), -1)``."""
+
+    def forward(self, x: Any) -> Any:
+        return self.fc(torch.relu(self.bn(self.conv(x))).view(x.size(0), -1))
+
+
+@pytest.mark.parametrize("model", [FlattenInForward, ViewInForward])
+def test_a_flatten_written_in_forward_ports_to_a_channels_last_framework(model: Any) -> None:
+    source = model()
+    source = _stepped(source, (2, 6, 6))
+    ckpt = torch_export(source, torch.zeros(1, 2, 6, 6))
+    assert ckpt.layers[-1].attrs["flatten_from"] == [3, 4, 4]
+    x = keras.Input((6, 6, 2))
+    y = L.Flatten()(L.ReLU()(KerasBN()(L.Conv2D(3, 3)(x))))
+    dest = keras.Model(x, L.Dense(5)(y))
+    keras_load(dest, ckpt)  # verified on the probe: the Dense's rows were permuted
+    batch = np.random.default_rng(2).normal(size=(2, 2, 6, 6)).astype(np.float32)
+    got = np.asarray(dest(np.moveaxis(batch, 1, -1), training=False))
+    np.testing.assert_allclose(got, _torch_out(source, batch), rtol=1e-5, atol=1e-5)

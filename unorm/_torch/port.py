@@ -208,6 +208,50 @@ def flow_of(model: nn.Module, targets: list[tuple[str, nn.Module, str]]) -> list
     return nodes if ran == list(range(len(targets))) else None
 
 
+# What flattens a feature map in a forward: torch.flatten, Tensor.flatten/view/reshape.
+_FLATTENS: tuple[Any, ...] = (torch.flatten, "flatten", "view", "reshape")
+
+
+def _traced_flatten_shapes(model: nn.Module, example: torch.Tensor | None) -> dict[int, list[int]]:
+    """:func:`_flatten_shapes` for a flatten written in ``forward`` (``torch.flatten(x,
+    1)``, ``x.view(x.size(0), -1)``): from a torch.fx trace whose shapes are propagated
+    with ``example``, each Linear whose input is, through parameter-free one-input ops, a
+    flatten of a map of rank >= 3 reads ``[C, *spatial]``; empty where the model does not
+    trace."""
+    if example is None:
+        return {}
+    from torch.fx.passes.shape_prop import ShapeProp
+
+    targets = _param_layers(model)
+    try:
+        graph = _LeafTracer({id(m) for _, m, _ in targets}).trace(model)
+        traced = fx.GraphModule(model, graph)
+        with _eval_mode(traced), torch.no_grad():
+            ShapeProp(traced).propagate(example)
+    except Exception:  # does not trace, or its shapes do not propagate: hooks only
+        return {}
+    modules = dict(model.named_modules())
+    out: dict[int, list[int]] = {}
+    for node in graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(str(node.target)), nn.Linear):
+            continue
+        source = node.args[0] if node.args else None
+        while isinstance(source, fx.Node):
+            meta = source.meta.get("tensor_meta")
+            feeds = [a for a in _nodes_in((source.args, source.kwargs))]
+            if source.op in ("call_function", "call_method") and source.target in _FLATTENS:
+                shape = feeds[0].meta.get("tensor_meta") if feeds else None
+                if shape is not None and len(shape.shape) >= 3 and meta is not None:
+                    out[id(modules[str(node.target)])] = [int(d) for d in shape.shape[1:]]
+                break
+            if source.op == "call_module" and str(source.target) in {n for n, _, _ in targets}:
+                break  # a layer with parameters: no flatten between them
+            if len(feeds) != 1:
+                break
+            source = feeds[0]
+    return out
+
+
 def run_probe(
     model: nn.Module, targets: list[tuple[str, nn.Module, str]], x: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -252,7 +296,8 @@ def export_checkpoint(model: nn.Module, example: torch.Tensor | None = None) -> 
         >>> [(la.kind, la.attrs.get("flatten_from")) for la in ckpt.layers]
         [('conv', None), ('dense', [2, 2, 2])]
     """
-    adapter = _TorchModel(model, _flatten_shapes(model, example))
+    flat = _flatten_shapes(model, example) | _traced_flatten_shapes(model, example)
+    adapter = _TorchModel(model, flat)
     probe = None if example is None else probes.make_input(tuple(example.shape[1:]))
     return plan.export(adapter, source="torch", probe_input=probe)
 
