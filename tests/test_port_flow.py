@@ -184,3 +184,29 @@ def test_a_flatten_written_in_forward_ports_to_a_channels_last_framework(model: 
     batch = np.random.default_rng(2).normal(size=(2, 2, 6, 6)).astype(np.float32)
     got = np.asarray(dest(np.moveaxis(batch, 1, -1), training=False))
     np.testing.assert_allclose(got, _torch_out(source, batch), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("multiplier", [1, 2])
+def test_depthwise_and_grouped_convolutions_port_to_keras_and_back(multiplier: int) -> None:
+    """torch's Conv2d(groups=C) is Keras's DepthwiseConv2D (output channel i*M + m on
+    both sides), Conv2d(groups=2) Keras's Conv2D(groups=2)."""
+    source = nn.Sequential(
+        nn.Conv2d(4, 4 * multiplier, 3, groups=4),
+        TorchBN(4 * multiplier),
+        nn.Conv2d(4 * multiplier, 6, 1, groups=2),
+    )
+    source = _stepped(source, (4, 5, 5))
+    x = keras.Input((5, 5, 4))
+    y = KerasBN()(L.DepthwiseConv2D(3, depth_multiplier=multiplier)(x))
+    dest = keras.Model(x, L.Conv2D(6, 1, groups=2)(y))
+    keras_load(dest, torch_export(source, torch.zeros(1, 4, 5, 5)))
+    batch = np.random.default_rng(3).normal(size=(2, 4, 5, 5)).astype(np.float32)
+    got = np.moveaxis(np.asarray(dest(np.moveaxis(batch, 1, -1), training=False)), -1, 1)
+    np.testing.assert_allclose(got, _torch_out(source, batch), rtol=1e-5, atol=1e-5)
+    back = nn.Sequential(
+        nn.Conv2d(4, 4 * multiplier, 3, groups=4),
+        TorchBN(4 * multiplier),
+        nn.Conv2d(4 * multiplier, 6, 1, groups=2),
+    )
+    torch_load(back, keras_export(dest))
+    np.testing.assert_allclose(_torch_out(back.eval(), batch), got, rtol=1e-5, atol=1e-5)

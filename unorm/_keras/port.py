@@ -69,11 +69,16 @@ _ATTRS = {role: role for roles in ROLES.values() for role in roles} | {
     "running_mean": "moving_mean",
     "running_var": "moving_variance",
 }
-_SUPPORTED = "Conv1D/2D/3D, Conv1D/2D/3DTranspose, Dense, BatchNorm, BatchNormalization"
+_SUPPORTED = (
+    "Conv1D/2D/3D (grouped too), DepthwiseConv1D/2D, Conv1D/2D/3DTranspose, Dense, "
+    "BatchNorm, BatchNormalization"
+)
+#: Depthwise convolutions: a grouped conv (one group per input channel) in the checkpoint.
+_DEPTHWISE = (_L.DepthwiseConv1D, _L.DepthwiseConv2D)
 # The layers the checkpoint describes (Conv*DTranspose first: they subclass Conv*D).
 _KINDS = [
     ("conv_transpose", (_L.Conv1DTranspose, _L.Conv2DTranspose, _L.Conv3DTranspose)),
-    ("conv", (_L.Conv1D, _L.Conv2D, _L.Conv3D)),
+    ("conv", (_L.Conv1D, _L.Conv2D, _L.Conv3D, *_DEPTHWISE)),
     ("dense", _L.Dense),
     ("batchnorm", (BatchNorm, _L.BatchNormalization)),
 ]
@@ -238,8 +243,25 @@ def _flatten_sources(model: Any) -> dict[int, Any]:
 # -- layout conversion (pure NumPy) ----------------------------------------------------
 
 
-def _canonical_shape(kind: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _depthwise_to_canonical(kernel: np.ndarray) -> np.ndarray:
+    """A depthwise kernel ``(*k, I, M)`` as the canonical grouped weight ``(I*M, 1, *k)``:
+    output channel ``i*M + m`` is input ``i``'s filter ``m``, as in both frameworks."""
+    *k, channels, multiplier = kernel.shape
+    flat = kernel.reshape(*k, channels * multiplier)
+    return np.ascontiguousarray(np.moveaxis(flat, -1, 0)[:, None])
+
+
+def _depthwise_from_canonical(weight: np.ndarray, multiplier: int) -> np.ndarray:
+    """The inverse of :func:`_depthwise_to_canonical`."""
+    out_channels, _, *k = weight.shape
+    kernel = np.moveaxis(weight[:, 0], 0, -1)
+    return np.ascontiguousarray(kernel.reshape(*k, out_channels // multiplier, multiplier))
+
+
+def _canonical_shape(kind: str, shape: tuple[int, ...], depthwise: bool = False) -> tuple[int, ...]:
     """The canonical shape of a Keras kernel of ``shape``."""
+    if depthwise:
+        return (shape[-2] * shape[-1], 1, *shape[:-2])
     if kind == "dense":
         return (shape[1], shape[0])
     return (shape[-1], shape[-2], *shape[:-2])
@@ -499,7 +521,8 @@ class _KerasModel(PortModel[Any]):
             for role, v in present_roles(handle, kind, _ATTRS)
         }
         if "weight" in out:
-            out["weight"] = Slot(_canonical_shape(kind, out["weight"].shape))
+            depthwise = isinstance(handle, _DEPTHWISE)
+            out["weight"] = Slot(_canonical_shape(kind, out["weight"].shape, depthwise))
         if COUNTER in out:
             out[COUNTER] = Slot(())  # a scalar in the checkpoint
         return out
@@ -508,13 +531,19 @@ class _KerasModel(PortModel[Any]):
         if kind == "batchnorm":
             return _read_bn(handle)
         pairs = dict(present_roles(handle, kind, _ATTRS))
-        out = {"weight": _kernel_to_canonical(kind, _numpy(pairs.pop("weight")), flatten_from)}
+        kernel = _numpy(pairs.pop("weight"))
+        if isinstance(handle, _DEPTHWISE):
+            out = {"weight": _depthwise_to_canonical(kernel)}
+        else:
+            out = {"weight": _kernel_to_canonical(kind, kernel, flatten_from)}
         return out | {role: _numpy(v) for role, v in pairs.items()}
 
     def to_native(
         self, handle: Any, kind: str, role: str, value: np.ndarray, flatten_from: list[int] | None
     ) -> Any:
-        if role == "weight":
+        if role == "weight" and isinstance(handle, _DEPTHWISE):
+            value = _depthwise_from_canonical(value, int(handle.depth_multiplier))
+        elif role == "weight":
             value = _kernel_from_canonical(kind, value, flatten_from)
         return _as_dtype(value, getattr(handle, _ATTRS[role]))
 
@@ -526,6 +555,8 @@ class _KerasModel(PortModel[Any]):
         return list(found) if isinstance(found, list) else None
 
     def groups(self, handle: Any) -> int:
+        if isinstance(handle, _DEPTHWISE):  # one group per input channel
+            return int(handle.kernel.shape[-2])
         return int(getattr(handle, "groups", 1))
 
     def ws_spec(self, handle: Any) -> ScaledWSSpec | None:
