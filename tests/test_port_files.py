@@ -135,3 +135,25 @@ def test_a_users_own_model_ports_by_its_factory(
         assert torch.equal(back[key], value), key
     with pytest.raises(CheckpointError, match="model 'mynets:nothing': cannot import it"):
         port_file(tmp_path / "tiny.pt", tmp_path / "x.safetensors", model="mynets:nothing")
+
+
+def test_a_weights_only_file_that_would_drop_settings_is_refused(tmp_path: Path) -> None:
+    """A LeNet whose BatchNorms follow Keras's conventions (eps 1e-3, a slower average,
+    a biased feed) written as a .pt, which holds tensors only: read back into LeNet-BN
+    those settings would be the canonical ones, so the port names each and writes
+    nothing, unless told to accept the loss."""
+    from unorm import port
+    from unorm._torch.port import export_checkpoint
+
+    torch.manual_seed(0)
+    net = lenet_bn("keras")
+    net(torch.randn(8, 1, 28, 28))
+    port.save(export_checkpoint(net.eval(), torch.zeros(1, 1, 28, 28)), tmp_path / "k.safetensors")
+    with pytest.raises(
+        CheckpointError, match=r"cannot hold every setting.*'1': eps 0\.001 -> 1e-05"
+    ):
+        port_file(tmp_path / "k.safetensors", tmp_path / "k.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k.safetensors"]
+    port_file(tmp_path / "k.safetensors", tmp_path / "k.pt", accept_loss=True)
+    assert (tmp_path / "k.pt").exists()
+    port_file(tmp_path / "k.safetensors", tmp_path / "again.safetensors")  # lossless

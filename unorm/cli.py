@@ -106,7 +106,7 @@ def _port(args: argparse.Namespace) -> int:
     from .port_files import port_file
 
     try:
-        ckpt = port_file(args.src, args.dst, model=args.model)
+        ckpt = port_file(args.src, args.dst, model=args.model, accept_loss=args.accept_loss)
     except CheckpointError as err:
         print(f"unorm port: {err}", file=sys.stderr)
         return 1
@@ -139,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a seed network of unorm.models (default lenet_bn), or package.module:factory "
         "for your own: factory(framework) returns that framework's model, or (model, "
         "input_shape)",
+    )
+    porting.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help="write a native file even where it cannot hold every BatchNorm setting "
+        "(a weights-only .pt or .weights.h5); the settings it drops are named either way",
     )
     return parser
 

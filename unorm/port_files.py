@@ -27,7 +27,10 @@ Example:
 from __future__ import annotations
 
 import importlib
+import math
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -36,7 +39,7 @@ from . import port
 from ._core.registry import plugin, plugins_in_order
 from .port import Checkpoint, CheckpointError
 
-__all__ = ["FORMATS", "framework_of", "port_file"]
+__all__ = ["FORMATS", "framework_of", "port_file", "settings_lost"]
 
 #: File-name endings and the framework whose format they are: the neutral checkpoint's,
 #: then the ``file_endings`` of every plug-in that ports, in the plug-ins' order.
@@ -101,16 +104,88 @@ def _export(backend: ModuleType, network: Any, input_shape: tuple[int, ...] | No
     return backend.export_model(network, input_shape)  # type: ignore[no-any-return]
 
 
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) and isinstance(b, float):
+        return math.isclose(a, b, rel_tol=1e-12, abs_tol=1e-15)
+    return bool(a == b)
+
+
+def settings_lost(want: Checkpoint, got: Checkpoint) -> list[str]:
+    """The settings of ``want`` that ``got`` (the same model read back from a written
+    file) does not have: every BatchNorm setting (its ``preset`` name aside) and Scaled
+    WS setting, as ``layer 1 'bn1': eps 0.001 -> 1e-05``.
+
+    Example:
+        >>> from unorm.port import Layer
+        >>> def bn(eps):
+        ...     return Checkpoint([Layer("bn", "batchnorm", {}, {"spec": {"eps": eps}})], {}, "x")
+        >>> settings_lost(bn(1e-3), bn(1e-5))
+        ["layer 0 'bn': eps 0.001 -> 1e-05"]
+    """
+    out = []
+    for index, (a, b) in enumerate(zip(want.layers, got.layers, strict=False)):
+        for attr in ("spec", "ws"):
+            mine, theirs = dict(a.attrs.get(attr) or {}), dict(b.attrs.get(attr) or {})
+            for key, value in mine.items():
+                if key != "preset" and not _same(value, theirs.get(key)):
+                    out.append(f"layer {index} {a.name!r}: {key} {value!r} -> {theirs.get(key)!r}")
+    return out
+
+
+def _write_checked(
+    backend: ModuleType,
+    network: Any,
+    ckpt: Checkpoint,
+    dst: Path,
+    framework: str,
+    model: str,
+    accept_loss: bool,
+) -> None:
+    """Write ``network`` natively to ``dst`` through a temporary folder beside it, read
+    the files back into a fresh network and refuse (unless ``accept_loss``) when a
+    setting of ``ckpt`` did not survive; then move the files into place, each keeping
+    the mode an existing one had."""
+    workdir = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        backend.write_native(network, workdir / dst.name)
+        _, fresh, shape = _network(framework, model)
+        back = _export(backend, backend.read_native(fresh, workdir / dst.name), shape)
+        lost = settings_lost(ckpt, back)
+        if lost and not accept_loss:
+            raise CheckpointError(
+                f"{dst}: this format cannot hold every setting of the state; read back, "
+                f"{'; '.join(lost)}. Write a format that holds them (.safetensors, or the "
+                "framework's full-model file), or accept the loss (accept_loss=True, "
+                "unorm port --accept-loss)"
+            )
+        for written in sorted(workdir.iterdir()):
+            final = dst.parent / written.name
+            mode = final.stat().st_mode & 0o7777 if final.exists() else None
+            os.replace(written, final)
+            if mode is not None:
+                os.chmod(final, mode)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
 def port_file(
-    src: str | os.PathLike[str], dst: str | os.PathLike[str], model: str = "lenet_bn"
+    src: str | os.PathLike[str],
+    dst: str | os.PathLike[str],
+    model: str = "lenet_bn",
+    accept_loss: bool = False,
 ) -> Checkpoint:
     """Port ``model``'s state (a seed network's name, or ``package.module:factory``, see
     the module's docstring) from the file ``src`` to the file ``dst``; return the state.
 
     Nothing is written unless the whole state was read, fits the destination network and
     passes the checkpoint's probe; the destination file is replaced atomically and keeps
-    its mode (a new one gets what the umask gives). A missing source or destination
-    folder, an unknown model and every refusal raise :class:`~unorm.port.CheckpointError`.
+    its mode (a new one gets what the umask gives). A native destination is read back
+    before it replaces anything: a format that drops a setting (a weights-only file keeps
+    no BatchNorm eps or momentum; reading it gives the model's own) is refused, naming
+    every setting it would lose, unless ``accept_loss``. A weights-only source takes its
+    settings from ``model``'s layers, as the framework's own loader does. A missing source
+    or destination folder, an unknown model and every refusal raise
+    :class:`~unorm.port.CheckpointError`.
     """
     source_fw, target_fw = framework_of(src), framework_of(dst)
     folder = Path(dst).parent
@@ -128,5 +203,5 @@ def port_file(
     else:
         backend, network, _ = _network(target_fw, model)
         backend.load_checkpoint(network, ckpt)
-        backend.write_native(network, dst)
+        _write_checked(backend, network, ckpt, Path(dst), target_fw, model, accept_loss)
     return ckpt
