@@ -69,7 +69,9 @@ def _own_modules() -> set[str]:
     """Module paths that belong to one backend (imports of them, strings starting so)."""
     out: set[str] = set()
     for p in plugins():
-        out |= {p.package, p.public_module, p.port_module, p.models_module}
+        out |= {p.package, p.public_module, p.models_module}
+        if p.port_module is not None:  # a backend without a port module yet has none
+            out.add(p.port_module)
     return out
 
 

@@ -30,12 +30,12 @@ if str(_ROOT) not in sys.path:  # the plug-in declarations import only the stand
 
 from unorm._core.registry import plugins_in_order  # noqa: E402
 
-#: Every backend, in its plug-in's order. The first is home: it trains the demo and draws
-#: the lock-step's initial state, and its environment (which has NumPy and matplotlib)
-#: compares the logits and plots the curves.
-FRAMEWORKS = tuple(p.name for p in plugins_in_order())
+#: Every backend that ports (its plug-in names a port module), in its plug-in's order. The
+#: first is home: it trains the demo and draws the lock-step's initial state, and its
+#: environment (which has NumPy and matplotlib) compares the logits and plots the curves.
+FRAMEWORKS = tuple(p.name for p in plugins_in_order() if p.ports)
 HOME = FRAMEWORKS[0]
-_HOME_TITLE = plugins_in_order()[0].title
+_HOME_TITLE = next(p.title for p in plugins_in_order() if p.ports)
 PORT_TOLERANCE = 1e-4
 LOCKSTEP_TOLERANCE = 1e-3
 

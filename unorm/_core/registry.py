@@ -66,7 +66,9 @@ class BackendPlugin:
         columns: its conformance columns, each ``backends/<column>/adapter.py``; the
             first is unorm's own, a column ending in ``-native`` its framework's layers.
         public_module: the module users import (``unorm.torch``).
-        port_module: the module implementing :class:`unorm._core.port_plan.PortBackend`.
+        port_module: the module implementing :class:`unorm._core.port_plan.PortBackend`,
+            or None for a backend that cannot port yet (:attr:`ports` is then False:
+            ``unorm port`` and the seed-network jobs leave it out).
         models_module: the module of its seed networks (``MODELS``, ``seed(n)``).
         order: its place wherever the backends are listed for people or walked in turn
             (report columns, presets, ``unorm info``, the cross-environment jobs, whose
@@ -85,7 +87,7 @@ class BackendPlugin:
     file_endings: tuple[str, ...]
     columns: tuple[str, ...]
     public_module: str
-    port_module: str
+    port_module: str | None
     models_module: str
     order: int
 
@@ -95,18 +97,27 @@ class BackendPlugin:
         return self.name
 
     @property
+    def ports(self) -> bool:
+        """Whether the backend has a port module (checkpoints in and out)."""
+        return self.port_module is not None
+
+    @property
     def package(self) -> str:
         """Its private package, ``unorm._<name>``."""
         return f"unorm._{self.name}"
 
     def load(self, which: str) -> ModuleType:
         """Import one of the modules the declaration names: ``"public"``, ``"port"`` or
-        ``"models"`` (this imports the framework)."""
+        ``"models"`` (this imports the framework). A ``LookupError`` for ``"port"`` where
+        the backend has none (:attr:`ports`)."""
+        if which == "port" and self.port_module is None:
+            raise LookupError(f"{self.title} ({self.name}) has no port module yet")
         module = {
             "public": self.public_module,
             "port": self.port_module,
             "models": self.models_module,
         }[which]
+        assert module is not None  # only port_module may be None, refused above
         return importlib.import_module(module)
 
 

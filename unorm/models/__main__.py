@@ -27,8 +27,9 @@ from ..progress import ProgressBar
 from .data import digits
 from .training import Recipe, accuracy
 
-#: The frameworks that have seed networks: every plug-in, in the plug-ins' order.
-FRAMEWORKS = tuple(p.name for p in plugins_in_order())
+#: The frameworks whose seed networks these jobs run: every plug-in that ports (the jobs
+#: exchange neutral checkpoints), in the plug-ins' order.
+FRAMEWORKS = tuple(p.name for p in plugins_in_order() if p.ports)
 
 
 def _network(framework: str, source: str | None, seed: int) -> tuple[Any, Any, Any]:
