@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 
+from unorm._core.registry import plugins_in_order
 from unorm.conformance import cases, data, dtypes, expected
 from unorm.conformance.cases import (
     MODE_SETTINGS,
@@ -71,7 +72,7 @@ def test_batchnorm_coverage() -> None:
         assert {1, rank - 1} <= axes, rank
     assert {c.shape[0] for c in bn} >= {1, 2, 7, 256, 1024}
     assert {c.dtype for c in bn} == set(dtypes.DTYPES)
-    assert {c.preset for c in bn} == {None, "torch", "keras", "mxnet"}
+    assert {c.preset for c in bn} == {None, *(p.name for p in plugins_in_order())}
     settings = {k: v for c in bn for k, v in c.settings}
     assert settings.keys() == set(PUBLIC_SETTINGS) | set(MODE_SETTINGS)
     assert any(s.nonfinite for c in bn for s in c.steps)

@@ -6,6 +6,7 @@ import math
 
 import pytest
 
+from unorm._core.registry import plugins_in_order
 from unorm.spec import (
     PRESETS,
     AGCSpec,
@@ -35,6 +36,7 @@ def test_specs_are_frozen() -> None:
         ("torch", 1e-5, 0.1, "unbiased", "forward"),
         ("keras", 1e-3, 0.01, "biased", "forward"),
         ("mxnet", 1e-5, 0.1, "biased", "backward"),
+        ("flax", 1e-5, 0.01, "biased", "forward"),
     ],
 )
 def test_presets(
@@ -44,7 +46,7 @@ def test_presets(
     assert spec.eps == eps and math.isclose(spec.momentum or 0, momentum, rel_tol=1e-12)
     assert spec.running_var == running_var and spec.update_on == update_on
     assert spec.preset == preset and not spec.skip_nonfinite
-    assert set(PRESETS) == {"torch", "keras", "mxnet"}
+    assert list(PRESETS) == [p.name for p in plugins_in_order()]  # one per plug-in
 
 
 def test_preset_overrides_use_unorm_convention() -> None:
@@ -99,7 +101,7 @@ def test_from_native_translates_conventions(
         ({"update_on": "step"}, r"update_on must be one of 'forward', 'backward', got 'step'"),
         (
             {"preset": "pytorch"},
-            r"preset must be one of 'torch', 'keras', 'mxnet' or None, got 'pytorch'",
+            r"preset must be one of 'torch', 'keras', 'mxnet', 'flax' or None, got 'pytorch'",
         ),
     ],
 )
@@ -112,7 +114,8 @@ def test_batchnorm_validation_names_parameter_value_and_range(
 
 def test_unknown_preset_and_native_arguments() -> None:
     with pytest.raises(
-        ValueError, match="preset must be one of 'torch', 'keras', 'mxnet' or None, got 'tf'"
+        ValueError,
+        match="preset must be one of 'torch', 'keras', 'mxnet', 'flax' or None, got 'tf'",
     ):
         BatchNormSpec.from_preset("tf")
     with pytest.raises(ValueError, match="unknown argument"):
@@ -163,7 +166,7 @@ def test_output_unit_axes_table() -> None:
         output_unit_axes("torch", "lstm", 2)
 
 
-@pytest.mark.parametrize("framework", ["torch", "keras", "mxnet"])
+@pytest.mark.parametrize("framework", ["torch", "keras", "mxnet", "flax"])
 def test_native_gaps_are_the_settings_a_native_layer_cannot_be_told(framework: str) -> None:
     assert BatchNormSpec.from_preset(framework, eps=0.1, momentum=0.3).native_gaps(framework) == []
     canonical = BatchNormSpec(momentum=None).native_gaps(framework)
@@ -183,6 +186,13 @@ def test_native_gaps_are_the_settings_a_native_layer_cannot_be_told(framework: s
             "skip_nonfinite=True",
             "allow_single_value=False",
             "update_on='forward'",
+            "empty_batch='skip'",
+        ],
+        "flax": [
+            "momentum=None",
+            "running_var='unbiased'",
+            "skip_nonfinite=True",
+            "allow_single_value=False",
             "empty_batch='skip'",
         ],
     }

@@ -19,9 +19,9 @@ stays true.
 
 Example:
     >>> sorted(p.name for p in plugins())
-    ['keras', 'mxnet', 'torch']
+    ['flax', 'keras', 'mxnet', 'torch']
     >>> [p.name for p in plugins_in_order()]
-    ['torch', 'keras', 'mxnet']
+    ['torch', 'keras', 'mxnet', 'flax']
     >>> plugin("keras").layouts["dense"].unit_axes("dense", 2)
     (1,)
 """

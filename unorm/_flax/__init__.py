@@ -1,0 +1,1 @@
+"""The Flax NNX backend's private package (public names in :mod:`unorm.flax`)."""
