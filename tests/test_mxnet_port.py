@@ -728,3 +728,76 @@ def test_a_hybridized_model_is_verified_on_its_output() -> None:
     dest.hybridize()
     _logits(dest, _batch(3))
     _refused(dest, _tampered(ckpt, 1, "running_mean", 0.5), "no layer's own output")
+
+
+# -- layers matched along the data flow ----------------------------------------------------
+
+
+def _gluon_residual() -> Any:
+    """conv -> BN -> relu -> conv -> BN plus a 1x1 conv + BN shortcut, added; the
+    shortcut's blocks are registered first."""
+
+    class Residual(gluon.HybridBlock):
+        def __init__(self) -> None:
+            super().__init__()
+            self.short = gluon.nn.Conv2D(4, 1, in_channels=3)
+            self.short_bn = BatchNorm(in_channels=4)
+            self.conv1 = gluon.nn.Conv2D(4, 3, padding=1, in_channels=3)
+            self.bn1 = BatchNorm(in_channels=4)
+            self.conv2 = gluon.nn.Conv2D(4, 3, padding=1, in_channels=4)
+            self.bn2 = BatchNorm(in_channels=4)
+
+        def hybrid_forward(self, F: Any, x: Any) -> Any:
+            main = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+            return F.relu(main + self.short_bn(self.short(x)))
+
+    net = Residual()
+    net.initialize()
+    return net
+
+
+def _torch_residual(seed: int = 4) -> Any:
+    """The same block in PyTorch with the main path registered first."""
+    from unorm.torch import BatchNorm as TorchBN
+
+    class Residual(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = torch.nn.Conv2d(3, 4, 3, padding=1)
+            self.bn1 = TorchBN(4)
+            self.conv2 = torch.nn.Conv2d(4, 4, 3, padding=1)
+            self.bn2 = TorchBN(4)
+            self.short = torch.nn.Conv2d(3, 4, 1)
+            self.short_bn = TorchBN(4)
+
+        def forward(self, x: Any) -> Any:
+            main = self.bn2(self.conv2(torch.relu(self.bn1(self.conv1(x)))))
+            return torch.relu(main + self.short_bn(self.short(x)))
+
+    torch.manual_seed(seed)
+    net = Residual()
+    for p in net.parameters():
+        p.data.normal_(0.0, 0.5)
+    for _ in range(3):
+        net(torch.randn(8, 3, 6, 6) * 2 + 0.5)
+    return net.eval()
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+def test_a_residual_block_pairs_along_the_data_flow_both_ways(hybridize: bool) -> None:
+    from unorm._torch.port import export_checkpoint as torch_export
+    from unorm._torch.port import load_checkpoint as torch_load
+
+    source = _torch_residual()
+    dest = _gluon_residual()
+    if hybridize:
+        dest.hybridize()
+    load_checkpoint(dest, torch_export(source, torch.zeros(1, 3, 6, 6)))  # verified
+    x = _batch(5, (2, 3, 6, 6))
+    with torch.no_grad():
+        want = source(torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(dest(mx.nd.array(x)).asnumpy(), want, rtol=1e-5, atol=1e-5)
+    back = _torch_residual(seed=9)  # other values everywhere
+    torch_load(back, export_checkpoint(dest, mx.nd.zeros((1, 3, 6, 6))))
+    with torch.no_grad():
+        np.testing.assert_allclose(back(torch.from_numpy(x)).numpy(), want, atol=1e-5)

@@ -38,6 +38,7 @@ import numpy as np
 from mxnet import gluon
 
 from .._core import probe as probes
+from .._core.flow import FlowNode
 from .._core.port_plan import (
     COUNTER,
     ROLES,
@@ -288,6 +289,68 @@ def export_checkpoint(model: Any, example: Any = None) -> Checkpoint:
     return export(_GluonModel(model, flat), source="mxnet", probe_input=probe)
 
 
+# Symbol ops the flow keeps (unorm._core.flow); the ops that call a layer.
+_MERGES = {
+    "elemwise_add": "add",
+    "broadcast_add": "add",
+    "_Plus": "add",
+    "_plus": "add",
+    "add_n": "add",
+    "ElementWiseSum": "add",
+    "elemwise_mul": "mul",
+    "broadcast_mul": "mul",
+    "_Mul": "mul",
+    "_mul": "mul",
+    "Concat": "concat",
+    "concat": "concat",
+}
+_LAYER_OPS = ("Convolution", "Deconvolution", "FullyConnected", "BatchNorm", "Custom")
+
+
+def flow_of(model: Any, targets: list[tuple[str, Any, str]]) -> list[FlowNode] | None:
+    """``model``'s data flow over ``targets`` (:mod:`unorm._core.flow`), read from its
+    symbol graph (traced, nothing runs); None where it does not trace, calls a layer
+    other than once or combines tensors by an op the flow does not know. The nodes that
+    only order a unorm BatchNorm's update are left out."""
+    try:
+        nodes = json.loads(_traced(model).tojson())["nodes"]
+    except Exception:  # a plain Block cannot be traced; MXNet raises many kinds
+        return None
+    owner = {p.name: i for i, (_, block, _) in enumerate(targets) for p in _own_params(block)}
+    ordering = _SymbolReader(nodes, {}, "flow")._ordering_nodes()
+    flow: list[FlowNode] = []
+    where: dict[int, int] = {}
+    for index, node in enumerate(nodes):
+        inputs = [int(src[0]) for src in node.get("inputs", [])]
+        if node["op"] == "null":
+            if node["name"] == "data":
+                flow.append(FlowNode("input"))
+                where[index] = len(flow) - 1
+            continue
+        if index in ordering:
+            continue
+        layer = next((owner[nodes[i]["name"]] for i in inputs if nodes[i]["name"] in owner), None)
+        ins = [where[i] for i in inputs if i in where]
+        if layer is not None and node["op"] in _LAYER_OPS:
+            if not inputs or inputs[0] not in where:
+                return None
+            flow.append(FlowNode("layer", (where[inputs[0]],), layer))
+            where[index] = len(flow) - 1
+        elif node["op"] in _MERGES and len(ins) >= 2:
+            flow.append(FlowNode(_MERGES[node["op"]], tuple(ins)))
+            where[index] = len(flow) - 1
+        elif len(set(ins)) == 1:
+            where[index] = ins[0]  # an activation, pooling, reshape, flatten: contracted
+        elif ins:
+            return None
+    ran = sorted(n.layer for n in flow if n.layer is not None)
+    return flow if ran == list(range(len(targets))) else None
+
+
+def _own_params(block: Any) -> list[Any]:
+    return list(internals.own_parameters(block).values())
+
+
 def run_probe(
     model: Any, targets: list[tuple[str, Any, str]], x: np.ndarray
 ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -357,6 +420,9 @@ class _GluonModel(PortModel[Any]):
 
     def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return run_probe(self._model, self._targets, x)
+
+    def flow(self) -> list[FlowNode] | None:
+        return flow_of(self._model, self._targets)
 
     def layers(self) -> list[tuple[str, Any, str]]:
         return self._targets
