@@ -290,6 +290,30 @@ def test_recalibrate_gives_the_statistics_of_the_whole_data_set() -> None:
         np.testing.assert_array_equal(after[i], params[i])
 
 
+@pytest.mark.parametrize("kind", ["native", "unorm"])
+def test_recalibrate_leaves_batch_renormalization_weights(kind: str) -> None:
+    if kind == "native":
+        bn = layers.BatchNormalization(renorm=True)
+    else:
+        bn = BatchNorm(renorm=True, renorm_running="stddev")
+    model = keras.Sequential([keras.Input((3,)), bn])
+    bn.renorm_mean.assign(np.array([0.5, -1.0, 2.0], "float32"))
+    bn.renorm_stddev.assign(np.array([1.5, 0.5, 2.0], "float32"))
+    kept = [np.array(bn.renorm_mean), np.array(bn.renorm_stddev)]
+    rng = np.random.default_rng(16)
+    data = [(rng.normal(size=(6, 3)) * 2 + 1).astype("float32"), rng.normal(size=(3, 3))]
+    data[1] = data[1].astype("float32")
+    recalibrate(model, data)
+    flat = np.concatenate(data).astype(np.float64)
+    var = flat.var(0, ddof=0 if kind == "native" else 1)  # Keras: biased; canonical: unbiased
+    eps = 1e-3 if kind == "native" else 1e-5
+    np.testing.assert_allclose(np.asarray(bn.moving_mean), flat.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(bn.moving_variance), var, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(bn.moving_stddev), np.sqrt(var + eps), rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(bn.renorm_mean), kept[0])
+    np.testing.assert_array_equal(np.asarray(bn.renorm_stddev), kept[1])
+
+
 def test_recalibrate_refuses_bad_input_and_leaves_the_model_unchanged() -> None:
     model = _randomise(
         keras.Sequential([keras.Input((3,)), layers.Dense(4), layers.BatchNormalization()]), 12

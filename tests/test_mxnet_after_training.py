@@ -348,3 +348,25 @@ def test_recalibrate_over_two_devices_merges_their_uneven_shares() -> None:
         np.testing.assert_allclose(
             net[1].running_var.data(device).asnumpy(), h.var(0, ddof=1), rtol=1e-5
         )
+
+
+@pytest.mark.parametrize("running", ["variance", "stddev"])
+def test_recalibrate_leaves_batch_renormalization_states(running: str) -> None:
+    net = _seq(BatchNorm(in_channels=3, renorm=True, renorm_running=running))
+    net.initialize()
+    bn = net[0]
+    bn.renorm_mean.set_data(mx.nd.array([0.5, -1.0, 2.0]))
+    bn.renorm_std.set_data(mx.nd.array([1.5, 0.5, 2.0]))
+    kept = [bn.renorm_mean.data().asnumpy().copy(), bn.renorm_std.data().asnumpy().copy()]
+    rng = np.random.default_rng(17)
+    data = [(rng.normal(size=(6, 3)) * 2 + 1).astype("float32"), rng.normal(size=(3, 3))]
+    recalibrate(net, [mx.nd.array(d.astype("float32")) for d in data])
+    flat = np.concatenate(data).astype(np.float32).astype(np.float64)
+    var = flat.var(0, ddof=1)
+    np.testing.assert_allclose(bn.running_mean.data().asnumpy(), flat.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var.data().asnumpy(), var, rtol=1e-5)
+    np.testing.assert_array_equal(bn.renorm_mean.data().asnumpy(), kept[0])
+    np.testing.assert_array_equal(bn.renorm_std.data().asnumpy(), kept[1])
+    if running == "stddev":
+        got = bn.running_std.data().asnumpy()
+        np.testing.assert_allclose(got, np.sqrt(var + 1e-5), rtol=1e-5)

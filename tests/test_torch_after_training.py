@@ -440,6 +440,26 @@ def test_recalibrate_channels_last_and_frozen_layers() -> None:
     _same_state(net[1], frozen_before)
 
 
+@pytest.mark.parametrize("running", ["variance", "stddev"])
+def test_recalibrate_leaves_batch_renormalization_statistics(running: str) -> None:
+    torch.manual_seed(13)
+    bn = BatchNorm(3, renorm=True, renorm_running=running)
+    with torch.no_grad():
+        bn.renorm_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+        bn.renorm_std.copy_(torch.tensor([1.5, 0.5, 2.0]))
+    kept = {k: v.clone() for k, v in bn.named_buffers() if k.startswith("renorm")}
+    data = [torch.randn(6, 3) * 2 + 1, torch.randn(3, 3)]
+    recalibrate(nn.Sequential(bn), data)
+    flat = torch.cat(data).double().numpy()
+    np.testing.assert_allclose(bn.running_mean.numpy(), flat.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(bn.running_var.numpy(), flat.var(0, ddof=1), rtol=1e-5)
+    for k, v in kept.items():
+        torch.testing.assert_close(getattr(bn, k), v, rtol=0, atol=0)
+    if running == "stddev":
+        want = np.sqrt(flat.var(0, ddof=1) + 1e-5)
+        np.testing.assert_allclose(bn.running_std.numpy(), want, rtol=1e-5)
+
+
 def test_recalibrate_refuses_bad_input_and_leaves_the_model_unchanged() -> None:
     torch.manual_seed(11)
     net = _randomise(nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), BatchNorm(4)))

@@ -372,8 +372,23 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
         originals.append((layer, layer.__dict__.get("call")))
         object.__setattr__(layer, "call", call)
 
+    # Batch Renormalization's weights (and a moving_stddev) move in every training call:
+    # put back after each batch, so that every batch meets the model as it was and they
+    # end as they were (SPEC.md section 8: only the moving statistics change).
+    extra = [
+        (w, np.array(keras.ops.convert_to_numpy(w)))
+        for layer in targets
+        for w in layer.non_trainable_weights
+        if not any(w is v for v in _state(layer))
+    ]
+
+    def put_back() -> None:
+        for variable, value in extra:
+            variable.assign(value)
+
     def run_one(batch: Any) -> str | None:
         _run(model, batch)
+        put_back()
         return failure[0] if failure else None
 
     try:
@@ -383,6 +398,7 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
         for layer, values in zip(targets, saved, strict=True):
             for variable, value in zip(_state(layer), values, strict=True):
                 variable.assign(value)
+        put_back()
         raise
     finally:
         for layer, before in originals:
@@ -394,8 +410,12 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
         m = moments[id(layer)]
         assert m.mean is not None
         unbiased = layer.spec.unbiased if isinstance(layer, BatchNorm) else False
+        var = m.variance(unbiased)
         layer.moving_mean.assign(m.mean.astype(_dtype(layer.moving_mean)))
-        layer.moving_variance.assign(m.variance(unbiased).astype(_dtype(layer.moving_variance)))
+        layer.moving_variance.assign(var.astype(_dtype(layer.moving_variance)))
+        stddev = getattr(layer, "moving_stddev", None)
+        if stddev is not None:  # renorm's moving stddev is sqrt(var + eps), Keras's too
+            stddev.assign(np.sqrt(var + _bn_settings(layer)[1]).astype(_dtype(stddev)))
         tracked = getattr(layer, "num_batches_tracked", None)
         if tracked is not None:
             tracked.assign(np.asarray(m.batches, _dtype(tracked)))

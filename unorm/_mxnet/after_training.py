@@ -418,9 +418,25 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
 
     handles = [b.register_forward_pre_hook(hook_for(p, b)) for p, b in targets]
 
+    # Batch Renormalization's states (and a running_std) move in every training call: put
+    # back after each batch, so that every batch meets the model as it was and they end as
+    # they were (SPEC.md section 8: only the running statistics change).
+    recalibrated = {"gamma", "beta", "running_mean", "running_var", "num_batches_tracked"}
+    extra = [
+        (param, _numpy(param).copy())
+        for _, block in targets
+        for key, param in internals.own_parameters(block).items()
+        if key not in recalibrated
+    ]
+
+    def put_back() -> None:
+        for param, value in extra:
+            param.set_data(mx.nd.array(value, dtype=value.dtype))
+
     def run_one(batch: Any) -> str | None:
         with autograd.train_mode():
             model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+        put_back()
         return failure[0] if failure else None
 
     try:
@@ -430,6 +446,7 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
         for (_, block), values in zip(targets, saved, strict=True):
             for param, value in zip(_state(block), values, strict=True):
                 param.set_data(mx.nd.array(value, dtype=value.dtype))
+        put_back()
         raise
     finally:
         for h in handles:
@@ -440,7 +457,12 @@ def recalibrate(model: Any, batches: Iterable[Any], *, progress: bool | IO[str] 
         unbiased = block.spec.unbiased if isinstance(block, BatchNorm) else False
         dtype = np.dtype(block.running_mean.dtype)
         block.running_mean.set_data(mx.nd.array(m.mean.astype(dtype), dtype=dtype))
-        block.running_var.set_data(mx.nd.array(m.variance(unbiased).astype(dtype), dtype=dtype))
+        var = m.variance(unbiased)
+        block.running_var.set_data(mx.nd.array(var.astype(dtype), dtype=dtype))
+        std = getattr(block, "running_std", None)
+        if std is not None:  # renorm_running="stddev" keeps sqrt(var + eps)
+            value = np.sqrt(var + _bn_view(block).eps).astype(dtype)
+            std.set_data(mx.nd.array(value, dtype=dtype))
         tracked = getattr(block, "num_batches_tracked", None)
         if tracked is not None:
             counter = np.dtype(tracked.dtype)

@@ -522,8 +522,24 @@ def recalibrate(
             rm.zero_()  # finite starting values: 0 * inf would be NaN, not 0
             rv.fill_(1.0)
 
+    # Batch Renormalization's statistics (and a running_std) move in every training call:
+    # put back after each batch, so that every batch meets the model as it was and they
+    # end as they were (SPEC.md section 8: only the running statistics change).
+    extra = [
+        (buffer, buffer.detach().clone())
+        for m in targets.values()
+        for key, buffer in m.named_buffers(recurse=False)
+        if key not in _RECALIBRATED and buffer is not None
+    ]
+
+    def put_back() -> None:
+        with torch.no_grad():
+            for buffer, value in extra:
+                buffer.copy_(value)
+
     def run_one(batch: Any) -> str | None:
         _run(model, batch)
+        put_back()
         flags = [(n, a.last_finite) for n, a in acc.items() if a.last_finite is not None]
         for a in acc.values():
             a.last_finite = None
@@ -548,6 +564,7 @@ def recalibrate(
         core.check_counts({name: a.count for name, a in acc.items()})
     except BaseException:
         _restore(targets, saved)
+        put_back()
         raise
     finally:
         for h in handles:
@@ -566,7 +583,15 @@ def recalibrate(
             rm.copy_(a.mean.to(rm.dtype))
             rv.copy_(var.to(rv.dtype))
             tracked.fill_(a.batches)
+            std = getattr(m, "running_std", None)
+            if isinstance(std, Tensor) and isinstance(m, BatchNorm):
+                # renorm_running="stddev" keeps sqrt(var + eps)
+                std.copy_(torch.sqrt(var + m.spec.eps).to(std.dtype))
     return model
+
+
+#: The buffers recalibrate sets; a BatchNorm's others are left as they were.
+_RECALIBRATED = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def _world_size(group: Any) -> int:
