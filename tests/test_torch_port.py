@@ -229,3 +229,27 @@ def test_probing_leaves_running_statistics_and_training_flags_alone() -> None:
     assert model.training and not model.bn_a.training and model.bn_b.training
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+class _Untraceable(_Swapped):
+    """``_Swapped`` with a forward torch.fx cannot trace (a branch on a value)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if float(x.sum()) > 1e9:  # never taken; fx cannot trace it
+            x = -x
+        return super().forward(x)
+
+
+def test_an_explicit_mapping_settles_what_the_flow_cannot() -> None:
+    """Neither side traces, so the layers pair by order, which the probe refuses;
+    mapping= names the pairs and the load goes through, verified."""
+    ckpt = export_checkpoint(_stepped(_Untraceable(in_order=False)), torch.zeros(1, 4))
+    assert "flow" not in ckpt.extra
+    dest = _Untraceable(in_order=True)
+    with pytest.raises(CheckpointError, match="diverges"):
+        load_checkpoint(dest, ckpt)
+    load_checkpoint(dest, ckpt, mapping={"bn_b": "bn_b", "bn_a": "bn_a"})
+    with pytest.raises(
+        CheckpointError, match=r"mapping names layers that do not exist.*\['bn_c'\]"
+    ):
+        load_checkpoint(dest, ckpt, mapping={"bn_a": "bn_c"})

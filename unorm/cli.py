@@ -101,12 +101,28 @@ def _conformance(args: Sequence[str]) -> int:
     return conformance_main(argv)
 
 
+def _mapping(pairs: Sequence[str]) -> dict[str, str] | None:
+    """``--mapping SRC=DST`` options as a dict; a malformed one is a ``CheckpointError``."""
+    from .port import CheckpointError
+
+    out: dict[str, str] = {}
+    for pair in pairs:
+        src, sep, dst = pair.partition("=")
+        if not sep or not src or not dst:
+            raise CheckpointError(f"--mapping takes CHECKPOINT_LAYER=MODEL_LAYER, got {pair!r}")
+        out[src] = dst
+    return out or None
+
+
 def _port(args: argparse.Namespace) -> int:
     from .port import CheckpointError
     from .port_files import port_file
 
     try:
-        ckpt = port_file(args.src, args.dst, model=args.model, accept_loss=args.accept_loss)
+        mapping = _mapping(args.mapping)
+        ckpt = port_file(
+            args.src, args.dst, model=args.model, accept_loss=args.accept_loss, mapping=mapping
+        )
     except CheckpointError as err:
         print(f"unorm port: {err}", file=sys.stderr)
         return 1
@@ -139,6 +155,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="a seed network of unorm.models (default lenet_bn), or package.module:factory "
         "for your own: factory(framework) returns that framework's model, or (model, "
         "input_shape)",
+    )
+    porting.add_argument(
+        "--mapping",
+        action="append",
+        default=[],
+        metavar="SRC=DST",
+        help="pair the checkpoint's layer SRC with the destination model's layer DST "
+        "(repeatable; the other layers pair along the data flow, else by order)",
     )
     porting.add_argument(
         "--accept-loss",

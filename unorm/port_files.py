@@ -173,6 +173,7 @@ def port_file(
     dst: str | os.PathLike[str],
     model: str = "lenet_bn",
     accept_loss: bool = False,
+    mapping: dict[str, str] | None = None,
 ) -> Checkpoint:
     """Port ``model``'s state (a seed network's name, or ``package.module:factory``, see
     the module's docstring) from the file ``src`` to the file ``dst``; return the state.
@@ -183,7 +184,9 @@ def port_file(
     before it replaces anything: a format that drops a setting (a weights-only file keeps
     no BatchNorm eps or momentum; reading it gives the model's own) is refused, naming
     every setting it would lose, unless ``accept_loss``. A weights-only source takes its
-    settings from ``model``'s layers, as the framework's own loader does. A missing source
+    settings from ``model``'s layers, as the framework's own loader does. ``mapping``
+    (checkpoint layer name -> destination layer name) pairs those layers explicitly, the
+    rest by order, where the data flow cannot decide. A missing source
     or destination folder, an unknown model and every refusal raise
     :class:`~unorm.port.CheckpointError`.
     """
@@ -202,6 +205,9 @@ def port_file(
         port.save(ckpt, dst)
     else:
         backend, network, _ = _network(target_fw, model)
-        backend.load_checkpoint(network, ckpt)
+        if mapping:
+            backend.load_checkpoint(network, ckpt, mapping=mapping)
+        else:
+            backend.load_checkpoint(network, ckpt)
         _write_checked(backend, network, ckpt, Path(dst), target_fw, model, accept_loss)
     return ckpt

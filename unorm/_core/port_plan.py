@@ -88,6 +88,7 @@ __all__ = [
     "kind_of",
     "load",
     "match_by_flow",
+    "match_by_names",
     "match_by_order",
     "plan_load",
     "present_roles",
@@ -324,6 +325,45 @@ def match_by_order(
     """
     pairs = match_layers(ckpt, [kind for _, _, kind in targets])
     return [(index, layer, target) for (index, layer), target in zip(pairs, targets, strict=True)]
+
+
+def match_by_names(mapping: Mapping[str, str]) -> Matcher:
+    """A :data:`Matcher` that pairs the layers ``mapping`` names (checkpoint layer name
+    -> model layer name) and every other layer by order among those left: the explicit
+    way to settle a pairing the data flow cannot (an untraceable model). Names that are
+    not layers, or a model layer named twice, are a :class:`~unorm.port.CheckpointError`.
+
+    Example:
+        >>> ckpt = Checkpoint([Layer("a", "dense", {}), Layer("b", "dense", {})], {}, "x")
+        >>> targets = [("fc1", None, "dense"), ("fc2", None, "dense")]
+        >>> [(la.name, t[0]) for _, la, t in match_by_names({"a": "fc2"})(ckpt, targets)]
+        [('a', 'fc2'), ('b', 'fc1')]
+    """
+
+    def match(
+        ckpt: Checkpoint, targets: Sequence[Target[Any]]
+    ) -> list[tuple[int, Layer, Target[Any]]]:
+        by_name = {t[0]: t for t in targets}
+        known = {la.name for la in ckpt.layers}
+        unknown = sorted(set(mapping) - known)
+        missing = sorted(set(mapping.values()) - set(by_name))
+        if unknown or missing:
+            raise CheckpointError(
+                f"mapping names layers that do not exist: checkpoint {unknown}, model "
+                f"{missing}; the checkpoint has {sorted(known)}, the model {sorted(by_name)}"
+            )
+        if len(set(mapping.values())) != len(mapping):
+            raise CheckpointError(f"mapping gives one model layer twice: {dict(mapping)}")
+        taken = set(mapping.values())
+        rest = iter([t for t in targets if t[0] not in taken])
+        if len(ckpt.layers) != len(targets):
+            match_layers(ckpt, [kind for _, _, kind in targets])  # names both counts
+        return [
+            (i, la, by_name[mapping[la.name]] if la.name in mapping else next(rest))
+            for i, la in enumerate(ckpt.layers)
+        ]
+
+    return match
 
 
 def _signature(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> str:

@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import keras
@@ -50,6 +50,7 @@ from .._core.port_plan import (
     export,
     kind_of,
     load,
+    match_by_names,
     present_roles,
     warn_native_gaps,
 )
@@ -610,7 +611,7 @@ def _forget_traces(model: Any) -> None:
                 setattr(net, attr, None)
 
 
-def load_checkpoint(model: Any, ckpt: Checkpoint) -> None:
+def load_checkpoint(model: Any, ckpt: Checkpoint, mapping: Mapping[str, str] | None = None) -> None:
     """Load ``ckpt`` into the built Keras ``model`` (layers matched by order, shapes
     checked first).
 
@@ -630,6 +631,9 @@ def load_checkpoint(model: Any, ckpt: Checkpoint) -> None:
     a probe is verified: the model's inference output on the probe's input must be the
     source's, else every value and setting is put back and the load raises
     :class:`~unorm.port.CheckpointError` naming the first layer whose output diverges.
+    Layers pair along the data flow where both sides record one, else by order;
+    ``mapping`` (checkpoint layer name -> the model's layer name) pairs the layers it
+    names explicitly, the rest by order.
 
     Example:
         >>> a = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
@@ -644,7 +648,8 @@ def load_checkpoint(model: Any, ckpt: Checkpoint) -> None:
         if any(step.spec is not None for step in steps):
             _forget_traces(model)
 
-    load(_KerasModel(model), ckpt, refresh=refresh)
+    match = None if mapping is None else match_by_names(mapping)
+    load(_KerasModel(model), ckpt, match, refresh=refresh)
 
 
 def export_model(model: Any, input_shape: tuple[int, ...]) -> Checkpoint:

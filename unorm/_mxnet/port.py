@@ -49,6 +49,7 @@ from .._core.port_plan import (
     export,
     kind_of,
     load,
+    match_by_names,
     present_roles,
     warn_native_gaps,
 )
@@ -493,7 +494,9 @@ def _forget_graphs(model: Any) -> None:
             internals.clear_cached_graph(block)
 
 
-def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
+def load_checkpoint(
+    model: Any, ckpt: Checkpoint, example: Any = None, mapping: Mapping[str, str] | None = None
+) -> None:
     """Load ``ckpt`` into the Gluon ``model`` (layers matched by order, everything checked
     first).
 
@@ -512,7 +515,9 @@ def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
     new settings. A checkpoint with a probe is verified: the model's inference output on
     the probe's input must be the source's, else every value and setting is put back and
     the load raises :class:`~unorm.port.CheckpointError` naming the first layer whose
-    output diverges.
+    output diverges. Layers pair along the data flow where both sides record one, else by
+    order; ``mapping`` (checkpoint layer name -> the model's block name) pairs the layers
+    it names explicitly, the rest by order.
 
     Example:
         >>> a, b = gluon.nn.Dense(2, in_units=3), gluon.nn.Dense(2, in_units=3)
@@ -522,7 +527,8 @@ def load_checkpoint(model: Any, ckpt: Checkpoint, example: Any = None) -> None:
         True
     """
     adapter = _GluonModel(model, _flatten_shapes(model, _example_shape(example)))
-    load(adapter, ckpt, refresh=lambda steps: _forget_graphs(model))
+    match = None if mapping is None else match_by_names(mapping)
+    load(adapter, ckpt, match, refresh=lambda steps: _forget_graphs(model))
 
 
 # -- MXNet's own files ----------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import operator
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -374,7 +374,9 @@ class _TorchModel(PortModel[nn.Module]):
         plan.warn_native_gaps(spec, "torch", "nn.BatchNorm", "unorm.torch.convert()", source)
 
 
-def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
+def load_checkpoint(
+    model: nn.Module, ckpt: Checkpoint, mapping: Mapping[str, str] | None = None
+) -> None:
     """Load ``ckpt`` into ``model`` (layers matched by order, everything checked first).
 
     Nothing is changed unless every layer matches: kinds, shapes, conv groups and a
@@ -388,6 +390,9 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
     with an example input) is verified: ``model`` runs on the probe's input in eval mode,
     and outputs other than the source's put every value and setting back and raise
     :class:`~unorm.port.CheckpointError` naming the first layer whose output diverges.
+    Layers pair along the data flow where both sides record one, else by order;
+    ``mapping`` (checkpoint layer name -> ``model``'s module name) pairs the layers it
+    names explicitly, the rest by order.
 
     Example:
         >>> a, b = nn.Linear(3, 2), nn.Linear(3, 2)
@@ -395,7 +400,8 @@ def load_checkpoint(model: nn.Module, ckpt: Checkpoint) -> None:
         >>> bool(torch.equal(a.weight, b.weight))
         True
     """
-    plan.load(_TorchModel(model, {}), ckpt)
+    match = None if mapping is None else plan.match_by_names(mapping)
+    plan.load(_TorchModel(model, {}), ckpt, match)
 
 
 def read_native(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
