@@ -224,8 +224,8 @@ def _fold_into(producer: nn.Module, kind: str, bn: _BN) -> None:
     beta = torch.zeros_like(var) if bn.bias is None else bn.bias.detach().to(torch.float64)
     s = gamma / torch.sqrt(var + bn.eps)
     # Channel o is the row-major index over the sizes of plan.axes (sorted, as unit_plan
-    # gives them): (group, channel in group) for a grouped transposed convolution, where
-    # scaling axis 1 alone by s[:O/g] is pytorch/pytorch#180995's mistake.
+    # gives them): (group, channel in group) for a grouped transposed convolution, whose
+    # axis 1 alone has O/g entries (fuse_conv_bn_eval fails there, pytorch/pytorch#180995).
     broadcast = [shape[a] if a in plan.axes else 1 for a in range(len(shape))]
     w64 = weight.detach().to(torch.float64).reshape(shape) * s.reshape(broadcast)
     weight.copy_(w64.reshape(weight.shape).to(weight.dtype))
