@@ -443,7 +443,8 @@ def recalibrate(
             the ranks whose statistics are merged (default: the whole world). Each rank
             passes its own share of the data (uneven shares, none at all on some ranks) and
             every rank ends with the statistics of all of it, as one process seeing every
-            batch; every rank must call.
+            batch; every rank must call. A model holding ``SyncBatchNorm`` layers
+            synchronises every batch, so there every rank must pass as many batches.
 
     Raises ``ValueError``, leaving the model unchanged, for a model without such a
     BatchNorm, no batches, a batch giving non-finite statistics, a BatchNorm that saw no
