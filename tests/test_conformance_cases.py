@@ -33,7 +33,7 @@ def test_names_are_unique_and_well_formed() -> None:
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     for name in names:
-        assert re.fullmatch(r"(bn|renorm|agc|sync|error|ws)/[a-z0-9_.\-/]+", name), name
+        assert re.fullmatch(r"(bn|renorm|ghost|agc|sync|error|ws)/[a-z0-9_.\-/]+", name), name
 
 
 def test_seeds_are_fixed_and_distinct() -> None:

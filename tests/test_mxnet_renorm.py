@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from gluon_steps import check_training_step
 from renorm_formulas import inference, paper_steps
 
 from conftest import runs_here  # the environment's framework list (UNORM_RUNS)
@@ -58,17 +59,7 @@ def test_against_the_paper(where: str, clip: dict | None) -> None:
     dys = [rng.normal(size=(6, 3, 4)) for _ in range(4)]
     want = paper_steps(xs, dys, GAMMA, BETA, renorm_momentum=0.2, **(clip or {}))
     for x_np, dy_np, step in zip(xs, dys, want, strict=True):
-        x = mx.nd.array(x_np)
-        x.attach_grad()
-        with autograd.record():
-            y = model(x)
-        y.backward(mx.nd.array(dy_np))
-        np.testing.assert_allclose(y.asnumpy(), step["y"], **TOL)
-        np.testing.assert_allclose(x.grad.asnumpy(), step["dx"], **TOL)
-        np.testing.assert_allclose(
-            layer.gamma.grad().asnumpy(), step["dgamma"], rtol=2e-5, atol=2e-4
-        )
-        np.testing.assert_allclose(layer.beta.grad().asnumpy(), step["dbeta"], rtol=2e-5, atol=2e-4)
+        check_training_step(model, layer, x_np, dy_np, step)
         for name in ("running_mean", "running_var", "renorm_mean", "renorm_std"):
             np.testing.assert_allclose(_param(model, name), step[name], **TOL, err_msg=name)
     assert int(_param(model, "num_batches_tracked")[0]) == len(xs)

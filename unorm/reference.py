@@ -56,6 +56,10 @@ __all__ = [
     "batch_stats",
     "check_input",
     "fold_batch_norm",
+    "ghost_batch_norm_backward",
+    "ghost_batch_norm_train",
+    "ghost_fed_stats",
+    "ghost_groups",
     "init_running_stats",
     "masked_batch_norm_backward",
     "masked_batch_norm_train",
@@ -526,6 +530,16 @@ def batch_norm_step(
         raise ValueError("batch_norm_step takes no renorm=True spec; use batch_renorm_step")
     gamma = gamma if spec.scale else None
     beta = beta if spec.center else None
+    if spec.virtual_batch_size is not None and training and np.size(x) > 0:
+        if mask is not None:
+            raise ValueError("virtual_batch_size must be None for a masked batch")
+        y, groups = ghost_batch_norm_train(x, gamma, beta, spec=spec)
+        if not spec.track_running_stats or running is None:
+            return y, running
+        if spec.update_on == "backward" and not backward_ran:
+            return y, running
+        mean, fed = ghost_fed_stats(groups, spec)
+        return y, _fold(running, mean, fed, spec.momentum, spec.skip_nonfinite)
     if mask is not None and (training or not spec.track_running_stats):
         y, masked = masked_batch_norm_train(x, mask, gamma, beta, spec=spec)
         if not training or not spec.track_running_stats or running is None:
@@ -566,6 +580,116 @@ def batch_norm_step(
         x, running.mean, running.var, gamma, beta, eps=spec.eps, axis=spec.axis
     )
     return y, running
+
+
+# -- Ghost batches (SPEC.md section 2, *Ghost batches*) --------------------------------
+
+
+def ghost_groups(batch: int, virtual_batch_size: int) -> list[slice]:
+    """The groups of a batch of ``batch`` samples: consecutive slices of
+    ``virtual_batch_size`` samples along axis 0, the last one holding the remainder.
+    ``ValueError`` where ``virtual_batch_size`` exceeds a nonempty batch.
+
+    Example:
+        >>> ghost_groups(10, 4)
+        [slice(0, 4, None), slice(4, 8, None), slice(8, 10, None)]
+    """
+    if 0 < batch < virtual_batch_size:
+        raise ValueError(
+            f"virtual_batch_size must be at most the batch size in training, got "
+            f"{virtual_batch_size} for a batch of {batch}"
+        )
+    return [
+        slice(i, min(i + virtual_batch_size, batch)) for i in range(0, batch, virtual_batch_size)
+    ]
+
+
+def _ghost_checked(x: ArrayLike, spec: BatchNormSpec) -> tuple[np.ndarray, int, list[slice]]:
+    arr, ax = check_input(x, spec.axis)
+    if ax == 0:
+        raise ValueError(
+            "axis must not be 0 with virtual_batch_size (the groups split the batch axis 0), "
+            f"got {spec.axis}"
+        )
+    assert spec.virtual_batch_size is not None
+    return arr, ax, ghost_groups(arr.shape[0], spec.virtual_batch_size)
+
+
+def ghost_batch_norm_train(
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    beta: ArrayLike | None = None,
+    *,
+    spec: BatchNormSpec,
+    out_dtype: DTypeLike | None = None,
+) -> tuple[np.ndarray, list[BatchStats]]:
+    """Training-mode BatchNorm with ghost batches: each group of :func:`ghost_groups` is
+    normalised by :func:`batch_norm_train` with its own statistics (its own count held to
+    the one-value rule). Returns ``y`` and the groups' statistics.
+
+    Example:
+        >>> x = np.array([[0.0], [2.0], [10.0], [14.0]])
+        >>> y, groups = ghost_batch_norm_train(x, spec=BatchNormSpec(eps=0.0, virtual_batch_size=2))
+        >>> y.ravel().tolist(), [g.mean.tolist() for g in groups]
+        ([-1.0, 1.0, -1.0, 1.0], [[1.0], [12.0]])
+    """
+    arr, ax, groups = _ghost_checked(x, spec)
+    parts = [
+        batch_norm_train(
+            arr[g],
+            gamma,
+            beta,
+            eps=spec.eps,
+            axis=ax,
+            allow_single_value=spec.allow_single_value,
+            out_dtype=np.float64,
+        )
+        for g in groups
+    ]
+    y = np.concatenate([p[0] for p in parts], axis=0)
+    return _out(y, arr.dtype if out_dtype is None else out_dtype), [p[1] for p in parts]
+
+
+def ghost_batch_norm_backward(
+    dy: ArrayLike,
+    x: ArrayLike,
+    gamma: ArrayLike | None = None,
+    *,
+    spec: BatchNormSpec,
+    out_dtype: DTypeLike | None = None,
+) -> BatchNormGrads:
+    """Vector-Jacobian product of :func:`ghost_batch_norm_train`: each group's
+    :func:`batch_norm_backward`, ``dgamma`` and ``dbeta`` summed over the groups."""
+    arr, ax, groups = _ghost_checked(x, spec)
+    grad = _check_dy(dy, arr.astype(np.float64))
+    parts = [
+        batch_norm_backward(grad[g], arr[g], gamma, eps=spec.eps, axis=ax, center=spec.center)
+        for g in groups
+    ]
+    dx = np.concatenate([p.dx.astype(np.float64) for p in parts], axis=0)
+    dgamma = None if gamma is None else sum(p.dgamma for p in parts if p.dgamma is not None)
+    dbeta = sum(p.dbeta for p in parts if p.dbeta is not None) if spec.center else None
+    return BatchNormGrads(_out(dx, arr.dtype if out_dtype is None else out_dtype), dgamma, dbeta)
+
+
+def ghost_fed_stats(groups: Sequence[BatchStats], spec: BatchNormSpec) -> tuple[F64, F64]:
+    """The mean and variance the running statistics are fed after a ghost-batch call:
+    ``ghost_running="batch"`` the exact merge of the groups (:func:`merge_stats`, the
+    batch's own statistics, the variance unbiased on the total count), ``"groups"`` the
+    unweighted mean of the groups' means and of their fed variances (each unbiased on
+    its own count), as tf.keras 2 averaged them.
+
+    Example:
+        >>> a, b = batch_stats(np.array([[0.0], [2.0]])), batch_stats(np.array([[10.0], [14.0]]))
+        >>> ghost_fed_stats([a, b], BatchNormSpec(virtual_batch_size=2, ghost_running="groups"))
+        (array([6.5]), array([5.]))
+    """
+    if spec.ghost_running == "batch":
+        merged = merge_stats(groups)
+        return _f64(merged.mean), merged.var(unbiased=spec.unbiased and merged.count > 1)
+    means = [_f64(g.mean) for g in groups]
+    fed = [g.var(unbiased=spec.unbiased and g.count > 1) for g in groups]
+    return np.mean(means, axis=0), np.mean(fed, axis=0)
 
 
 # -- Batch Renormalization (SPEC.md section 2, *Batch Renormalization*) ---------------

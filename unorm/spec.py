@@ -55,6 +55,7 @@ UpdateTime = Literal["forward", "backward"]
 EmptyBatch = Literal["skip", "count", "nan"]
 FullyMasked = Literal["error", "zero"]
 RenormRunning = Literal["variance", "stddev"]
+GhostRunning = Literal["batch", "groups"]
 
 #: The floor under a unit's gradient norm in AGC's rescale factor (``SPEC.md`` section 5).
 AGC_GRAD_NORM_FLOOR = 1e-6
@@ -201,6 +202,15 @@ class BatchNormSpec:
             keep under renorm: ``"variance"`` the running variance as without renorm
             (canonical), ``"stddev"`` a running ``sqrt(var + eps)`` from which the running
             variance is derived as ``max(std^2 - eps, 0)`` (Keras's layer).
+        virtual_batch_size: None. Ghost batches (Hoffer et al. 2017; ``SPEC.md`` section 2,
+            *Ghost batches*): in training each group of this many consecutive samples
+            (the batch axis is axis 0; the last group holds the remainder) is normalised
+            with its own statistics. An integer ``>= 2``; at most the batch size.
+            Inference is never grouped.
+        ghost_running: ``"batch"``. What the running statistics are fed under ghost
+            batches, once per call: ``"batch"`` the exact merge of the groups (the
+            batch's own statistics, canonical), ``"groups"`` the unweighted mean of the
+            groups' means and fed variances (tf.keras 2's ``virtual_batch_size``).
         preset: None, or the name of the preset the spec was built from.
 
     Example:
@@ -228,6 +238,8 @@ class BatchNormSpec:
     renorm_dmax: float | None = None
     renorm_momentum: float = 0.01
     renorm_running: RenormRunning = "variance"
+    virtual_batch_size: int | None = None
+    ghost_running: GhostRunning = "batch"
     preset: PresetName | None = None
 
     def __post_init__(self) -> None:
@@ -248,6 +260,7 @@ class BatchNormSpec:
         _check_choice("empty_batch", self.empty_batch, ("skip", "count", "nan"))
         _check_choice("fully_masked", self.fully_masked, ("error", "zero"))
         self._check_renorm()
+        self._check_ghost()
         if self.preset is not None:
             validate_preset(self.preset)
 
@@ -272,6 +285,18 @@ class BatchNormSpec:
             raise _fail(
                 "renorm", True, "False with track_running_stats=False (it needs running statistics)"
             )
+
+    def _check_ghost(self) -> None:
+        """Validate ``virtual_batch_size`` and ``ghost_running`` (``SPEC.md`` section 2,
+        *Ghost batches*)."""
+        size = self.virtual_batch_size
+        if size is not None and (
+            isinstance(size, bool) or not isinstance(size, numbers.Integral) or size < 2
+        ):
+            raise _fail("virtual_batch_size", size, "an integer >= 2 or None")
+        _check_choice("ghost_running", self.ghost_running, ("batch", "groups"))
+        if size is not None and self.renorm:
+            raise _fail("virtual_batch_size", size, "None with renorm=True (not combined)")
 
     @property
     def renorm_clipping(self) -> dict[str, float]:
@@ -363,6 +388,9 @@ class BatchNormSpec:
             # A framework whose layers take no mask declares no fully_masked: never a gap.
             if name in native and value != native[name]:
                 gaps.append(f"{name}={value!r}")
+        if self.virtual_batch_size is not None:
+            # No native layer here has ghost batches (Keras 3 dropped tf.keras 2's).
+            gaps.append(f"virtual_batch_size={self.virtual_batch_size!r}")
         if self.renorm:
             # A framework without Batch Renormalization declares no renorm_running.
             if "renorm_running" not in native:

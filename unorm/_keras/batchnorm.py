@@ -142,6 +142,17 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         renorm_running: ``"variance"`` (canonical: the moving variance as without renorm)
             or ``"stddev"`` (``preset="keras"``: a ``moving_stddev`` weight from which the
             moving variance is derived, as Keras's layer keeps it).
+        virtual_batch_size: ghost batches (``SPEC.md`` section 2, *Ghost batches*), which
+            Keras 3 dropped: in training each group of this many consecutive samples (the
+            last one holds the remainder) is normalised with its own statistics, also
+            where the batch size is only known when the graph runs (the batch is padded
+            to whole groups, the padding left out of every statistic); inference is never
+            grouped. Default None; an integer >= 2, at most the batch size (checked where
+            the batch size is known when the layer is called). Not with a mask or
+            ``synchronized=True``.
+        ghost_running: ``"batch"`` (default: the moving statistics are fed the exact merge
+            of the groups, the batch's own statistics) or ``"groups"`` (the mean of the
+            groups' means and variances, as tf.keras 2's ``virtual_batch_size`` fed them).
         frozen: the frozen mode (``SPEC.md`` section 8): normalise with the moving
             statistics also under ``training=True`` and never update them, while gamma
             and beta keep learning (default False; ``trainable=False`` freezes them too,
@@ -214,6 +225,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         renorm_clipping: Any = UNSET,
         renorm_momentum: float | Unset = UNSET,
         renorm_running: str | Unset = UNSET,
+        virtual_batch_size: int | Unset | None = UNSET,
+        ghost_running: str | Unset = UNSET,
         preset: str | None = None,
         synchronized: bool = False,
         frozen: bool = False,
@@ -246,6 +259,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 renorm=renorm,
                 renorm_momentum=renorm_momentum,
                 renorm_running=renorm_running,
+                virtual_batch_size=virtual_batch_size,
+                ghost_running=ghost_running,
             ),
             **(
                 {} if renorm_clipping is UNSET else BatchNormSpec.clipping_settings(renorm_clipping)
@@ -263,6 +278,11 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
             raise ValueError(
                 "update_on must be 'forward' with the "
                 f"{keras.backend.backend()!r} backend, got 'backward' (it needs TensorFlow)"
+            )
+        if synchronized and self.spec.virtual_batch_size is not None:
+            raise ValueError(
+                "virtual_batch_size must be None with synchronized=True (ghost batches are "
+                f"per replica, not merged), got {self.spec.virtual_batch_size}"
             )
         if not isinstance(frozen, bool):
             raise ValueError(f"frozen must be True or False, got {frozen!r}")
@@ -452,6 +472,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         zero_masked = batch and mask is not None and spec.fully_masked == "zero"
         if self._static_empty(x, batch, zero_masked):
             return self._empty_batch(x, gamma, beta, training)
+        if training and spec.virtual_batch_size is not None:
+            return ops.cast(self._ghost_call(x, gamma, beta, mask), self.compute_dtype)
         shift = None
         y = None
         empty = None  # a bool tensor where the batch may be empty, known only when it runs
@@ -700,6 +722,96 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         mean, variance = assert_count(least, allow, message, mean, variance)
         return mean, variance
 
+    # -- ghost batches (SPEC.md section 2, *Ghost batches*) --------------------------
+
+    def _ghost_call(self, x: Any, gamma: Any, beta: Any, mask: Any) -> Any:
+        """Training with ghost batches, vectorised: the batch padded to whole groups and
+        reshaped to ``(groups, virtual_batch_size, ...)``, each group's statistics over
+        its real samples (a 0/1 weight leaves the padding out), one update."""
+        spec = self.spec
+        size = spec.virtual_batch_size
+        assert size is not None
+        if mask is not None:
+            raise ValueError("virtual_batch_size must be None for a masked batch, got a mask")
+        axis = normalize_axis(spec.axis, self._rank)
+        if axis == 0:
+            raise ValueError(
+                "axis must not be 0 with virtual_batch_size (the groups split the batch "
+                f"axis 0), got {spec.axis}"
+            )
+        static = x.shape[0]
+        spatial = stats.count(x, [a for a in self._reduce_axes if a != 0])
+        if static is not None and static < size:
+            raise ValueError(
+                f"virtual_batch_size must be at most the batch size in training, got {size} "
+                f"for a batch of {static}"
+            )
+        if static is not None and isinstance(spatial, int):
+            rest = static % size
+            smallest = (rest or size) * spatial
+            self._checked(smallest, smallest, None, x.shape, None, None, masked=False)
+        shift = None
+        if spec.preset != "keras":
+            x, shift = stats.shift_by_first(x, self._reduce_axes)
+        batch = ops.shape(x)[0]
+        groups = (batch + size - 1) // size
+        padded = ops.pad(x, [[0, groups * size - batch]] + [[0, 0]] * (self._rank - 1))
+        rest_shape = [ops.shape(x)[i] if d is None else d for i, d in enumerate(x.shape)][1:]
+        grouped = ops.reshape(padded, [-1, size, *rest_shape])
+        real = ops.cast(ops.arange(groups * size) < batch, x.dtype)
+        weight = ops.reshape(real, [-1, size] + [1] * (self._rank - 1))
+        axes = [1] + [a + 1 for a in self._reduce_axes if a != 0]
+        counts = ops.sum(weight, axis=1, keepdims=True) * ops.cast(spatial, x.dtype)
+        mean = ops.sum(grouped * weight, axis=axes, keepdims=True) / counts
+        centred = (grouped - mean) * weight
+        variance = ops.sum(ops.square(centred), axis=axes, keepdims=True) / counts
+        broadcast = [1] * (self._rank + 1)
+        broadcast[axis + 1] = self._channels
+        y = (grouped - mean) * ops.rsqrt(variance + spec.eps)
+        if gamma is not None:
+            y = y * ops.reshape(gamma, broadcast)
+        if beta is not None:
+            y = y + ops.reshape(beta, broadcast)
+        y = ops.reshape(y, [-1, *rest_shape])[:batch]
+        if spec.track_running_stats:
+            fed_mean, fed_var, count = self._ghost_fed(mean, variance, counts, shift)
+
+            def update() -> None:
+                empty = None if static is not None else ops.equal(batch, 0)
+                self._update(fed_mean, fed_var, count, empty, zero_masked=False)
+
+            if spec.update_on == "backward":
+                from .tf_runtime import update_on_backward
+
+                y = update_on_backward(y, update)
+            else:
+                update()
+        return y
+
+    def _ghost_fed(self, mean: Any, variance: Any, counts: Any, shift: Any) -> tuple[Any, ...]:
+        """What the moving statistics are fed after a ghost-batch call (``ghost_running``),
+        from the groups' means, biased variances and counts: the mean, the variance and
+        the count :meth:`_update` applies the unbiased factor with (1 where the variance
+        is already the fed one, as under ``"groups"``)."""
+        flat = [ops.reshape(t, (-1, self._channels)) for t in (mean, variance)]
+        n = ops.reshape(counts, (-1, 1))
+        group_mean, group_var = flat
+        if self.spec.ghost_running == "groups":
+            fed = group_var
+            if self.spec.unbiased:
+                fed = group_var * n / ops.maximum(n - 1.0, 1.0)
+            out_mean, out_var, count = ops.mean(group_mean, 0), ops.mean(fed, 0), 1
+        else:
+            total = ops.sum(n)
+            out_mean = ops.sum(n * group_mean, 0) / total
+            m2 = ops.sum(n * group_var, 0) + ops.sum(n * ops.square(group_mean - out_mean), 0)
+            out_var = m2 / total
+            count = _concrete_int(total)
+            count = ops.cast(total, "int32") if count is None else count
+        if shift is not None:
+            out_mean = out_mean + shift
+        return out_mean, out_var, count
+
     # -- Batch Renormalization (SPEC.md section 2) -----------------------------------
 
     def _renorm_transform(
@@ -851,6 +963,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 "renorm_clipping": spec.renorm_clipping,
                 "renorm_momentum": spec.renorm_momentum,
                 "renorm_running": spec.renorm_running,
+                "virtual_batch_size": spec.virtual_batch_size,
+                "ghost_running": spec.ghost_running,
                 "preset": spec.preset,
                 "synchronized": self.synchronized,
                 "frozen": self.frozen,

@@ -21,7 +21,7 @@ from .._core.settings import BatchNormSettings
 from ..spec import BatchNormSpec, normalize_axis
 from . import internals
 from .native import affine, affine_params
-from .op import OP_TYPE, OpSettings, count_error, dtype_error
+from .op import OP_TYPE, OpSettings, count_error, dtype_error, ghost_error
 from .stats import layout
 
 __all__ = ["BatchNorm", "SyncBatchNorm"]
@@ -43,7 +43,8 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
     ``BatchNorm(in_channels=0, num_dims=None, *, axis=1, eps=None, momentum=<unset>,
     center=None, scale=None, preset=None, track_running_stats=None, running_var=None,
     skip_nonfinite=None, allow_single_value=None, update_on=None, empty_batch=None,
-    renorm=None, renorm_clipping=None, renorm_momentum=None, renorm_running=None)``.
+    renorm=None, renorm_clipping=None, renorm_momentum=None, renorm_running=None,
+    virtual_batch_size=None, ghost_running=None)``.
     Arguments left at None (``momentum``: left out) take the preset's value, or the
     canonical default with ``preset=None``: ``eps=1e-5``; ``momentum=0.1``, the weight of
     the **new** batch statistic (Gluon's own ``momentum=0.9`` weighs the old value),
@@ -59,6 +60,12 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
     ``"dmax"``, each optional; default none), ``renorm_momentum`` the weight of the new
     statistic in the renorm statistics (default 0.01), ``renorm_running`` ``"variance"``
     (default) or ``"stddev"`` (Keras's moving stddev, a state ``running_std``).
+
+    ``virtual_batch_size`` (an integer >= 2) is ghost batches (``SPEC.md`` section 2): in
+    training each group of that many consecutive samples (the last one holds the
+    remainder) is normalised with its own statistics, vectorised; inference is never
+    grouped. ``ghost_running`` is what the running statistics are fed: ``"batch"``
+    (default: the exact merge of the groups) or ``"groups"`` (their mean, tf.keras 2's).
 
     ``in_channels=0`` infers the channel count from the first input; ``num_dims`` (2 for
     ``(N, C)``, 4 for ``(N, C, H, W)``, or None for any rank >= 2) makes other ranks a
@@ -141,6 +148,8 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         renorm_clipping: Any = None,
         renorm_momentum: float | None = None,
         renorm_running: str | None = None,
+        virtual_batch_size: int | None = None,
+        ghost_running: str | None = None,
         beta_initializer: Any = "zeros",
         gamma_initializer: Any = "ones",
         running_mean_initializer: Any = "zeros",
@@ -164,6 +173,8 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
             "renorm": renorm,
             "renorm_momentum": renorm_momentum,
             "renorm_running": renorm_running,
+            "virtual_batch_size": virtual_batch_size,
+            "ghost_running": ghost_running,
         }
         overrides: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
         if momentum is not _UNSET:
@@ -306,6 +317,11 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
             )
         training = autograd.is_training() and not self.frozen
         batch_stats = training or not self.spec.track_running_stats
+        size = self.spec.virtual_batch_size
+        if training and size is not None:
+            error = ghost_error(shape, self.spec.axis, size, self.spec.allow_single_value)
+            if error is not None:
+                raise error
         if batch_stats and self._sync_extra() is None:
             count = int(np.prod(shape, dtype=np.int64)) // channels if channels else 0
             error = count_error(count, self.spec.allow_single_value)
@@ -529,6 +545,11 @@ class SyncBatchNorm(BatchNorm):
         self._timeout = float(timeout)
         self._key = uuid.uuid4().hex
         super().__init__(in_channels, num_dims, **kwargs)
+        if self.spec.virtual_batch_size is not None:
+            raise ValueError(
+                "virtual_batch_size must be None for SyncBatchNorm (ghost batches are per "
+                f"device, not merged), got {self.spec.virtual_batch_size}"
+            )
 
     def _sync_extra(self) -> dict[str, Any] | None:
         return {"sync_key": self._key, "num_devices": self._num_devices, "timeout": self._timeout}

@@ -61,6 +61,8 @@ NDArray = Any  # mxnet.nd.NDArray
 OP_TYPE = "unorm_batchnorm"
 
 RUNNING, BATCH, BATCH_AND_UPDATE = 0, 1, 2
+#: Added to the saved mode of a training call that normalised ghost batches.
+GHOST = 4
 
 #: The input dtypes the operator accepts.
 _FLOAT_DTYPES = ("float16", "float32", "float64")
@@ -132,6 +134,33 @@ def _bound(value: str) -> float | None:
     return None if value == "None" else float(value)
 
 
+def _size(value: str) -> int | None:
+    return None if value == "None" else int(value)
+
+
+def ghost_error(
+    shape: tuple[int, ...], axis: int, size: int, allow_single_value: bool
+) -> ValueError | None:
+    """The error for a training batch of ``shape`` split into ghost batches of ``size``
+    samples (``SPEC.md`` section 2, *Ghost batches*), or None: the feature axis on the
+    batch axis, more samples per group than the batch holds, or a group of one value per
+    feature without ``allow_single_value``. Returned, as :func:`count_error`."""
+    if axis % len(shape) == 0:
+        return ValueError(
+            "axis must not be 0 with virtual_batch_size (the groups split the batch axis 0), "
+            f"got {axis}"
+        )
+    batch = shape[0]
+    if 0 < batch < size:
+        return ValueError(
+            f"virtual_batch_size must be at most the batch size in training, got {size} for "
+            f"a batch of {batch}"
+        )
+    spatial = int(np.prod(shape[1:], dtype=np.int64)) // max(shape[axis], 1)
+    smallest = (batch % size or size) * spatial if batch else 2
+    return count_error(smallest, allow_single_value)
+
+
 @dataclasses.dataclass(frozen=True)
 class OpSettings:
     """The operator's settings, carried as string attributes of the graph node.
@@ -180,6 +209,8 @@ class OpSettings:
     renorm_dmax: float | None = None
     renorm_momentum: float = 0.01
     renorm_running: str = "variance"
+    virtual_batch_size: int | None = None
+    ghost_running: str = "batch"
     ordered: bool = False
     frozen: bool = False
     sync_key: str = ""
@@ -208,6 +239,8 @@ class OpSettings:
             renorm_dmax=spec.renorm_dmax,
             renorm_momentum=spec.renorm_momentum,
             renorm_running=spec.renorm_running,
+            virtual_batch_size=spec.virtual_batch_size,
+            ghost_running=spec.ghost_running,
             **extra,
         )
 
@@ -233,6 +266,8 @@ class OpSettings:
             renorm_dmax=self.renorm_dmax,
             renorm_momentum=self.renorm_momentum,
             renorm_running=self.renorm_running,  # type: ignore[arg-type]
+            virtual_batch_size=self.virtual_batch_size,
+            ghost_running=self.ghost_running,  # type: ignore[arg-type]
         )
 
     def aux_names(self) -> list[str]:
@@ -277,6 +312,8 @@ class OpSettings:
             renorm_dmax=_bound(attrs.get("renorm_dmax", "None")),
             renorm_momentum=float(attrs.get("renorm_momentum", "0.01")),
             renorm_running=attrs.get("renorm_running", "variance"),
+            virtual_batch_size=_size(attrs.get("virtual_batch_size", "None")),
+            ghost_running=attrs.get("ghost_running", "batch"),
             ordered=_flag(attrs.get("ordered", "False")),
             frozen=_flag(attrs.get("frozen", "False")),
             sync_key=attrs.get("sync_key", ""),
@@ -314,6 +351,8 @@ class _Saved:
         return 8 * channels + 3
 
     def mode_and_count(self) -> tuple[int, int]:
+        """The mode (:data:`GHOST` added when the call normalised ghost batches) and the
+        count per channel."""
         mode, high, low = (int(v) for v in self.tail.asnumpy())
         return mode, high * _SPLIT + low
 
@@ -386,6 +425,53 @@ class _Update:
                 )
                 aux[5][:] = std.astype(dtype)
                 aux[1][:] = np.maximum(std * std - s.eps, 0.0).astype(dtype)
+
+
+class _GhostParts:
+    """The ghost batches of a ``(P, C, Q)`` input of ``batch`` samples as
+    ``(groups, size, P/batch, C, Q)``, zero-padded to whole groups: the 0/1 ``weight`` of
+    real samples, each group's ``counts``, ``mean``, biased ``var`` and ``invstd``, and
+    ``xhat`` (0 on the padding)."""
+
+    def __init__(self, xw: NDArray, batch: int, size: int, eps: float) -> None:
+        rows, channels, after = xw.shape
+        self.batch, self.rows, self.channels, self.after = batch, rows, channels, after
+        self.groups = -(-batch // size)
+        self.size = size
+        ctx, dtype = xw.context, xw.dtype
+        real = mx.nd.arange(self.groups * size, ctx=ctx) < batch
+        self.weight = real.astype(dtype).reshape((self.groups, size, 1, 1, 1))
+        x5 = self.pad(xw)
+        per_sample = (rows // batch) * after
+        self.counts = mx.nd.sum(self.weight, axis=1, keepdims=True) * per_sample
+        axes = (1, 2, 4)
+        self.mean = mx.nd.broadcast_div(mx.nd.sum(x5, axis=axes, keepdims=True), self.counts)
+        centred = mx.nd.broadcast_mul(mx.nd.broadcast_sub(x5, self.mean), self.weight)
+        self.var = mx.nd.broadcast_div(
+            mx.nd.sum(mx.nd.square(centred), axis=axes, keepdims=True), self.counts
+        )
+        self.invstd = mx.nd.rsqrt(self.var + eps)
+        self.xhat = mx.nd.broadcast_mul(centred, self.invstd)
+
+    def pad(self, a: NDArray) -> NDArray:
+        """``a`` (``(P, C, Q)``) as the zero-padded ``(groups, size, P/batch, C, Q)``."""
+        per = self.rows // self.batch
+        a4 = a.reshape((self.batch, per, self.channels, self.after))
+        missing = self.groups * self.size - self.batch
+        if missing:
+            zeros = mx.nd.zeros((missing, per, self.channels, self.after), a.context, a.dtype)
+            a4 = mx.nd.concat(a4, zeros, dim=0)
+        return a4.reshape((self.groups, self.size, per, self.channels, self.after))
+
+    def unpad(self, a5: NDArray) -> NDArray:
+        """The inverse of :meth:`pad`: the real samples, as ``(P, C, Q)``."""
+        per = self.rows // self.batch
+        flat = a5.reshape((self.groups * self.size, per, self.channels, self.after))
+        return flat[: self.batch].reshape((self.rows, self.channels, self.after))
+
+
+def _ghost_moments(xw: NDArray, batch: int, size: int, eps: float) -> _GhostParts:
+    return _GhostParts(xw, batch, size, eps)
 
 
 def _renorm_correction(stats: Stats, aux: list[NDArray], s: OpSettings) -> tuple[Any, Any]:
@@ -504,6 +590,14 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         target = out_data[1]
         if req[1] == "null":
             target = mx.nd.empty(target.shape, ctx=x.context, dtype=dtype)
+        ghost = is_train and s.virtual_batch_size is not None and x.size > 0
+        if ghost:
+            assert s.virtual_batch_size is not None
+            error = ghost_error(tuple(x.shape), s.axis, s.virtual_batch_size, s.allow_single_value)
+            if error is not None:
+                raise error
+            self._ghost_forward(req, xw, x, gamma, beta, out_data, aux, target, channels)
+            return
         if is_train or not s.track:
             stats, centred, centre = self._stats(xw, 1)
             error = count_error(stats.count, s.allow_single_value)
@@ -547,6 +641,76 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
             if not direct:
                 _assign(self, out_data[0], req[0], y.reshape(x.shape))
 
+    def _ghost_forward(
+        self,
+        req: list[str],
+        xw: NDArray,
+        x: NDArray,
+        gamma: NDArray,
+        beta: NDArray,
+        out_data: list[NDArray],
+        aux: list[NDArray],
+        target: NDArray,
+        channels: int,
+    ) -> None:
+        """Ghost batches (``SPEC.md`` section 2): every group normalised with its own
+        statistics (:func:`_ghost_moments`, vectorised), the running statistics fed once
+        as ``ghost_running`` says; the backward pass recomputes the groups' statistics."""
+        s = self.s
+        parts = _ghost_moments(xw, x.shape[0], s.virtual_batch_size or 2, s.eps)
+        shape5 = (1, 1, 1, channels, 1)
+        y5 = mx.nd.broadcast_add(
+            mx.nd.broadcast_mul(parts.xhat, gamma.reshape(shape5)), beta.reshape(shape5)
+        )
+        y = parts.unpad(y5)
+        _assign(self, out_data[0], req[0], y.reshape(x.shape))
+        stats, _, _ = batch_stats(xw, 1)  # the whole batch's: the "batch" feed, the count
+        update = None
+        if s.track:
+            mean, var, count = stats.mean, stats.var, stats.count
+            if s.ghost_running == "groups":  # saved as such for an update in backward
+                n = parts.counts.asnumpy().reshape(-1, 1).astype(np.float64)
+                means = parts.mean.asnumpy().reshape(-1, channels).astype(np.float64)
+                variances = parts.var.asnumpy().reshape(-1, channels).astype(np.float64)
+                if s.unbiased:
+                    variances = variances * n / np.maximum(n - 1, 1)
+                # Already the fed variance: a count of 1 makes _Update feed it as it is.
+                mean, var, count = means.mean(0), variances.mean(0), 1
+                stats = Stats(1, mean, var)
+            with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+                update = _Update(aux, mean, var, count, s)
+        mode = (BATCH_AND_UPDATE if s.track else BATCH) + GHOST
+        target[:] = _pack(stats, stats.mean, s.eps, mode, update,
+                          (np.ones(channels), np.zeros(channels)))  # fmt: skip
+        saved = _Saved(target, channels)
+        if update is not None and s.update_on == "forward":
+            update.apply(aux, saved.mean_term, saved.var_term)
+
+    def _ghost_backward(
+        self, req: list[str], dyw: NDArray, xw: NDArray, x: NDArray, gamma: NDArray,
+        in_grad: list[NDArray],
+    ) -> None:  # fmt: skip
+        """Each group's training backward (section 2) with its own statistics, the
+        ``gamma``/``beta`` gradients summed over the groups."""
+        s = self.s
+        parts = _ghost_moments(xw, x.shape[0], s.virtual_batch_size or 2, s.eps)
+        dy5 = parts.pad(dyw)
+        axes = (1, 2, 4)
+        sum_dy = mx.nd.sum(dy5, axis=axes, keepdims=True)
+        sum_dy_xhat = mx.nd.sum(dy5 * parts.xhat, axis=axes, keepdims=True)
+        channels = gamma.shape[0]
+        scale = mx.nd.broadcast_mul(parts.invstd, gamma.reshape((1, 1, 1, channels, 1)))
+        inner = mx.nd.broadcast_sub(dy5, mx.nd.broadcast_div(sum_dy, parts.counts))
+        inner = inner - mx.nd.broadcast_mul(
+            parts.xhat, mx.nd.broadcast_div(sum_dy_xhat, parts.counts)
+        )
+        dx5 = mx.nd.broadcast_mul(mx.nd.broadcast_mul(inner, scale), parts.weight)
+        _assign(self, in_grad[0], req[0], parts.unpad(dx5).reshape(x.shape))
+        dgamma = sum_dy_xhat.sum(axis=(0, 1, 2, 4))
+        dbeta = sum_dy.sum(axis=(0, 1, 2, 4))
+        _assign(self, in_grad[1], req[1], dgamma if s.scale else dgamma.zeros_like())
+        _assign(self, in_grad[2], req[2], dbeta if s.center else dbeta.zeros_like())
+
     def backward(
         self,
         req: list[str],
@@ -575,13 +739,17 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         dtype = work_dtype(x.dtype)
         saved = _Saved(out_data[1], channels)
         mode, count = saved.mode_and_count()
+        ghost = mode >= GHOST
+        mode = mode % GHOST
         xw = _as_3d(x, dtype, before, channels, after)
         dyw = _as_3d(dy, dtype, before, channels, after)
         gamma, _ = self._params(in_data, dtype)
         renorm = s.renorm and mode == BATCH_AND_UPDATE
         if renorm:
             gamma = gamma * saved.r  # dx is the plain backward's with gamma * r
-        if mode != RUNNING and s.num_devices > 1:
+        if ghost:
+            self._ghost_backward(req, dyw, xw, x, gamma, in_grad)
+        elif mode != RUNNING and s.num_devices > 1:
             dx, dgamma, dbeta = self._sync_backward(dyw, xw, gamma, saved.mean, saved.var, count, 1)
             if renorm:
                 dgamma = dgamma * saved.r + dbeta * saved.d

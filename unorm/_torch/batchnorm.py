@@ -71,6 +71,13 @@ class BatchNorm(BatchNormSettings, nn.Module):
         renorm_running: ``"variance"`` (default: the running variance as without renorm)
             or ``"stddev"`` (the ``keras`` preset: a ``running_std`` buffer, the running
             variance derived from it as Keras's layer does).
+        virtual_batch_size: ghost batches (``SPEC.md`` section 2, *Ghost batches*): in
+            training each group of this many consecutive samples (the last one holds the
+            remainder) is normalised with its own statistics; eval mode is never
+            grouped. Default None (off); an integer >= 2, at most the batch size.
+        ghost_running: what the running statistics are fed under ghost batches:
+            ``"batch"`` (default: the exact merge of the groups, the batch's statistics)
+            or ``"groups"`` (the mean of the groups' statistics, tf.keras 2's).
         device, dtype: where and in which dtype parameters and buffers live. A 16-bit
             ``dtype`` keeps them in float32, as the spec asks for 16-bit inputs.
 
@@ -108,6 +115,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
         renorm_clipping: Mapping[str, float] | Unset | None = UNSET,
         renorm_momentum: float | Unset = UNSET,
         renorm_running: str | Unset = UNSET,
+        virtual_batch_size: int | Unset | None = UNSET,
+        ghost_running: str | Unset = UNSET,
         bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -137,6 +146,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
                 renorm=renorm,
                 renorm_momentum=renorm_momentum,
                 renorm_running=renorm_running,
+                virtual_batch_size=virtual_batch_size,
+                ghost_running=ghost_running,
             ),
             **(
                 {} if renorm_clipping is UNSET else BatchNormSpec.clipping_settings(renorm_clipping)
@@ -352,6 +363,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
             count = self._check_count(x1.numel() // self.num_features, tuple(x.shape))
             if count == 0:
                 y = self._empty(x1, updating)
+            elif self.training and self.spec.virtual_batch_size is not None:
+                y = self._ghost_train(x1, ax, tuple(x.shape), updating)
             elif updating:
                 y = self._train_and_update(x1, count)
             else:
@@ -473,6 +486,98 @@ class BatchNorm(BatchNormSettings, nn.Module):
         if count > 1 and not spec.unbiased:
             batch_var = batch_var * ((count - 1) / count)  # the kernel wrote the unbiased one
         return self._update_running(y, batch_mean, batch_var)
+
+    # -- ghost batches (SPEC.md section 2, *Ghost batches*) ----------------------------
+
+    def _ghost_train(self, x: Tensor, ax: int, shape: tuple[int, ...], updating: bool) -> Tensor:
+        """Normalise each group of ``virtual_batch_size`` samples of ``x`` (channels on
+        axis 1) with its own statistics, vectorised: the full groups as one batch of
+        ``groups * C`` channels for PyTorch's kernel (a transposed copy), the remainder
+        as a batch of its own; then one running-statistics update."""
+        spec = self.spec
+        size = spec.virtual_batch_size
+        assert size is not None
+        if ax == 0:
+            raise ValueError(
+                "axis must not be 0 with virtual_batch_size (the groups split the batch "
+                f"axis 0), got {spec.axis}"
+            )
+        batch, channels = x.shape[0], x.shape[1]
+        if batch < size:
+            raise ValueError(
+                f"virtual_batch_size must be at most the batch size in training, got {size} "
+                f"for a batch of {batch}"
+            )
+        full, rest = divmod(batch, size)
+        spatial = x[0, 0].numel()
+        self._check_count(size * spatial, shape, " in a ghost batch")
+        if rest:
+            self._check_count(rest * spatial, shape, " in the last ghost batch")
+        tail = x.shape[2:]
+        grouped = x[: full * size].unflatten(0, (full, size)).transpose(0, 1)
+        grouped = grouped.reshape(size, full * channels, *tail)
+        y, mean, var = self._group_batch_norm(grouped, full, size * spatial)
+        y = y.reshape(size, full, channels, *tail).transpose(0, 1).reshape(-1, channels, *tail)
+        means, variances, counts = (
+            [mean.view(full, channels)],
+            [var.view(full, channels)],
+            [size * spatial] * full,
+        )
+        if rest:
+            y_rest, mean_rest, var_rest = self._group_batch_norm(
+                x[full * size :], 1, rest * spatial
+            )
+            y = torch.cat([y, y_rest])
+            means.append(mean_rest.view(1, channels))
+            variances.append(var_rest.view(1, channels))
+            counts.append(rest * spatial)
+        if not updating:
+            return y
+        fed_mean, fed_var = self._ghost_fed(torch.cat(means), torch.cat(variances), counts)
+        return self._update_running(y, fed_mean, fed_var)
+
+    def _group_batch_norm(
+        self, x: Tensor, groups: int, count: int
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """``x`` (``groups * C`` channels on axis 1) normalised per channel with the
+        layer's ``weight``/``bias`` repeated per group; also each channel's mean and
+        unbiased variance (the biased 0 for one value), without gradient."""
+        weight = None if self.weight is None else self.weight.repeat(groups)
+        bias = None if self.bias is None else self.bias.repeat(groups)
+        stat_dtype = torch.promote_types(x.dtype, torch.float32)
+        if self._kernel_trains(count):
+            mean = torch.zeros(x.shape[1], dtype=stat_dtype, device=x.device)
+            var = torch.zeros_like(mean)
+            y = F.batch_norm(x, mean, var, weight, bias, True, 1.0, self.spec.eps)
+            return y, mean, var
+        dims = [d for d in range(x.dim()) if d != 1]
+        xs = x.to(stat_dtype)
+        var_b, mean_b = torch.var_mean(xs, dim=dims, correction=0, keepdim=True)
+        xhat = (xs - mean_b) * torch.rsqrt(var_b + self.spec.eps)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if weight is not None:
+            xhat = xhat * weight.view(shape)
+        if bias is not None:
+            xhat = xhat + bias.view(shape)
+        factor = count / (count - 1) if count > 1 else 0.0
+        return xhat.to(x.dtype), mean_b.detach().reshape(-1), var_b.detach().reshape(-1) * factor
+
+    @torch.no_grad()
+    def _ghost_fed(
+        self, means: Tensor, variances: Tensor, counts: list[int]
+    ) -> tuple[Tensor, Tensor]:
+        """The mean and variance fed to the running statistics from the groups' means and
+        unbiased variances (``(groups, C)``) and counts, as ``ghost_running`` says."""
+        n = torch.tensor(counts, dtype=means.dtype, device=means.device).unsqueeze(1)
+        m2 = variances * (n - 1).clamp_min(0)
+        if self.spec.ghost_running == "groups":
+            fed = variances if self.spec.unbiased else m2 / n
+            return means.mean(0), fed.mean(0)
+        total = sum(counts)
+        mean = (n * means).sum(0) / total
+        m2_total = m2.sum(0) + (n * (means - mean) ** 2).sum(0)
+        unbiased = self.spec.unbiased and total > 1
+        return mean, m2_total / (total - 1 if unbiased else total)
 
     # -- Batch Renormalization (SPEC.md section 2) -------------------------------------
 

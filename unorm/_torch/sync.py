@@ -119,6 +119,11 @@ class SyncBatchNorm(BatchNorm):
                 "renorm must be False for SyncBatchNorm, got True (Batch Renormalization "
                 "across ranks is not implemented in unorm.torch; use BatchNorm)"
             )
+        if self.spec.virtual_batch_size is not None:
+            raise ValueError(
+                "virtual_batch_size must be None for SyncBatchNorm (ghost batches are per "
+                f"rank, not merged), got {self.spec.virtual_batch_size}"
+            )
         self.process_group = process_group
         self._global_count = -1  # the merged count of the last synchronised call
 

@@ -393,6 +393,8 @@ def old_weight_native_spec(
         raise Unsupported(f"{layer} has no cumulative average (momentum=None)")
     if not spec.track_running_stats:
         raise Unsupported(f"{layer} always {state}")
+    if spec.virtual_batch_size is not None:
+        raise Unsupported(f"{layer} has no ghost batches (virtual_batch_size)")
     renorm: dict[str, Any] = {}
     if spec.renorm:
         if not plugin(framework).native_arguments.get("renorm"):

@@ -79,10 +79,19 @@ _EPS = ("eps", ">= 0")
 #: Settings a case may give on top of its preset: the ones every backend's public
 #: constructor takes (unorm.torch folds ``center``/``scale`` into ``affine``).
 PUBLIC_SETTINGS = ("eps", "momentum", "center", "scale", "track_running_stats")
-#: Settings of the BatchNorm training modes (SPEC.md section 2, *Batch Renormalization*)
-#: that the ``renorm/...`` cases give: every backend's unorm constructor takes them (the
-#: bounds as its one ``renorm_clipping`` dictionary, ``adapter.constructor_settings``).
-MODE_SETTINGS = ("renorm", "renorm_rmax", "renorm_rmin", "renorm_dmax", "renorm_momentum")
+#: Settings of the BatchNorm training modes (SPEC.md section 2, *Batch Renormalization*,
+#: *Ghost batches*) that the ``renorm/...`` and ``ghost/...`` cases give: every backend's
+#: unorm constructor takes them (the bounds as its one ``renorm_clipping`` dictionary,
+#: ``adapter.constructor_settings``).
+MODE_SETTINGS = (
+    "renorm",
+    "renorm_rmax",
+    "renorm_rmin",
+    "renorm_dmax",
+    "renorm_momentum",
+    "virtual_batch_size",
+    "ghost_running",
+)
 
 
 def seed_of(name: str) -> int:
@@ -527,6 +536,34 @@ def _renorm_cases() -> list[BatchNormCase]:
     ]
 
 
+def _ghost_cases() -> list[BatchNormCase]:
+    """Ghost batches (SPEC.md section 2): a batch that is a multiple of the group size,
+    one that is not (the last group holds the remainder), the mean-of-groups feed, the
+    feature axis last, and every preset. No native layer here has them."""
+    bn = BatchNormCase
+    train3 = (Step("train"), Step("forward"), Step("train"), Step("eval"))
+    return [
+        bn("ghost/multiple", (12, 3, 4), settings=_s(virtual_batch_size=4), steps=SEQUENCE),
+        bn("ghost/remainder", (10, 3, 2), settings=_s(virtual_batch_size=4), steps=SEQUENCE),
+        bn(
+            "ghost/groups",
+            (10, 3, 2),
+            settings=_s(virtual_batch_size=4, ghost_running="groups"),
+            steps=SEQUENCE,
+        ),
+        bn("ghost/axis-last", (8, 5, 3), axis=-1, settings=_s(virtual_batch_size=3)),
+    ] + [
+        bn(
+            f"ghost/preset-{p.name}",
+            (8, 3, 4),
+            preset=p.name,
+            settings=_s(virtual_batch_size=4, ghost_running="groups"),
+            steps=train3,
+        )
+        for p in plugins_in_order()
+    ]
+
+
 def _kernel(layer: str, kind: str, shape: tuple[int, ...], recipe: str = "mixed") -> AGCParam:
     return AGCParam(layer, kind, "weight", shape, recipe)
 
@@ -761,6 +798,7 @@ def all_cases() -> tuple[Case, ...]:
         _CASES = (
             *_batchnorm_cases(),
             *_renorm_cases(),
+            *_ghost_cases(),
             *_agc_cases(),
             *_sync_cases(),
             *_error_cases(),

@@ -120,6 +120,8 @@ def batchnorm_expected(
                 eps, axis, center = spec.eps, spec.axis, spec.center
                 if mask is not None and (training or before is None):
                     grads = ref.masked_batch_norm_backward(_f64(dy), x64, mask, gamma, spec=spec)
+                elif training and spec.virtual_batch_size is not None and x64.size:
+                    grads = ref.ghost_batch_norm_backward(_f64(dy), x64, gamma, spec=spec)
                 elif training or before is None:
                     grads = ref.batch_norm_backward(
                         _f64(dy), x64, gamma, eps=eps, axis=axis, center=center

@@ -129,6 +129,8 @@ class ReferenceAdapter(Adapter):
                 dy64 = np.asarray(dy, np.float64)
                 if mask is not None and (training or before is None):
                     g = ref.masked_batch_norm_backward(dy64, x64, mask, layer.gamma, spec=spec)
+                elif training and spec.virtual_batch_size is not None and x64.size:
+                    g = ref.ghost_batch_norm_backward(dy64, x64, layer.gamma, spec=spec)
                 elif training or before is None:
                     g = ref.batch_norm_backward(
                         dy64, x64, layer.gamma, eps=eps, axis=axis, center=center

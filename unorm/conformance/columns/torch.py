@@ -34,8 +34,16 @@ from unorm.conformance.adapter import (
 )
 from unorm.conformance.expected import StepValues, WSValues
 
-#: Batch Renormalization's constructor arguments (SPEC.md section 2).
-RENORM_ARGUMENTS = ("renorm", "renorm_clipping", "renorm_momentum", "renorm_running")
+#: The training modes' constructor arguments (SPEC.md section 2: Batch Renormalization,
+#: ghost batches).
+MODE_ARGUMENTS = (
+    "renorm",
+    "renorm_clipping",
+    "renorm_momentum",
+    "renorm_running",
+    "virtual_batch_size",
+    "ghost_running",
+)
 
 __all__ = ["SYNC_WORKER", "Built", "TorchAdapter", "TorchBase", "build_agc_model", "create"]
 
@@ -195,7 +203,7 @@ class TorchAdapter(UnormModule, TorchBase):
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
         settings = constructor_settings(config.settings)
         kwargs: dict[str, Any] = {"axis": config.axis, "preset": config.preset}
-        for key in ("eps", "momentum", "track_running_stats", *RENORM_ARGUMENTS):
+        for key in ("eps", "momentum", "track_running_stats", *MODE_ARGUMENTS):
             if key in settings:
                 kwargs[key] = settings[key]
         kwargs.update(_affine(settings))

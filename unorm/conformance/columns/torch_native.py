@@ -37,6 +37,8 @@ class TorchNativeAdapter(_torch.TorchBase):
         spec = config.spec()
         if spec.renorm:
             raise Unsupported("nn.BatchNorm*d has no Batch Renormalization (renorm=True)")
+        if spec.virtual_batch_size is not None:
+            raise Unsupported("nn.BatchNorm*d has no ghost batches (virtual_batch_size)")
         if spec.center and not spec.scale:
             raise Unsupported("nn.BatchNorm*d has no shift without a scale (affine, bias)")
         native = BatchNormSpec.from_native(
