@@ -11,6 +11,8 @@ Imports JAX, Flax and optax and nothing of the other frameworks.
 - :func:`convert`: swap a model's ``nnx.BatchNorm`` layers for unorm's, same numbers.
 - :func:`agc`, :func:`final_classifier`, :func:`unit_axes_of`: Adaptive Gradient
   Clipping as an optax transformation, with output-unit axes from each parameter's layer.
+- :class:`ScaledStdConv`, :func:`standardize_kernel`: Scaled Weight Standardisation for
+  normalizer-free networks.
 
 Example:
     >>> import jax.numpy as jnp, optax
@@ -28,13 +30,16 @@ from __future__ import annotations
 from ._flax.agc import agc, clip_unitwise, final_classifier, unit_axes_of
 from ._flax.batchnorm import BatchNorm, batch_moments
 from ._flax.convert import convert
+from ._flax.ws import ScaledStdConv, standardize_kernel
 
 __all__ = [
     "BatchNorm",
+    "ScaledStdConv",
     "agc",
     "batch_moments",
     "clip_unitwise",
     "convert",
     "final_classifier",
+    "standardize_kernel",
     "unit_axes_of",
 ]

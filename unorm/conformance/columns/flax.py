@@ -31,8 +31,10 @@ from unorm.conformance.adapter import (
     SyncResult,
     UnormModule,
     Unsupported,
+    WSConfig,
+    present,
 )
-from unorm.conformance.expected import StepValues
+from unorm.conformance.expected import StepValues, WSValues
 
 __all__ = ["Built", "FlaxAdapter", "FlaxBase", "create"]
 
@@ -296,6 +298,50 @@ class FlaxAdapter(UnormModule, FlaxBase):
                 assert value is not None
                 out[p.name] = value
         return out
+
+    def ws_conv(
+        self,
+        config: WSConfig,
+        x: np.ndarray,
+        weight: np.ndarray,
+        gain: np.ndarray,
+        bias: np.ndarray,
+        dy: np.ndarray,
+    ) -> WSValues:
+        """``unorm.flax.ScaledStdConv`` (kernel ``(kh, kw, C/groups, O)``) on channels-last
+        inputs: the case's ``(N, C, H, W)`` arrays are transposed in and out."""
+        with precision(config.dtype):
+            dtype = getattr(jnp(), config.dtype)
+            conv = self.module().ScaledStdConv(
+                config.in_channels,
+                config.out_channels,
+                config.kernel,
+                feature_group_count=config.groups,
+                padding=config.padding.upper(),
+                param_dtype=dtype,
+                dtype=dtype,
+                rngs=nnx().Rngs(0),
+                **config.ws_kwargs(),
+            )
+            for variable, value in ((conv.kernel, weight), (conv.gain, gain), (conv.bias, bias)):
+                variable[...] = to_array(value, config.dtype)
+            graphdef, params, rest = nnx().split(conv, nnx().Param, ...)
+
+            def call(p: Any, inp: Any) -> Any:
+                return nnx().merge(graphdef, p, rest, copy=True)(inp)
+
+            nhwc = to_array(np.ascontiguousarray(np.transpose(x, (0, 2, 3, 1))), config.dtype)
+            y, pullback = jax().vjp(call, params, nhwc)
+            upstream = to_array(np.ascontiguousarray(np.transpose(dy, (0, 2, 3, 1))), config.dtype)
+            dparams, dx = pullback(upstream)
+            nchw = (0, 3, 1, 2)
+            return WSValues(
+                y=np.transpose(present(to_numpy(y)), nchw),
+                dx=np.transpose(present(to_numpy(dx)), nchw),
+                dweight=to_numpy(_leaf(dparams, "kernel")),
+                dgain=to_numpy(_leaf(dparams, "gain")),
+                dbias=to_numpy(_leaf(dparams, "bias")),
+            )
 
 
 def build_agc_model(params: Sequence[AGCArrays]) -> tuple[Any, dict[str, str]]:
