@@ -41,6 +41,7 @@ __all__ = [
     "MaskedStats",
     "RenormStats",
     "RunningStats",
+    "accumulated_stats",
     "agc_clip",
     "agc_clip_all",
     "agc_clipped_units",
@@ -582,6 +583,38 @@ def batch_norm_step(
     return y, running
 
 
+# -- Accumulated micro-batches (SPEC.md section 2) ---------------------------------------
+
+
+def accumulated_stats(
+    running: RunningStats, micro: Sequence[BatchStats], spec: BatchNormSpec
+) -> RunningStats:
+    """The running statistics after one accumulated step of the micro-batches ``micro``:
+    their exact merge (:func:`merge_stats`) fed to one update of ``spec`` (the unbiased
+    factor on the total count), skipped whole when the guard finds any micro-batch
+    non-finite; a step of only empty micro-batches follows ``empty_batch``.
+
+    Example:
+        >>> a, b = batch_stats(np.array([[0.0], [2.0]])), batch_stats(np.array([[4.0]]))
+        >>> accumulated_stats(init_running_stats(1), [a, b], BatchNormSpec(momentum=1.0)).var
+        array([4.])
+    """
+    if not micro:
+        raise ValueError("accumulated_stats needs at least one micro-batch's statistics")
+    with np.errstate(invalid="ignore", over="ignore"):
+        finite = all(np.all(np.isfinite(m.mean)) and np.all(np.isfinite(m.m2)) for m in micro)
+        merged = merge_stats(micro)
+    if merged.count == 0:
+        return _empty_batch_update(running, spec)
+    if spec.skip_nonfinite and not finite:
+        return running
+    with np.errstate(invalid="ignore", over="ignore"):
+        return update_running_stats(
+            running, merged, momentum=spec.momentum, unbiased=spec.unbiased,
+            skip_nonfinite=spec.skip_nonfinite,
+        )  # fmt: skip
+
+
 # -- Ghost batches (SPEC.md section 2, *Ghost batches*) --------------------------------
 
 
@@ -667,8 +700,10 @@ def ghost_batch_norm_backward(
         for g in groups
     ]
     dx = np.concatenate([p.dx.astype(np.float64) for p in parts], axis=0)
-    dgamma = None if gamma is None else sum(p.dgamma for p in parts if p.dgamma is not None)
-    dbeta = sum(p.dbeta for p in parts if p.dbeta is not None) if spec.center else None
+    dgammas = [p.dgamma for p in parts if p.dgamma is not None]
+    dbetas = [p.dbeta for p in parts if p.dbeta is not None]
+    dgamma = None if gamma is None else np.sum(dgammas, axis=0)
+    dbeta = np.sum(dbetas, axis=0) if spec.center else None
     return BatchNormGrads(_out(dx, arr.dtype if out_dtype is None else out_dtype), dgamma, dbeta)
 
 

@@ -31,6 +31,7 @@ Example:
 
 from __future__ import annotations
 
+from ._torch.accumulate import accumulate
 from ._torch.after_training import FoldEntry, FoldError, FoldWarning, fold, freeze, recalibrate
 from ._torch.agc import AGC, adaptive_clip_grad_, final_classifier, unit_axes_of
 from ._torch.batchnorm import BatchNorm
@@ -49,6 +50,7 @@ __all__ = [
     "ScaledStdConv2d",
     "ScaledStdConv3d",
     "SyncBatchNorm",
+    "accumulate",
     "adaptive_clip_grad_",
     "convert",
     "export_checkpoint",

@@ -806,8 +806,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
             out_mean = ops.sum(n * group_mean, 0) / total
             m2 = ops.sum(n * group_var, 0) + ops.sum(n * ops.square(group_mean - out_mean), 0)
             out_var = m2 / total
-            count = _concrete_int(total)
-            count = ops.cast(total, "int32") if count is None else count
+            known = _concrete_int(total)
+            count = ops.cast(total, "int32") if known is None else known
         if shift is not None:
             out_mean = out_mean + shift
         return out_mean, out_var, count

@@ -158,6 +158,8 @@ class BatchNorm(BatchNormSettings, nn.Module):
         self.num_features = num_features
         self.num_dims = num_dims
         self._frozen = False
+        #: Set by :func:`unorm.torch.accumulate`: the micro-batches of the current step.
+        self.accumulator: Any = None
         factory: dict[str, Any] = {
             "device": device,
             "dtype": torch.float32 if dtype in _HALF else dtype,
@@ -361,7 +363,9 @@ class BatchNorm(BatchNormSettings, nn.Module):
         updating = self.training and self.track_running_stats
         if self.training or not self.track_running_stats:
             count = self._check_count(x1.numel() // self.num_features, tuple(x.shape))
-            if count == 0:
+            if updating and self.accumulator is not None:
+                y = self._accumulate_call(x1, count)
+            elif count == 0:
                 y = self._empty(x1, updating)
             elif self.training and self.spec.virtual_batch_size is not None:
                 y = self._ghost_train(x1, ax, tuple(x.shape), updating)
@@ -487,6 +491,48 @@ class BatchNorm(BatchNormSettings, nn.Module):
             batch_var = batch_var * ((count - 1) / count)  # the kernel wrote the unbiased one
         return self._update_running(y, batch_mean, batch_var)
 
+    # -- accumulated micro-batches (SPEC.md section 2) ---------------------------------
+
+    def _accumulate_call(self, x: Tensor, count: int) -> Tensor:
+        """A training call inside :func:`unorm.torch.accumulate`: the micro-batch
+        normalised with its own statistics, which are recorded (now, or when backward
+        reaches the output under ``update_on="backward"``) instead of updating."""
+        if count == 0:
+            y = self._empty(x, updating=False)
+            return self._deferred(y, self.record_micro_batch, 0, None, None)
+        assert self.running_mean is not None  # updating: running statistics are kept
+        mean, var = torch.zeros_like(self.running_mean), torch.zeros_like(self.running_mean)
+        y = self._normalise(x, mean, var, training=True, count=count)
+        m2 = var * (count - 1) if count > 1 else var  # the kernel wrote the unbiased one
+        return self._deferred(y, self.record_micro_batch, count, mean, m2)
+
+    def record_micro_batch(self, count: int, mean: Tensor | None, m2: Tensor | None) -> None:
+        """Record one micro-batch's ``(count, mean, M2)`` in the active step; apply the
+        step's update once it is complete. Without an active step, nothing."""
+        accumulator = self.accumulator
+        if accumulator is not None and accumulator.record(count, mean, m2):
+            self.apply_step(accumulator)
+
+    @torch.no_grad()
+    def apply_step(self, accumulator: Any) -> None:
+        """One running-statistics update from the exact merge of the step's micro-batches
+        (section 2's update on the total count); an all-empty step follows
+        ``empty_batch``."""
+        merged = accumulator.merged()
+        rm, tracked = self.running_mean, self.num_batches_tracked
+        assert rm is not None and tracked is not None
+        if merged is None:
+            if self.spec.empty_batch == "count":
+                tracked.add_(1)
+            elif self.spec.empty_batch == "nan":
+                nothing = torch.full_like(rm, float("nan"))
+                self._blend(nothing, nothing.clone())
+            return
+        total, mean, m2 = merged
+        unbiased = self.spec.unbiased and total > 1
+        fed = m2 / (total - 1 if unbiased else total)
+        self._blend(mean.to(rm.dtype), fed.to(rm.dtype))
+
     # -- ghost batches (SPEC.md section 2, *Ghost batches*) ----------------------------
 
     def _ghost_train(self, x: Tensor, ax: int, shape: tuple[int, ...], updating: bool) -> Tensor:
@@ -514,7 +560,7 @@ class BatchNorm(BatchNormSettings, nn.Module):
         if rest:
             self._check_count(rest * spatial, shape, " in the last ghost batch")
         tail = x.shape[2:]
-        grouped = x[: full * size].unflatten(0, (full, size)).transpose(0, 1)
+        grouped = x[: full * size].reshape(full, size, *x.shape[1:]).transpose(0, 1)
         grouped = grouped.reshape(size, full * channels, *tail)
         y, mean, var = self._group_batch_norm(grouped, full, size * spatial)
         y = y.reshape(size, full, channels, *tail).transpose(0, 1).reshape(-1, channels, *tail)

@@ -149,7 +149,15 @@ class SyncBatchNorm(BatchNorm):
         )
         y = cast(Tensor, y)
         if self.training and self.track_running_stats and self._global_count == 0:
-            y = self._after_empty(y)
+            if self.accumulator is not None:
+                y = self._deferred(y, self.record_micro_batch, 0, None, None)
+            else:
+                y = self._after_empty(y)
+        elif self.training and self.track_running_stats and self.accumulator is not None:
+            # Accumulated micro-batches: the global (count, mean, M2) of this call.
+            total = self._global_count
+            m2 = fed64 * (total - 1 if self.spec.unbiased and total > 1 else total)
+            y = self._deferred(y, self.record_micro_batch, total, mean64, m2)
         elif self.training and self.track_running_stats:
             assert self.running_mean is not None
             dtype = self.running_mean.dtype
