@@ -247,3 +247,29 @@ def test_convert_keeps_the_numbers() -> None:
     assert layer.eps == 1e-3 and abs(layer.momentum - 0.1) < 1e-12
     np.testing.assert_allclose(twin(x), native(x), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(_state(layer), _state(native.layers[1]), rtol=1e-6, atol=1e-7)
+
+
+def test_freeze_normalises_with_running_statistics_and_fixes_the_parameters() -> None:
+    from unorm.flax import FrozenParam, freeze
+
+    net = nnx.Sequential(nnx.Linear(4, 3, rngs=nnx.Rngs(0)), nnx.BatchNorm(3, rngs=nnx.Rngs(0)))
+    x = jnp.asarray(_batches(1, (8, 4))[0])
+    net(x)  # moves the native layer's statistics
+    net = freeze(net)
+    net.train()
+    layer = net.layers[1]
+    before = _state(layer)
+    y = net(x)
+    np.testing.assert_array_equal(_state(layer), before)
+    h = np.asarray(net.layers[0](x), np.float64)
+    want = (h - before[0]) / np.sqrt(before[1] + 1e-5)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    assert isinstance(layer.scale, FrozenParam)
+    grads = nnx.grad(lambda m: jnp.sum(m(x)))(net)
+    assert set(grads["layers"]) == {0}  # the BatchNorm has no nnx.Param left
+    trainable = freeze(nnx.Sequential(BatchNorm(3)), trainable=True)
+    assert isinstance(trainable.layers[0].scale, nnx.Param) and trainable.layers[0].frozen
+    untracked = nnx.Sequential(BatchNorm(3, track_running_stats=False))
+    with pytest.raises(ValueError, match="freeze needs running statistics"):
+        freeze(untracked)
+    assert not untracked.layers[0].frozen

@@ -9,6 +9,8 @@ Imports JAX, Flax and optax and nothing of the other frameworks.
   ``shard_map``/``pmap``/``vmap``, a per-sample ``mask`` gives uneven and empty shards.
 - :func:`batch_moments`: the per-feature (count, mean, M2) it uses.
 - :func:`convert`: swap a model's ``nnx.BatchNorm`` layers for unorm's, same numbers.
+- :func:`freeze`: BatchNorm after training (``SPEC.md`` section 8): always normalise with
+  the running statistics, never update them; ``scale``/``bias`` fixed unless trainable.
 - :func:`agc`, :func:`final_classifier`, :func:`unit_axes_of`: Adaptive Gradient
   Clipping as an optax transformation, with output-unit axes from each parameter's layer.
 - :class:`ScaledStdConv`, :func:`standardize_kernel`: Scaled Weight Standardisation for
@@ -27,6 +29,7 @@ Example:
 
 from __future__ import annotations
 
+from ._flax.after_training import FrozenParam, freeze
 from ._flax.agc import agc, clip_unitwise, final_classifier, unit_axes_of
 from ._flax.batchnorm import BatchNorm, batch_moments
 from ._flax.convert import convert
@@ -34,12 +37,14 @@ from ._flax.ws import ScaledStdConv, standardize_kernel
 
 __all__ = [
     "BatchNorm",
+    "FrozenParam",
     "ScaledStdConv",
     "agc",
     "batch_moments",
     "clip_unitwise",
     "convert",
     "final_classifier",
+    "freeze",
     "standardize_kernel",
     "unit_axes_of",
 ]

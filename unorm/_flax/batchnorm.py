@@ -113,6 +113,9 @@ class BatchNorm(BatchNormSettings, nnx.Module):
         rngs: accepted for ``nnx.BatchNorm``'s signature and unused (the initial values
             are ones and zeros).
 
+    ``frozen`` (default False; :func:`unorm.flax.freeze` sets it) normalises with the
+    running statistics in training too and never updates them.
+
     The one-value-per-feature check needs static shapes: it runs where the count is
     known while tracing (no ``mask``); with a ``mask`` it is not made.
 
@@ -176,6 +179,7 @@ class BatchNorm(BatchNormSettings, nnx.Module):
                 "expressed in JAX; use update_on='forward'"
             )
         self.num_features = num_features
+        self.frozen = False
         self.use_running_average = use_running_average
         self.axis_name = axis_name
         self.param_dtype = param_dtype
@@ -274,6 +278,8 @@ class BatchNorm(BatchNormSettings, nnx.Module):
         """
         ax = self._check_input(x)
         inference = self.use_running_average if use_running_average is None else use_running_average
+        # Frozen (SPEC.md section 8): the running statistics, whatever train() said.
+        inference = inference or self.frozen
         spec = self.spec
         stat = _stat_dtype(x.dtype)
         if x.size == 0:  # whatever the statistics, nothing to normalise
