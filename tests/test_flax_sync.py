@@ -1,6 +1,6 @@
 """Cross-device unorm.flax.BatchNorm: the exact (count, mean, M2) merge over a named axis
-(vmap in this process; shard_map and a sharded jax.jit over two host devices in a fresh
-one), uneven and empty shards given by a per-sample mask, against one device and the
+(vmap in this process; shard_map, pmap and a sharded jax.jit over two host devices in a
+fresh one), uneven and empty shards given by a per-sample mask, against one device and the
 NumPy reference on the real samples."""
 
 from __future__ import annotations
@@ -116,6 +116,16 @@ _TWO_DEVICES = textwrap.dedent(
     out["shard_map_mean"] = np.asarray(stats["mean"][...]).tolist()
     out["shard_map_var"] = np.asarray(stats["var"][...]).tolist()
 
+    # jax.pmap over the same two devices, one shard each.
+    def replica(p, x, m):
+        module = nnx.merge(graphdef, p, rest, copy=True)
+        return module(x, mask=m), nnx.state(module, nnx.BatchStat)
+
+    y, stats = jax.pmap(replica, axis_name="data", in_axes=(None, 0, 0))(params, xs, keep)
+    out["pmap_y"] = np.asarray(y).tolist()
+    out["pmap_mean"] = np.asarray(stats["mean"][...]).tolist()
+    out["pmap_var"] = np.asarray(stats["var"][...]).tolist()
+
     # A sharded jax.jit: the global batch split over the devices, no axis name.
     plain = BatchNorm(3)
     x = jax.device_put(jnp.asarray(xs.reshape(-1, 4, 3)), sharding)
@@ -153,6 +163,10 @@ def test_shard_map_and_sharded_jit_over_two_host_devices(tmp_path: Path) -> None
     for i in range(2):
         np.testing.assert_allclose(out["shard_map_mean"][i], state.mean, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(out["shard_map_var"][i], state.var, rtol=1e-5)
+    np.testing.assert_allclose(np.asarray(out["pmap_y"])[0], want_y, rtol=1e-5, atol=1e-5)
+    for i in range(2):
+        np.testing.assert_allclose(out["pmap_mean"][i], state.mean, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(out["pmap_var"][i], state.var, rtol=1e-5)
     assert out["jit_devices"] == 2
     np.testing.assert_allclose(np.asarray(out["jit_y"])[:6], want_y, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["jit_mean"], state.mean, rtol=1e-5, atol=1e-6)
