@@ -402,7 +402,7 @@ def test_batch_of_one_with_spatial_extent_trains() -> None:
     [
         ({"eps": -1.0}, "eps must be a finite number >= 0"),
         ({"momentum": 2.0}, r"momentum must be a number in \[0, 1\] or None"),
-        ({"preset": "tf"}, "preset must be one of 'torch', 'keras', 'mxnet' or None"),
+        ({"preset": "tf"}, "preset must be one of 'torch', 'keras', 'mxnet', 'flax' or None"),
         ({"num_dims": 1}, "num_dims must be an integer >= 2"),
         ({"num_dims": 2, "axis": 3}, r"axis must be an integer in \[-2, 2\)"),
     ],
