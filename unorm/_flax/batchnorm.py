@@ -288,23 +288,18 @@ class BatchNorm(BatchNormSettings, nnx.Module):
         if inference and spec.track_running_stats:
             assert self.mean is not None and self.var is not None
             return self._normalise(x, self.mean[...].astype(stat), self.var[...].astype(stat), ax)
-        count = self._static_count(x, ax, mask is not None)
-        self._check_count(count, tuple(x.shape))
-        if count == 0:
-            return self._empty(x, ax, training=not inference)
+        self._check_count(self._static_count(x, ax, mask is not None), tuple(x.shape))
         n, mean, m2 = batch_moments(x, ax, mask=mask, axis_name=self.axis_name)
         has = n > 0
-        safe = jnp.where(has, n, 1)
         nan = jnp.asarray(jnp.nan, stat)
         batch_mean = jnp.where(has, mean, nan)
-        if mask is None and self.axis_name is None and x.size:
+        if mask is None and self.axis_name is None:
             # The mean of the squares, as nnx.BatchNorm divides: the same float32 rounding.
-            centred = x.astype(stat) - jnp.expand_dims(
-                mean, tuple(d for d in range(x.ndim) if d != ax)
-            )
-            batch_var = jnp.mean(jnp.square(centred), tuple(d for d in range(x.ndim) if d != ax))
+            reduce = tuple(d for d in range(x.ndim) if d != ax)
+            centred = x.astype(stat) - jnp.expand_dims(mean, reduce)
+            batch_var = jnp.mean(jnp.square(centred), reduce)
         else:
-            batch_var = jnp.where(has, m2 / safe, nan)
+            batch_var = jnp.where(has, m2 / jnp.where(has, n, 1), nan)
         if not inference and spec.track_running_stats:
             self._update(n, batch_mean, m2, batch_var)
         return self._normalise(x, batch_mean, batch_var, ax)
