@@ -100,7 +100,7 @@ def test_refusals_and_an_exception_drop_the_step() -> None:
         accumulate(model, steps=0).__enter__()
     with pytest.raises(ValueError, match="accumulate needs a model with at least one BatchNorm"):
         accumulate(nn.Linear(2, 2), steps=2).__enter__()
-    with pytest.raises(ValueError, match="renorm=True or virtual_batch_size"):
+    with pytest.raises(ValueError, match="renorm=True, virtual_batch_size"):
         accumulate(_model(renorm=True), steps=2).__enter__()
     with pytest.raises(RuntimeError, match="boom"), accumulate(model, steps=4):
         model(torch.randn(4, 3, dtype=torch.float64))

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 from ._core.after_training import FoldEntry, FoldError, FoldWarning
+from ._keras.accumulate import accumulate
 from ._keras.after_training import fold, freeze, recalibrate
 from ._keras.agc import AGC, adaptive_clip_grad
 from ._keras.batchnorm import BatchNorm
@@ -48,6 +49,7 @@ __all__ = [
     "ScaledStdConv1D",
     "ScaledStdConv2D",
     "ScaledStdConv3D",
+    "accumulate",
     "adaptive_clip_grad",
     "convert",
     "export_checkpoint",

@@ -36,6 +36,7 @@ Example:
 from __future__ import annotations
 
 from ._core.after_training import FoldEntry, FoldError, FoldWarning
+from ._mxnet.accumulate import accumulate
 from ._mxnet.after_training import fold, freeze, recalibrate
 from ._mxnet.agc import AGC, adaptive_clip_grad, final_classifier, unit_axes_of
 from ._mxnet.batchnorm import BatchNorm, SyncBatchNorm
@@ -53,6 +54,7 @@ __all__ = [
     "ScaledStdConv2D",
     "ScaledStdConv3D",
     "SyncBatchNorm",
+    "accumulate",
     "adaptive_clip_grad",
     "convert",
     "export_checkpoint",

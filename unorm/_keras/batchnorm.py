@@ -308,6 +308,8 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         self.moving_mean: Any = None
         self.moving_variance: Any = None
         self.num_batches_tracked: Any = None
+        #: Set by :func:`unorm.keras.accumulate`: the current step's micro-batches.
+        self.accumulation: Any = None
         self.moving_stddev: Any = None
         self.renorm_mean: Any = None
         self.renorm_stddev: Any = None
@@ -516,7 +518,10 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
         if training and spec.track_running_stats:
 
             def update() -> None:
-                self._update(mean, variance, count, empty, zero_masked)
+                if self.accumulation is not None:  # unorm.keras.accumulate: record only
+                    self.accumulation.record(mean, variance, count)
+                else:
+                    self._update(mean, variance, count, empty, zero_masked)
 
             if spec.update_on == "backward":
                 from .tf_runtime import update_on_backward
@@ -864,13 +869,23 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
 
     # -- moving statistics -----------------------------------------------------------
 
-    def _update(self, mean: Any, variance: Any, count: Any, empty: Any, zero_masked: bool) -> None:
+    def _update(
+        self,
+        mean: Any,
+        variance: Any,
+        count: Any,
+        empty: Any,
+        zero_masked: bool,
+        when: Any = None,
+    ) -> None:
         """Fold one batch's statistics into the moving ones (``SPEC.md`` section 2,
         *Running statistics*), in Keras's arithmetic order ``old * (1 - f) + new * f``.
 
         ``empty`` (a bool tensor, see :meth:`_empty_flag`) selects, when the graph runs,
         what ``empty_batch`` does instead; ``zero_masked`` (``fully_masked="zero"``): a
-        feature of no kept value feeds 0 and 0 and is not counted against the floor."""
+        feature of no kept value feeds 0 and 0 and is not counted against the floor.
+        ``when`` (a bool tensor, None: always) applies the update only where it holds (an
+        accumulated step's end, :func:`unorm.keras.accumulate`)."""
         spec = self.spec
         fed = variance
         if spec.unbiased:
@@ -920,6 +935,9 @@ class BatchNorm(BatchNormSettings, keras.layers.Layer):
                 new_mean = ops.where(empty, nothing, new_mean)
                 new_var = ops.where(empty, nothing, new_var)
                 renorm = {k: ops.where(empty, nothing, v) for k, v in renorm.items()}
+        if when is not None:
+            fold = when if fold is None else ops.logical_and(fold, when)
+            counted = when if counted is None else ops.logical_and(counted, when)
         if fold is not None:
             new_mean = ops.where(fold, new_mean, old_mean)
             new_var = ops.where(fold, new_var, old_var)

@@ -184,7 +184,11 @@ class BatchNorm(BatchNormSettings, gluon.HybridBlock):  # type: ignore[misc]
         #: The layer's settings in unorm's convention (:class:`unorm.spec.BatchNormSpec`).
         self.spec = BatchNormSpec.from_preset(preset, axis=axis, **overrides)
         extra = self._sync_extra() or {}
-        self._settings = OpSettings.from_spec(self.spec, **extra)
+        #: This layer's name in the operator's table of accumulated steps.
+        self.accumulate_key = uuid.uuid4().hex
+        self._settings = OpSettings.from_spec(
+            self.spec, accumulate_key=self.accumulate_key, **extra
+        )
         spec = self.spec
         self.gamma = self.params.get(
             "gamma",

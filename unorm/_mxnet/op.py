@@ -64,6 +64,58 @@ RUNNING, BATCH, BATCH_AND_UPDATE = 0, 1, 2
 #: Added to the saved mode of a training call that normalised ghost batches.
 GHOST = 4
 
+
+class Step:
+    """The micro-batches of one accumulated step (``SPEC.md`` section 2, *Accumulated
+    micro-batches*), per device: each call's statistics, merged exactly (float64, host)
+    once ``steps`` calls are recorded."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = steps
+        self.parts: dict[str, list[Stats]] = {}
+
+    def record(self, device: str, stats: Stats) -> Stats | None:
+        """Add one call on ``device``; its step's merge when the call completes it."""
+        parts = self.parts.setdefault(device, [])
+        parts.append(stats)
+        return self.take(device) if len(parts) >= self.steps else None
+
+    def take(self, device: str) -> Stats | None:
+        """The merge of ``device``'s recorded calls (cleared), None where there are none."""
+        parts = self.parts.pop(device, [])
+        if not parts:
+            return None
+        total = sum(p.count for p in parts)
+        channels = np.shape(parts[0].mean)
+        if total == 0:
+            return Stats(0, np.zeros(channels), np.zeros(channels))
+        with np.errstate(invalid="ignore", over="ignore"):
+            mean = sum((p.count * p.mean for p in parts if p.count), np.zeros(channels)) / total
+            m2 = sum(
+                (p.m2 + p.count * (p.mean - mean) ** 2 for p in parts if p.count),
+                np.zeros(channels),
+            )
+        return Stats(total, mean, m2)
+
+
+#: The active accumulated steps, by a layer's ``accumulate_key``
+#: (:func:`unorm.mxnet.accumulate`).
+ACCUMULATING: dict[str, Step] = {}
+
+
+def apply_merged(aux: list[NDArray], merged: Stats, s: OpSettings) -> None:
+    """One running-statistics update of ``s`` from a step's merged statistics."""
+    var = merged.m2 / max(merged.count, 1)
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        update = _Update(aux, merged.mean, var, merged.count, s)
+    ctx, dtype = aux[0].context, aux[0].dtype
+    update.apply(
+        aux,
+        mx.nd.array(update.mean_term, ctx=ctx, dtype=dtype),
+        mx.nd.array(update.var_term, ctx=ctx, dtype=dtype),
+    )
+
+
 #: The input dtypes the operator accepts.
 _FLOAT_DTYPES = ("float16", "float32", "float64")
 
@@ -177,7 +229,9 @@ class OpSettings:
     (default False, also for older graphs). ``renorm`` and the ``renorm_*`` settings are
     Batch Renormalization's (``SPEC.md`` section 2; default off, also for older graphs),
     with the auxiliary states ``renorm_mean``, ``renorm_std`` (and ``running_std`` under
-    ``renorm_running="stddev"``) after the running statistics. ``sync_key`` and
+    ``renorm_running="stddev"``) after the running statistics. ``accumulate_key`` names
+    the layer in :data:`ACCUMULATING` (default ``""``: none, also for older graphs).
+    ``sync_key`` and
     ``num_devices`` make it cross-device (``num_devices > 1``; default ``""`` and 1: one
     device), ``timeout`` (120.0) bounds the wait for the other devices, in seconds.
     :meth:`attrs` and :meth:`from_attrs` convert to and from the strings a graph node
@@ -214,6 +268,7 @@ class OpSettings:
     ordered: bool = False
     frozen: bool = False
     sync_key: str = ""
+    accumulate_key: str = ""
     num_devices: int = 1
     timeout: float = 120.0
 
@@ -317,6 +372,7 @@ class OpSettings:
             ordered=_flag(attrs.get("ordered", "False")),
             frozen=_flag(attrs.get("frozen", "False")),
             sync_key=attrs.get("sync_key", ""),
+            accumulate_key=attrs.get("accumulate_key", ""),
             num_devices=int(attrs.get("num_devices", "1")),
             timeout=float(attrs.get("timeout", "120.0")),
         )
@@ -544,6 +600,16 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
         # exchange (an NDArray's own .context inside the callback can read cpu(0)).
         self.device = device
 
+    def _accumulating(self) -> bool:
+        return bool(self.s.accumulate_key) and self.s.accumulate_key in ACCUMULATING
+
+    def _record(self, aux: list[NDArray], stats: Stats) -> None:
+        """Record this call's statistics in the active step; apply the step when complete."""
+        step = ACCUMULATING.get(self.s.accumulate_key)
+        merged = None if step is None else step.record(self.device, stats)
+        if merged is not None:
+            apply_merged(aux, merged, self.s)
+
     def _params(self, in_data: list[NDArray], dtype: Any) -> tuple[Any, Any]:
         s, ctx = self.s, in_data[0].context
         return affine_params(
@@ -617,7 +683,10 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
             if s.renorm and correction is not None:
                 # y = gamma * (xhat * r + d) + beta, r and d constants (SPEC.md section 2).
                 gamma, beta = gamma * saved.r, gamma * saved.d + beta
-            if update is not None and s.update_on == "forward":
+            if update is not None and self._accumulating():
+                if s.update_on == "forward":
+                    self._record(aux, stats)
+            elif update is not None and s.update_on == "forward":
                 update.apply(aux, saved.mean_term, saved.var_term)
                 update.apply_renorm(aux, s)
             # Normalising the exactly shifted input keeps digits a large mean would eat.
@@ -760,7 +829,10 @@ class BatchNormOp(mx.operator.CustomOp):  # type: ignore[misc]
             self._native_backward(req, dyw, xw, gamma, saved, mode, in_grad, aux, renorm)
         if s.ordered and req[3] != "null":
             self.assign(in_grad[3], req[3], in_grad[3].zeros_like())  # its value is unused
-        if mode == BATCH_AND_UPDATE and s.update_on == "backward":
+        if mode == BATCH_AND_UPDATE and s.update_on == "backward" and self._accumulating():
+            host = saved.array[: 2 * channels].asnumpy().astype(np.float64)
+            self._record(aux, Stats(count, host[:channels], host[channels:] * count))
+        elif mode == BATCH_AND_UPDATE and s.update_on == "backward":
             # The forward call's statistics, applied now (a cumulative average counts
             # the updates applied so far).
             host = saved.array[: 2 * channels].asnumpy().astype(np.float64)

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor, nn
 
+from .._core.accumulate import accumulation
 from .batchnorm import BatchNorm
 
 __all__ = ["Accumulator", "accumulate"]
@@ -91,34 +92,23 @@ def accumulate(model: nn.Module, steps: int) -> Iterator[list[BatchNorm]]:
         >>> int(model[1].num_batches_tracked)
         1
     """
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
     layers = [
         m
         for m in model.modules()
         if isinstance(m, BatchNorm) and m.track_running_stats and not m.frozen
     ]
-    if not layers:
-        raise ValueError(
-            "accumulate needs a model with at least one BatchNorm that keeps running "
-            "statistics (track_running_stats=True) and is not frozen, got none"
-        )
-    for layer in layers:
-        if layer.spec.renorm or layer.spec.virtual_batch_size is not None:
-            raise ValueError(
-                "accumulate takes no BatchNorm with renorm=True or virtual_batch_size set, "
-                f"got {layer!r}"
-            )
-        if layer.accumulator is not None:
-            raise ValueError(f"accumulate is already active on {layer!r}")
-    for layer in layers:
-        layer.accumulator = Accumulator(steps)
-    finished = False
-    try:
-        yield layers
-        finished = True
-    finally:
-        for layer in layers:
-            accumulator, layer.accumulator = layer.accumulator, None
-            if finished and accumulator is not None and accumulator.pending:
-                layer.apply_step(accumulator)
+
+    def end(layer: BatchNorm, finished: bool) -> None:
+        accumulator, layer.accumulator = layer.accumulator, None
+        if finished and accumulator is not None and accumulator.pending:
+            layer.apply_step(accumulator)
+
+    with accumulation(
+        steps,
+        layers,
+        spec=lambda layer: layer.spec,
+        active=lambda layer: layer.accumulator is not None,
+        begin=lambda layer: setattr(layer, "accumulator", Accumulator(int(steps))),
+        end=end,
+    ) as governed:
+        yield governed
