@@ -122,6 +122,40 @@ def _bn_pair(shape: tuple[int, ...], channels_last: bool, training: bool) -> lis
         ]
 
 
+def _training_modes(shape: tuple[int, ...]) -> list[Benchmark]:
+    """The BatchNorm training modes (SPEC.md section 2) against plain ``nn.BatchNorm2d`` at
+    the same total batch, in the same run: ghost batches of a quarter of the batch (target
+    1.3) and Batch Renormalization with clipping (target 1.2), channels-first training."""
+    x = torch.randn(shape, device=DEVICE)
+    xg = x.detach().requires_grad_()
+    dy = torch.randn_like(x)
+    channels = shape[1]
+    native = nn.BatchNorm2d(channels).to(DEVICE)
+    modes = [
+        ("ghost_train", BatchNorm(channels, virtual_batch_size=max(2, shape[0] // 4)), 1.3),
+        (
+            "renorm_train",
+            BatchNorm(channels, renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0}),
+            1.2,
+        ),
+    ]
+    params = {"shape": shape, "dtype": "float32", "format": "channels_first"}
+    params["device"] = DEVICE.type
+    return [
+        Benchmark(
+            name,
+            BACKEND,
+            params,
+            _train_step(layer.to(DEVICE), xg, dy),
+            _train_step(native, xg, dy),
+            _sync,
+            _train_bytes(x),
+            target,
+        )
+        for name, layer, target in modes
+    ]
+
+
 def _bn_compiled(shape: tuple[int, ...], channels_last: bool) -> list[Benchmark]:
     """The training call under ``torch.compile`` (inductor): unorm's layer compiled against
     ``nn.BatchNorm2d`` compiled (target 1.05) and against ``nn.BatchNorm2d`` eager (no
@@ -298,6 +332,8 @@ def benchmarks(quick: bool) -> list[Benchmark]:
         for shape in shapes:
             for channels_last in (False, True):
                 out += _bn_pair(shape, channels_last, training)
+    for shape in shapes:
+        out += _training_modes(shape)
     if not quick:  # compiling takes seconds per layer: not in the quick smoke test
         for shape in shapes:
             for channels_last in (False, True):

@@ -13,7 +13,15 @@ from benchmarks.harness import measure  # noqa: E402
 
 def test_quick_benchmarks_run_and_report_ratios() -> None:
     results = [measure(b, repeats=1, warmup=1, min_time=0.0) for b in bench_torch.benchmarks(True)]
-    assert {r.name for r in results} == {"bn_train", "bn_eval", "agc", "fold_eval", "recalibrate"}
+    assert {r.name for r in results} == {
+        "bn_train",
+        "bn_eval",
+        "agc",
+        "fold_eval",
+        "recalibrate",
+        "ghost_train",
+        "renorm_train",
+    }
     assert all(r.ratio > 0 and r.unorm_s > 0 and r.native_s > 0 for r in results)
 
 
