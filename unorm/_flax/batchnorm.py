@@ -289,16 +289,20 @@ class BatchNorm(BatchNormSettings, nnx.Module):
             assert self.mean is not None and self.var is not None
             return self._normalise(x, self.mean[...].astype(stat), self.var[...].astype(stat), ax)
         self._check_count(self._static_count(x, ax, mask is not None), tuple(x.shape))
-        n, mean, m2 = batch_moments(x, ax, mask=mask, axis_name=self.axis_name)
-        has = n > 0
-        nan = jnp.asarray(jnp.nan, stat)
-        batch_mean = jnp.where(has, mean, nan)
         if mask is None and self.axis_name is None:
-            # The mean of the squares, as nnx.BatchNorm divides: the same float32 rounding.
+            # One device, every value: nnx.BatchNorm's own two means (the same float32
+            # rounding, and one reduction over the centred values, not two).
             reduce = tuple(d for d in range(x.ndim) if d != ax)
-            centred = x.astype(stat) - jnp.expand_dims(mean, reduce)
-            batch_var = jnp.mean(jnp.square(centred), reduce)
+            xs = x.astype(stat)
+            batch_mean = jnp.mean(xs, reduce)
+            batch_var = jnp.mean(jnp.square(xs - jnp.expand_dims(batch_mean, reduce)), reduce)
+            n = jnp.full_like(batch_mean, math.prod(x.shape[d] for d in reduce))
+            m2 = batch_var * n
         else:
+            n, mean, m2 = batch_moments(x, ax, mask=mask, axis_name=self.axis_name)
+            has = n > 0
+            nan = jnp.asarray(jnp.nan, stat)
+            batch_mean = jnp.where(has, mean, nan)
             batch_var = jnp.where(has, m2 / jnp.where(has, n, 1), nan)
         if not inference and spec.track_running_stats:
             self._update(n, batch_mean, m2, batch_var)
