@@ -136,3 +136,12 @@ def test_state_dict_round_trip_and_bad_input_changes_nothing() -> None:
 def test_sync_refuses_renorm() -> None:
     with pytest.raises(ValueError, match="renorm must be False for SyncBatchNorm"):
         SyncBatchNorm(3, renorm=True)
+
+
+def test_the_neutral_checkpoint_refuses_renorm() -> None:
+    from unorm.port import CheckpointError
+    from unorm.torch import export_checkpoint
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), BatchNorm(3, renorm=True))
+    with pytest.raises(CheckpointError, match="renorm=True cannot be exported yet"):
+        export_checkpoint(model, torch.randn(2, 3))

@@ -834,6 +834,12 @@ def export(model: PortModel[Any], source: str, probe_input: np.ndarray | None = 
         attrs: dict[str, Any] = {}
         if kind == "batchnorm":
             spec = _layer_spec(model, handle, name)
+            if spec.renorm:
+                # Its renorm statistics have no role here yet: a load would restart them.
+                raise CheckpointError(
+                    f"{name}: a BatchNorm with renorm=True cannot be exported yet (the "
+                    "checkpoint has no place for its renorm_mean and renorm_std)"
+                )
             attrs = {"spec": dataclasses.asdict(spec), "native": model.native_batchnorm(handle)}
         else:
             groups = model.groups(handle) if kind != "dense" else None
