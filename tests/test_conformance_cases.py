@@ -119,6 +119,27 @@ def test_sync_and_error_coverage() -> None:
     assert (2, 2) in axes and (-5, 4) in axes
 
 
+def test_every_sync_strategy_has_one_uneven_case() -> None:
+    """Each framework strategy runs once (it starts processes), on uneven shards; the
+    ``ddp`` and ``data-parallel`` ones with an empty shard (a rank with no sample, a device
+    shard of padding alone)."""
+    by_strategy: dict[str, list[SyncCase]] = {}
+    for c in CASES:
+        if isinstance(c, SyncCase):
+            by_strategy.setdefault(c.strategy, []).append(c)
+    assert set(by_strategy) == set(cases.SYNC_STRATEGIES)
+    for strategy, found in by_strategy.items():
+        if strategy == "replicas":
+            continue
+        (case,) = found
+        assert case.name.startswith(f"sync/{strategy}/"), case.name
+        assert len(set(case.shards)) > 1, case.name
+    assert 0 in by_strategy["ddp"][0].shards and len(by_strategy["ddp"][0].shards) == 3
+    assert 0 in by_strategy["data-parallel"][0].shards
+    with pytest.raises(ValueError, match="unknown strategy"):
+        SyncCase("sync/bad", (1, 1), (2,), strategy="horovod")
+
+
 def test_agc_error_cases_cover_every_invalid_setting() -> None:
     bad = {c.name: c for c in CASES if isinstance(c, AGCCase) and c.error}
     assert all(name.startswith("agc/error/") for name in bad)

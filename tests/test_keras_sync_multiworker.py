@@ -11,7 +11,6 @@ bounded time and both are killed if either overruns.
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 
 from unorm import reference as ref
+from unorm.conformance.columns.keras_multiworker_worker import free_ports
 from unorm.spec import BatchNormSpec
 
 pytestmark = pytest.mark.keras
@@ -33,19 +33,6 @@ WORKER = Path(__file__).with_name("keras_multiworker_worker.py")
 SPLITS = [(2, 5), (0, 7), (0, 0), (4, 1)]
 SHAPE = (4, 3)  # (length, features) of one sample
 TIMEOUT_S = 240
-
-
-def _free_ports(count: int) -> list[int]:
-    """``count`` distinct ports free on 127.0.0.1 now (the sockets stay open until all are
-    chosen, so no port is given twice)."""
-    sockets = [socket.socket(socket.AF_INET, socket.SOCK_STREAM) for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _batches() -> tuple[np.ndarray, np.ndarray, list[tuple[np.ndarray, np.ndarray]]]:
@@ -70,7 +57,7 @@ def _run_workers(tmp_path: Path) -> list[dict[str, np.ndarray]]:
             request[f"dy{s}_{k}"] = dy[bounds[k] : bounds[k + 1]]
     source = tmp_path / "request.npz"
     np.savez(source, **request)
-    ports = ",".join(str(p) for p in _free_ports(2))
+    ports = ",".join(str(p) for p in free_ports(2))
     env = dict(os.environ, KERAS_BACKEND="tensorflow", TF_CPP_MIN_LOG_LEVEL="2")
     env["CUDA_VISIBLE_DEVICES"] = ""
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))

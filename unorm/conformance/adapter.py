@@ -21,7 +21,8 @@ mode)``                     upstream gradient ``dy``), ``forward`` (training for
 ``agc(params, ...)``        AGC over :class:`AGCArrays` in the backend's layout; returns the
                             clipped gradients by name
 ``sync_bn_step(...)``       cross-replica training step over several slices, or
-                            :class:`Unsupported`
+                            :class:`Unsupported`; ``strategy=`` is given for a strategy
+                            other than ``replicas`` that ``sync_strategies`` names
 ``ws_conv(config, x, w,     the backend's Scaled WS convolution built from a :class:`WSConfig`,
 gain, bias, dy)``           weight (backend layout), gain and bias loaded, called on ``x``
                             ``(N, C, H, W)`` with upstream gradient ``dy``; returns
@@ -225,7 +226,9 @@ class Adapter:
     :mod:`conformance.layouts`; the logical one unless the adapter declares its own) and
     ``absent`` (quantities the backend may not keep, e.g. ``num_batches_tracked``: compared
     only when the adapter returns them) and ``masks`` (its layers take a mask: it runs the
-    masked cases, SPEC.md section 2, *Masked batches*).
+    masked cases, SPEC.md section 2, *Masked batches*) and ``sync_strategies`` (the
+    cross-replica strategies it runs, :data:`conformance.cases.SYNC_STRATEGIES`; the
+    others are unsupported).
     """
 
     name = "base"
@@ -235,6 +238,7 @@ class Adapter:
     dtypes: tuple[str, ...] = ("float64", "float32", "float16", "bfloat16")
     layout: layouts.Layout = layouts.LOGICAL
     absent: frozenset[str] = frozenset()
+    sync_strategies: tuple[str, ...] = ("replicas",)
 
     def availability(self) -> str | None:
         """None when the backend can run here; otherwise the reason it cannot."""
@@ -294,7 +298,9 @@ class Adapter:
         xs: Sequence[np.ndarray],
         dys: Sequence[np.ndarray],
     ) -> SyncResult:
-        """One cross-replica training step over the replicas' slices ``xs``."""
+        """One cross-replica training step over the replicas' slices ``xs``. An adapter
+        that declares other :attr:`sync_strategies` also takes ``strategy: str`` (given
+        only for those, so that an adapter of one strategy need not take it)."""
         raise Unsupported(f"{self.name} has no cross-replica BatchNorm in this suite")
 
     def ws_conv(

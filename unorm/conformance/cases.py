@@ -49,6 +49,7 @@ __all__ = [
     "LOGICAL_UNIT_AXES",
     "MODE_SETTINGS",
     "PUBLIC_SETTINGS",
+    "SYNC_STRATEGIES",
     "AGCCase",
     "AGCParam",
     "BatchNormCase",
@@ -216,12 +217,24 @@ class AGCCase:
             object.__setattr__(self, "seed", seed_of(self.name))
 
 
+#: How a cross-replica case's replicas run (:attr:`SyncCase.strategy`): ``replicas`` each
+#: column's own way (one gloo process per replica, ``MirroredStrategy`` over logical CPUs,
+#: one ``mx.cpu(k)`` each, a mapped axis); ``ddp`` PyTorch's ``DistributedDataParallel``
+#: over one gloo process per replica; ``multi-worker`` TensorFlow's
+#: ``MultiWorkerMirroredStrategy``, one worker process per replica on 127.0.0.1;
+#: ``data-parallel`` ``keras.distribution.DataParallel`` on Keras's JAX backend, one host
+#: device per replica, each shard padded to the longest and masked.
+SYNC_STRATEGIES = ("replicas", "ddp", "multi-worker", "data-parallel")
+
+
 @dataclasses.dataclass(frozen=True)
 class SyncCase:
     """Cross-replica BatchNorm: one training step over ``shards`` (batch sizes per replica).
 
     ``shape`` is the shape of one sample (features and spatial axes, batch excluded);
-    ``axis`` indexes the full input (batch first).
+    ``axis`` indexes the full input (batch first). ``strategy`` (one of
+    :data:`SYNC_STRATEGIES`) is how the replicas run; a column that cannot run it reports
+    the case unsupported.
     """
 
     name: str
@@ -231,10 +244,13 @@ class SyncCase:
     dtype: str = "float32"
     preset: str | None = None
     settings: tuple[tuple[str, Any], ...] = ()
+    strategy: str = "replicas"
     seed: int = -1
     kind: str = dataclasses.field(default="sync", init=False)
 
     def __post_init__(self) -> None:
+        if self.strategy not in SYNC_STRATEGIES:
+            raise ValueError(f"unknown strategy {self.strategy!r}: one of {SYNC_STRATEGIES}")
         if self.seed == -1:
             object.__setattr__(self, "seed", seed_of(self.name))
 
@@ -705,6 +721,12 @@ def _sync_cases() -> list[SyncCase]:
         # The same without the empty replica, for frameworks that cannot hold one (MXNet 1.x).
         SyncCase("sync/axis-last-uneven", (3, 1, 5), (2, 2, 3), axis=-1),
         SyncCase("sync/float64", (2, 7), (3, 2), dtype="float64"),
+        # One case per framework strategy (each starts processes: kept to one step).
+        SyncCase("sync/ddp/uneven-empty", (3, 0, 5), (3, 2), strategy="ddp"),
+        SyncCase("sync/multi-worker/uneven", (2, 5), (4, 3), axis=-1, strategy="multi-worker"),
+        SyncCase(
+            "sync/data-parallel/uneven-empty", (0, 5), (4, 3), axis=-1, strategy="data-parallel"
+        ),
     ]
 
 

@@ -42,7 +42,8 @@ __all__ = [
 
 @dataclasses.dataclass
 class SyncRequest:
-    """What a helper process needs: the layer, its parameters, each replica's slices."""
+    """What a helper process needs: the layer, its parameters, each replica's slices, and
+    the strategy the replicas run under (:data:`conformance.cases.SYNC_STRATEGIES`)."""
 
     config: LayerConfig
     gamma: np.ndarray
@@ -50,6 +51,7 @@ class SyncRequest:
     xs: list[np.ndarray]
     dys: list[np.ndarray]
     native: bool = False
+    strategy: str = "replicas"
 
 
 def write_request(
@@ -60,11 +62,12 @@ def write_request(
     xs: Sequence[np.ndarray],
     dys: Sequence[np.ndarray],
     native: bool = False,
+    strategy: str = "replicas",
 ) -> Path:
     """Write a request into ``folder``; returns its path."""
     meta = dataclasses.asdict(config)
     meta["settings"] = [list(kv) for kv in config.settings]
-    meta.update(replicas=len(xs), native=native)
+    meta.update(replicas=len(xs), native=native, strategy=strategy)
     arrays = {"meta": np.array(json.dumps(meta)), "gamma": gamma, "beta": beta}
     for k, (x, dy) in enumerate(zip(xs, dys, strict=True)):
         arrays[f"x{k}"], arrays[f"dy{k}"] = x, dy
@@ -79,6 +82,7 @@ def read_request(path: Path) -> SyncRequest:
         meta = json.loads(str(data["meta"]))
         k = meta.pop("replicas")
         native = meta.pop("native")
+        strategy = meta.pop("strategy", "replicas")
         meta["settings"] = tuple(tuple(kv) for kv in meta["settings"])
         return SyncRequest(
             LayerConfig(**meta),
@@ -87,6 +91,7 @@ def read_request(path: Path) -> SyncRequest:
             [data[f"x{i}"] for i in range(k)],
             [data[f"dy{i}"] for i in range(k)],
             native,
+            strategy,
         )
 
 

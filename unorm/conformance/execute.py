@@ -21,6 +21,7 @@ import math
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -327,12 +328,16 @@ def _sync_comparisons(case: SyncCase, got, expected, absent: frozenset[str]) -> 
 
 def _run_sync(adapter: Adapter, case: SyncCase) -> _Verdict:
     _require_dtype(adapter, case.dtype)
+    if case.strategy not in adapter.sync_strategies:
+        raise Unsupported(f"{adapter.name} does not run the {case.strategy!r} strategy")
     config = _config(case, 1 + len(case.shape))
     native_spec = adapter.native_spec(config) if adapter.native else None
     inputs = sync_inputs(case, adapter.round_to)
     expected = sync_expected(case.spec(), inputs)
+    # The default strategy is not passed: an adapter of that one alone need not take it.
+    how: dict[str, Any] = {} if case.strategy == "replicas" else {"strategy": case.strategy}
     try:
-        got = adapter.sync_bn_step(config, inputs.gamma, inputs.beta, inputs.xs, inputs.dys)
+        got = adapter.sync_bn_step(config, inputs.gamma, inputs.beta, inputs.xs, inputs.dys, **how)
     except Unsupported:
         raise
     except Exception as exc:

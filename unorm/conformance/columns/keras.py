@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import os
 import tempfile
 from collections.abc import Sequence
@@ -36,11 +37,17 @@ from unorm.conformance.adapter import (
 )
 from unorm.conformance.expected import StepValues, WSValues
 
-__all__ = ["SYNC_WORKER", "Built", "KerasAdapter", "KerasBase", "create", "policy"]
+__all__ = ["SYNC_WORKER", "SYNC_WORKERS", "Built", "KerasAdapter", "KerasBase", "create", "policy"]
 
 #: The helper that runs a cross-replica case under MirroredStrategy in a fresh interpreter.
 #: The module run, one fresh interpreter per request, for the cross-replica cases.
 SYNC_WORKER = f"{__package__}.keras_sync_worker"
+#: The helper of each cross-replica strategy the Keras columns run.
+SYNC_WORKERS = {
+    "replicas": SYNC_WORKER,
+    "multi-worker": f"{__package__}.keras_multiworker_worker",
+    "data-parallel": f"{__package__}.keras_jax_sync_worker",
+}
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -102,6 +109,7 @@ class KerasBase(Adapter):
     dtypes = ("float64", "float32", "float16", "bfloat16")
     layout = layouts.of("keras")
     absent = frozenset({"num_batches_tracked"})
+    sync_strategies = ("replicas", "multi-worker", "data-parallel")
     masks = True  # Keras layers take a mask (SPEC.md section 2, *Masked batches*)
 
     def availability(self) -> str | None:
@@ -186,16 +194,27 @@ class KerasBase(Adapter):
         beta: np.ndarray,
         xs: Sequence[np.ndarray],
         dys: Sequence[np.ndarray],
+        strategy: str = "replicas",
     ) -> SyncResult:
-        """``synchronized=True`` under MirroredStrategy, one logical CPU per replica, in a
-        fresh interpreter (``sync_worker.py``)."""
+        """``synchronized=True`` in a fresh interpreter: under MirroredStrategy, one
+        logical CPU per replica (``replicas``, ``keras_sync_worker.py``), under
+        MultiWorkerMirroredStrategy, one worker process per replica (``multi-worker``,
+        ``keras_multiworker_worker.py``), or on Keras's JAX backend under DataParallel,
+        one host device per replica (``data-parallel``, ``keras_jax_sync_worker.py``)."""
         if self.native:
             self.native_spec(config)
+            if strategy == "data-parallel":
+                raise Unsupported(
+                    "keras.layers.BatchNormalization refuses synchronized=True off the "
+                    "TensorFlow backend (keras-team/keras#18667)"
+                )
+        if strategy == "data-parallel" and importlib.util.find_spec("jax") is None:
+            raise Unsupported("Keras's JAX backend needs jax, which is not installed here")
         with tempfile.TemporaryDirectory() as folder:
             request = exchange.write_request(
-                Path(folder), config, gamma, beta, xs, dys, native=self.native
+                Path(folder), config, gamma, beta, xs, dys, self.native, strategy
             )
-            return exchange.run_helper(SYNC_WORKER, request)
+            return exchange.run_helper(SYNC_WORKERS[strategy], request)
 
 
 class KerasAdapter(UnormModule, KerasBase):

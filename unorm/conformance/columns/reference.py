@@ -23,6 +23,7 @@ import numpy as np
 from unorm import reference as ref
 from unorm.conformance import dtypes, layouts
 from unorm.conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, WSConfig
+from unorm.conformance.cases import SYNC_STRATEGIES
 from unorm.conformance.expected import StepValues, WSValues, conv2d, conv2d_backward
 from unorm.spec import BatchNormSpec, output_unit_axes
 
@@ -79,6 +80,8 @@ class ReferenceAdapter(Adapter):
     dtypes = ("float64", "float32", "float16", "bfloat16")
     layout = layouts.of("torch")
     masks = True
+    # The merge of SPEC.md section 3 is the same whoever runs the replicas.
+    sync_strategies = SYNC_STRATEGIES
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> _Layer:
         spec = config.spec()
@@ -217,9 +220,10 @@ class ReferenceAdapter(Adapter):
         beta: np.ndarray,
         xs: Sequence[np.ndarray],
         dys: Sequence[np.ndarray],
+        strategy: str = "replicas",
     ) -> SyncResult:
-        """SPEC.md section 3 replica by replica: local (n, mean, M2), Chan's merge, local
-        normalisation, all-reduced backward sums."""
+        """SPEC.md section 3 replica by replica, whatever the ``strategy``: local (n, mean,
+        M2), Chan's merge, local normalisation, all-reduced backward sums."""
         spec = config.spec()
         ax = spec.axis % config.ndim
         axes = tuple(i for i in range(config.ndim) if i != ax)

@@ -98,6 +98,7 @@ class TorchBase(Adapter):
     framework = "torch"
     dtypes = ("float64", "float32", "float16", "bfloat16")
     layout = layouts.of("torch")
+    sync_strategies = ("replicas", "ddp")
 
     def availability(self) -> str | None:
         try:
@@ -168,16 +169,18 @@ class TorchBase(Adapter):
         beta: np.ndarray,
         xs: Sequence[np.ndarray],
         dys: Sequence[np.ndarray],
+        strategy: str = "replicas",
     ) -> SyncResult:
-        """One process per replica over gloo (``sync_worker.py``); parameter gradients are
-        all-reduced as data parallelism does."""
+        """One process per replica over gloo (``torch_sync_worker.py``); parameter
+        gradients are summed over the replicas, by an all-reduce (``replicas``) or by
+        ``DistributedDataParallel`` (``ddp``: its average times the world size)."""
         if self.native:
             self.native_spec(config)  # what native PyTorch cannot express is unsupported
         else:
             _affine(dict(config.settings))
         with tempfile.TemporaryDirectory() as folder:
             request = exchange.write_request(
-                Path(folder), config, gamma, beta, xs, dys, native=self.native
+                Path(folder), config, gamma, beta, xs, dys, self.native, strategy
             )
             return exchange.run_helper(SYNC_WORKER, request)
 

@@ -76,8 +76,10 @@ class TorchNativeAdapter(_torch.TorchBase):
         beta: np.ndarray,
         xs: Sequence[np.ndarray],
         dys: Sequence[np.ndarray],
+        strategy: str = "replicas",
     ) -> SyncResult:
-        # nn.SyncBatchNorm refuses CPU tensors ("expected input tensor to be on GPU").
+        # nn.SyncBatchNorm refuses CPU tensors ("expected input tensor to be on GPU"),
+        # under DistributedDataParallel too.
         raise Unsupported("nn.SyncBatchNorm runs on GPU only; the suite runs on CPU")
 
 

@@ -5,6 +5,10 @@ Usage: ``python -m unorm.conformance.columns.torch_sync_worker REQUEST RESULT`` 
 native request, ``torch.nn.SyncBatchNorm``), runs one training step on its slice, and
 writes its output and input gradient; rank 0 also writes the summed parameter gradients
 (what data parallelism hands the optimizer) and its buffers.
+
+Strategy ``replicas`` calls the layer itself and all-reduces its parameter gradients;
+``ddp`` wraps it in ``DistributedDataParallel``, which averages them over the ranks (an
+empty rank included), so the sum the suite compares is that average times the world size.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.nn.parallel import DistributedDataParallel
 
 from unorm.conformance.exchange import read_request
 
@@ -62,9 +67,12 @@ def _rank(rank: int, port: int, request_path: str, folder: str) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
+    torch.set_num_threads(1)  # one process per replica on a small machine
     layer = _layer(request).train()
+    ddp = request.strategy == "ddp"
+    model = DistributedDataParallel(layer) if ddp else layer
     x = torch.from_numpy(request.xs[rank]).requires_grad_(True)
-    y = layer(x)
+    y = model(x)
     y.backward(torch.from_numpy(request.dys[rank]))
     assert x.grad is not None
     out = {"y": y.detach().numpy(), "dx": x.grad.numpy()}
@@ -72,7 +80,10 @@ def _rank(rank: int, port: int, request_path: str, folder: str) -> None:
         if p is None:
             continue
         g = p.grad if p.grad is not None else torch.zeros_like(p)
-        dist.all_reduce(g)  # what the data-parallel wrapper does with parameter gradients
+        if ddp:
+            g = g * world  # DDP left the mean over the ranks
+        else:
+            dist.all_reduce(g)  # what the data-parallel wrapper does with parameter gradients
         out[key] = g.numpy()
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         value = getattr(layer, name, None)
