@@ -26,10 +26,11 @@ Benchmarks (full size; ``quick`` uses small inputs):
   ``model.fit`` uses by default where TensorFlow sees a GPU). XLA fuses the clip's
   multiply into SGD's update, but its CPU reductions (the unit norms) run at a third of
   the copy bandwidth.
+- ``renorm_train``, ``ghost_train``: the BatchNorm training modes (:func:`training_modes`).
 
 Example:
     >>> sorted({b.name for b in benchmarks(quick=True)})
-    ['agc_step', 'agc_step_xla', 'bn_eval', 'bn_train']
+    ['agc_step', 'agc_step_xla', 'bn_eval', 'bn_train', 'ghost_train', 'renorm_train']
 """
 
 from __future__ import annotations
@@ -117,6 +118,55 @@ def bn(shape: tuple[int, ...], training: bool) -> Benchmark:
     )
 
 
+def training_modes(shape: tuple[int, ...]) -> list[Benchmark]:
+    """The BatchNorm training modes (SPEC.md section 2), training steps in a
+    ``tf.function``: ``preset="keras"`` with Batch Renormalization against
+    ``keras.layers.BatchNormalization(renorm=True)`` with the same clipping (target 1.05:
+    the same op sequence), and canonical ghost batches (a quarter of the batch per group)
+    against plain ``keras.layers.BatchNormalization()`` at the same total batch (target
+    1.3).
+
+    Example:
+        >>> [b.name for b in training_modes((4, 4, 4, 3))]
+        ['renorm_train', 'ghost_train']
+    """
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal(shape, dtype=np.float32))
+    dy = tf.constant(rng.standard_normal(shape, dtype=np.float32))
+    clipping = {"rmax": 3.0, "dmax": 5.0}
+    pairs = [
+        (
+            "renorm_train",
+            BatchNorm(preset="keras", renorm=True, renorm_clipping=clipping),
+            keras.layers.BatchNormalization(renorm=True, renorm_clipping=clipping),
+            1.05,
+        ),
+        (
+            "ghost_train",
+            BatchNorm(virtual_batch_size=max(2, shape[0] // 4)),
+            keras.layers.BatchNormalization(),
+            1.3,
+        ),
+    ]
+    out = []
+    for name, ours, native, target in pairs:
+        ours.build(shape)
+        native.build(shape)
+        out.append(
+            Benchmark(
+                name=name,
+                backend=BACKEND,
+                params={"shape": shape, "dtype": "float32", "axis": -1},
+                unorm=_bn_step(ours, x, dy, True),
+                native=_bn_step(native, x, dy, True),
+                sync=_read_back,
+                bytes_moved=8 * int(np.prod(shape)) * 4,
+                target_ratio=target,
+            )
+        )
+    return out
+
+
 def _small_model() -> Any:
     layers = keras.layers
     return keras.Sequential(
@@ -189,5 +239,6 @@ def benchmarks(quick: bool) -> list[Benchmark]:
     shapes = [(4, 8, 8, 16)] if quick else [(32, 56, 56, 64), (256, 14, 14, 256)]
     out = [bn(shape, training=True) for shape in shapes]
     out += [bn(shape, training=False) for shape in shapes]
+    out += [b for shape in shapes for b in training_modes(shape)]
     out += [agc_step(quick), agc_step(quick, jit_compile=True)]
     return out

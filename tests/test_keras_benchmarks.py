@@ -16,7 +16,8 @@ from benchmarks.harness import measure  # noqa: E402
 
 def test_quick_benchmarks_run_both_sides_alike() -> None:
     benches = bench_keras.benchmarks(quick=True)
-    assert {b.name for b in benches} == {"bn_train", "bn_eval", "agc_step", "agc_step_xla"}
+    names = {"bn_train", "bn_eval", "agc_step", "agc_step_xla", "renorm_train", "ghost_train"}
+    assert {b.name for b in benches} == names
     for bench in benches:
         ours, theirs = bench.unorm(), bench.native()
         assert bench.sync is not None
