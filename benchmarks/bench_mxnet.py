@@ -16,6 +16,10 @@ Benchmarks (full size; ``quick`` uses small inputs):
 - ``bn_eval_in_graph``: the same inference inside a hybridized parent
   (``HybridSequential``), where unorm's layer is its custom operator (the graph serves
   training and inference alike). Target ratio 1.05.
+- ``ghost_train``, ``renorm_train``: the BatchNorm training modes (SPEC.md section 2),
+  ``unorm.mxnet.BatchNorm`` with ghost batches (a quarter of the batch per group, target
+  1.3) or Batch Renormalization (target 1.2) against plain ``gluon.nn.BatchNorm`` at the
+  same total batch, both hybridized, the ``bn_train`` step.
 - ``agc``: ``adaptive_clip_grad`` over the parameters of a ResNet-50 (Gluon model zoo
   architecture, random weights and gradients) against a per-tensor loop written the way
   timm's ``adaptive_clip_grad`` is (per tensor: norms, clamp, divide, where, copy). No
@@ -28,7 +32,7 @@ once. AGC reads weights and gradients and writes the gradients.
 
 Example:
     >>> sorted({b.name for b in benchmarks(quick=True)})
-    ['agc', 'bn_eval', 'bn_eval_in_graph', 'bn_train']
+    ['agc', 'bn_eval', 'bn_eval_in_graph', 'bn_train', 'ghost_train', 'renorm_train']
 """
 
 from __future__ import annotations
@@ -98,7 +102,17 @@ def _bn_pair(shape: tuple[int, ...]) -> list[Benchmark]:
     params = {"shape": shape, "dtype": "float32", "layout": "NCHW"}
     size = x.size * 4
     graph_ours, graph_native = infer(in_graph(ours)), infer(in_graph(native))
+    ghost = BatchNorm(channels, virtual_batch_size=max(2, shape[0] // 4))
+    renorm = BatchNorm(channels, renorm=True, renorm_clipping={"rmax": 3.0, "dmax": 5.0})
+    for layer in (ghost, renorm):
+        layer.initialize()
+        layer.hybridize(static_alloc=True)
+    modes = [
+        Benchmark(name, BACKEND, params, train(layer), train(native), _wait, 8 * size, target)
+        for name, layer, target in (("ghost_train", ghost, 1.3), ("renorm_train", renorm, 1.2))
+    ]
     return [
+        *modes,
         Benchmark("bn_train", BACKEND, params, train(ours), train(native), _wait, 8 * size, 1.05),
         Benchmark("bn_eval", BACKEND, params, infer(ours), infer(native), _wait, 2 * size, 1.05),
         Benchmark(
