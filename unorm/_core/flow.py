@@ -39,7 +39,16 @@ from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["OPS", "FlowError", "FlowNode", "from_json", "match_flows", "to_json"]
+__all__ = [
+    "OPS",
+    "FlowError",
+    "FlowNode",
+    "complete",
+    "from_json",
+    "match_flows",
+    "runs_each_once",
+    "to_json",
+]
 
 #: The operations a flow keeps; ``add`` and ``mul`` take their inputs in any order.
 OPS = ("input", "layer", "add", "mul", "concat")
@@ -71,6 +80,24 @@ class FlowNode:
             raise FlowError(f"flow op must be one of {OPS}, got {self.op!r}")
         if (self.op == "layer") != (self.layer is not None):
             raise FlowError(f"a flow node names a layer exactly when its op is 'layer': {self}")
+
+
+def runs_each_once(nodes: Sequence[FlowNode], layers: int) -> bool:
+    """Whether ``nodes`` run each of ``layers`` layers exactly once (a flow a model's
+    layers can be matched along).
+
+    Example:
+        >>> runs_each_once([FlowNode("input"), FlowNode("layer", (0,), 0)], 1)
+        True
+    """
+    return sorted(n.layer for n in nodes if n.layer is not None) == list(range(layers))
+
+
+def complete(nodes: list[FlowNode], layers: int) -> list[FlowNode] | None:
+    """``nodes`` where they run each of ``layers`` layers once, else None: what a
+    backend's flow reader returns (a layer called twice, or one outside the graph,
+    leaves the model to be matched by order)."""
+    return nodes if runs_each_once(nodes, layers) else None
 
 
 def to_json(nodes: Sequence[FlowNode]) -> list[list[Any]]:
@@ -167,8 +194,7 @@ def match_flows(
     """
     sides = (("source", source, source_signatures), ("target", target, target_signatures))
     for name, nodes, sigs in sides:
-        ran = sorted(n.layer for n in nodes if n.layer is not None)
-        if ran != list(range(len(sigs))):
+        if not runs_each_once(nodes, len(sigs)):
             raise FlowError(f"the {name} flow does not run each of its layers once")
     names = sorted(
         set(_initial(source, source_signatures)) | set(_initial(target, target_signatures))

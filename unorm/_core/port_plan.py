@@ -753,7 +753,7 @@ def _snapshot(model: PortModel[H]) -> Checkpoint | None:
     """The model's own state, to put back after a failed probe (None: it has none to
     read yet, e.g. an unbuilt layer; such a model is then restored by nothing)."""
     try:
-        return export(model, source="snapshot")
+        return export(model, source="snapshot", with_flow=False)  # restored by order
     except CheckpointError:
         return None
 
@@ -815,20 +815,26 @@ def _verify(
     return f"the loaded model's output on the checkpoint's probe is {why}; {where}"
 
 
-def export(model: PortModel[Any], source: str, probe_input: np.ndarray | None = None) -> Checkpoint:
+def export(
+    model: PortModel[Any],
+    source: str,
+    probe_input: np.ndarray | None = None,
+    with_flow: bool = True,
+) -> Checkpoint:
     """The checkpoint of ``model``: its layers in order, each with its arrays (named
     ``"{layer}.{role}"``, canonical layout) and attributes (``groups``, ``flatten_from``,
     ``ws``; a BatchNorm's ``spec`` and whether it is ``native``). ``source`` names the
     framework it came from. ``probe_input`` (canonical layout, e.g.
     :func:`unorm._core.probe.make_input`): the model runs on it in eval mode and the
     checkpoint carries the probe every load is verified on (a model that cannot run one
-    exports without it).
+    exports without it). ``with_flow``: record the model's data flow (default; a model
+    snapshot put back by order needs none, and reading the flow traces the model).
 
     Example: see the module's.
     """
     layers: list[Layer] = []
     tensors: dict[str, np.ndarray] = {}
-    flow = model.flow()
+    flow = model.flow() if with_flow else None
     for name, handle, kind in model.layers():
         flatten = model.flatten_from(handle) if kind == "dense" else None
         attrs: dict[str, Any] = {}

@@ -40,7 +40,7 @@ import keras
 import numpy as np
 
 from .._core import probe as probes
-from .._core.flow import FlowNode
+from .._core.flow import FlowNode, complete
 from .._core.port_plan import (
     COUNTER,
     ROLES,
@@ -427,8 +427,7 @@ def flow_of(model: Any, targets: list[tuple[str, Any, str]]) -> list[FlowNode] |
                 return None
             for tensor in keras.tree.flatten(call.output_tensors):
                 where[id(tensor)] = result
-    ran = sorted(node.layer for node in nodes if node.layer is not None)
-    return nodes if ran == list(range(len(targets))) else None
+    return complete(nodes, len(targets))
 
 
 def run_probe(

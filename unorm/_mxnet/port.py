@@ -38,7 +38,7 @@ import numpy as np
 from mxnet import gluon
 
 from .._core import probe as probes
-from .._core.flow import FlowNode
+from .._core.flow import FlowNode, complete
 from .._core.port_plan import (
     COUNTER,
     ROLES,
@@ -344,8 +344,7 @@ def flow_of(model: Any, targets: list[tuple[str, Any, str]]) -> list[FlowNode] |
             where[index] = ins[0]  # an activation, pooling, reshape, flatten: contracted
         elif ins:
             return None
-    ran = sorted(n.layer for n in flow if n.layer is not None)
-    return flow if ran == list(range(len(targets))) else None
+    return complete(flow, len(targets))
 
 
 def _own_params(block: Any) -> list[Any]:

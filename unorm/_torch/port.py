@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from .._core import port_plan as plan
 from .._core import probe as probes
-from .._core.flow import FlowNode
+from .._core.flow import FlowNode, complete
 from .._core.port_plan import ROLES, PortModel, Slot, kind_of, present_roles
 from ..port import Checkpoint, CheckpointError, Layer
 from ..spec import BatchNormSpec, ScaledWSSpec
@@ -204,8 +204,7 @@ def flow_of(model: nn.Module, targets: list[tuple[str, nn.Module, str]]) -> list
                 where[n] = ins[0]  # an activation, pooling, reshape, flatten: contracted
             elif ins:
                 return None  # tensors combined by an operation the flow does not know
-    ran = sorted(node.layer for node in nodes if node.layer is not None)
-    return nodes if ran == list(range(len(targets))) else None
+    return complete(nodes, len(targets))
 
 
 # What flattens a feature map in a forward: torch.flatten, Tensor.flatten/view/reshape.
