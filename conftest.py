@@ -54,8 +54,13 @@ def _own_paths(declared: BackendPlugin) -> tuple[str, ...]:
 
 
 def _own_globs(declared: BackendPlugin) -> tuple[str, ...]:
-    """Patterns of one backend's test helpers and column helpers (which import it)."""
-    return f"tests/{declared.name}_*.py", f"unorm/conformance/columns/{declared.name}_*.py"
+    """Patterns of one backend's test helpers, column helpers and zoo modules (which
+    import it; a zoo module's name ends with its framework's, ``unorm/models/zoo/``)."""
+    return (
+        f"tests/{declared.name}_*.py",
+        f"unorm/conformance/columns/{declared.name}_*.py",
+        f"unorm/models/zoo/*_{declared.name}.py",
+    )
 
 
 # Framework modules of the library: their doctests run where the framework's tests run.
