@@ -49,7 +49,7 @@ def train_step(model: nn.Module, x: np.ndarray, y: np.ndarray, lr: float = 0.01)
     with torch.no_grad():
         for p in params:
             if p.grad is not None:
-                p -= lr * p.grad
+                p.sub_(lr * p.grad)
                 p.grad = None
     return float(loss.detach())
 
