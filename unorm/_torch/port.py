@@ -1,7 +1,10 @@
 """Export a PyTorch model's state to the neutral checkpoint and load one into a model.
 
-Layers with parameters are matched by order (Conv*d, ConvTranspose*d, Linear, unorm's and
-PyTorch's BatchNorm); pooling, activations, Flatten and Dropout carry nothing. PyTorch's
+Layers with parameters (Conv*d, ConvTranspose*d, Linear, unorm's and PyTorch's BatchNorm)
+are matched along the model's data flow, read from a torch.fx trace of its forward or,
+where fx cannot trace it (``transformers``' models branch on values), by running the
+forward once on the probe's input with every torch call observed; by order where neither
+works. Pooling, activations, Flatten and Dropout carry nothing. PyTorch's
 layout is the canonical one, so tensors move as they are; a Linear after a Flatten of a
 ``(C, H, W)`` map records ``flatten_from`` so channels-last frameworks can permute it.
 """
@@ -197,7 +200,7 @@ def flow_of(model: nn.Module, targets: list[tuple[str, nn.Module, str]]) -> list
             where[n] = len(nodes) - 1
         elif n.op in ("call_module", "call_function", "call_method"):
             merge = _MERGES.get(n.target) if n.op != "call_module" else None
-            if merge is not None and len(ins) >= 2:
+            if merge is not None and len(_unique(ins)) >= 2:  # x * sigmoid(x): an activation
                 nodes.append(FlowNode(merge, tuple(ins)))
                 where[n] = len(nodes) - 1
             elif len(_unique(ins)) == 1:
@@ -205,6 +208,126 @@ def flow_of(model: nn.Module, targets: list[tuple[str, nn.Module, str]]) -> list
             elif ins:
                 return None  # tensors combined by an operation the flow does not know
     return complete(nodes, len(targets))
+
+
+# The same merges as functions and Tensor methods, as a TorchFunctionMode sees them.
+_RUN_MERGES: dict[Any, str] = {
+    torch.add: "add",
+    torch.Tensor.add: "add",
+    torch.Tensor.add_: "add",
+    torch.Tensor.__add__: "add",
+    torch.Tensor.__radd__: "add",
+    torch.Tensor.__iadd__: "add",
+    torch.mul: "mul",
+    torch.Tensor.mul: "mul",
+    torch.Tensor.mul_: "mul",
+    torch.Tensor.__mul__: "mul",
+    torch.Tensor.__rmul__: "mul",
+    torch.Tensor.__imul__: "mul",
+    torch.cat: "concat",
+    torch.concat: "concat",
+    torch.concatenate: "concat",
+}
+
+
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """Every tensor in a call's arguments or results, nested containers included."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+
+
+class _FlowRecorder(torch.overrides.TorchFunctionMode):
+    """Records a forward's data flow as it runs: every torch function and Tensor method
+    is seen here (the layers' own insides are skipped), tensors are followed by identity
+    (each one kept alive, so an id is never reused) and layer calls come from hooks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nodes: list[FlowNode] = [FlowNode("input")]
+        self.where: dict[int, tuple[torch.Tensor, int]] = {}
+        self.inside = 0  # > 0 while a recorded layer runs
+        self.unknown = False  # tensors combined by an operation the flow has no name for
+
+    def node_of(self, t: torch.Tensor) -> int | None:
+        held = self.where.get(id(t))
+        return held[1] if held is not None and held[0] is t else None
+
+    def follow(self, value: Any, node: int) -> None:
+        for t in _tensors_in(value):
+            self.where[id(t)] = (t, node)
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if self.inside:
+            return out
+        ins = _unique(n for t in _tensors_in((args, kwargs)) if (n := self.node_of(t)) is not None)
+        merge = _RUN_MERGES.get(func)
+        if merge is not None and len(ins) >= 2:
+            self.nodes.append(FlowNode(merge, tuple(ins)))
+            self.follow(out, len(self.nodes) - 1)
+        elif len(ins) == 1:
+            self.follow(out, ins[0])  # an activation, pooling, reshape: contracted
+        elif len(ins) > 1:
+            self.unknown = True
+        return out
+
+
+def _flow_by_running(
+    model: nn.Module, targets: list[tuple[str, nn.Module, str]], x: np.ndarray
+) -> list[FlowNode] | None:
+    """``model``'s data flow over ``targets`` read by running its forward once on ``x``
+    (eval mode, no gradients, state untouched), for models torch.fx cannot trace (control
+    flow on values, as ``transformers``' models have); None where a layer's input does
+    not come from the model's input or tensors are combined in a way the flow does not
+    name. The flow is one forward's: a branch a value would switch is seen as taken."""
+    recorder = _FlowRecorder()
+    fail = False
+
+    def before(index: int) -> Any:
+        def pre(module: nn.Module, args: Any) -> None:
+            nonlocal fail
+            if recorder.inside:
+                return
+            ins = _unique(n for t in _tensors_in(args) if (n := recorder.node_of(t)) is not None)
+            if len(ins) != 1:
+                fail = True
+            else:
+                recorder.nodes.append(FlowNode("layer", (ins[0],), index))
+            recorder.inside += 1
+
+        return pre
+
+    def after(module: nn.Module, args: Any, out: Any) -> None:
+        recorder.inside -= 1
+        if not recorder.inside and not fail:
+            recorder.follow(out, len(recorder.nodes) - 1)
+
+    hooks = []
+    for index, (_, module, _) in enumerate(targets):
+        hooks.append(module.register_forward_pre_hook(before(index)))
+        hooks.append(module.register_forward_hook(after))
+    param = next(iter(model.parameters()), None)
+    dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
+    device = param.device if param is not None else torch.device("cpu")
+    try:
+        inp = torch.from_numpy(np.asarray(x)).to(device=device, dtype=dtype)
+        recorder.follow(inp, 0)
+        with _eval_mode(model), torch.no_grad(), recorder:
+            model(inp)
+    except Exception:  # a model that does not run on the example: matched by order
+        return None
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if fail or recorder.unknown:
+        return None
+    return complete(recorder.nodes, len(targets))
 
 
 # What flattens a feature map in a forward: torch.flatten, Tensor.flatten/view/reshape.
@@ -296,8 +419,8 @@ def export_checkpoint(model: nn.Module, example: torch.Tensor | None = None) -> 
         [('conv', None), ('dense', [2, 2, 2])]
     """
     flat = _flatten_shapes(model, example) | _traced_flatten_shapes(model, example)
-    adapter = _TorchModel(model, flat)
     probe = None if example is None else probes.make_input(tuple(example.shape[1:]))
+    adapter = _TorchModel(model, flat, probe)
     return plan.export(adapter, source="torch", probe_input=probe)
 
 
@@ -305,16 +428,22 @@ class _TorchModel(PortModel[nn.Module]):
     """A PyTorch model for :mod:`unorm._core.port_plan`. PyTorch's layouts and flatten
     order are the canonical ones, so tensors move as they are (cast to each one's dtype)."""
 
-    def __init__(self, model: nn.Module, flat: dict[int, list[int]]) -> None:
+    def __init__(
+        self, model: nn.Module, flat: dict[int, list[int]], example: np.ndarray | None = None
+    ) -> None:
         self._model = model
         self._targets = _param_layers(model)
         self._flat = flat  # id of a Linear -> the map it reads flattened
+        self._example = example  # an input to read the flow by running, where fx fails
 
     def run_probe(self, x: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         return run_probe(self._model, self._targets, x)
 
     def flow(self) -> list[FlowNode] | None:
-        return flow_of(self._model, self._targets)
+        traced = flow_of(self._model, self._targets)
+        if traced is not None or self._example is None:
+            return traced
+        return _flow_by_running(self._model, self._targets, self._example)
 
     def layers(self) -> list[tuple[str, nn.Module, str]]:
         return self._targets
@@ -400,7 +529,8 @@ def load_checkpoint(
         True
     """
     match = None if mapping is None else plan.match_by_names(mapping)
-    plan.load(_TorchModel(model, {}), ckpt, match)
+    probe = probes.Probe.from_tensors(ckpt.tensors, len(ckpt.layers))
+    plan.load(_TorchModel(model, {}, None if probe is None else probe.input), ckpt, match)
 
 
 def read_native(model: nn.Module, path: str | os.PathLike[str]) -> nn.Module:
