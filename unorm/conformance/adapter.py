@@ -51,7 +51,7 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -60,6 +60,9 @@ from unorm.spec import BatchNormSpec
 
 from . import dtypes, layouts
 from .expected import StepValues, WSValues
+
+if TYPE_CHECKING:
+    from .after import FoldConfig, FoldInputs, FoldValues
 
 __all__ = [
     "BACKENDS",
@@ -314,6 +317,35 @@ class Adapter:
     ) -> WSValues:
         """One forward and backward call of the backend's Scaled WS convolution."""
         raise Unsupported(f"{self.name} has no Scaled WS convolution")
+
+    def fold_eval(self, config: FoldConfig, inputs: FoldInputs) -> FoldValues:
+        """Build the producer of ``config`` (weight in the backend's layout) followed by
+        a BatchNorm holding ``inputs``' parameters and running statistics, fold it
+        (SPEC.md section 8) and return the folded model's inference output on
+        ``inputs.x`` (channels-first) and how many BatchNorm layers it still holds."""
+        raise Unsupported(f"{self.name} has no fold")
+
+    def bn_freeze(self, layer: Any, trainable: bool) -> Any:
+        """``layer`` (a :meth:`bn_build` result) frozen (SPEC.md section 8, *Frozen
+        mode*), its scale and shift ``trainable`` or fixed; the layer to call next."""
+        raise Unsupported(f"{self.name} has no frozen BatchNorm")
+
+    def bn_recalibrate(self, layer: Any, batches: Sequence[np.ndarray]) -> StepValues:
+        """Recalibrate ``layer``'s running statistics over ``batches`` (SPEC.md section
+        8); the state after (:meth:`bn_state`)."""
+        raise Unsupported(f"{self.name} has no recalibrate")
+
+    def bn_accumulate(
+        self,
+        layer: Any,
+        xs: Sequence[np.ndarray],
+        dys: Sequence[np.ndarray],
+        steps: int,
+    ) -> list[StepValues]:
+        """Training steps on the micro-batches ``xs`` (upstream gradients ``dys``) inside
+        one accumulation of ``steps`` calls per step (SPEC.md section 2, *Accumulated
+        micro-batches*), the context left afterwards; each call's values."""
+        raise Unsupported(f"{self.name} has no accumulated micro-batches")
 
 
 #: The packages each framework column needs installed, by ``Adapter.framework`` (a plug-in's

@@ -46,16 +46,19 @@ from unorm._core.registry import plugins_in_order
 from unorm.spec import PRESETS, BatchNormSpec, ScaledWSSpec
 
 __all__ = [
+    "FOLD_PRODUCERS",
     "LOGICAL_UNIT_AXES",
     "MODE_SETTINGS",
     "PUBLIC_SETTINGS",
     "SYNC_STRATEGIES",
     "AGCCase",
     "AGCParam",
+    "AfterCase",
     "BatchNormCase",
     "Case",
     "Data",
     "ErrorCase",
+    "FoldCase",
     "Step",
     "SyncCase",
     "WSCase",
@@ -358,7 +361,167 @@ class WSCase:
         return (self.batch, self.out_channels, h + 2 * ph - kh + 1, w + 2 * pw - kw + 1)
 
 
-Case = BatchNormCase | AGCCase | SyncCase | ErrorCase | WSCase
+#: The producer layers of the ``fold/...`` cases (SPEC.md section 8, *Fold*) and their
+#: layer kind: a 2-D convolution (grouped with ``groups > 1``), a depthwise one, a 2-D
+#: transposed convolution (grouped too) and a dense layer.
+FOLD_PRODUCERS = {
+    "conv": "conv",
+    "depthwise": "depthwise_conv",
+    "conv_transpose": "conv_transpose",
+    "dense": "dense",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldCase:
+    """A producer layer followed by a BatchNorm with given running statistics, folded
+    (SPEC.md section 8, *Fold*): the folded model's inference output against the
+    reference's unfolded ``producer`` then inference BatchNorm.
+
+    ``producer`` is a key of :data:`FOLD_PRODUCERS`; the input is ``(batch, in_channels,
+    *size)`` channels-first (``(batch, in_channels)`` for ``dense``); the weight is drawn
+    in the logical layout of the producer's kind (``conv (O, I/g, kh, kw)``,
+    ``conv_transpose (I, O/g, kh, kw)``, ``depthwise_conv (I, M, kh, kw)``, ``dense
+    (out, in)``; ``out_channels`` is ``I * M`` for ``depthwise``). ``native_bn`` puts the
+    framework's own BatchNorm layer after the producer instead of unorm's (a unorm column
+    folds either; a native column only ever has its own). Stride 1, no padding.
+
+    Example:
+        >>> case = get_case("fold/conv_transpose/grouped")
+        >>> case.weight_shape, case.output_shape
+        ((4, 3, 2, 2), (2, 6, 6, 6))
+    """
+
+    name: str
+    producer: str
+    in_channels: int
+    out_channels: int
+    kernel: tuple[int, int] = (3, 3)
+    groups: int = 1
+    batch: int = 2
+    size: tuple[int, int] = (5, 5)
+    native_bn: bool = False
+    bias: bool = True
+    dtype: str = "float32"
+    preset: str | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+    seed: int = -1
+    kind: str = dataclasses.field(default="fold", init=False)
+
+    def __post_init__(self) -> None:
+        if self.producer not in FOLD_PRODUCERS:
+            raise ValueError(f"unknown producer {self.producer!r}: one of {list(FOLD_PRODUCERS)}")
+        if self.seed == -1:
+            object.__setattr__(self, "seed", seed_of(self.name))
+
+    def spec(self) -> BatchNormSpec:
+        """The BatchNorm's settings (channels-first: axis 1)."""
+        return BatchNormSpec.from_preset(self.preset, axis=1, **dict(self.settings))
+
+    @property
+    def layer_kind(self) -> str:
+        """The producer's layer kind (section 5's table)."""
+        return FOLD_PRODUCERS[self.producer]
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """``(N, C, H, W)``, or ``(N, in)`` for a dense producer."""
+        if self.producer == "dense":
+            return (self.batch, self.in_channels)
+        return (self.batch, self.in_channels, *self.size)
+
+    @property
+    def weight_shape(self) -> tuple[int, ...]:
+        """The weight in the logical layout of the producer's kind."""
+        i, o, k = self.in_channels, self.out_channels, self.kernel
+        if self.producer == "dense":
+            return (o, i)
+        if self.producer == "depthwise":
+            return (i, o // i, *k)
+        if self.producer == "conv_transpose":
+            return (i, o // self.groups, *k)
+        return (o, i // self.groups, *k)
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The producer's (and the BatchNorm's) output, channels-first."""
+        if self.producer == "dense":
+            return (self.batch, self.out_channels)
+        (h, w), (kh, kw) = self.size, self.kernel
+        if self.producer == "conv_transpose":
+            return (self.batch, self.out_channels, h + kh - 1, w + kw - 1)
+        return (self.batch, self.out_channels, h - kh + 1, w - kw + 1)
+
+
+#: What an :class:`AfterCase` does (SPEC.md section 8 and section 2, *Accumulated
+#: micro-batches*).
+AfterOp = Literal["recalibrate", "frozen", "accumulate"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AfterCase:
+    """A BatchNorm layer after (or across) training steps: ``recalibrate``, ``frozen`` or
+    ``accumulate``. ``shape`` is one sample's shape (features and spatial axes, batch
+    excluded, as :class:`SyncCase`); ``batches`` the batch sizes.
+
+    - ``recalibrate``: one training step on a warm-up batch (so that the running statistics
+      start elsewhere), then ``recalibrate`` over ``batches``: the running statistics
+      against the exact statistics of all their samples (``reference.recalibrated_stats``).
+      ``drift`` shifts batch ``k``'s mean by ``k * drift`` (the spread of the batch means
+      that averaging per-batch variances leaves out, facebookresearch/pycls#93).
+    - ``frozen``: one training step on a warm-up batch, then the layer frozen
+      (``trainable`` scale and shift or fixed ones), then a training step per batch and an
+      inference step: the inference formula with the warm-up's running statistics, which
+      never change.
+    - ``accumulate``: ``len(batches)`` training micro-batches inside one accumulation of
+      ``steps`` calls per step (``steps`` 0: all of them in one step), then an inference
+      step; ``nonfinite`` puts a NaN into that micro-batch (the guard skips its whole step).
+
+    Example:
+        >>> case = get_case("accumulate/uneven")
+        >>> case.batches, case.spec().momentum
+        ((5, 3, 2), 0.1)
+    """
+
+    name: str
+    op: AfterOp
+    batches: tuple[int, ...]
+    shape: tuple[int, ...] = (3, 4)
+    axis: int = 1
+    dtype: str = "float32"
+    preset: str | None = None
+    settings: tuple[tuple[str, Any], ...] = ()
+    trainable: bool = False
+    steps: int = 0
+    nonfinite: int | None = None
+    drift: float = 0.0
+    seed: int = -1
+
+    def __post_init__(self) -> None:
+        if self.seed == -1:
+            object.__setattr__(self, "seed", seed_of(self.name))
+
+    @property
+    def kind(self) -> str:
+        """The case's kind: its ``op``."""
+        return self.op
+
+    def spec(self) -> BatchNormSpec:
+        """The case's settings in unorm's convention."""
+        return BatchNormSpec.from_preset(self.preset, axis=self.axis, **dict(self.settings))
+
+    @property
+    def num_features(self) -> int:
+        """``C``, the size of the feature axis."""
+        return (0, *self.shape)[self.axis]
+
+    @property
+    def per_step(self) -> int:
+        """Micro-batches per accumulated step."""
+        return self.steps or len(self.batches)
+
+
+Case = BatchNormCase | AGCCase | SyncCase | ErrorCase | WSCase | FoldCase | AfterCase
 
 
 def _s(**settings: Any) -> tuple[tuple[str, Any], ...]:
@@ -578,6 +741,76 @@ def _ghost_cases() -> list[BatchNormCase]:
         )
         for p in plugins_in_order()
     ]
+
+
+def _fold_cases() -> list[FoldCase]:
+    """Fold (SPEC.md section 8): every producer kind after unorm's BatchNorm and the
+    framework's own, affine off, every preset (their eps), float64."""
+    fc = FoldCase
+    out = [
+        fc("fold/conv2d", "conv", 3, 4),
+        fc("fold/conv2d/native-bn", "conv", 3, 4, native_bn=True),
+        fc("fold/conv2d/grouped", "conv", 4, 6, groups=2),
+        fc("fold/conv2d/grouped/native-bn", "conv", 4, 6, groups=2, native_bn=True),
+        fc("fold/conv2d/no-bias", "conv", 3, 4, kernel=(1, 3), bias=False),
+        fc("fold/conv2d/affine-off", "conv", 3, 4, settings=_s(center=False, scale=False)),
+        fc("fold/depthwise", "depthwise", 3, 6),
+        fc("fold/depthwise/native-bn", "depthwise", 3, 6, native_bn=True),
+        fc("fold/conv_transpose", "conv_transpose", 3, 4, kernel=(2, 2)),
+        fc("fold/conv_transpose/native-bn", "conv_transpose", 3, 4, kernel=(2, 2), native_bn=True),
+        # Groups 2: a rule that scales axis 1 of the (I, O/g, kh, kw) weight finds O/g
+        # factors there (pytorch/pytorch#180995).
+        fc("fold/conv_transpose/grouped", "conv_transpose", 4, 6, kernel=(2, 2), groups=2),
+        fc(
+            "fold/conv_transpose/grouped/native-bn",
+            "conv_transpose",
+            4,
+            6,
+            kernel=(2, 2),
+            groups=2,
+            native_bn=True,
+        ),
+        fc("fold/dense", "dense", 6, 4, batch=5),
+        fc("fold/dense/native-bn", "dense", 6, 4, batch=5, native_bn=True),
+        fc("fold/float64/conv2d", "conv", 3, 4, dtype="float64"),
+        fc("fold/float64/dense", "dense", 6, 4, batch=5, dtype="float64"),
+    ]
+    out += [fc(f"fold/preset-{p.name}", "conv", 3, 4, preset=p.name) for p in plugins_in_order()]
+    return out
+
+
+def _after_cases() -> list[AfterCase]:
+    """Recalibrate, frozen (SPEC.md section 8) and accumulated micro-batches (section 2)."""
+    ac = AfterCase
+    presets = [p.name for p in plugins_in_order()]
+    out = [
+        ac("recalibrate/uneven", "recalibrate", (6, 6, 2)),
+        ac("recalibrate/drift", "recalibrate", (4, 4, 4, 3), drift=1.5),
+        ac("recalibrate/axis-last", "recalibrate", (5, 5, 3), shape=(4, 3), axis=-1),
+        ac("recalibrate/rank2", "recalibrate", (7, 2), shape=(5,)),
+        ac("recalibrate/float64", "recalibrate", (6, 3), dtype="float64", drift=0.5),
+    ]
+    out += [ac(f"recalibrate/preset-{p}", "recalibrate", (6, 4, 2), preset=p) for p in presets]
+    out += [
+        ac("frozen/fixed", "frozen", (6, 4)),
+        ac("frozen/trainable", "frozen", (6, 4), trainable=True),
+        ac("frozen/axis-last", "frozen", (5, 3), shape=(4, 3), axis=-1),
+        ac("frozen/trainable/axis-last", "frozen", (5, 3), shape=(4, 3), axis=-1, trainable=True),
+        # One value per feature is no error once frozen (no batch statistics).
+        ac("frozen/one-value", "frozen", (6, 1), shape=(3,)),
+        ac("frozen/float64", "frozen", (6, 4), dtype="float64", trainable=True),
+    ]
+    out += [ac(f"frozen/preset-{p}", "frozen", (6, 4), preset=p) for p in presets]
+    out += [
+        ac("accumulate/uneven", "accumulate", (5, 3, 2)),
+        ac("accumulate/two-steps", "accumulate", (4, 2, 3, 5), steps=2),
+        ac("accumulate/nan", "accumulate", (5, 3, 2), nonfinite=1),
+        ac("accumulate/axis-last", "accumulate", (4, 3), shape=(2, 3), axis=-1),
+        ac("accumulate/momentum-none", "accumulate", (3, 5, 2), settings=_s(momentum=None)),
+        ac("accumulate/float64", "accumulate", (4, 3), dtype="float64"),
+    ]
+    out += [ac(f"accumulate/preset-{p}", "accumulate", (5, 3, 2), preset=p) for p in presets]
+    return out
 
 
 def _kernel(layer: str, kind: str, shape: tuple[int, ...], recipe: str = "mixed") -> AGCParam:
@@ -825,6 +1058,8 @@ def all_cases() -> tuple[Case, ...]:
             *_sync_cases(),
             *_error_cases(),
             *_ws_cases(),
+            *_fold_cases(),
+            *_after_cases(),
         )
     return _CASES
 

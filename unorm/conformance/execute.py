@@ -27,7 +27,7 @@ import numpy as np
 
 from unorm.spec import BatchNormSpec
 
-from . import dtypes
+from . import after, dtypes
 from .adapter import Adapter, AGCArrays, LayerConfig, Unsupported, WSConfig
 from .cases import AGCCase, BatchNormCase, Case, ErrorCase, SyncCase, WSCase
 from .compare import Comparison, compare
@@ -468,6 +468,10 @@ _RUNNERS = {
     "sync": _run_sync,
     "error": _run_error,
     "ws": _run_ws,
+    "fold": after.run_fold,
+    "recalibrate": after.run_after,
+    "frozen": after.run_after,
+    "accumulate": after.run_after,
 }
 
 

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from unorm import reference as ref
+from unorm._core import after_training
 from unorm.conformance import dtypes, layouts
 from unorm.conformance.adapter import Adapter, AGCArrays, LayerConfig, SyncResult, WSConfig
+from unorm.conformance.after import FoldConfig, FoldInputs, FoldValues, conv_transpose2d
 from unorm.conformance.cases import SYNC_STRATEGIES
 from unorm.conformance.expected import StepValues, WSValues, conv2d, conv2d_backward
 from unorm.spec import BatchNormSpec, output_unit_axes
@@ -38,6 +40,8 @@ class _Layer:
     beta: np.ndarray | None
     running: ref.RunningStats | None
     renorm: ref.RenormStats | None = None
+    #: Frozen (SPEC.md section 8): None, else whether gamma and beta stay trainable.
+    frozen: bool | None = None
 
 
 def _store_renorm(renorm: ref.RenormStats, dtype: str) -> ref.RenormStats:
@@ -108,6 +112,12 @@ class ReferenceAdapter(Adapter):
         mode: str,
         mask: np.ndarray | None = None,
     ) -> StepValues:
+        if layer.frozen is not None:
+            # The inference forward and backward whatever the mode; fixed: no gradient.
+            out = self.bn_step(dataclasses.replace(layer, frozen=None), x, dy, "eval", mask)
+            if not layer.frozen:
+                out.dgamma = out.dbeta = None
+            return out
         spec, cfg = layer.spec, layer.config
         arr, _ = ref.check_input(x, spec.axis, cfg.num_features)
         x64 = arr.astype(np.float64)
@@ -285,6 +295,71 @@ class ReferenceAdapter(Adapter):
             dw, dgain = ref.scaled_weight_standardize_backward(dw_hat, weight, gain, unit, **kw)
         cast = [dtypes.cast(a, config.dtype) for a in (y, dx, dw, dgain, np.sum(dy, (0, 2, 3)))]
         return WSValues(*cast)
+
+    def bn_freeze(self, layer: _Layer, trainable: bool) -> _Layer:
+        if layer.running is None:
+            raise ValueError(after_training.freeze_needs_running_stats("bn"))
+        layer.frozen = trainable
+        return layer
+
+    def bn_recalibrate(self, layer: _Layer, batches: Sequence[np.ndarray]) -> StepValues:
+        stats = ref.recalibrated_stats(
+            [np.asarray(b, np.float64) for b in batches], layer.spec.axis,
+            unbiased=layer.spec.unbiased,
+        )  # fmt: skip
+        layer.running = _store(stats, layer.config.param_dtype)
+        return _state(layer)
+
+    def bn_accumulate(
+        self,
+        layer: _Layer,
+        xs: Sequence[np.ndarray],
+        dys: Sequence[np.ndarray],
+        steps: int,
+    ) -> list[StepValues]:
+        """Each micro-batch normalised with its own statistics (a layer without running
+        statistics for the call), the recorded ones merged by ``accumulated_stats`` after
+        every ``steps`` calls and at the end."""
+        out, recorded = [], []
+        for x, dy in zip(xs, dys, strict=True):
+            out.append(self.bn_step(dataclasses.replace(layer, running=None), x, dy, "train"))
+            with np.errstate(invalid="ignore", over="ignore"):
+                recorded.append(ref.batch_stats(np.asarray(x, np.float64), layer.spec.axis))
+            if len(recorded) == steps:
+                self._accumulated(layer, recorded)
+                recorded = []
+        if recorded:
+            self._accumulated(layer, recorded)
+        return out
+
+    def _accumulated(self, layer: _Layer, recorded: list[ref.BatchStats]) -> None:
+        assert layer.running is not None
+        new = ref.accumulated_stats(layer.running, recorded, layer.spec)
+        layer.running = _store(new, layer.config.param_dtype)
+
+    def fold_eval(self, config: FoldConfig, inputs: FoldInputs) -> FoldValues:
+        """``fold_batch_norm`` on the weight (PyTorch's layout, its output-channel axes
+        from the layer-kind table), then the producer with the folded weight and bias."""
+        spec = config.spec()
+        w = np.asarray(inputs.weight)
+        plan = after_training.fold_plan(
+            config.kind, self.layout.kernels[config.kind], w.shape, config.groups
+        )
+        folded, bias = ref.fold_batch_norm(
+            w, inputs.bias, inputs.mean, inputs.var,
+            inputs.gamma if spec.scale else None, inputs.beta if spec.center else None,
+            eps=spec.eps, out_axes=plan.axes, view=plan.view,
+        )  # fmt: skip
+        x = np.asarray(inputs.x, np.float64)
+        if config.kind == "dense":
+            y = x @ folded.astype(np.float64).T
+        elif config.kind == "conv_transpose":
+            y = conv_transpose2d(x, folded, config.groups)
+        else:
+            groups = config.in_channels if config.kind == "depthwise_conv" else config.groups
+            y = conv2d(x, folded, groups)
+        y = y + bias.astype(np.float64).reshape(1, -1, *([1] * (y.ndim - 2)))
+        return FoldValues(dtypes.cast(y, config.dtype), 0, "reference.fold_batch_norm")
 
 
 def create() -> ReferenceAdapter:
