@@ -221,8 +221,6 @@ def run_fold(adapter: Adapter, case: FoldCase) -> _Verdict:
     from .execute import _error_text, _judge, _require_dtype, _Verdict
 
     _require_dtype(adapter, case.dtype)
-    if adapter.native and not case.native_bn:
-        raise Unsupported(f"{adapter.name} folds its framework's own BatchNorm only")
     inputs = fold_inputs(case, adapter.round_to)
     layout = adapter.layout
     handed = dataclasses.replace(inputs, weight=layout.to_backend(case.layer_kind, inputs.weight))
@@ -234,7 +232,8 @@ def run_fold(adapter: Adapter, case: FoldCase) -> _Verdict:
     except Exception as exc:
         if not adapter.native:
             raise
-        return _Verdict("departs", f"native departs: raises {_error_text(exc)}")
+        tool = getattr(adapter, "fold_tool", "its fold")
+        return _Verdict("departs", f"native departs: {tool} raises {_error_text(exc)}")
     tol = tolerance_for(case.name, case.dtype)
     comparisons = [compare("y", got.y, expected, case.dtype, tol)]
     if got.batchnorms_left:
@@ -373,12 +372,14 @@ def _affine(spec: BatchNormSpec, inputs: AfterInputs) -> tuple[np.ndarray | None
     )
 
 
-def frozen_expected(case: AfterCase, inputs: AfterInputs) -> list[StepValues]:
+def frozen_expected(
+    case: AfterCase, inputs: AfterInputs, spec: BatchNormSpec | None = None
+) -> list[StepValues]:
     """The warm-up step, then every step of the frozen layer (the batches in training
     mode, the last batch in inference): the inference forward and backward with the
     warm-up's running statistics, which stay as they are; ``dgamma``/``dbeta`` only with
-    ``trainable`` (a fixed scale and shift have none)."""
-    spec = case.spec()
+    ``trainable`` (a fixed scale and shift have none). ``spec``: the case's by default."""
+    spec = case.spec() if spec is None else spec
     warm = _warm(case, spec, inputs)
     running = _running(warm)
     gamma, beta = _affine(spec, inputs)
@@ -511,7 +512,7 @@ def _native_rule(adapter: Adapter, case: AfterCase, inputs: AfterInputs) -> tupl
         state = StepValues()
         state.take_state(averaged[-1])
         return rule, [warm, state]
-    return "", frozen_expected(case, inputs)
+    return "", frozen_expected(case, inputs, spec)
 
 
 def _config_of(case: AfterCase) -> LayerConfig:
@@ -525,7 +526,7 @@ def run_after(adapter: Adapter, case: AfterCase) -> _Verdict:
     """A ``recalibrate``, ``frozen`` or ``accumulate`` case on ``adapter``: every step's
     values and the state after against the reference; a native column's departure is
     labelled with its tool's own rule and judged against the reference under it."""
-    from .execute import _error_text, _judge, _require_dtype, _Verdict
+    from .execute import _error_text, _judge, _require_dtype, _Verdict, spec_differences
 
     _require_dtype(adapter, case.dtype)
     if adapter.native:
@@ -545,6 +546,8 @@ def run_after(adapter: Adapter, case: AfterCase) -> _Verdict:
     if not adapter.native or verdict.status == "pass":
         return verdict
     rule, own = _native_rule(adapter, case, inputs)
+    diffs = spec_differences(case.spec(), adapter.native_spec(_config_of(case)))
+    rule = ", ".join([r for r in (rule, *diffs) if r])
     mine = _judge(_compare(case, got, own, adapter.absent) + _fixed_checks(case, got))
     tail = (
         "matches the reference under that rule"

@@ -35,6 +35,7 @@ from unorm.conformance.adapter import (
     constructor_settings,
     present,
 )
+from unorm.conformance.after import FoldConfig, FoldInputs, FoldValues
 from unorm.conformance.expected import StepValues, WSValues
 
 __all__ = ["SYNC_WORKER", "SYNC_WORKERS", "Built", "KerasAdapter", "KerasBase", "create", "policy"]
@@ -172,8 +173,12 @@ class KerasBase(Adapter):
         if dy is None:
             out.y = to_numpy(layer.layer(xt, training=training, **kw))
         else:
+            # Only trainable ones: a fixed (frozen) gamma or beta takes no gradient.
+            trainable = {id(v) for v in layer.layer.trainable_weights}
             params = [
-                v for v in (_var(layer.layer, "gamma"), _var(layer.layer, "beta")) if v is not None
+                v
+                for v in (_var(layer.layer, "gamma"), _var(layer.layer, "beta"))
+                if v is not None and id(v) in trainable
             ]
             with tf().GradientTape() as tape:
                 tape.watch(xt)
@@ -182,8 +187,8 @@ class KerasBase(Adapter):
             out.y, out.dx = to_numpy(y), to_numpy(grads[0])
             named = dict(zip([id(p) for p in params], grads[1:], strict=True))
             gamma, beta = _var(layer.layer, "gamma"), _var(layer.layer, "beta")
-            out.dgamma = None if gamma is None else to_numpy(named[id(gamma)])
-            out.dbeta = None if beta is None else to_numpy(named[id(beta)])
+            out.dgamma = None if gamma is None else to_numpy(named.get(id(gamma)))
+            out.dbeta = None if beta is None else to_numpy(named.get(id(beta)))
         out.take_state(self.bn_state(layer))
         return out
 
@@ -223,6 +228,65 @@ class KerasAdapter(UnormModule, KerasBase):
     name = "keras"
 
     module_name = "unorm.keras"
+
+    def _model(self, layer: Built, x: np.ndarray) -> Any:
+        """A functional model of the one layer on inputs like ``x`` in the case's dtype (a
+        Sequential model without an input would cast them to its float32 policy)."""
+        k = keras()
+        inp = k.Input(x.shape[1:], dtype=layer.dtype)
+        return k.Model(inp, layer.layer(inp))
+
+    def bn_freeze(self, layer: Built, trainable: bool) -> Built:
+        """``unorm.keras.freeze`` on a Sequential model of the layer."""
+        model = self.module().freeze(keras().Sequential([layer.layer]), trainable=trainable)
+        return Built(model.layers[0], layer.dtype)
+
+    def bn_recalibrate(self, layer: Built, batches: Sequence[np.ndarray]) -> StepValues:
+        """``unorm.keras.recalibrate`` over the batches."""
+        model = self._model(layer, batches[0])
+        self.module().recalibrate(model, [to_tensor(b, layer.dtype) for b in batches])
+        return self.bn_state(layer)
+
+    def bn_accumulate(
+        self, layer: Built, xs: Sequence[np.ndarray], dys: Sequence[np.ndarray], steps: int
+    ) -> list[StepValues]:
+        """The training steps inside ``with unorm.keras.accumulate(model, steps)``."""
+        model = self._model(layer, xs[0])
+        with self.module().accumulate(model, steps=steps):
+            return [self.bn_step(layer, x, dy, "train") for x, dy in zip(xs, dys, strict=True)]
+
+    def fold_eval(self, config: FoldConfig, inputs: FoldInputs) -> FoldValues:
+        """``unorm.keras.fold`` of a channels-last ``Sequential([producer, BatchNorm])``
+        (unorm's or ``keras.layers.BatchNormalization``), called with ``training=False``."""
+        k = keras()
+        spec = config.spec()
+        if config.native_bn:
+            norm = k.layers.BatchNormalization(
+                axis=-1, epsilon=spec.eps, center=spec.center, scale=spec.scale,
+                dtype=config.dtype,
+            )  # fmt: skip
+        else:
+            norm = self.module().BatchNorm(
+                -1, preset=config.preset, dtype=config.dtype,
+                **constructor_settings(config.settings),
+            )  # fmt: skip
+        x = np.moveaxis(np.asarray(inputs.x), 1, -1)
+        model = k.Sequential([k.Input(x.shape[1:], dtype=config.dtype),
+                              keras_producer(config), norm])  # fmt: skip
+        producer = model.layers[0]
+        producer.kernel.assign(inputs.weight)
+        if inputs.bias is not None:
+            producer.bias.assign(inputs.bias)
+        for name, value in (("gamma", inputs.gamma), ("beta", inputs.beta)):
+            if _var(norm, name) is not None:
+                getattr(norm, name).assign(value)
+        norm.moving_mean.assign(inputs.mean)
+        norm.moving_variance.assign(inputs.var)
+        folded = self.module().fold(model, strict=True)
+        left = sum(isinstance(m, (type(norm), k.layers.BatchNormalization))
+                   for m in folded._flatten_layers())  # fmt: skip
+        y = present(to_numpy(folded(to_tensor(x, config.dtype), training=False)))
+        return FoldValues(np.moveaxis(y, -1, 1), int(left), "unorm.keras.fold")
 
     def bn_build(self, config: LayerConfig, gamma: np.ndarray, beta: np.ndarray) -> Built:
         policy_name = policy(config.dtype) if config.dtype in dtypes.DTYPES else "float32"
@@ -383,6 +447,22 @@ def _layer(k: Any, name: str, roles: dict[str, AGCArrays]) -> tuple[Any, dict[st
     if bias is not None:
         found[bias.name] = layer.bias
     return layer, found
+
+
+def keras_producer(config: FoldConfig) -> Any:
+    """The channels-last producer layer of a fold case (weights loaded by the caller)."""
+    layers = keras().layers
+    o, k, bias, dtype = config.out_channels, config.kernel, config.bias, config.dtype
+    if config.kind == "dense":
+        return layers.Dense(o, use_bias=bias, dtype=dtype)
+    if config.kind == "conv_transpose":
+        if config.groups != 1:
+            raise Unsupported("keras.layers.Conv2DTranspose has no groups")
+        return layers.Conv2DTranspose(o, k, use_bias=bias, dtype=dtype)
+    if config.kind == "depthwise_conv":
+        multiplier = o // config.in_channels
+        return layers.DepthwiseConv2D(k, depth_multiplier=multiplier, use_bias=bias, dtype=dtype)
+    return layers.Conv2D(o, k, groups=config.groups, use_bias=bias, dtype=dtype)
 
 
 def create() -> KerasAdapter:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from unorm.conformance import dtypes
-from unorm.conformance.adapter import LayerConfig, old_weight, old_weight_native_spec
+from unorm.conformance.adapter import LayerConfig, Unsupported, old_weight, old_weight_native_spec
 from unorm.conformance.columns import keras as _keras
 from unorm.spec import BatchNormSpec
 
@@ -50,6 +50,18 @@ class KerasNativeAdapter(_keras.KerasBase):
             **_renorm_arguments(spec),
         )
         return self.built(layer, config, gamma, beta)
+
+    def bn_freeze(self, layer: _keras.Built, trainable: bool) -> _keras.Built:
+        """Keras's own freeze, ``trainable=False``: in Keras 3 the layer then normalises
+        with its moving statistics also under ``training=True``, and gamma and beta are
+        fixed with it; a frozen layer with trainable ones it cannot express."""
+        if trainable:
+            raise Unsupported(
+                "keras.layers.BatchNormalization(trainable=False) fixes gamma and beta too; "
+                "Keras has no frozen layer with a trainable scale and shift"
+            )
+        layer.layer.trainable = False
+        return layer
 
 
 def _renorm_arguments(spec: BatchNormSpec) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from unorm.conformance.adapter import (
     WSConfig,
     constructor_settings,
 )
+from unorm.conformance.after import FoldConfig, FoldInputs, FoldValues
 from unorm.conformance.expected import StepValues, WSValues
 
 #: The training modes' constructor arguments (SPEC.md section 2: Batch Renormalization,
@@ -45,7 +46,17 @@ MODE_ARGUMENTS = (
     "ghost_running",
 )
 
-__all__ = ["SYNC_WORKER", "Built", "TorchAdapter", "TorchBase", "build_agc_model", "create"]
+__all__ = [
+    "SYNC_WORKER",
+    "Built",
+    "TorchAdapter",
+    "TorchBase",
+    "build_agc_model",
+    "build_producer",
+    "create",
+    "load_bn",
+    "native_norm",
+]
 
 #: The helper that runs a cross-replica case on one gloo process per replica.
 #: The module run, one fresh interpreter per request, for the cross-replica cases.
@@ -185,6 +196,49 @@ class TorchBase(Adapter):
             return exchange.run_helper(SYNC_WORKER, request)
 
 
+def build_producer(config: FoldConfig, inputs: FoldInputs) -> Any:
+    """The producer layer of a fold case (PyTorch's layout: the weight as handed), its
+    weight and bias loaded, in the case's dtype."""
+    nn = torch().nn
+    i, o, k, has_bias = config.in_channels, config.out_channels, config.kernel, config.bias
+    if config.kind == "dense":
+        layer = nn.Linear(i, o, bias=has_bias)
+    elif config.kind == "conv_transpose":
+        layer = nn.ConvTranspose2d(i, o, k, groups=config.groups, bias=has_bias)
+    else:
+        groups = i if config.kind == "depthwise_conv" else config.groups
+        layer = nn.Conv2d(i, o, k, groups=groups, bias=has_bias)
+    layer.to(getattr(torch(), config.dtype))
+    with torch().no_grad():
+        layer.weight.copy_(to_tensor(inputs.weight))
+        if inputs.bias is not None:
+            layer.bias.copy_(to_tensor(inputs.bias))
+    return layer
+
+
+def load_bn(norm: Any, inputs: FoldInputs) -> Any:
+    """Load a fold case's ``gamma``, ``beta`` and running statistics into ``norm``."""
+    with torch().no_grad():
+        if getattr(norm, "weight", None) is not None:
+            norm.weight.copy_(to_tensor(inputs.gamma))
+        if getattr(norm, "bias", None) is not None:
+            norm.bias.copy_(to_tensor(inputs.beta))
+        norm.running_mean.copy_(to_tensor(inputs.mean))
+        norm.running_var.copy_(to_tensor(inputs.var))
+    return norm
+
+
+def native_norm(config: FoldConfig) -> Any:
+    """``nn.BatchNorm1d`` (dense) or ``nn.BatchNorm2d`` with the case's eps and affine."""
+    spec = config.spec()
+    nn = torch().nn
+    cls = nn.BatchNorm1d if config.kind == "dense" else nn.BatchNorm2d
+    if spec.center != spec.scale:
+        raise Unsupported("nn.BatchNorm*d has gamma and beta both or neither (affine)")
+    norm = cls(config.out_channels, eps=spec.eps, affine=spec.scale)
+    return norm.to(getattr(torch(), config.dtype))
+
+
 def _affine(settings: dict[str, Any]) -> dict[str, bool]:
     """``affine`` and ``bias`` for ``center``/``scale`` settings (empty: neither given):
     PyTorch's layers learn gamma alone with ``bias=False``, and have no beta without gamma."""
@@ -212,6 +266,43 @@ class TorchAdapter(UnormModule, TorchBase):
         kwargs.update(_affine(settings))
         layer = self.module().BatchNorm(config.num_features, **kwargs)
         return self.built(layer, layer, config, gamma, beta)
+
+    def bn_freeze(self, layer: Built, trainable: bool) -> Built:
+        """``unorm.torch.freeze`` on the layer."""
+        frozen = self.module().freeze(layer.module, trainable=trainable)
+        return Built(frozen, frozen, layer.dtype)
+
+    def bn_recalibrate(self, layer: Built, batches: Sequence[np.ndarray]) -> StepValues:
+        """``unorm.torch.recalibrate`` over the batches as tensors of the case's dtype."""
+        self.module().recalibrate(layer.module, [to_tensor(b, layer.dtype) for b in batches])
+        return self.bn_state(layer)
+
+    def bn_accumulate(
+        self, layer: Built, xs: Sequence[np.ndarray], dys: Sequence[np.ndarray], steps: int
+    ) -> list[StepValues]:
+        """The training steps inside ``with unorm.torch.accumulate(layer, steps)``."""
+        with self.module().accumulate(layer.module, steps=steps):
+            return [self.bn_step(layer, x, dy, "train") for x, dy in zip(xs, dys, strict=True)]
+
+    def fold_eval(self, config: FoldConfig, inputs: FoldInputs) -> FoldValues:
+        """``unorm.torch.fold`` of ``nn.Sequential(producer, BatchNorm)`` (unorm's or
+        ``nn.BatchNorm*d``), the folded module called in eval mode."""
+        if config.native_bn:
+            norm = native_norm(config)
+        else:
+            settings = constructor_settings(config.settings)
+            kwargs: dict[str, Any] = {"preset": config.preset, **_affine(settings)}
+            kwargs.update({k: settings[k] for k in ("eps", "momentum") if k in settings})
+            norm = self.module().BatchNorm(config.out_channels, **kwargs)
+            norm.to(getattr(torch(), config.dtype))
+        model = torch().nn.Sequential(build_producer(config, inputs), load_bn(norm, inputs))
+        # The example input tells fold the rank a dense layer's output has.
+        folded = self.module().fold(model, strict=True, example=to_tensor(inputs.x))
+        left = sum(isinstance(m, (type(norm), torch().nn.modules.batchnorm._BatchNorm))
+                   for m in folded.modules())  # fmt: skip
+        with torch().no_grad():
+            y = folded(to_tensor(inputs.x))
+        return FoldValues(to_numpy(y), int(left), "unorm.torch.fold")
 
     def agc(
         self,

@@ -82,6 +82,69 @@ class TorchNativeAdapter(_torch.TorchBase):
         # under DistributedDataParallel too.
         raise Unsupported("nn.SyncBatchNorm runs on GPU only; the suite runs on CPU")
 
+    #: The native fold (named when it raises).
+    fold_tool = "torch.nn.utils.fusion.fuse_conv_bn_eval / fuse_linear_bn_eval"
+    #: What ``torch.optim.swa_utils.update_bn`` does instead of the exact statistics.
+    recalibrate_rule = (
+        "torch.optim.swa_utils.update_bn averages the per-batch statistics (momentum=None: "
+        "each batch weighs 1 whatever its size, and the spread of the batch means is left "
+        "out, facebookresearch/pycls#93)"
+    )
+
+    def bn_freeze(self, layer: _torch.Built, trainable: bool) -> _torch.Built:
+        """Frozen the way torchvision's ``FrozenBatchNorm2d`` is: the layer kept in eval
+        mode whatever its model's mode (running statistics, no update); ``weight`` and
+        ``bias`` fixed (``requires_grad=False``) unless ``trainable``."""
+        for p in layer.norm.parameters():
+            p.requires_grad_(trainable)
+        return _torch.Built(_EvalAlways(layer.module), layer.norm, layer.dtype)
+
+    def bn_recalibrate(self, layer: _torch.Built, batches: Sequence[np.ndarray]) -> Any:
+        """``torch.optim.swa_utils.update_bn`` over the batches."""
+        tensors = [_torch.to_tensor(b, layer.dtype) for b in batches]
+        _torch.torch().optim.swa_utils.update_bn(tensors, layer.module)
+        return self.bn_state(layer)
+
+    def fold_eval(self, config: Any, inputs: Any) -> Any:
+        """``torch.nn.utils.fusion.fuse_conv_bn_eval`` (``transpose=True`` for a
+        transposed convolution) or ``fuse_linear_bn_eval`` on the producer and
+        ``nn.BatchNorm*d`` in eval mode."""
+        from unorm.conformance.after import FoldValues
+
+        fusion = _torch.torch().nn.utils.fusion
+        producer = _torch.build_producer(config, inputs).eval()
+        norm = _torch.load_bn(_torch.native_norm(config), inputs).eval()
+        if config.kind == "dense":
+            fused, tool = fusion.fuse_linear_bn_eval(producer, norm), "fuse_linear_bn_eval"
+        else:
+            transpose = config.kind == "conv_transpose"
+            fused = fusion.fuse_conv_bn_eval(producer, norm, transpose=transpose)
+            tool = "fuse_conv_bn_eval" + ("(transpose=True)" if transpose else "")
+        with _torch.torch().no_grad():
+            y = fused(_torch.to_tensor(inputs.x))
+        return FoldValues(_torch.to_numpy(y), 0, f"torch.nn.utils.fusion.{tool}")
+
+
+def _EvalAlways(module: Any) -> Any:
+    nn: Any = _torch.torch().nn
+
+    class EvalAlways(nn.Module):
+        """Keeps its BatchNorm in eval mode whatever mode it is put in (frozen)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def train(self, mode: bool = True) -> Any:
+            super().train(mode)
+            self.inner.eval()
+            return self
+
+        def forward(self, x: Any) -> Any:
+            return self.inner(x)
+
+    return EvalAlways()
+
 
 def _ChannelsFirst(norm: Any, axis: int) -> Any:
     nn: Any = _torch.torch().nn
