@@ -5,6 +5,9 @@ only through files under ``results/``:
 
 - :func:`port_check`: for every ordered pair of frameworks, a network trained briefly in
   the first is ported to the second; eval logits must agree to 1e-4 (part of ``./dev test``).
+- :func:`zoo_check`: every zoo model (ResNet-18/50, MobileNetV2, EfficientNet-B0 from
+  ``transformers``/``efficientnet_pytorch``, ResNet50 and MobileNetV2 from
+  ``keras.applications``) x every ordered pair of frameworks (part of ``./dev test``).
 - :func:`demo`: LeNet-BN trained with AGC in PyTorch, ported to Keras and MXNet; prints
   the three test accuracies and the largest logit difference and records them in
   ``docs/demo.json`` (``./dev demo``).
@@ -103,6 +106,53 @@ def port_check(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 5
             verdict = "ok" if good else "FAILED"
             log(f"port {source} -> {target}: max |logit difference| {diff:.2e} {verdict}")
     return ok
+
+
+def zoo_check(pythons: Mapping[str, Path], root: Path, log: Log) -> bool:
+    """Every zoo model (``unorm.models.zoo``) x every ordered pair of frameworks, through
+    files: each framework exports its build of every model, briefly trained, and checks
+    every other framework's export loaded into its own (eval logits within 1e-4 of the
+    logit scale, statistics carried exactly, statistics after one more step within
+    1e-3). The figures go to ``docs/zoo.json``, which the README quotes."""
+    out = root / "results" / "zoo-check"
+    out.mkdir(parents=True, exist_ok=True)
+    for framework in FRAMEWORKS:
+        log(f"zoo: {framework} exports its models")
+        _models_zoo(pythons[framework], framework, "export", out, cwd=root)
+    ports: list[dict[str, object]] = []
+    ok = True
+    for framework in FRAMEWORKS:
+        cmd = [str(pythons[framework]), "-m", "unorm.models.zoo", framework, "check", str(out)]
+        done = subprocess.run(cmd, cwd=root, capture_output=True, text=True)
+        lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+        if done.returncode not in (0, 1) or (done.returncode == 1 and not lines):
+            log(f"zoo: {' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
+            ok = False
+        for result in lines:
+            ports.append(result)
+            ok &= bool(result["ok"])
+            pair = f"{result['model']} {result['source']} -> {result['target']}"
+            log(f"zoo {pair}: {_zoo_line(result)}")
+    _write_summary(root / "docs" / "zoo.json", {"ports": ports})
+    return ok
+
+
+def _zoo_line(result: Mapping[str, object]) -> str:
+    if "error" in result:
+        return f"refused: {result['error']} FAILED"
+    verdict = "ok" if result["ok"] else "FAILED"
+    carried = "exact" if result["statistics"] == 0.0 else f"{result['statistics']:.1e}"
+    return (
+        f"logits {result['logits']:.1e} of their scale, statistics {carried}, "
+        f"after one more step {result['stepped']:.1e} {verdict}"
+    )
+
+
+def _models_zoo(python: Path, framework: str, *args: object, cwd: Path) -> None:
+    cmd = [str(python), "-m", "unorm.models.zoo", framework, *map(str, args)]
+    done = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
 
 
 def demo(pythons: Mapping[str, Path], root: Path, log: Log, steps: int = 200) -> bool:

@@ -13,7 +13,8 @@ version) is stored in the
 environment; a later run reuses it while the fingerprint matches and rebuilds it when any
 pin changes.
 
-Usage: ``./dev env | main | test [pytest args...] | demo | lockstep | port-check | gpu``.
+Usage: ``./dev env | main | test [pytest args...] | demo | lockstep | port-check | zoo-check
+| gpu``.
 
 ``./dev gpu`` is for a machine with an NVIDIA GPU only (never CI): it builds no
 environment and runs the checkout from source with the interpreter that runs it (or
@@ -217,6 +218,9 @@ def test(extra: list[str]) -> int:
     # Porting between environments: every ordered pair of frameworks, through files.
     if cross_environment("port_check") != 0:
         failures.append("port check across environments")
+    # Real architectures from other people's code, every ordered pair, through files.
+    if cross_environment("zoo_check") != 0:
+        failures.append("zoo port check across environments")
     if failures:
         log("FAILED: " + "; ".join(failures))
         return 1
@@ -425,7 +429,7 @@ def _gpu_step(label: str, cmd: list[str | Path], env: dict[str, str], deadline: 
 
 
 def main(argv: list[str]) -> int:
-    commands = ("env", "main", "test", "demo", "lockstep", "port-check", "gpu")
+    commands = ("env", "main", "test", "demo", "lockstep", "port-check", "zoo-check", "gpu")
     if not argv or argv[0] not in commands:
         print(__doc__)
         return 2
@@ -440,7 +444,7 @@ def main(argv: list[str]) -> int:
         return 0
     if command == "main":
         return main_job(extra)
-    if command in ("demo", "lockstep", "port-check"):
+    if command in ("demo", "lockstep", "port-check", "zoo-check"):
         return cross_environment(command.replace("-", "_"))
     return test(extra)
 

@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"--models: unknown {unknown}; the zoo has {sorted(ZOO)}")
     names = [n for n in wanted if args.framework in ZOO[n].builders]
+    if not names:  # a framework without zoo models has nothing to export or check
+        return 0
     args.folder.mkdir(parents=True, exist_ok=True)
     if args.command == "export":
         export(args.framework, args.folder, names, args.steps)
