@@ -33,6 +33,7 @@ from unorm.conformance.adapter import (
     constructor_settings,
     present,
 )
+from unorm.conformance.after import FoldConfig, FoldInputs, FoldValues
 from unorm.conformance.expected import StepValues, WSValues
 
 __all__ = ["Built", "MXNetAdapter", "MXNetBase", "create"]
@@ -239,6 +240,61 @@ class MXNetAdapter(UnormModule, MXNetBase):
         )
         return self.built(block, config, gamma, beta)
 
+    def bn_freeze(self, layer: Built, trainable: bool) -> Built:
+        """``unorm.mxnet.freeze`` on the block."""
+        frozen = self.module().freeze(layer.block, trainable=trainable)
+        return Built(frozen, params_of(frozen), layer.dtype)
+
+    def bn_recalibrate(self, layer: Built, batches: Sequence[np.ndarray]) -> StepValues:
+        """``unorm.mxnet.recalibrate`` over the batches as NDArrays (the block in a
+        ``HybridSequential``: recalibrate looks for BatchNorm layers inside a model)."""
+        model = mx().gluon.nn.HybridSequential()
+        model.add(layer.block)
+        self.module().recalibrate(model, [to_nd(b) for b in batches])
+        return self.bn_state(layer)
+
+    def bn_accumulate(
+        self, layer: Built, xs: Sequence[np.ndarray], dys: Sequence[np.ndarray], steps: int
+    ) -> list[StepValues]:
+        """The training steps inside ``with unorm.mxnet.accumulate(block, steps)``."""
+        with self.module().accumulate(layer.block, steps=steps):
+            return [self.bn_step(layer, x, dy, "train") for x, dy in zip(xs, dys, strict=True)]
+
+    def fold_eval(self, config: FoldConfig, inputs: FoldInputs) -> FoldValues:
+        """``unorm.mxnet.fold`` of ``HybridSequential(producer, BatchNorm)`` (unorm's or
+        ``gluon.nn.BatchNorm``), the folded block called outside ``autograd.record``."""
+        nn = mx().gluon.nn
+        spec = config.spec()
+        o = config.out_channels
+        if config.native_bn:
+            norm = nn.BatchNorm(
+                axis=1, epsilon=spec.eps, center=spec.center, scale=spec.scale, in_channels=o
+            )
+        else:
+            norm = self.module().BatchNorm(
+                in_channels=o, axis=1, preset=config.preset,
+                **constructor_settings(config.settings),
+            )  # fmt: skip
+        model = nn.HybridSequential()
+        model.add(mxnet_producer(config), norm)
+        model.initialize()
+        if config.dtype == "float64":
+            model.cast("float64")
+        producer = params_of(model[0])
+        producer["weight"].set_data(to_nd(inputs.weight, config.dtype))
+        if inputs.bias is not None:
+            producer["bias"].set_data(to_nd(inputs.bias, config.dtype))
+        bn = params_of(norm)
+        values = {"gamma": inputs.gamma, "beta": inputs.beta}
+        values.update(running_mean=inputs.mean, running_var=inputs.var)
+        for name, value in values.items():
+            if name in bn:
+                bn[name].set_data(to_nd(value, config.dtype))
+        x = to_nd(inputs.x, config.dtype)
+        folded = self.module().fold(model, strict=True, example=x)
+        left = _count_batchnorms(folded, (type(norm), nn.BatchNorm))
+        return FoldValues(to_numpy(folded(x)), left, "unorm.mxnet.fold")
+
     def sync_block(self, config: LayerConfig, devices: int) -> Any:
         return self.module().SyncBatchNorm(
             in_channels=config.num_features,
@@ -380,6 +436,28 @@ def _layer(nn: Any, name: str, roles: dict[str, AGCArrays]) -> tuple[Any, dict[s
     if bias is not None:
         mapping[bias.name] = block.bias
     return block, mapping
+
+
+def params_of(block: Any) -> dict[str, Any]:
+    """A block's parameters by short name (``gamma``, ``running_mean``, ``weight``)."""
+    return {_short(k): v for k, v in block.collect_params().items()}
+
+
+def _count_batchnorms(block: Any, kinds: tuple[type, ...]) -> int:
+    found = int(isinstance(block, kinds))
+    return found + sum(_count_batchnorms(child, kinds) for child in block._children.values())
+
+
+def mxnet_producer(config: FoldConfig) -> Any:
+    """The producer block of a fold case (channels-first; weights loaded by the caller)."""
+    nn = mx().gluon.nn
+    i, o, k, bias = config.in_channels, config.out_channels, config.kernel, config.bias
+    if config.kind == "dense":
+        return nn.Dense(o, in_units=i, use_bias=bias)
+    if config.kind == "conv_transpose":
+        return nn.Conv2DTranspose(o, k, groups=config.groups, in_channels=i, use_bias=bias)
+    groups = i if config.kind == "depthwise_conv" else config.groups
+    return nn.Conv2D(o, k, groups=groups, in_channels=i, use_bias=bias)
 
 
 def create() -> MXNetAdapter:

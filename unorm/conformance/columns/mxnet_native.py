@@ -56,6 +56,29 @@ class MXNetNativeAdapter(_mxnet.MXNetBase):
         )
         return self.built(block, config, gamma, beta)
 
+    def bn_freeze(self, layer: Any, trainable: bool) -> Any:
+        """Gluon's own freeze: a ``gluon.nn.BatchNorm(use_global_stats=True)`` of the same
+        settings holding the layer's parameters and running statistics (it normalises
+        with them in training too, and never updates them); gamma and beta fixed
+        (``grad_req="null"``) unless ``trainable``."""
+        old = layer.block
+        kw = old._kwargs
+        block = _mxnet.mx().gluon.nn.BatchNorm(
+            axis=kw["axis"], momentum=kw["momentum"], epsilon=kw["eps"],
+            center=old.beta.grad_req != "null", scale=not kw["fix_gamma"],
+            use_global_stats=True, in_channels=layer.params["gamma"].shape[0],
+        )  # fmt: skip
+        block.initialize()
+        if layer.dtype == "float64":
+            block.cast("float64")
+        params = _mxnet.params_of(block)
+        for name, param in params.items():
+            param.set_data(layer.params[name].data())
+        if not trainable:
+            for name in ("gamma", "beta"):
+                params[name].grad_req = "null"
+        return _mxnet.Built(block, params, layer.dtype)
+
     def sync_block(self, config: LayerConfig, devices: int) -> Any:
         spec = self.native_spec(config)
         if spec.axis % config.ndim != 1:
