@@ -29,11 +29,14 @@ from unorm.conformance.cases import (
 CASES = all_cases()
 
 
+KINDS = r"(bn|renorm|ghost|agc|sync|error|ws|fold|recalibrate|frozen|accumulate)"
+
+
 def test_names_are_unique_and_well_formed() -> None:
     names = [c.name for c in CASES]
     assert len(names) == len(set(names))
     for name in names:
-        assert re.fullmatch(r"(bn|renorm|ghost|agc|sync|error|ws)/[a-z0-9_.\-/]+", name), name
+        assert re.fullmatch(KINDS + r"/[a-z0-9_.\-/]+", name), name
 
 
 def test_seeds_are_fixed_and_distinct() -> None:
