@@ -265,6 +265,12 @@ class FlaxAdapter(UnormModule, FlaxBase):
             config.num_features, param_dtype=getattr(jnp(), config.param_dtype), **kwargs
         )
 
+    def bn_freeze(self, layer: Built, trainable: bool) -> Built:
+        """``unorm.flax.freeze`` on the layer (fixed scale and bias become FrozenParam)."""
+        with precision(layer.config.dtype):
+            frozen = self.module().freeze(layer.layer, trainable=trainable)
+        return Built(frozen, layer.config)
+
     def agc(
         self,
         params: Sequence[AGCArrays],
