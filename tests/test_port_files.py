@@ -73,8 +73,11 @@ def test_formats_and_models_are_named(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="unknown checkpoint format"):
         framework_of("m.onnx")
     _saved_lenet(tmp_path / "a.pt")
-    with pytest.raises(CheckpointError, match=r"model must be one of \['lenet_bn'\] or package"):
+    named = r"model must be one of \['lenet_bn', 'efficientnet_b0', .*'resnet50'\] or package"
+    with pytest.raises(CheckpointError, match=named):
         port_file(tmp_path / "a.pt", tmp_path / "b.safetensors", model="resnet")
+    with pytest.raises(CheckpointError, match=r"a file of another model\?\): missing \["):
+        port_file(tmp_path / "a.pt", tmp_path / "b.safetensors", model="resnet18")
 
 
 def test_a_missing_folder_is_named_and_nothing_is_written(tmp_path: Path) -> None:

@@ -420,9 +420,16 @@ def test_plan_load_writes_nothing_and_the_matcher_can_be_replaced() -> None:
 
 
 def test_check_state_fits_names_missing_and_unexpected_entries() -> None:
-    message = "f.pt: keys do not fit the model: missing ['b'], unexpected ['c']"
+    message = (
+        "f.pt: keys do not fit the model (a file of another model?): missing ['b'], "
+        "unexpected ['c']"
+    )
     with pytest.raises(CheckpointError, match=re.escape(message)):
         port_plan.check_state_fits("f.pt", "keys", {"a": (2,), "c": (1,)}, {"a": (2,), "b": (1,)})
+    many = {f"k{i:02}": (1,) for i in range(12)}
+    shown = "missing ['k00', 'k01', 'k02', 'k03', 'k04'] and 7 more, unexpected []"
+    with pytest.raises(CheckpointError, match=re.escape(shown)):
+        port_plan.check_state_fits("f.pt", "keys", {}, many)
     port_plan.check_state_fits("f.pt", "keys", {"a": (2,)}, {"a": (2,)})
 
 

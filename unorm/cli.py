@@ -152,9 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     porting.add_argument(
         "--model",
         default="lenet_bn",
-        help="a seed network of unorm.models (default lenet_bn), or package.module:factory "
-        "for your own: factory(framework) returns that framework's model, or (model, "
-        "input_shape)",
+        help="a seed network of unorm.models (default lenet_bn), a zoo model of "
+        "unorm.models.zoo (resnet18, resnet50, mobilenet_v2, efficientnet_b0, "
+        "keras_resnet50, keras_mobilenet_v2), or package.module:factory for your own: "
+        "factory(framework) returns that framework's model, or (model, input_shape)",
     )
     porting.add_argument(
         "--mapping",

@@ -8,7 +8,8 @@ layout (with the probe every load is verified on); that state is then written as
 neutral checkpoint, or loaded into the destination framework's network and written
 natively.
 
-The network is a seed network of ``unorm.models`` by name (``lenet_bn``), or the user's
+The network is a seed network of ``unorm.models`` by name (``lenet_bn``), a zoo model of
+``unorm.models.zoo`` (``resnet50``, ``keras_mobilenet_v2``, ...), or the user's
 own as ``package.module:factory``: ``factory(framework)`` returns the model for that
 framework's name (``"torch"``, ``"keras"``, ``"mxnet"``), or a ``(model, input_shape)``
 pair, ``input_shape`` being one sample's shape in that framework's own convention (it
@@ -36,6 +37,7 @@ from types import ModuleType
 from typing import Any
 
 from . import port
+from ._core.port_plan import pair_checkpoints
 from ._core.registry import plugin, plugins_in_order
 from .port import Checkpoint, CheckpointError
 
@@ -86,13 +88,24 @@ def _user_network(framework: str, model: str) -> tuple[Any, tuple[int, ...] | No
 
 
 def _network(framework: str, model: str) -> tuple[ModuleType, Any, tuple[int, ...] | None]:
+    from .models import zoo  # imports no framework: a zoo model's builder does
+
     backend, models = _modules(framework)
     if ":" in model:
         network, input_shape = _user_network(framework, model)
         return backend, network, input_shape
+    if model in zoo.ZOO:
+        if framework not in zoo.ZOO[model].builders:
+            raise CheckpointError(
+                f"model {model!r} has no {framework} build; the zoo builds it in "
+                f"{sorted(zoo.ZOO[model].builders)}"
+            )
+        # One sample channels-first, as PyTorch and MXNet take it (Keras reads its graph).
+        return backend, zoo.build(model, framework), zoo.ZOO[model].input_shape()
     if model not in models:
+        choices = sorted(models) + sorted(zoo.ZOO)
         raise CheckpointError(
-            f"model must be one of {sorted(models)} or package.module:factory, got {model!r}"
+            f"model must be one of {choices} or package.module:factory, got {model!r}"
         )
     factory, input_shape = models[model]
     return backend, factory(), input_shape
@@ -113,7 +126,8 @@ def _same(a: Any, b: Any) -> bool:
 def settings_lost(want: Checkpoint, got: Checkpoint) -> list[str]:
     """The settings of ``want`` that ``got`` (the same model read back from a written
     file) does not have: every BatchNorm setting (its ``preset`` name aside) and Scaled
-    WS setting, as ``layer 1 'bn1': eps 0.001 -> 1e-05``.
+    WS setting, as ``layer 1 'bn1': eps 0.001 -> 1e-05``; the two exports' layers pair
+    along their data flows (a framework may order them otherwise).
 
     Example:
         >>> from unorm.port import Layer
@@ -123,11 +137,14 @@ def settings_lost(want: Checkpoint, got: Checkpoint) -> list[str]:
         ["layer 0 'bn': eps 0.001 -> 1e-05"]
     """
     out = []
-    for index, (a, b) in enumerate(zip(want.layers, got.layers, strict=False)):
+    for index, other in pair_checkpoints(want, got).items():
+        a, b = want.layers[index], got.layers[other]
         for attr in ("spec", "ws"):
             mine, theirs = dict(a.attrs.get(attr) or {}), dict(b.attrs.get(attr) or {})
             for key, value in mine.items():
-                if key != "preset" and not _same(value, theirs.get(key)):
+                # The feature axis is the layout's (1 channels-first, -1 channels-last),
+                # not a setting: the checkpoint's tensors are canonical either way.
+                if key not in ("preset", "axis") and not _same(value, theirs.get(key)):
                     out.append(f"layer {index} {a.name!r}: {key} {value!r} -> {theirs.get(key)!r}")
     return out
 

@@ -377,6 +377,38 @@ def _signature(kind: str, shapes: Mapping[str, tuple[int, ...]]) -> str:
     return kind
 
 
+def pair_checkpoints(a: Checkpoint, b: Checkpoint) -> dict[int, int]:
+    """Layer index in checkpoint ``a`` -> the same layer's index in ``b`` (two exports of
+    one architecture, e.g. from two frameworks): along the two recorded data flows where
+    both have one, else by position. :class:`~unorm.port.CheckpointError` where the layer
+    counts or the flows' structures differ.
+
+    Example:
+        >>> import numpy as np
+        >>> one = Checkpoint([Layer("fc", "dense", {"weight": "w"})], {"w": np.ones((2, 3))}, "x")
+        >>> pair_checkpoints(one, one)
+        {0: 0}
+    """
+    if len(a.layers) != len(b.layers):
+        raise CheckpointError(f"{len(a.layers)} layers against {len(b.layers)}: no pairing")
+    fa, fb = a.extra.get("flow"), b.extra.get("flow")
+    if fa is None or fb is None:
+        return {i: i for i in range(len(a.layers))}
+
+    def signatures(ckpt: Checkpoint) -> list[str]:
+        return [
+            _signature(la.kind, {r: tuple(ckpt.tensor(la, r).shape) for r in la.tensors})
+            for la in ckpt.layers
+        ]
+
+    try:
+        return flows.match_flows(
+            flows.from_json(fa), signatures(a), flows.from_json(fb), signatures(b)
+        )
+    except flows.FlowError as err:
+        raise CheckpointError(f"the two checkpoints' data flows differ: {err}") from None
+
+
 def match_by_flow(
     model: PortModel[Any], ckpt: Checkpoint, targets: Sequence[Target[Any]]
 ) -> list[tuple[int, Layer, Target[Any]]] | None:
@@ -931,10 +963,18 @@ def check_state_fits(
     unexpected = sorted(set(given) - set(own))
     if missing or unexpected:
         raise CheckpointError(
-            f"{path}: {word} do not fit the model: missing {missing}, unexpected {unexpected}"
+            f"{path}: {word} do not fit the model (a file of another model?): missing "
+            f"{_some(missing)}, unexpected {_some(unexpected)}"
         )
     for key, shape in given.items():
         if tuple(shape) != tuple(own[key]):
             raise CheckpointError(
                 f"{path}: {key!r} has shape {tuple(shape)}, the model's {tuple(own[key])}"
             )
+
+
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """The first ``shown`` of ``names`` and how many more (a ResNet has hundreds)."""
+    if len(names) <= shown:
+        return repr(list(names))
+    return f"{list(names[:shown])!r} and {len(names) - shown} more"
