@@ -497,7 +497,8 @@ def _native_rule(adapter: Adapter, case: AfterCase, inputs: AfterInputs) -> tupl
     if case.op == "accumulate":
         return (
             "no accumulated micro-batches: each micro-batch updates the running statistics as "
-            "a step of its own (momentum and n/(n-1) per micro-batch, pytorch/pytorch#46516)",
+            "a step of its own (momentum and n/(n-1) per micro-batch, pytorch/pytorch#46516, "
+            "andreped/GradientAccumulator#47)",
             _per_micro_batch(spec, inputs),
         )
     if case.op == "recalibrate":

@@ -59,6 +59,38 @@ class FlaxNativeAdapter(_flax.FlaxBase):
             rngs=_flax.nnx().Rngs(0),
         )
 
+    def bn_freeze(self, layer: _flax.Built, trainable: bool) -> _flax.Built:
+        """Flax's own freeze: the layer called with ``use_running_average=True`` whatever
+        the step asks (a subclass that always passes it, holding the layer's state).
+        ``nnx.BatchNorm`` has no fixed scale and bias of its own (an optimizer filter
+        leaves them out), so a frozen layer with fixed ones is unsupported."""
+        if not trainable:
+            raise Unsupported(
+                "nnx.BatchNorm has no fixed scale and bias (an optimizer's filter leaves "
+                "them out); use_running_average=True freezes the statistics only"
+            )
+        nnx = _flax.nnx()
+
+        class AlwaysRunningAverage(nnx.BatchNorm):  # type: ignore[misc,name-defined]
+            """``nnx.BatchNorm`` called with ``use_running_average=True`` always."""
+
+            def __call__(self, x: Any, use_running_average: Any = None, **kw: Any) -> Any:
+                return super().__call__(x, use_running_average=True, **kw)
+
+        old = layer.layer
+        frozen = AlwaysRunningAverage(
+            old.num_features,
+            epsilon=old.epsilon,
+            momentum=old.momentum,
+            use_bias=old.use_bias,
+            use_scale=old.use_scale,
+            axis=old.axis,
+            param_dtype=old.param_dtype,
+            rngs=nnx.Rngs(0),
+        )
+        nnx.update(frozen, nnx.state(old))
+        return _flax.Built(frozen, layer.config)
+
     def sync_bn_step(
         self,
         config: LayerConfig,
