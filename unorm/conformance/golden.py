@@ -2,12 +2,14 @@
 
 The conformance suite computes expected values with the reference at run time, so an
 accidental change to the reference would move every expectation with it and pass
-silently. ``unorm/conformance/golden/reference-v1.npz`` stores the inputs and outputs of a few
+silently. ``unorm/conformance/golden/reference-v2.npz`` stores the inputs and outputs of a few
 reference calls (training forward and backward, a running-statistics sequence under the
 canonical convention and every preset, inference backward, AGC in two layouts, the
-cross-replica merge); :func:`check_golden` recomputes them from the stored inputs. An
-intended change to the reference writes a new version (``python -m unorm.conformance golden
---write`` after bumping :data:`VERSION`), never edits this one silently.
+cross-replica merge; since version 2 also a grouped transposed and a dense fold, the
+recalibrated statistics of uneven batches and two accumulated steps);
+:func:`check_golden` recomputes them from the stored inputs. An intended change to the
+reference writes a new version (``python -m unorm.conformance golden --write`` after
+bumping :data:`VERSION`), never edits this one silently.
 
 Example:
     >>> check_golden(GOLDEN_PATH)
@@ -30,7 +32,7 @@ from .layouts import LOGICAL
 
 __all__ = ["GOLDEN_PATH", "VERSION", "check_golden", "compute", "golden_inputs", "write_golden"]
 
-VERSION = 1
+VERSION = 2
 GOLDEN_PATH = Path(__file__).resolve().parent / "golden" / f"reference-v{VERSION}.npz"
 #: float64 recomputation on another NumPy may sum in another order; nothing more.
 RTOL = 1e-12
@@ -52,6 +54,15 @@ def golden_inputs(seed: int = 20261) -> Arrays:
         "agc/dense_w": rng.normal(size=(5, 4)),
         "agc/dense_g": rng.normal(size=(5, 4)) * 0.02,
         "merge/x": rng.normal(size=(9, 3)),
+        # Version 2: fold, recalibrate and accumulate (SPEC.md sections 8 and 2).
+        "fold/w": rng.normal(size=(4, 3, 2, 2)),
+        "fold/b": rng.normal(size=6),
+        "fold/gamma": rng.uniform(0.5, 1.5, 6),
+        "fold/beta": rng.normal(size=6),
+        "fold/mean": rng.normal(size=6),
+        "fold/var": rng.uniform(0.5, 2.0, 6),
+        "fold/dense_w": rng.normal(size=(6, 5)),
+        "after/x": rng.normal(2.0, 1.5, (13, 3)),
     }
 
 
@@ -108,7 +119,36 @@ def _merge(a: Arrays) -> Arrays:
     return {"merge/count": np.array(merged.count), "merge/mean": merged.mean, "merge/m2": merged.m2}
 
 
-_PARTS: tuple[Callable[[Arrays], Arrays], ...] = (_bn, _sequence, _agc, _merge)
+def _fold(a: Arrays) -> Arrays:
+    stats = (a["fold/mean"], a["fold/var"], a["fold/gamma"], a["fold/beta"])
+    # A grouped transposed convolution (I, O/g, kh, kw) = (4, 3, 2, 2), g = 2: the output
+    # channels are axes 0 and 2 of the view (g, I/g, O/g, kh, kw).
+    w, b = ref.fold_batch_norm(
+        a["fold/w"], a["fold/b"], *stats, eps=1e-3, out_axes=(0, 2), view=(2, 2, 3, 2, 2)
+    )
+    dw, db = ref.fold_batch_norm(a["fold/dense_w"], None, *stats, out_axes=0)
+    return {"fold/grouped_w": w, "fold/grouped_b": b, "fold/dense_w": dw, "fold/dense_b": db}
+
+
+def _after(a: Arrays) -> Arrays:
+    x = a["after/x"]
+    parts = (x[:6], x[6:12], x[12:])  # an uneven last batch
+    out: Arrays = {}
+    for unbiased in (True, False):
+        stats = ref.recalibrated_stats(parts, axis=1, unbiased=unbiased)
+        key = f"recalibrate/{'unbiased' if unbiased else 'biased'}"
+        out[f"{key}/mean"], out[f"{key}/var"] = stats.mean, stats.var
+        out[f"{key}/tracked"] = np.array(stats.num_batches_tracked)
+    state = ref.init_running_stats(3)
+    for spec in (BatchNormSpec(), BatchNormSpec(momentum=None)):
+        micro = [ref.batch_stats(p) for p in parts]
+        state = ref.accumulated_stats(state, micro, spec)  # two steps, the second cumulative
+    out["accumulate/mean"], out["accumulate/var"] = state.mean, state.var
+    out["accumulate/tracked"] = np.array(state.num_batches_tracked)
+    return out
+
+
+_PARTS: tuple[Callable[[Arrays], Arrays], ...] = (_bn, _sequence, _agc, _merge, _fold, _after)
 
 
 def compute(inputs: Arrays) -> Arrays:
