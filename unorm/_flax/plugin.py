@@ -51,9 +51,7 @@ PLUGIN = BackendPlugin(
     file_endings=(".msgpack",),
     columns=("flax", "flax-native"),
     public_module="unorm.flax",
-    # No port module yet (the port is being redesigned): unorm port and the seed-network
-    # jobs leave this backend out until it has one.
-    port_module=None,
+    port_module="unorm._flax.port",
     models_module="unorm.models.flax",
     order=3,
 )

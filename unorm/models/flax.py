@@ -96,8 +96,9 @@ def lenet_nf(style: str = "deepmind") -> LeNet:
     return LeNet("nf", None, style, nnx.Rngs(_SEED[0]))
 
 
-#: The seed networks by name, with the shape of one input (without the batch axis).
-MODELS = {"lenet_bn": (lenet_bn, (1, 28, 28))}
+#: The seed networks by name, with the shape of one input in Flax's channels-last layout
+#: (without the batch axis), as :func:`unorm._flax.port.export_model` takes it.
+MODELS = {"lenet_bn": (lenet_bn, (28, 28, 1))}
 
 
 def _nhwc(x: np.ndarray) -> jax.Array:
