@@ -327,11 +327,18 @@ def _warm(case: AfterCase, spec: BatchNormSpec, inputs: AfterInputs) -> StepValu
 def recalibrate_expected(case: AfterCase, inputs: AfterInputs) -> list[StepValues]:
     """The warm-up step, then the state ``recalibrate`` leaves: the exact statistics of
     every sample of the batches (``reference.recalibrated_stats``, the layer's own
-    variance estimator on the total count)."""
+    variance estimator on the total count), then an inference step with them (scale and
+    shift unchanged)."""
     spec = case.spec()
     warm = _warm(case, spec, inputs)
     stats = ref.recalibrated_stats([_f64(x) for x in inputs.xs], case.axis, unbiased=spec.unbiased)
-    return [warm, _state(stats)]
+    return [warm, _state(stats), _last(spec, stats, inputs)]
+
+
+def _last(spec: BatchNormSpec, running: ref.RunningStats, inputs: AfterInputs) -> StepValues:
+    """The inference step on the last batch with ``running``."""
+    gamma, beta = _affine(spec, inputs)
+    return _inference(spec, running, gamma, beta, inputs.last, inputs.last_dy, True)
 
 
 def _running(values: StepValues) -> ref.RunningStats:
@@ -473,7 +480,8 @@ def _drive(adapter: Adapter, case: AfterCase, inputs: AfterInputs) -> list[StepV
         return [*micro, state, adapter.bn_step(layer, inputs.last, inputs.last_dy, "eval")]
     warm = adapter.bn_step(layer, inputs.warm, inputs.warm_dy, "train")
     if case.op == "recalibrate":
-        return [warm, adapter.bn_recalibrate(layer, inputs.xs)]
+        state = adapter.bn_recalibrate(layer, inputs.xs)
+        return [warm, state, adapter.bn_step(layer, inputs.last, inputs.last_dy, "eval")]
     layer = adapter.bn_freeze(layer, case.trainable)
     pairs = zip(inputs.xs, inputs.dys, strict=True)
     steps = [
@@ -512,7 +520,7 @@ def _native_rule(adapter: Adapter, case: AfterCase, inputs: AfterInputs) -> tupl
         )
         state = StepValues()
         state.take_state(averaged[-1])
-        return rule, [warm, state]
+        return rule, [warm, state, _last(spec, _running(state), inputs)]
     return "", frozen_expected(case, inputs, spec)
 
 
