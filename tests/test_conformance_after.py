@@ -108,3 +108,27 @@ def test_flax_column() -> None:
     # unorm.flax has no fold, recalibrate or accumulate: reported, never skipped.
     assert {got[c].status for c in lacks} == {"unsupported"}
     assert got["frozen/fixed"].status == got["frozen/trainable"].status == "pass"
+
+
+@pytest.mark.torch
+def test_a_naive_accumulation_fails_the_torch_column(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A merge that leaves out the spread of the micro-batch means (M2 summed alone), as
+    # averaging per-batch variances does: the running variance must come out wrong.
+    pytest.importorskip("torch")
+    from unorm._torch import accumulate as torch_accumulate
+
+    recorder = torch_accumulate.Accumulator
+    merged = recorder.merged
+
+    def naive(self):  # type: ignore[no-untyped-def]
+        m2s = list(self.m2s)
+        out = merged(self)
+        if out is None:
+            return None
+        total, mean, _ = out
+        return total, mean, sum(m2s)
+
+    monkeypatch.setattr(recorder, "merged", naive)
+    results = run_cases(load_adapter("torch"), ["accumulate/uneven", "accumulate/two-steps"])
+    assert [r.status for r in results] == ["fail", "fail"], [r.message() for r in results]
+    assert all("running_var" in r.detail for r in results)
