@@ -95,7 +95,10 @@ def test_keras_columns(backend: str) -> None:
 def test_mxnet_columns(backend: str) -> None:
     got: dict = _results(backend, ALL)
     if backend == "mxnet":
-        assert {r.status for r in got.values()} == {"pass"}
+        # MXNet 1.x on CPU has no float16 convolution and no empty arrays.
+        lacking = {c for c, r in got.items() if r.status != "pass"}
+        assert lacking == {"fold/float16/conv2d", "recalibrate/empty-batch"}
+        assert {got[c].status for c in lacking} == {"unsupported"}
     else:
         assert got["recalibrate/uneven"].status == "unsupported"  # Gluon has none
         assert got["frozen/trainable"].status in ("pass", "departs")

@@ -774,6 +774,8 @@ def _fold_cases() -> list[FoldCase]:
         fc("fold/dense/native-bn", "dense", 6, 4, batch=5, native_bn=True),
         fc("fold/float64/conv2d", "conv", 3, 4, dtype="float64"),
         fc("fold/float64/dense", "dense", 6, 4, batch=5, dtype="float64"),
+        # A float16 producer keeps float16: the fold in float64, rounded once.
+        fc("fold/float16/conv2d", "conv", 3, 4, dtype="float16"),
     ]
     out += [fc(f"fold/preset-{p.name}", "conv", 3, 4, preset=p.name) for p in plugins_in_order()]
     return out
@@ -788,6 +790,8 @@ def _after_cases() -> list[AfterCase]:
         ac("recalibrate/drift", "recalibrate", (4, 4, 4, 3), drift=1.5),
         ac("recalibrate/axis-last", "recalibrate", (5, 5, 3), shape=(4, 3), axis=-1),
         ac("recalibrate/rank2", "recalibrate", (7, 2), shape=(5,)),
+        # An empty batch contributes nothing and is not counted.
+        ac("recalibrate/empty-batch", "recalibrate", (5, 0, 4)),
         ac("recalibrate/float64", "recalibrate", (6, 3), dtype="float64", drift=0.5),
     ]
     out += [ac(f"recalibrate/preset-{p}", "recalibrate", (6, 4, 2), preset=p) for p in presets]

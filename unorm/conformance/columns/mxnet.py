@@ -248,6 +248,8 @@ class MXNetAdapter(UnormModule, MXNetBase):
     def bn_recalibrate(self, layer: Built, batches: Sequence[np.ndarray]) -> StepValues:
         """``unorm.mxnet.recalibrate`` over the batches as NDArrays (the block in a
         ``HybridSequential``: recalibrate looks for BatchNorm layers inside a model)."""
+        if any(0 in np.shape(b) for b in batches):
+            raise Unsupported("MXNet 1.x has no empty arrays (a 0 dimension means unknown shape)")
         model = mx().gluon.nn.HybridSequential()
         model.add(layer.block)
         self.module().recalibrate(model, [to_nd(b) for b in batches])
@@ -263,6 +265,8 @@ class MXNetAdapter(UnormModule, MXNetBase):
     def fold_eval(self, config: FoldConfig, inputs: FoldInputs) -> FoldValues:
         """``unorm.mxnet.fold`` of ``HybridSequential(producer, BatchNorm)`` (unorm's or
         ``gluon.nn.BatchNorm``), the folded block called outside ``autograd.record``."""
+        if config.dtype == "float16":
+            raise Unsupported("MXNet has no float16 convolution or dense layer on CPU (FP16 gemm)")
         nn = mx().gluon.nn
         spec = config.spec()
         o = config.out_channels
@@ -278,8 +282,8 @@ class MXNetAdapter(UnormModule, MXNetBase):
         model = nn.HybridSequential()
         model.add(mxnet_producer(config), norm)
         model.initialize()
-        if config.dtype == "float64":
-            model.cast("float64")
+        if config.dtype in ("float16", "float64"):
+            model.cast(config.dtype)
         producer = params_of(model[0])
         producer["weight"].set_data(to_nd(inputs.weight, config.dtype))
         if inputs.bias is not None:
