@@ -46,8 +46,15 @@ def _trained_flax(seed: int, preset: str | None = None) -> Any:
     net = flax_models.lenet_bn(preset)
     net.train()
     for step in range(2):
-        net(jnp.asarray(np.moveaxis(_images(100 * seed + step), 1, -1)))
+        _forward(net, jnp.asarray(np.moveaxis(_images(100 * seed + step), 1, -1)))
     return net
+
+
+@nnx.jit
+def _forward(net: Any, x: jax.Array) -> jax.Array:
+    # Jitted: an eager training pass dispatches every operation on its own (slow).
+    out: jax.Array = net(x)
+    return out
 
 
 def _state(model: Any) -> list[np.ndarray]:
@@ -430,3 +437,32 @@ def test_export_without_input_shape_warns_that_flatten_order_is_unknown() -> Non
     with pytest.warns(UserWarning, match="flatten_from"):
         ckpt = export_checkpoint(_ChannelsLastFlatten())
     assert "probe/input" not in ckpt.tensors
+
+
+@pytest.mark.torch
+def test_unorm_port_moves_a_state_dict_to_msgpack_and_back(tmp_path: Path) -> None:
+    """``unorm port`` file to file through the plug-in: a PyTorch ``.pt`` to Flax's
+    ``.msgpack`` (read back before it is kept) and on to the neutral file; the logits are
+    PyTorch's own."""
+    torch = pytest.importorskip("torch")
+    from unorm.models import torch as torch_models
+    from unorm.port_files import framework_of, port_file
+
+    assert framework_of("net.msgpack") == "flax"
+    torch.manual_seed(5)
+    source = torch_models.lenet_bn()
+    source.train()
+    with torch.no_grad():
+        source(torch.from_numpy(_images(6)))
+    torch.save(source.state_dict(), tmp_path / "lenet.pt")
+    port_file(tmp_path / "lenet.pt", tmp_path / "lenet.msgpack")
+    dest = read_native(flax_models.lenet_bn(), tmp_path / "lenet.msgpack")
+    x = _images(8)
+    _close(flax_models.predict(dest, x), torch_models.predict(source, x))
+    ckpt = port_file(tmp_path / "lenet.msgpack", tmp_path / "again.safetensors")
+    assert ckpt.source == "flax"
+    back = torch_models.lenet_bn()
+    from unorm._torch.port import load_checkpoint as torch_load
+
+    torch_load(back, port.load(tmp_path / "again.safetensors"))
+    _close(torch_models.predict(back, x), torch_models.predict(source, x))
