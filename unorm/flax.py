@@ -16,6 +16,11 @@ Imports JAX, Flax and optax and nothing of the other frameworks.
 - :class:`ScaledStdConv`, :func:`standardize_kernel`: Scaled Weight Standardisation for
   normalizer-free networks.
 
+Porting to and from the other frameworks goes through the neutral checkpoint
+(``unorm port``, or ``unorm._flax.port``'s ``export_checkpoint(model, input_shape)`` and
+``load_checkpoint``); Flax's native file there is ``.msgpack``, the model's variables by
+path.
+
 Example:
     >>> import jax.numpy as jnp, optax
     >>> from flax import nnx
