@@ -17,6 +17,10 @@ Benchmarks (full size; ``quick`` uses small inputs):
   ``nn.BatchNorm2d`` (the issue's promise: folding must pay; target ratio 1.0).
 - ``recalibrate``: :func:`unorm.torch.recalibrate` over N batches of that stack against N
   plain training-mode forward passes without gradients (target ratio 1.1).
+- ``port`` (full size only): ``unorm port`` of the zoo's ResNet-50 (``transformers``')
+  from a ``state_dict`` file to the neutral checkpoint, against reading the file and
+  writing and reading its tensors with safetensors alone plus the probe's one forward
+  pass. Target ratio 2.0.
 - ``agc``: ``adaptive_clip_grad_`` over the parameter shapes of a ResNet-50 and of an
   NFNet-F0-like network, against a per-tensor loop written the way timm's
   ``adaptive_clip_grad`` is (norm, clamp, divide, where, copy per tensor). Target: at
@@ -324,6 +328,45 @@ def _after_training(shape: tuple[int, ...], blocks: int, channels: int) -> list[
     ]  # fmt: skip
 
 
+def _port(model: str) -> Benchmark:
+    """``unorm port`` of a ``state_dict`` file to the neutral checkpoint (build the zoo
+    network, read the file, export with the flow and probe, write atomically) against
+    reading the same file and writing and reading its tensors with safetensors alone,
+    plus the one eval forward pass the probe needs on its two samples. Target 2.0."""
+    import tempfile
+
+    from safetensors.torch import load_file, save_file
+
+    from unorm.models import zoo
+    from unorm.port_files import port_file
+
+    folder = tempfile.mkdtemp(prefix="unorm-bench-port-")
+    src, dst, plain = (f"{folder}/{n}" for n in ("m.pt", "m.safetensors", "plain.safetensors"))
+    net = zoo.build(model, "torch").eval()
+    torch.save(net.state_dict(), src)
+    probe = torch.randn(2, *zoo.ZOO[model].input_shape())
+
+    def unorm() -> object:
+        return port_file(src, dst, model=model)
+
+    def native() -> object:
+        state = torch.load(src, map_location="cpu", weights_only=True)
+        save_file({k: v.contiguous() for k, v in state.items()}, plain)
+        with torch.no_grad():
+            net(probe)
+        return load_file(plain)
+
+    size = sum(v.numel() * v.element_size() for v in net.state_dict().values())
+    return Benchmark(
+        "port",
+        BACKEND,
+        {"model": model, "bytes": size},
+        unorm=unorm,
+        native=native,
+        target_ratio=2.0,
+    )
+
+
 def benchmarks(quick: bool) -> list[Benchmark]:
     """The torch benchmarks; small inputs when ``quick``."""
     shapes = [(4, 8, 8, 8)] if quick else [(32, 64, 56, 56), (256, 256, 14, 14)]
@@ -347,4 +390,6 @@ def benchmarks(quick: bool) -> list[Benchmark]:
         out.append(_agc("small", small))
     else:
         out += [_agc("resnet50", resnet50_like()), _agc("nfnet_f0", nfnet_f0_like())]
+    if not quick:  # builds and ports a ResNet-50 for seconds a call: not a smoke test
+        out.append(_port("resnet50"))
     return out

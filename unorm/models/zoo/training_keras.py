@@ -22,7 +22,9 @@ from typing import Any
 import keras
 import numpy as np
 
-__all__ = ["evaluate", "train_step"]
+from ...keras import recalibrate as _recalibrate
+
+__all__ = ["evaluate", "recalibrate", "train_step"]
 
 
 def _channels_last(x: np.ndarray) -> np.ndarray:
@@ -49,3 +51,10 @@ def evaluate(model: Any, x: np.ndarray) -> np.ndarray:
     """``model``'s inference-mode logits for channels-first images ``x``, as NumPy."""
     logits: np.ndarray = np.asarray(model(_channels_last(x), training=False))
     return logits
+
+
+def recalibrate(model: Any, x: np.ndarray) -> None:
+    """Set every BatchNorm's moving statistics to the exact statistics of its input on
+    channels-first images ``x`` (:func:`unorm.keras.recalibrate`), so that a few training
+    steps start from statistics a model of the data would have, not 0 and 1."""
+    _recalibrate(model, [_channels_last(x)])

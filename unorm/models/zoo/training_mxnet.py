@@ -22,7 +22,9 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-__all__ = ["evaluate", "train_step"]
+from ...mxnet import recalibrate as _recalibrate
+
+__all__ = ["evaluate", "recalibrate", "train_step"]
 
 
 def train_step(model: Any, x: np.ndarray, y: np.ndarray, lr: float = 0.01) -> float:
@@ -47,3 +49,10 @@ def evaluate(model: Any, x: np.ndarray) -> np.ndarray:
     with autograd.predict_mode():
         logits: np.ndarray = model(mx.nd.array(x, dtype="float32")).asnumpy()
     return logits
+
+
+def recalibrate(model: Any, x: np.ndarray) -> None:
+    """Set every BatchNorm's running statistics to the exact statistics of its input on
+    channels-first images ``x`` (:func:`unorm.mxnet.recalibrate`), so that a few training
+    steps start from statistics a model of the data would have, not 0 and 1."""
+    _recalibrate(model, [mx.nd.array(x, dtype="float32")])

@@ -22,7 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["evaluate", "train_step"]
+from ...torch import recalibrate as _recalibrate
+
+__all__ = ["evaluate", "recalibrate", "train_step"]
 
 
 def _logits(output: Any) -> torch.Tensor:
@@ -61,3 +63,10 @@ def evaluate(model: nn.Module, x: np.ndarray) -> np.ndarray:
     with torch.no_grad():
         logits: np.ndarray = _logits(model(torch.from_numpy(x))).numpy()
     return logits
+
+
+def recalibrate(model: nn.Module, x: np.ndarray) -> None:
+    """Set every BatchNorm's running statistics to the exact statistics of its input on
+    channels-first images ``x`` (:func:`unorm.torch.recalibrate`), so that a few training
+    steps start from statistics a model of the data would have, not 0 and 1."""
+    _recalibrate(model, [torch.from_numpy(x)])
