@@ -97,6 +97,26 @@ def test_fold_equals_the_unfolded_inference_model() -> None:
     _same(_weights(model), before)  # the original is untouched
 
 
+def test_a_float64_model_folds_in_float64() -> None:
+    """The Identity left where a BatchNorm stood keeps the model's dtype: a float64
+    model's folded output is the unfolded one's to float64 precision, not float32's."""
+    model = keras.Sequential(
+        [
+            keras.Input((6, 6, 3), dtype="float64"),
+            layers.Conv2D(4, 3, dtype="float64"),
+            layers.BatchNormalization(dtype="float64"),
+            layers.Conv2D(2, 3, dtype="float64"),
+            layers.BatchNormalization(dtype="float64"),
+        ]
+    )
+    _randomise(model)
+    folded = fold(model)
+    x = np.random.default_rng(2).normal(size=(2, 6, 6, 3))
+    got, want = np.asarray(folded(x, training=False)), np.asarray(model(x, training=False))
+    assert got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
+
+
 def test_folded_model_saves_and_loads(tmp_path: Path) -> None:
     model = _randomise(_stack(), seed=2)
     folded = fold(model)

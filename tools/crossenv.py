@@ -8,10 +8,11 @@ only through files under ``results/``:
 - :func:`zoo_check`: every zoo model (ResNet-18/50, MobileNetV2, EfficientNet-B0 from
   ``transformers``/``efficientnet_pytorch``, ResNet50 and MobileNetV2 from
   ``keras.applications``) x every ordered pair of frameworks (part of ``./dev test``).
-- :func:`demo`: LeNet-BN trained with AGC in PyTorch, ported to Keras and MXNet; prints
-  the three test accuracies and the largest logit difference and records them in
+- :func:`demo`: LeNet-BN trained with AGC in PyTorch, ported to every other framework that
+  ports (Keras, MXNet, Flax); prints each test accuracy and the largest logit difference
+  and records them in
   ``docs/demo.json`` (``./dev demo``).
-- :func:`lockstep`: the same initial state and batches trained for 50 steps in all three;
+- :func:`lockstep`: the same initial state and batches trained for 50 steps in every one;
   the loss curves are plotted (``docs/lockstep.png``), the last losses recorded in
   ``docs/lockstep.json``, and they must agree to 1e-3 relative (``./dev lockstep``).
 

@@ -215,7 +215,9 @@ def fold(model: Any, strict: bool = False) -> Any:
 
     def clone(layer: Any) -> Any:
         if id(layer) in removed:
-            identity = keras.layers.Identity(name=layer.name)
+            # The BatchNorm's dtype policy: the default (float32) would cast a float64
+            # model's activations down where the BatchNorm stood.
+            identity = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
             identities.add(id(identity))
             return identity
         config = layer.get_config()
