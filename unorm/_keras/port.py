@@ -418,7 +418,7 @@ def flow_of(model: Any, targets: list[tuple[str, Any, str]]) -> list[FlowNode] |
                     return None
                 nodes.append(FlowNode("layer", (ins[0],), index_of[id(op)]))
                 result = len(nodes) - 1
-            elif merge is not None and len(ins) >= 2:
+            elif merge is not None and len(set(ins)) >= 2:  # x * sigmoid(x): an activation
                 nodes.append(FlowNode(merge, tuple(ins)))
                 result = len(nodes) - 1
             elif len(set(ins)) == 1:

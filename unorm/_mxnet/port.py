@@ -337,7 +337,7 @@ def flow_of(model: Any, targets: list[tuple[str, Any, str]]) -> list[FlowNode] |
                 return None
             flow.append(FlowNode("layer", (where[inputs[0]],), layer))
             where[index] = len(flow) - 1
-        elif node["op"] in _MERGES and len(ins) >= 2:
+        elif node["op"] in _MERGES and len(set(ins)) >= 2:  # x * sigmoid(x): an activation
             flow.append(FlowNode(_MERGES[node["op"]], tuple(ins)))
             where[index] = len(flow) - 1
         elif len(set(ins)) == 1:

@@ -116,7 +116,11 @@ def check(framework: str, folder: Path, names: list[str]) -> bool:
         for source in ZOO[name].builders:
             if source == framework or not (folder / f"{name}.{source}.safetensors").exists():
                 continue
-            result = _check_one(framework, backend, training, name, source, folder)
+            try:
+                result = _check_one(framework, backend, training, name, source, folder)
+            except Exception as err:  # one port that breaks fails, the others still run
+                result = {"model": name, "source": source, "target": framework}
+                result |= {"ok": False, "error": f"{type(err).__name__}: {err}"}
             ok &= bool(result["ok"])
             print(json.dumps(result), flush=True)
     return ok
