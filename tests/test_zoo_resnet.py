@@ -135,7 +135,9 @@ def _port_and_step(name: str, sender: str, a: Any, receiver: str, seed: int, tmp
     return b
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
+# ResNet-50 from transformers runs the bottleneck path of resnet18's code and takes a
+# quarter of this file's time; the zoo check of ./dev test ports it every way.
+@pytest.mark.parametrize("name", sorted(set(CASES) - {"resnet50"}))
 def test_port_both_ways_through_files(name: str, tmp_path: Path) -> None:
     """The source, trained two steps, to its counterpart; then the counterpart, after a
     training step of its own, to a fresh source."""
