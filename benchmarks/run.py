@@ -85,6 +85,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=Path, default=RESULTS_DIR, help="folder for the JSON")
     parser.add_argument("--repeats", type=int, default=None, help="override the repeats")
     parser.add_argument("--check", action="store_true", help="exit 1 if a target is missed")
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="run only the benchmarks of this name (repeatable), e.g. --only port",
+    )
     return parser.parse_args(argv)
 
 
@@ -142,8 +149,15 @@ def _gpu_name(plugin: ModuleType) -> str | None:
     return gpu() if callable(gpu) else None
 
 
-def run(backend: str, quick: bool, out_dir: Path, repeats: int | None = None) -> list[Result]:
-    """Run every benchmark of ``backend``'s plug-in, print each result, write the file.
+def run(
+    backend: str,
+    quick: bool,
+    out_dir: Path,
+    repeats: int | None = None,
+    only: Sequence[str] | None = None,
+) -> list[Result]:
+    """Run every benchmark of ``backend``'s plug-in (those named in ``only``, when given),
+    print each result, write the file.
 
     Returns the results; the file is ``out_dir / f"{backend}.json"``.
 
@@ -156,6 +170,8 @@ def run(backend: str, quick: bool, out_dir: Path, repeats: int | None = None) ->
     print(f"memory copy bandwidth: {bandwidth / 1e9:.2f} GB/s", flush=True)
     results = []
     for bench in plugin.benchmarks(quick):
+        if only is not None and bench.name not in only:
+            continue
         result = measure(
             bench,
             repeats=repeats or settings.repeats,
@@ -184,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    results = run(args.backend, args.quick, args.out, args.repeats)
+    results = run(args.backend, args.quick, args.out, args.repeats, args.only)
     if args.check and any(r.target_met is False for r in results):
         print("some benchmarks missed their target ratio", file=sys.stderr)
         return 1
