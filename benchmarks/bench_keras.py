@@ -27,10 +27,13 @@ Benchmarks (full size; ``quick`` uses small inputs):
   multiply into SGD's update, but its CPU reductions (the unit norms) run at a third of
   the copy bandwidth.
 - ``renorm_train``, ``ghost_train``: the BatchNorm training modes (:func:`training_modes`).
+- ``fold_eval``, ``recalibrate``: :func:`unorm.keras.fold` and :func:`unorm.keras.recalibrate`
+  on a ResNet-like Conv-BatchNorm-ReLU stack (:func:`after_training`), targets 1.0 and 1.1.
 
 Example:
     >>> sorted({b.name for b in benchmarks(quick=True)})
-    ['agc_step', 'agc_step_xla', 'bn_eval', 'bn_train', 'ghost_train', 'renorm_train']
+    ['agc_step', 'agc_step_xla', 'bn_eval', 'bn_train', 'fold_eval', 'ghost_train', 'recalibrate',
+     'renorm_train']
 """
 
 from __future__ import annotations
@@ -42,7 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from unorm.keras import AGC, BatchNorm, final_classifier
+from unorm.keras import AGC, BatchNorm, final_classifier, fold, recalibrate
 
 from .harness import Benchmark
 
@@ -229,6 +232,54 @@ def agc_step(quick: bool, jit_compile: bool = False) -> Benchmark:
     )
 
 
+def conv_bn_stack(blocks: int, channels: int, size: int) -> Any:
+    """``blocks`` Conv(3x3, no bias)-BatchNorm-ReLU blocks of ``channels`` channels after a
+    3-channel stem (a ResNet stage without its shortcuts), Keras's own BatchNormalization,
+    on ``(size, size, 3)`` images."""
+    stack: list[Any] = [keras.Input((size, size, 3))]
+    for _ in range(blocks + 1):
+        stack += [keras.layers.Conv2D(channels, 3, padding="same", use_bias=False)]
+        stack += [keras.layers.BatchNormalization(), keras.layers.ReLU()]
+    return keras.Sequential(stack)
+
+
+def after_training(shape: tuple[int, ...], blocks: int, channels: int) -> list[Benchmark]:
+    """``fold_eval``: the folded stack's inference against the unfolded one's, both in a
+    ``tf.function`` (target 1.0: folding must pay). ``recalibrate``: over 4 batches,
+    against 4 plain training-mode forward passes of the same stack, both eager as
+    :func:`unorm.keras.recalibrate` runs (target 1.1). ``shape`` is channels-last."""
+    keras.utils.set_random_seed(0)
+    net = conv_bn_stack(blocks, channels, shape[1])
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.standard_normal(shape, dtype=np.float32))
+    net(x, training=True)  # moving statistics away from 0 and 1
+    folded = fold(net)
+    batches = [rng.standard_normal(shape, dtype=np.float32) for _ in range(4)]
+    info = {"shape": shape, "blocks": blocks, "channels": channels}
+
+    first = next(layer for layer in net.layers if hasattr(layer, "moving_mean"))
+
+    def forwards() -> object:
+        for b in batches:
+            net(b, training=True)
+        return first.moving_mean
+
+    def recalibrated() -> object:
+        recalibrate(net, batches)
+        return first.moving_mean  # each side returns what it changed, for read-back
+
+    return [
+        Benchmark(
+            "fold_eval", BACKEND, info, _graph(lambda: folded(x, training=False)),
+            _graph(lambda: net(x, training=False)), _read_back, None, 1.0,
+        ),
+        Benchmark(
+            "recalibrate", BACKEND, {**info, "batches": len(batches)},
+            recalibrated, forwards, _read_back, None, 1.1,
+        ),
+    ]  # fmt: skip
+
+
 def benchmarks(quick: bool) -> list[Benchmark]:
     """This plug-in's benchmarks: full size, or small inputs when ``quick``.
 
@@ -240,5 +291,6 @@ def benchmarks(quick: bool) -> list[Benchmark]:
     out = [bn(shape, training=True) for shape in shapes]
     out += [bn(shape, training=False) for shape in shapes]
     out += [b for shape in shapes for b in training_modes(shape)]
+    out += after_training((2, 8, 8, 3), 1, 4) if quick else after_training((16, 56, 56, 3), 4, 64)
     out += [agc_step(quick), agc_step(quick, jit_compile=True)]
     return out

@@ -20,6 +20,12 @@ Benchmarks (full size; ``quick`` uses small inputs):
   ``unorm.mxnet.BatchNorm`` with ghost batches (a quarter of the batch per group, target
   1.3) or Batch Renormalization (target 1.2) against plain ``gluon.nn.BatchNorm`` at the
   same total batch, both hybridized, the ``bn_train`` step.
+- ``fold_eval``: inference of a ResNet-like Conv-BatchNorm-ReLU stack folded by
+  :func:`unorm.mxnet.fold` against the same stack unfolded (Gluon's BatchNorm), both
+  hybridized. Target 1.0 (folding must pay).
+- ``recalibrate``: :func:`unorm.mxnet.recalibrate` over 4 batches of that stack against 4
+  plain training-mode forward passes, both imperative (recalibrate observes each layer,
+  which a hybridized graph hides). Target 1.1.
 - ``agc``: ``adaptive_clip_grad`` over the parameters of a ResNet-50 (Gluon model zoo
   architecture, random weights and gradients) against a per-tensor loop written the way
   timm's ``adaptive_clip_grad`` is (per tensor: norms, clamp, divide, where, copy). No
@@ -32,7 +38,8 @@ once. AGC reads weights and gradients and writes the gradients.
 
 Example:
     >>> sorted({b.name for b in benchmarks(quick=True)})
-    ['agc', 'bn_eval', 'bn_eval_in_graph', 'bn_train', 'ghost_train', 'renorm_train']
+    ['agc', 'bn_eval', 'bn_eval_in_graph', 'bn_train', 'fold_eval', 'ghost_train', 'recalibrate',
+     'renorm_train']
 """
 
 from __future__ import annotations
@@ -44,7 +51,7 @@ import mxnet as mx
 import numpy as np
 from mxnet import autograd, gluon
 
-from unorm.mxnet import BatchNorm, adaptive_clip_grad
+from unorm.mxnet import BatchNorm, adaptive_clip_grad, fold, recalibrate
 
 from .harness import Benchmark
 
@@ -167,11 +174,57 @@ def _agc(quick: bool) -> Benchmark:
     return Benchmark("agc", BACKEND, info, ours, theirs, _wait, moved)
 
 
+def conv_bn_stack(blocks: int, channels: int) -> Any:
+    """``blocks`` Conv(3x3, no bias)-BatchNorm-ReLU blocks of ``channels`` channels after a
+    3-channel stem (a ResNet stage without its shortcuts), Gluon's own BatchNorm,
+    initialised and run once in training mode (statistics away from 0 and 1); not yet
+    hybridized, since fold copies the model and a cached graph does not copy."""
+    net = gluon.nn.HybridSequential()
+    for _ in range(blocks + 1):
+        net.add(gluon.nn.Conv2D(channels, 3, padding=1, use_bias=False))
+        net.add(gluon.nn.BatchNorm(), gluon.nn.Activation("relu"))
+    net.initialize(mx.init.Xavier())
+    with autograd.record():
+        net(mx.nd.random.normal(shape=(2, 3, 8, 8)))
+    return net
+
+
+def _after_training(shape: tuple[int, ...], blocks: int, channels: int) -> list[Benchmark]:
+    """``fold_eval`` (the folded stack's inference against the unfolded one's, both
+    hybridized; target 1.0: folding must pay) and ``recalibrate`` (over 4 batches,
+    against 4 plain training-mode forward passes of the same stack, both imperative:
+    recalibrate observes each layer, which a hybridized graph hides; target 1.1)."""
+    mx.random.seed(0)
+    net = conv_bn_stack(blocks, channels)
+    x = mx.nd.random.normal(shape=shape)
+    folded = fold(net)
+    plain = conv_bn_stack(blocks, channels)  # recalibrate reads layers: not hybridized
+    for model in (net, folded):
+        model.hybridize(static_alloc=True)
+    batches = [mx.nd.random.normal(shape=shape) for _ in range(4)]
+    info = {"shape": shape, "blocks": blocks, "channels": channels}
+
+    def forwards() -> object:
+        with autograd.train_mode():
+            return [plain(b) for b in batches][-1]
+
+    return [
+        Benchmark("fold_eval", BACKEND, info, lambda: folded(x), lambda: net(x), _wait, None, 1.0),
+        Benchmark(
+            "recalibrate", BACKEND, {**info, "batches": len(batches)},
+            lambda: recalibrate(plain, batches), forwards, _wait, None, 1.1,
+        ),
+    ]  # fmt: skip
+
+
 def benchmarks(quick: bool) -> list[Benchmark]:
     """This plug-in's benchmarks: full size, or small inputs when ``quick``."""
     shapes = [(4, 8, 16, 16), (8, 16, 7, 7)] if quick else [(32, 64, 56, 56), (256, 256, 14, 14)]
     found: list[Benchmark] = []
     for shape in shapes:
         found.extend(_bn_pair(shape))
+    found += (
+        _after_training((2, 3, 8, 8), 1, 4) if quick else _after_training((16, 3, 56, 56), 4, 64)
+    )
     found.append(_agc(quick))
     return found
