@@ -217,7 +217,7 @@ def fold(model: Any, strict: bool = False) -> Any:
         if id(layer) in removed:
             # The BatchNorm's dtype policy: the default (float32) would cast a float64
             # model's activations down where the BatchNorm stood.
-            identity = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy)
+            identity = keras.layers.Identity(name=layer.name, dtype=layer.dtype_policy.name)
             identities.add(id(identity))
             return identity
         config = layer.get_config()
